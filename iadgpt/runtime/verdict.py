@@ -1,6 +1,7 @@
 """The records the station produces: one `Verdict` per frame read, JSON-ready."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
@@ -44,7 +45,10 @@ class Verdict:
 
     @property
     def event_id(self) -> str:
-        return f"{self.source or 'frame'}-{self.frame_id}"
+        """Unique across station restarts (frame ids restart at 0): capture time (UTC, ms) + frame id."""
+        seconds = int(self.timestamp)
+        millis = int(round((self.timestamp - seconds) * 1000)) % 1000
+        return f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime(seconds))}{millis:03d}-{self.frame_id}"
 
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in fields(self)

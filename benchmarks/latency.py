@@ -1,0 +1,124 @@
+#!/usr/bin/env python3
+"""Frame -> verdict latency of a bundle on a backend: per stage and end to end, after warm-up.
+
+    python benchmarks/latency.py --bundle B --backend onnxruntime --threads 2 --json F
+    python benchmarks/latency.py --bundle FP32 --bundle INT8 --backend onnxruntime --threads 2 --json F
+    python benchmarks/latency.py --bundle B --compare onnxruntime,torch
+
+Every run in one invocation sees the same frames (synthetic parts with defects, so NG frames pay
+for their regions and overlay map as on the line). Timings are wall clock around
+`Detector.detect`, the call the station makes per frame; capture is not included.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from iadgpt.bundle import Bundle  # noqa: E402
+from iadgpt.runtime.detector import Detector  # noqa: E402
+from iadgpt.runtime.sources import Frame  # noqa: E402
+from iadgpt.runtime.synthetic import SyntheticProduct  # noqa: E402
+
+
+def environment() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    env = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
+    for pkg in ("iadgpt", "numpy", "onnxruntime", "onnxruntime-gpu", "opencv-python-headless", "torch", "tensorrt"):
+        try:
+            env[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    if "torch" in sys.modules:
+        import torch
+        if torch.cuda.is_available():
+            env["gpu"] = torch.cuda.get_device_name(0)
+    return env
+
+
+def make_frames(n: int, size: int, seed: int) -> list[Frame]:
+    product = SyntheticProduct(kind="part", size=size, seed=seed, defect_rate=0.3)
+    return [Frame(image=product.sample(i).image, frame_id=i, timestamp=time.time(), source="bench", meta={})
+            for i in range(n)]
+
+
+def percentiles(values: list[float]) -> dict:
+    a = np.asarray(values)
+    return {"p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)), "max_ms": float(a.max())}
+
+
+def bench(bundle: Bundle, backend: str, frames: list[Frame], warmup: int, threads: int | None,
+          threshold: float | None) -> dict:
+    th = threshold if threshold is not None or bundle.thresholds.get("image") else float("inf")
+    with Detector(bundle, backend, threads=threads, threshold=th) as det:
+        for f in frames[:warmup]:
+            det.detect(f)
+        total, stages = [], {}
+        for f in frames:
+            t0 = time.perf_counter()
+            v = det.detect(f)
+            total.append((time.perf_counter() - t0) * 1e3)
+            for k, ms in v.timings_ms.items():
+                stages.setdefault(k, []).append(ms)
+    e2e = percentiles(total)
+    e2e["fps"] = 1000.0 / float(np.mean(total))
+    return {"bundle": str(bundle.path), "backend": backend, "threads": threads,
+            "precision": str(bundle.graphs["encoder"].get("precision", "fp32")), "backbone": bundle.backbone.get("name"),
+            "frames": len(frames), "frame_size": list(frames[0].image.shape), "end_to_end": e2e,
+            "stages": {k: {kk: vv for kk, vv in percentiles(v).items() if kk != "max_ms"} for k, v in stages.items()}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    p.add_argument("--bundle", action="append", required=True, type=Path, help="repeat to compare bundles")
+    p.add_argument("--backend", default="onnxruntime")
+    p.add_argument("--compare", default=None, help="comma-separated backends to run side by side, e.g. onnxruntime,torch")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--frames", type=int, default=200)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--frame-size", type=int, default=256, help="side of the synthetic square frames, px")
+    p.add_argument("--threshold", type=float, default=None)
+    p.add_argument("--seed", type=int, default=303)
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+
+    backends = args.compare.split(",") if args.compare else [args.backend]
+    frames = make_frames(args.frames, args.frame_size, args.seed)
+    runs = [bench(Bundle.load(b), be, frames, args.warmup, args.threads, args.threshold)
+            for b in args.bundle for be in backends]
+    report = {"environment": environment(), "runs": runs}
+    if len(runs) == 1:
+        report.update(runs[0])
+
+    print(f"{report['environment']['cpu']}, {report['environment']['cores']} cores; {args.frames} frames "
+          f"{args.frame_size}x{args.frame_size} after {args.warmup} warm-up")
+    print(f"| bundle | backend | precision | p50 ms | p99 ms | max ms | fps | stages p50/p99 ms |\n|---|---|---|---|---|---|---|---|")
+    for r in runs:
+        e = r["end_to_end"]
+        st = ", ".join(f"{k} {v['p50_ms']:.1f}/{v['p99_ms']:.1f}" for k, v in r["stages"].items())
+        print(f"| {Path(r['bundle']).name} | {r['backend']} | {r['precision']} | {e['p50_ms']:.1f} | {e['p99_ms']:.1f} "
+              f"| {e['max_ms']:.1f} | {e['fps']:.1f} | {st} |")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,303 @@
+"""Static INT8 (Q/DQ) encoder graphs made with ONNX Runtime's quantization tools.
+
+Calibration ranges come only from the real normal images handed in (already laid out as the
+encoder input): an INT8 graph calibrated on random pixels has activation ranges no real part
+produces, and nothing in this module ever makes up data. The output is an explicit Q/DQ ONNX:
+ONNX Runtime fuses it into integer kernels on the CPU, and TensorRT builds INT8 engines from the
+same kind of file (its Q/DQ scales replace TensorRT's deprecated implicit calibrator).
+
+Presets (`PRESETS`), measured on this project's 2-core AVX2 CPU without VNNI (see README):
+- "cpu": uint8 activations, int8 per-channel weights (U8S8). MLAS has fast AVX2 U8S8 kernels;
+  S8S8 activations have no native AVX2 kernel and are converted at run time, which made them
+  slower than fp32 there.
+- "tensorrt": int8 activations and weights, both symmetric (zero point 0), which is the only
+  Q/DQ form TensorRT accepts.
+
+Sensitive layers can be kept in float (`exclude_nodes`), or found automatically
+(`keep_float="auto"`): the nodes whose outputs lose most cosine to fp32 on the calibration
+images are excluded one at a time until every feature output reaches `min_cosine`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional, Sequence, Union
+
+import numpy as np
+
+from ..errors import CalibrationError
+
+log = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+
+IMAGE_INPUT = "image"
+CALIBRATE_METHODS = ("minmax", "percentile", "entropy", "distribution")
+PRESETS: dict[str, dict[str, Any]] = {
+    "cpu": {"activation_type": "uint8", "weight_type": "int8", "symmetric": False},
+    "tensorrt": {"activation_type": "int8", "weight_type": "int8", "symmetric": True},
+}
+MIN_COSINE = 0.98
+MIN_CALIBRATION_IMAGES = 4
+
+
+@dataclass
+class Int8Report:
+    """What was quantized, how, from which images, and how close it stays to fp32."""
+
+    path: Path
+    activation_type: str
+    weight_type: str
+    per_channel: bool
+    symmetric: bool
+    reduce_range: bool
+    calibrate_method: str
+    calibration_images: int
+    excluded_nodes: list[str]
+    cosine: dict[str, float]  # per encoder output: mean cosine of patch feature vectors vs fp32
+    qdq_nodes: int
+    seconds: float
+    image_hashes: list[str] = field(default_factory=list)
+
+    @property
+    def min_cosine(self) -> float:
+        return min(self.cosine.values()) if self.cosine else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["path"] = str(self.path)
+        return d
+
+    def lines(self) -> list[str]:
+        head = (f"INT8 encoder {self.path.name}: {self.activation_type} activations / {self.weight_type} weights"
+                f"{' per-channel' if self.per_channel else ''}{' symmetric' if self.symmetric else ''}, "
+                f"{self.calibrate_method} ranges from {self.calibration_images} real normal images, "
+                f"{self.qdq_nodes} QuantizeLinear nodes, {len(self.excluded_nodes)} nodes kept in float")
+        return [head] + [f"  {k:<8} cosine vs fp32 {v:.4f}" for k, v in self.cosine.items()]
+
+
+class ImageBatchReader:
+    """CalibrationDataReader over the given preprocessed image batches, and nothing else."""
+
+    def __init__(self, batches: Iterable[np.ndarray], input_name: str = IMAGE_INPUT):
+        self.batches = [_check_batch(b) for b in batches]
+        if not self.batches:
+            raise CalibrationError("INT8 calibration needs real normal images and got none: pass the held-out "
+                                   "normal images (`iadgpt calibrate BUNDLE --normal DIR --int8`)")
+        self.input_name = input_name
+        self.yielded = 0
+        self._it: Iterator[np.ndarray] = iter(self.batches)
+
+    @property
+    def images(self) -> int:
+        return int(sum(len(b) for b in self.batches))
+
+    def get_next(self) -> Optional[dict[str, np.ndarray]]:
+        batch = next(self._it, None)
+        if batch is None:
+            return None
+        self.yielded += 1
+        return {self.input_name: batch}
+
+    def rewind(self) -> None:
+        self._it = iter(self.batches)
+
+    # onnxruntime's CalibrationDataReader protocol is get_next(); iteration is a convenience
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        self.rewind()
+        while (item := self.get_next()) is not None:
+            yield item
+
+
+def _check_batch(batch: np.ndarray) -> np.ndarray:
+    b = np.asarray(batch)
+    if b.ndim != 4 or b.shape[1] != 3 or b.dtype != np.float32:
+        raise CalibrationError(f"calibration batches must be float32 (B, 3, H, W) encoder inputs, got {b.dtype} "
+                               f"{b.shape}; lay images out with iadgpt.runtime.preprocess.to_batch")
+    if len(b) and (float(b.min()) < 0.0 or float(b.max()) > 255.0 or float(b.max()) <= 1.0):
+        raise CalibrationError("calibration batches must hold pixel values in 0..255 (as the station feeds the "
+                               f"encoder), got {float(b.min()):.3g}..{float(b.max()):.3g}")
+    return np.ascontiguousarray(b)
+
+
+def rebatch(images: np.ndarray, batch_size: int = 8) -> list[np.ndarray]:
+    """Split an (N, 3, H, W) encoder input into calibration batches."""
+    return [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
+
+
+# --------------------------------------------------------------------------- quantization
+
+
+def quantize_encoder(fp32_onnx: PathLike, out_path: PathLike, calibration_batches: Iterable[np.ndarray], *,
+                     preset: Optional[str] = "cpu", activation_type: Optional[str] = None,
+                     weight_type: Optional[str] = None, symmetric: Optional[bool] = None,
+                     per_channel: bool = True, reduce_range: bool = False, calibrate_method: str = "minmax",
+                     exclude_nodes: Sequence[str] = (), keep_float: str = "none",
+                     min_cosine: float = MIN_COSINE, max_float_nodes: int = 4, preprocess: bool = True,
+                     threads: Optional[int] = None, image_hashes: Sequence[str] = ()) -> Int8Report:
+    """Write a static INT8 Q/DQ copy of an encoder graph calibrated on real images; returns its report.
+
+    `preset` sets activation/weight types and symmetry (explicit arguments override it).
+    `keep_float="auto"` excludes the most damaged nodes until all outputs reach `min_cosine`;
+    otherwise a result below `min_cosine` is only logged as a warning (the caller decides).
+    """
+    try:
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    except ImportError as exc:
+        raise CalibrationError("INT8 quantization needs onnxruntime with its quantization tools: "
+                               "`pip install iadgpt[cpu]`") from exc
+    t0 = time.perf_counter()
+    src, out = Path(fp32_onnx), Path(out_path)
+    if not src.is_file():
+        raise CalibrationError(f"fp32 encoder {src} does not exist; export the bundle with `iadgpt export`")
+    if preset is not None and preset not in PRESETS:
+        raise CalibrationError(f"unknown INT8 preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    base = dict(PRESETS[preset or "cpu"])
+    act = activation_type or base["activation_type"]
+    wt = weight_type or base["weight_type"]
+    sym = base["symmetric"] if symmetric is None else bool(symmetric)
+    types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+    if act not in types or wt not in types:
+        raise CalibrationError(f"activation/weight types must be 'uint8' or 'int8', got {act!r}/{wt!r}")
+    methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+               "entropy": CalibrationMethod.Entropy, "distribution": CalibrationMethod.Distribution}
+    if calibrate_method not in methods:
+        raise CalibrationError(f"unknown calibration method {calibrate_method!r}; choose one of "
+                               f"{', '.join(CALIBRATE_METHODS)}")
+    if keep_float not in ("none", "auto"):
+        raise CalibrationError(f"keep_float must be 'none' or 'auto', got {keep_float!r}")
+    reader = ImageBatchReader(calibration_batches)
+    if reader.images < MIN_CALIBRATION_IMAGES:
+        raise CalibrationError(f"INT8 calibration needs at least {MIN_CALIBRATION_IMAGES} real normal images, got "
+                               f"{reader.images}; add normal images to the folder given to `iadgpt calibrate --normal`")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    excluded = list(exclude_nodes)
+    with tempfile.TemporaryDirectory(prefix=".int8-", dir=out.parent) as tmp:
+        model_in = src
+        if preprocess:
+            from onnxruntime.quantization.shape_inference import quant_pre_process
+            model_in = Path(tmp) / "pre.onnx"
+            quant_pre_process(str(src), str(model_in), skip_symbolic_shape=False)
+        extra = {"ActivationSymmetric": sym, "WeightSymmetric": True}
+
+        def quantize(nodes: list[str]) -> None:
+            reader.rewind()
+            quantize_static(str(model_in), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                            reduce_range=reduce_range, activation_type=types[act], weight_type=types[wt],
+                            nodes_to_exclude=nodes or None, calibrate_method=methods[calibrate_method],
+                            extra_options=dict(extra))
+
+        quantize(excluded)
+        cosine = layer_cosine(src, out, reader.batches, threads=threads)
+        if keep_float == "auto":
+            tried = 0
+            while min(cosine.values()) < min_cosine and tried < max_float_nodes:
+                worst = _most_damaged_node(model_in, out, reader, excluded, threads)
+                if worst is None:
+                    break
+                excluded.append(worst)
+                tried += 1
+                log.info("keeping %s in float (worst output cosine was %.4f)", worst, min(cosine.values()))
+                quantize(excluded)
+                cosine = layer_cosine(src, out, reader.batches, threads=threads)
+        if min(cosine.values()) < min_cosine:
+            log.warning("INT8 encoder %s keeps only cosine %.4f of fp32 features (< %.2f): keep sensitive layers in "
+                        "float (keep_float='auto' / --int8-keep-float auto) or use more calibration images",
+                        out, min(cosine.values()), min_cosine)
+    report = Int8Report(path=out, activation_type=act, weight_type=wt, per_channel=per_channel, symmetric=sym,
+                        reduce_range=reduce_range, calibrate_method=calibrate_method, calibration_images=reader.images,
+                        excluded_nodes=excluded, cosine=cosine, qdq_nodes=count_quantize_nodes(out),
+                        seconds=time.perf_counter() - t0, image_hashes=list(image_hashes))
+    for line in report.lines():
+        log.info("%s", line)
+    return report
+
+
+def count_quantize_nodes(onnx_path: PathLike) -> int:
+    import onnx
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    return sum(n.op_type == "QuantizeLinear" for n in model.graph.node)
+
+
+# --------------------------------------------------------------------------- accuracy
+
+
+def _session(path: PathLike, threads: Optional[int]) -> Any:
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = int(threads)
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+
+
+def patch_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean cosine of the per-location channel vectors of two (B, C, h, w) feature maps.
+
+    This is what the memory-bank scorer compares (each patch vector is L2-normalised), so it is
+    the closeness that matters for anomaly scores; all-zero vectors (ReLU6 dead spots) count as 1.
+    """
+    a = np.asarray(a, np.float64).reshape(a.shape[0], a.shape[1], -1) if a.ndim == 4 else np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64).reshape(a.shape)
+    if a.ndim != 3:
+        a, b = a.reshape(1, 1, -1), b.reshape(1, 1, -1)
+    num = (a * b).sum(axis=1)
+    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    cos = np.where(den > 0, num / np.maximum(den, 1e-30), 1.0)
+    return float(cos.mean())
+
+
+def layer_cosine(fp32_onnx: PathLike, int8_onnx: PathLike, batches: Iterable[np.ndarray],
+                 threads: Optional[int] = None) -> dict[str, float]:
+    """Per encoder output (feat0, feat1, ...): mean patch cosine of INT8 vs fp32 features."""
+    ref, q = _session(fp32_onnx, threads), _session(int8_onnx, threads)
+    names = [o.name for o in ref.get_outputs()]
+    sums = {n: 0.0 for n in names}
+    count = 0
+    for batch in batches:
+        batch = _check_batch(batch)
+        a = ref.run(names, {IMAGE_INPUT: batch})
+        b = q.run(names, {IMAGE_INPUT: batch})
+        for n, x, y in zip(names, a, b):
+            sums[n] += patch_cosine(x, y) * len(batch)
+        count += len(batch)
+    if count == 0:
+        raise CalibrationError("no images to compare INT8 with fp32 on; pass real normal images")
+    return {n: s / count for n, s in sums.items()}
+
+
+def _most_damaged_node(float_model: Path, qdq_model: Path, reader: ImageBatchReader, excluded: list[str],
+                       threads: Optional[int]) -> Optional[str]:
+    """The still-quantized Conv/MatMul/Gemm whose output is furthest (cosine) from fp32, by ORT's qdq_loss_debug."""
+    import onnx
+    from onnxruntime.quantization.qdq_loss_debug import (collect_activations, create_activation_matching,
+                                                         modify_model_output_intermediate_tensors)
+
+    model = onnx.load(str(float_model))
+    op_of = {o: n.name for n in model.graph.node if n.op_type in ("Conv", "MatMul", "Gemm") for o in n.output}
+    with tempfile.TemporaryDirectory(prefix=".int8-debug-") as tmp:
+        f_aug, q_aug = Path(tmp) / "f.onnx", Path(tmp) / "q.onnx"
+        modify_model_output_intermediate_tensors(str(float_model), str(f_aug))
+        modify_model_output_intermediate_tensors(str(qdq_model), str(q_aug))
+        reader.rewind()
+        f_act = collect_activations(str(f_aug), reader)
+        reader.rewind()
+        q_act = collect_activations(str(q_aug), reader)
+    matched = create_activation_matching(q_act, f_act)
+    worst, worst_cos = None, 2.0
+    for tensor, pair in matched.items():
+        base = tensor[: -len("_QuantizeLinear_Output")] if tensor.endswith("_QuantizeLinear_Output") else tensor
+        node = op_of.get(base)
+        if node is None or node in excluded or "float" not in pair or "pre_qdq" not in pair:
+            continue
+        cos = float(np.mean([patch_cosine(np.asarray(f), np.asarray(q))
+                             for f, q in zip(pair["float"], pair["pre_qdq"])]))
+        if cos < worst_cos:
+            worst, worst_cos = node, cos
+    if worst is not None:
+        log.info("most damaged node %s: cosine %.4f", worst, worst_cos)
+    return worst

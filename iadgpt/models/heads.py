@@ -1,0 +1,165 @@
+"""Trained heads on top of the frozen backbone.
+
+`VisualGuidedDecoder` is IAD-GPT's decoder (Eq. 1, trained self-supervised on NSA anomalies):
+per tapped layer l, a projection of the patch features is compared by cosine similarity with two
+reference embeddings, [normal, abnormal]:
+
+    p_l      = normalize(Proj_l(F_l))                         (B, D, h_l, w_l)
+    logits_l = logit_scale * p_l . normalize(T)^T             (B, 2, h_l, w_l)
+    M_l      = softmax(upsample(logits_l, image size))[abnormal]
+    M        = GaussianBlur_sigma(mean_l M_l),  score = max(M)
+
+T is the mean normal / abnormal prompt embedding of the text tower for CLIP backbones (fixed, as in
+the paper) and a learnable pair of prototypes for backbones without a text tower (EfficientNet).
+
+Choices the paper leaves open, documented here:
+- Proj_l is a 1x1 convolution (= a Linear on every patch token) after a fixed per-channel
+  standardisation of F_l by statistics of normal training features (the standardisation is an
+  affine map a Linear could absorb, but it makes Adam's job scale-free across layers) and an
+  optional 3x3 mean pool (`pool`, PatchCore's "locally aware" features: the same fixed op the
+  memory-bank scorer uses). `hidden > 0` makes Proj_l a two-layer MLP; the default is linear.
+- D (`embed_dim`) = 64 for learnable prototypes (nothing to match); the text embedding's width
+  for CLIP.
+- logit_scale is fixed (100 in the paper, as CLIP's).
+
+The decoder's weights are fixed per trained checkpoint, so they are graph constants: the exported
+SCORER graph takes only the feature maps (no reference inputs).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..errors import ScorerError
+from .postprocess import GaussianBlur, upsample_map
+
+log = logging.getLogger(__name__)
+
+__all__ = ["VisualGuidedDecoder", "focal_loss", "dice_loss", "decoder_loss"]
+
+
+class VisualGuidedDecoder(nn.Module):
+    """Feature maps of the tapped layers -> (anomaly map (B, H, W) in [0, 1], score (B,))."""
+
+    def __init__(self, dims: Sequence[int], image_size: int, *, embed_dim: int = 64,
+                 references: Optional[torch.Tensor] = None, logit_scale: float = 100.0, sigma: float = 4.0,
+                 pool: int = 3, hidden: int = 0):
+        super().__init__()
+        self.dims = tuple(int(d) for d in dims)
+        if not self.dims:
+            raise ScorerError("the decoder needs the channel count of every tapped layer (backbone.dims)")
+        self.image_size = int(image_size)
+        self.logit_scale = float(logit_scale)
+        self.sigma = float(sigma)
+        self.pool = int(pool)
+        self.hidden = int(hidden)
+        if references is not None:
+            ref = torch.as_tensor(references, dtype=torch.float32)
+            if ref.dim() != 2 or ref.shape[0] != 2:
+                raise ScorerError(f"decoder references must be (2, D) [normal, abnormal], got {tuple(ref.shape)}")
+            self.embed_dim = int(ref.shape[1])
+            self.learn_references = False
+            self.register_buffer("references", ref.clone())
+        else:
+            self.embed_dim = int(embed_dim)
+            self.learn_references = True
+            self.references = nn.Parameter(torch.randn(2, self.embed_dim) / self.embed_dim ** 0.5)
+        for i, c in enumerate(self.dims):
+            self.register_buffer(f"feat_mean{i}", torch.zeros(c))
+            self.register_buffer(f"feat_std{i}", torch.ones(c))
+        self.projections = nn.ModuleList(self._projection(c) for c in self.dims)
+        self.blur = GaussianBlur(self.sigma)
+
+    def _projection(self, c: int) -> nn.Module:
+        if self.hidden > 0:
+            return nn.Sequential(nn.Conv2d(c, self.hidden, 1), nn.GELU(), nn.Conv2d(self.hidden, self.embed_dim, 1))
+        return nn.Conv2d(c, self.embed_dim, 1)
+
+    @classmethod
+    def for_backbone(cls, backbone: nn.Module, references: Optional[torch.Tensor] = None, **kwargs) -> "VisualGuidedDecoder":
+        """Decoder sized for `backbone`; CLIP backbones pass their prompt embeddings as `references`."""
+        size = backbone.input_spec.size
+        return cls(backbone.dims, int(size[0]), references=references, **kwargs)
+
+    def config(self) -> dict:
+        """Constructor keyword arguments (without reference values), for checkpoints."""
+        return {"dims": list(self.dims), "image_size": self.image_size, "embed_dim": self.embed_dim,
+                "logit_scale": self.logit_scale, "sigma": self.sigma, "pool": self.pool, "hidden": self.hidden,
+                "learn_references": self.learn_references}
+
+    @torch.no_grad()
+    def set_feature_stats(self, features: Sequence[torch.Tensor]) -> None:
+        """Per-channel mean/std of NORMAL training features (one (N, C, h, w) tensor per layer)."""
+        if len(features) != len(self.dims):
+            raise ScorerError(f"got {len(features)} feature maps, the decoder has {len(self.dims)} layers")
+        for i, f in enumerate(features):
+            f = f.float()
+            if self.pool > 1:
+                f = F.avg_pool2d(f, self.pool, 1, self.pool // 2, count_include_pad=False)
+            mean = f.mean(dim=(0, 2, 3))
+            std = f.std(dim=(0, 2, 3)).clamp_min(1e-4)
+            getattr(self, f"feat_mean{i}").copy_(mean)
+            getattr(self, f"feat_std{i}").copy_(std)
+
+    def _embed(self, i: int, f: torch.Tensor) -> torch.Tensor:
+        f = f.float()
+        if self.pool > 1:
+            f = F.avg_pool2d(f, self.pool, 1, self.pool // 2, count_include_pad=False)
+        mean = getattr(self, f"feat_mean{i}").view(1, -1, 1, 1)
+        std = getattr(self, f"feat_std{i}").view(1, -1, 1, 1)
+        return F.normalize(self.projections[i]((f - mean) / std), dim=1)
+
+    def layer_logits(self, features: Sequence[torch.Tensor], size: Optional[int] = None) -> list[torch.Tensor]:
+        """Per-layer [normal, abnormal] logits (B, 2, size, size), upsampled before the softmax (Eq. 1)."""
+        if len(features) != len(self.dims):
+            raise ScorerError(f"got {len(features)} feature maps, the decoder was trained for {len(self.dims)} layers")
+        ref = F.normalize(self.references, dim=-1)
+        out = []
+        for i, f in enumerate(features):
+            logits = self.logit_scale * torch.einsum("bdhw,kd->bkhw", self._embed(i, f), ref)
+            out.append(upsample_map(logits, size or self.image_size))
+        return out
+
+    def layer_maps(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Per-layer abnormal probabilities (B, H, W) at the image size."""
+        return [torch.softmax(lg, dim=1)[:, 1] for lg in self.layer_logits(features)]
+
+    def raw_map(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Mean over layers, before smoothing (B, H, W)."""
+        return torch.stack(self.layer_maps(features), dim=0).mean(dim=0)
+
+    def forward(self, *features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """forward(feat_0, ..., feat_{L-1}) -> (anomaly_map (B, H, W), score (B,))."""
+        amap = self.blur(self.raw_map(features))
+        return amap, amap.flatten(1).amax(dim=1)
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
+    """Focal loss of 2-channel [normal, abnormal] logits (B, 2, H, W) against a binary target (B, H, W)."""
+    logp = F.log_softmax(logits, dim=1)
+    logpt = torch.where(target > 0.5, logp[:, 1], logp[:, 0])
+    return -(((1.0 - logpt.exp()) ** gamma) * logpt).mean()
+
+
+def dice_loss(prob: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """Soft dice loss per image, averaged: 1 - (2|P.T| + s) / (|P| + |T| + s). Normal images
+    (empty target) are pushed towards an empty prediction."""
+    p = prob.flatten(1)
+    t = target.flatten(1)
+    inter = (p * t).sum(dim=1)
+    return (1.0 - (2.0 * inter + smooth) / (p.sum(dim=1) + t.sum(dim=1) + smooth)).mean()
+
+
+def decoder_loss(layer_logits: Sequence[torch.Tensor], target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
+    """IAD-GPT's map loss: focal (gamma 2) + dice on EVERY layer's map, summed over layers."""
+    total = layer_logits[0].new_zeros(())
+    for logits in layer_logits:
+        total = total + focal_loss(logits, target, gamma) + dice_loss(torch.softmax(logits, dim=1)[:, 1], target)
+    return total

@@ -1,0 +1,396 @@
+"""Self-supervised training of the visual-guided decoder on NSA anomalies (IAD-GPT stage 2, map part).
+
+The backbone is frozen, so its features are computed ONCE: a fixed, seeded pool of NSA samples
+(and the normal images they were pasted on, with the 8 rotations/flips when `augment`) is
+synthesized and encoded up front, kept as float16, and the small decoder then trains for many
+steps on those cached features. On 2 CPU cores this turns minutes per epoch of backbone passes
+into a one-off encode (about 10-30 ms per image) plus milliseconds per step.
+
+Each batch pairs normal images (target: no anomaly) with NSA versions of the same images (target:
+the binary mask label > 0.3), as the paper pairs "No" and "Yes" answers. Loss: focal (gamma 2) +
+dice on every layer's map, at `loss_size` px (the maps are upsampled logits, so a loss at half the
+image size sees the same information for a quarter of the cost).
+
+Checkpoints are safetensors (no pickle): decoder weights, Adam state, and JSON metadata (configs,
+step, backbone, category, loss history). Batches are drawn from `default_rng([seed, step])` and the
+pool from `seed`, so a resumed run follows the same trajectory as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import cv2
+import numpy as np
+import torch
+
+from ..data import load_split, read_image
+from ..errors import IadGptError, ScorerError
+from ..runtime.preprocess import resize_frame
+from .backbones import Backbone, get_backbone
+from .heads import VisualGuidedDecoder, decoder_loss
+from .synth import MASK_THRESHOLD, NSASynthesizer, config_for, guess_kind
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TrainConfig", "FeaturePool", "TrainResult", "build_pool", "train_decoder", "train",
+           "save_checkpoint", "load_checkpoint", "load_decoder", "CHECKPOINT_FORMAT"]
+
+CHECKPOINT_FORMAT = "iadgpt-decoder/1"
+PathLike = Union[str, os.PathLike]
+# Settings that shape the pool or the model: a resumed run must use the same ones.
+_FIXED_ON_RESUME = ("batch_size", "pool_size", "augment", "embed_dim", "pool", "hidden", "loss_size", "kind", "seed",
+                    "lr", "weight_decay")
+
+
+class TrainError(IadGptError):
+    """Training cannot start or resume (bad data, incompatible checkpoint)."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (the CLI flags mirror these)."""
+
+    steps: int = 2000
+    batch_size: int = 16  # half normal images, half their NSA versions
+    lr: float = 5e-4  # IAD-GPT's learning rate; cosine decay to 10 % after a 50-step warm-up
+    weight_decay: float = 1e-4
+    pool_size: int = 1600  # NSA samples synthesized and encoded once
+    augment: bool = True  # the 8 rotations/flips of the normal images (and so of the NSA samples)
+    embed_dim: int = 64
+    pool: int = 3
+    hidden: int = 0
+    loss_size: int = 112
+    kind: str = "auto"  # NSA product kind: object | texture | auto
+    seed: int = 0
+    checkpoint_every: int = 500
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass
+class FeaturePool:
+    """Cached backbone features: normal images and NSA samples (float16), NSA labels at loss size."""
+
+    normal: list[torch.Tensor]  # per layer (Nn, C, h, w)
+    synth: list[torch.Tensor]  # per layer (Ns, C, h, w)
+    labels: torch.Tensor  # (Ns, S, S) float16 soft labels
+    pair: torch.Tensor  # (Ns,) index into `normal` of the image each NSA sample was pasted on
+    kind: str
+    seconds: float = 0.0
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass
+class TrainResult:
+    decoder: VisualGuidedDecoder
+    checkpoint: Path
+    step: int
+    history: list[tuple[int, float]] = field(default_factory=list)  # (step, mean loss since the last entry)
+    pool_seconds: float = 0.0
+    train_seconds: float = 0.0
+
+
+# --------------------------------------------------------------------------- data
+
+
+def load_images(data: PathLike, category: str, size: int) -> list[np.ndarray]:
+    """The normal training images of `category`, RGB uint8 at `size` (the encoder's input size)."""
+    from ..bundle import InputSpec
+    samples = load_split(data, category, "train")
+    if not samples:
+        raise TrainError(f"{data}/{category}: no training images")
+    spec = InputSpec((size, size), (0.0,) * 3, (1.0,) * 3, resize="area")
+    return [resize_frame(read_image(s.path), spec) for s in samples]
+
+
+def _d4(image: np.ndarray, g: int) -> np.ndarray:
+    """Element g (0..7) of the rotation/flip group: rot90 by g // 2, then a horizontal flip if g is odd."""
+    out = np.rot90(image, g // 2)
+    if g % 2:
+        out = out[:, ::-1]
+    return np.ascontiguousarray(out)
+
+
+def _encode(backbone: Backbone, images: Sequence[np.ndarray], device: torch.device, batch: int = 32,
+            progress: bool = False, desc: str = "encoding") -> list[torch.Tensor]:
+    """float16 features (one (N, C, h, w) tensor per layer) of RGB uint8 images."""
+    outs: list[list[torch.Tensor]] = []
+    steps = range(0, len(images), batch)
+    if progress:
+        from tqdm import tqdm
+        steps = tqdm(steps, desc=desc, unit="batch", leave=False)
+    with torch.inference_mode():
+        for i in steps:
+            x = torch.from_numpy(np.stack(images[i:i + batch]).transpose(0, 3, 1, 2).astype(np.float32)).to(device)
+            outs.append([f.half() for f in backbone(x)])
+    return [torch.cat([o[layer] for o in outs]) for layer in range(len(outs[0]))]
+
+
+def build_pool(backbone: Backbone, images: Sequence[np.ndarray], cfg: TrainConfig, device: Union[str, torch.device] = "cpu",
+               progress: bool = True) -> FeaturePool:
+    """Synthesize `cfg.pool_size` NSA samples (deterministic in cfg.seed) and encode them with their normals."""
+    t0 = time.perf_counter()
+    device = torch.device(device)
+    kind = guess_kind(images) if cfg.kind == "auto" else cfg.kind
+    synth = NSASynthesizer(images, config=config_for(kind))
+    groups = 8 if cfg.augment else 1
+    rng = np.random.default_rng([cfg.seed, 7])
+    n = len(images)
+    synth_images, labels, keys = [], [], []
+    items = range(cfg.pool_size)
+    if progress:
+        from tqdm import tqdm
+        items = tqdm(items, desc="NSA synthesis", unit="img", leave=False)
+    for k in items:
+        t = k % n
+        g = int(rng.integers(groups))
+        s = synth.sample(k, seed=cfg.seed, target=t)
+        synth_images.append(_d4(s.image, g))
+        lab = cv2.resize(_d4(s.label, g), (cfg.loss_size, cfg.loss_size), interpolation=cv2.INTER_AREA)
+        labels.append(lab)
+        keys.append((t, g))
+    unique = sorted(set(keys))
+    index = {key: i for i, key in enumerate(unique)}
+    normal_images = [_d4(images[t], g) for t, g in unique]
+    log.info("pool: %d NSA samples (%s) on %d normal views of %d images", cfg.pool_size, kind, len(unique), n)
+    normal = _encode(backbone, normal_images, device, progress=progress, desc="encoding normals")
+    synth_feats = _encode(backbone, synth_images, device, progress=progress, desc="encoding NSA samples")
+    pool = FeaturePool(normal=normal, synth=synth_feats,
+                       labels=torch.from_numpy(np.stack(labels)).half().to(device),
+                       pair=torch.tensor([index[key] for key in keys], dtype=torch.long, device=device),
+                       kind=kind, seconds=time.perf_counter() - t0)
+    mb = sum(f.numel() * 2 for f in normal + synth_feats) / 2 ** 20
+    log.info("pool ready in %.1f s (%.0f MiB of cached features)", pool.seconds, mb)
+    return pool
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(path: PathLike, decoder: VisualGuidedDecoder, optimizer: Optional[torch.optim.Optimizer],
+                    step: int, meta: dict) -> Path:
+    """Write decoder weights (+ Adam state) as safetensors, atomically; metadata as JSON strings."""
+    from safetensors.torch import save_file
+    path = Path(path)
+    tensors = {f"decoder.{k}": v.detach().cpu().contiguous() for k, v in decoder.state_dict().items()}
+    groups: list[dict] = []
+    if optimizer is not None:
+        state = optimizer.state_dict()
+        for pid, st in state["state"].items():
+            for key, value in st.items():
+                value = value if isinstance(value, torch.Tensor) else torch.tensor(value)
+                tensors[f"optimizer.{pid}.{key}"] = value.detach().cpu().contiguous()
+        groups = state["param_groups"]
+    metadata = {"format": CHECKPOINT_FORMAT, "step": str(int(step)),
+                "decoder_config": json.dumps(decoder.config()), "optimizer_groups": json.dumps(groups),
+                **{k: json.dumps(v) for k, v in meta.items()}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, metadata with JSON values decoded); refuses files that are not decoder checkpoints."""
+    from safetensors import safe_open
+    path = Path(path)
+    if not path.is_file():
+        raise TrainError(f"{path}: no such checkpoint; train one with `iadgpt train --out {path}`")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # header garbage, truncated file, a pickle renamed .safetensors
+        raise TrainError(f"{path}: not a readable safetensors checkpoint ({exc}); re-run `iadgpt train`") from exc
+    if raw.get("format") != CHECKPOINT_FORMAT:
+        raise TrainError(f"{path}: not an iadgpt decoder checkpoint (format {raw.get('format')!r}, "
+                         f"expected {CHECKPOINT_FORMAT!r}); train one with `iadgpt train`")
+    meta: dict[str, Any] = {}
+    for k, v in raw.items():
+        try:
+            meta[k] = json.loads(v)
+        except json.JSONDecodeError:
+            meta[k] = v
+    return tensors, meta
+
+
+def load_decoder(path: PathLike) -> tuple[VisualGuidedDecoder, dict[str, Any]]:
+    """The trained decoder (eval mode) and the checkpoint's metadata."""
+    tensors, meta = load_checkpoint(path)
+    cfg = dict(meta["decoder_config"])
+    learn = cfg.pop("learn_references", True)
+    state = {k[len("decoder."):]: v for k, v in tensors.items() if k.startswith("decoder.")}
+    refs = None if learn else state["references"]
+    decoder = VisualGuidedDecoder(cfg.pop("dims"), cfg.pop("image_size"), references=refs, **cfg)
+    decoder.load_state_dict(state)
+    decoder.eval()
+    return decoder, meta
+
+
+def _optimizer_state(tensors: dict[str, torch.Tensor], groups: list) -> dict:
+    state: dict[int, dict] = {}
+    for k, v in tensors.items():
+        if k.startswith("optimizer."):
+            _, pid, key = k.split(".", 2)
+            state.setdefault(int(pid), {})[key] = v
+    return {"state": state, "param_groups": groups}
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _lr_at(step: int, cfg: TrainConfig) -> float:
+    warm = min(50, max(1, cfg.steps // 10))
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    t = (step - warm) / max(1, cfg.steps - warm)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t))))
+
+
+def _batch(pool: FeaturePool, idx: torch.Tensor, loss_size: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    pairs = pool.pair[idx]
+    feats = [torch.cat([n[pairs], s[idx]]).float() for n, s in zip(pool.normal, pool.synth)]
+    target = torch.cat([torch.zeros((len(idx), loss_size, loss_size), device=pool.labels.device),
+                        (pool.labels[idx].float() > MASK_THRESHOLD).float()])
+    return feats, target
+
+
+def train_decoder(backbone: Backbone, images: Sequence[np.ndarray], out: PathLike, cfg: Optional[TrainConfig] = None, *,
+                  device: Union[str, torch.device] = "cpu", resume: bool = False, meta: Optional[dict] = None,
+                  references: Optional[torch.Tensor] = None, pool: Optional[FeaturePool] = None,
+                  progress: bool = True) -> TrainResult:
+    """Train (or resume) a decoder for `backbone` on NSA samples of `images` (RGB uint8 at the input size)."""
+    cfg = cfg or TrainConfig()
+    out = Path(out)
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainError("--device cuda but torch sees no CUDA GPU here; use --device cpu")
+    size = int(backbone.input_spec.size[0])
+    if any(im.shape[:2] != (size, size) for im in images):
+        raise TrainError(f"training images must be resized to the backbone input {size}x{size} (train.load_images)")
+    meta = dict(meta or {})
+    meta.update({"backbone": backbone.describe(), "train_config": cfg.to_dict()})
+
+    torch.manual_seed(cfg.seed)
+    decoder = VisualGuidedDecoder.for_backbone(backbone, references=references, embed_dim=cfg.embed_dim,
+                                               pool=cfg.pool, hidden=cfg.hidden)
+    start, history = 0, []
+    tensors: Optional[dict] = None
+    if resume and out.exists():
+        tensors, old = load_checkpoint(out)
+        _check_resume(out, old, meta, cfg)
+        start = int(old["step"])
+        history = [tuple(h) for h in old.get("history", [])]
+        decoder.load_state_dict({k[len("decoder."):]: v for k, v in tensors.items() if k.startswith("decoder.")})
+        log.info("resuming %s at step %d of %d", out, start, cfg.steps)
+    elif out.exists() and not resume:
+        raise TrainError(f"{out} exists; pass --resume to continue its training, or choose another --out")
+    decoder.to(device)
+
+    if pool is None:
+        pool = build_pool(backbone.to(device), images, cfg, device=device, progress=progress)
+    meta["nsa_kind"] = pool.kind
+    if tensors is None:
+        decoder.set_feature_stats(pool.normal)
+    opt = torch.optim.AdamW([p for p in decoder.parameters() if p.requires_grad], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
+    if tensors is not None and any(k.startswith("optimizer.") for k in tensors):
+        opt.load_state_dict(_optimizer_state(tensors, json.loads(json.dumps(old["optimizer_groups"]))))
+
+    half = max(1, cfg.batch_size // 2)
+    t0 = time.perf_counter()
+    decoder.train()
+    steps = range(start, cfg.steps)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(steps, desc="training decoder", unit="step", initial=0, total=cfg.steps - start)
+        steps = bar
+    running, count = 0.0, 0
+    step = start
+    for step in steps:
+        rng = np.random.default_rng([cfg.seed, 1, step])
+        idx = torch.from_numpy(rng.choice(len(pool), size=min(half, len(pool)), replace=False)).to(device)
+        feats, target = _batch(pool, idx, cfg.loss_size)
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, cfg)
+        loss = decoder_loss(decoder.layer_logits(feats, cfg.loss_size), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        running += float(loss)
+        count += 1
+        if bar is not None and count % 10 == 0:
+            bar.set_postfix(loss=f"{running / count:.4f}")
+        done = step + 1
+        if done % 100 == 0 or done == cfg.steps:
+            history.append((done, running / count))
+            log.debug("step %d loss %.4f", done, running / count)
+            running, count = 0.0, 0
+        if done % cfg.checkpoint_every == 0 and done < cfg.steps:
+            _save(out, decoder, opt, done, meta, history, pool, time.perf_counter() - t0)
+    step = max(start, cfg.steps)
+    train_seconds = time.perf_counter() - t0
+    decoder.eval()
+    _save(out, decoder, opt, step, meta, history, pool, train_seconds)
+    log.info("trained %d steps in %.1f s (+ %.1f s pool); checkpoint %s", step - start, train_seconds, pool.seconds, out)
+    return TrainResult(decoder=decoder, checkpoint=out, step=step, history=history,
+                       pool_seconds=pool.seconds, train_seconds=train_seconds)
+
+
+def _save(out: Path, decoder, opt, step: int, meta: dict, history, pool: FeaturePool, seconds: float) -> None:
+    m = dict(meta)
+    m.update({"history": [list(h) for h in history], "pool_seconds": round(pool.seconds, 2),
+              "train_seconds": round(seconds, 2)})
+    save_checkpoint(out, decoder, opt, step, m)
+
+
+def _check_resume(path: Path, old: dict, meta: dict, cfg: TrainConfig) -> None:
+    old_cfg = old.get("train_config", {})
+    diff = [k for k in _FIXED_ON_RESUME if k in old_cfg and old_cfg[k] != getattr(cfg, k)]
+    if diff:
+        raise TrainError(f"{path} was trained with {', '.join(f'{k}={old_cfg[k]!r}' for k in diff)}; resume with the "
+                         "same settings (only --steps may change) or train a new --out")
+    for key in ("category",):
+        if key in meta and old.get(key) not in (None, meta[key]):
+            raise TrainError(f"{path} was trained on {key} {old.get(key)!r}, not {meta[key]!r}; choose another --out")
+    if old.get("backbone", {}).get("name") != meta["backbone"]["name"]:
+        raise TrainError(f"{path} was trained for backbone {old.get('backbone', {}).get('name')!r}, not "
+                         f"{meta['backbone']['name']!r}; pass that --backbone or train a new --out")
+    if int(old["step"]) > cfg.steps:
+        raise TrainError(f"{path} is already at step {old['step']}, past --steps {cfg.steps}; pass a larger --steps")
+
+
+def train(data: PathLike, category: str, out: PathLike, backbone: str = "efficientnet-lite0", *,
+          weights: Optional[str] = None, resolution: Optional[int] = None, device: str = "cpu", resume: bool = False,
+          progress: bool = True, **config: Any) -> TrainResult:
+    """`iadgpt train`: decoder for `backbone` on `data`/`category` train/good images, saved at `out`."""
+    cfg = TrainConfig(**config)
+    kwargs = {"size": resolution} if resolution else {}
+    bb = get_backbone(backbone, weights=weights, **kwargs)
+    size = int(bb.input_spec.size[0])
+    images = load_images(data, category, size)
+    references = None
+    if getattr(bb, "has_text", False):
+        from .prompts import load_prompts, text_embeddings
+        references = text_embeddings(bb, load_prompts(category))
+        log.info("decoder references: text embeddings of the %s prompts", category)
+    meta = {"category": category, "data": str(data), "n_train_images": len(images)}
+    return train_decoder(bb, images, out, cfg, device=device, resume=resume, meta=meta, references=references,
+                         progress=progress)

@@ -1,0 +1,55 @@
+"""`iadgpt run` as a process: events for every frame read, clean exit on SIGTERM."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+
+from conftest import write_parts
+
+
+def _run(args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "iadgpt.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def test_sigterm_loses_no_event(tiny_bundle_path, tmp_path):
+    events = tmp_path / "events.jsonl"
+    proc = _run(["run", str(tiny_bundle_path), "--source", "synthetic://part?size=128&seed=5&fps=10",
+                 "--events", str(events)])
+    deadline = time.time() + 120
+    while time.time() < deadline and (not events.exists() or len(events.read_text().splitlines()) < 5):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    lines = [json.loads(x) for x in events.read_text().splitlines()]
+    frames_read = int(out.split("frames ")[-1].split(",")[0])
+    assert len(lines) == frames_read >= 5
+    assert [e["frame_id"] for e in lines] == list(range(frames_read))
+
+
+def test_corrupt_image_in_a_folder_is_an_error_event(tiny_bundle_path, tmp_path):
+    folder = tmp_path / "imgs"
+    write_parts(folder, 3, seed=21)
+    (folder / "good_001.png").write_bytes(b"\x89PNG not really")
+    events = tmp_path / "events.jsonl"
+    proc = _run(["run", str(tiny_bundle_path), "--source", str(folder), "--events", str(events)])
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    lines = [json.loads(x) for x in events.read_text().splitlines()]
+    assert len(lines) == 3
+    assert lines[1]["error"] and "good_001.png" in lines[1]["error"]
+    assert lines[0]["error"] is None and lines[2]["error"] is None
+
+
+def test_config_errors_exit_non_zero_naming_the_key(tmp_path, tiny_bundle_path):
+    cfg = tmp_path / "station.yaml"
+    cfg.write_text(f"bundle: {tiny_bundle_path}\nsource: synthetic://part\nbackend: onnxruntime\nsinkz: {{}}\n")
+    proc = _run(["run", "--station", str(cfg)])
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and "sinkz" in out

@@ -1,0 +1,104 @@
+"""The station's fast path on a real (tiny) bundle: verdicts mean what they say."""
+from __future__ import annotations
+
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+
+from iadgpt.bundle import Bundle
+from iadgpt.errors import BundleError, EngineError, SourceError
+from iadgpt.runtime.detector import Detector
+from iadgpt.runtime.sources import Frame
+from iadgpt.runtime.synthetic import SyntheticProduct
+
+from conftest import TINY_SIZE
+
+
+def frame(image, i=0) -> Frame:
+    return Frame(image=image, frame_id=i, timestamp=1_800_000_000.0 + i, source="test", meta={})
+
+
+@pytest.fixture(scope="module")
+def detector(tiny_bundle_path):
+    with Detector(Bundle.load(tiny_bundle_path), "onnxruntime", threads=2) as det:
+        yield det
+
+
+def defective_frames(n=12):
+    product = SyntheticProduct(kind="part", size=TINY_SIZE, seed=13, defect_rate=1.0)
+    return [product.sample(i) for i in range(n)]
+
+
+def test_defective_parts_are_flagged_where_the_defect_is(detector):
+    hits = 0
+    samples = defective_frames()
+    for i, s in enumerate(samples):
+        v = detector.detect(frame(s.image, i))
+        if not v.anomalous:
+            continue
+        x0, y0, x1, y1 = v.regions[0].box
+        overlap = s.mask[y0:y1, x0:x1].any()
+        peak = np.unravel_index(np.argmax(v.anomaly_map), v.anomaly_map.shape)
+        near_peak = s.mask[max(peak[0] - 8, 0):peak[0] + 9, max(peak[1] - 8, 0):peak[1] + 9].any()
+        hits += bool(overlap and near_peak)
+    assert hits >= 0.8 * len(samples), f"only {hits}/{len(samples)} defects flagged at the right place"
+
+
+def test_normal_parts_pass(detector):
+    product = SyntheticProduct(kind="part", size=TINY_SIZE, seed=14, defect_rate=0.0)
+    verdicts = [detector.detect(frame(product.sample(i).image, i)) for i in range(12)]
+    assert sum(v.anomalous for v in verdicts) <= 1
+    assert all(v.regions == [] and v.anomaly_map is None for v in verdicts if not v.anomalous)
+
+
+def test_verdict_has_stage_timings_and_json(detector):
+    v = detector.detect(frame(defective_frames(1)[0].image))
+    assert {"preprocess", "encoder", "scorer", "postprocess"} <= set(v.timings_ms)
+    d = v.to_dict()
+    assert d["score"] == pytest.approx(v.score) and d["threshold"] == pytest.approx(detector.threshold)
+    assert "anomaly_map" not in d and d["event_id"] == v.event_id
+
+
+def test_any_size_grey_and_bgra_frames(detector):
+    rgb = defective_frames(1)[0].image
+    big = cv2.resize(rgb, (400, 300), interpolation=cv2.INTER_LINEAR)
+    v_big = detector.detect(frame(big))
+    assert v_big.frame_shape == (300, 400, 3)
+    if v_big.anomalous:
+        assert v_big.anomaly_map.shape == (300, 400)
+        assert all(r.box[2] <= 400 and r.box[3] <= 300 for r in v_big.regions)
+    rgba = np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])
+    assert detector.detect(frame(rgba)).score == pytest.approx(detector.detect(frame(rgb)).score, rel=1e-5)
+    grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    assert np.isfinite(detector.detect(frame(grey)).score)
+
+
+@pytest.mark.parametrize("bad", [np.zeros((0, 0, 3), np.uint8), np.zeros((8, 8, 5), np.uint8),
+                                 np.zeros((8, 8, 3), np.float64), None])
+def test_bad_frames_are_rejected_clearly(detector, bad):
+    with pytest.raises(SourceError):
+        detector.detect(frame(bad))
+
+
+def test_threshold_from_another_backend_is_refused(tiny_bundle_path, tmp_path):
+    copy = tmp_path / "b"
+    shutil.copytree(tiny_bundle_path, copy)
+    b = Bundle.load(copy)
+    b.update_manifest(thresholds={"image": {"value": 1.0, "backend": "tensorrt", "precision": "fp16"}})
+    with pytest.raises(BundleError, match="iadgpt calibrate"):
+        Detector(Bundle.load(copy), "onnxruntime")
+
+
+def test_missing_threshold_names_the_fix(tiny_bundle_path, tmp_path):
+    copy = tmp_path / "b"
+    shutil.copytree(tiny_bundle_path, copy)
+    Bundle.load(copy).update_manifest(thresholds={}, replace=True)
+    with pytest.raises(BundleError, match="calibrate"):
+        Detector(Bundle.load(copy), "onnxruntime")
+
+
+def test_unknown_backend_is_an_error_not_a_fallback(tiny_bundle_path):
+    with pytest.raises(EngineError, match="onnxruntime"):
+        Detector(Bundle.load(tiny_bundle_path), "openvino")

