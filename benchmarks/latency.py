@@ -85,6 +85,13 @@ def bench(bundle: Bundle, backend: str, frames: list[Frame], warmup: int, thread
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    device = next((a.split("=", 1)[1] for a in argv if a.startswith("--device=")), None) or \
+        (argv[argv.index("--device") + 1] if "--device" in argv[:-1] else "cpu")
+    if device.startswith("cuda"):  # the GPU fast path (CUDA graphs): benchmarks/gpu_latency.py
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from gpu_latency import main as gpu_main
+        return gpu_main(argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     p.add_argument("--bundle", action="append", required=True, type=Path, help="repeat to compare bundles")
     p.add_argument("--backend", default="onnxruntime")

@@ -262,9 +262,6 @@ def _progress(items, enabled: bool, desc: str):
 
 # --------------------------------------------------------------------------- exported bundles
 
-_TRT_PREFERENCE = ("int8", "fp16", "fp32")
-
-
 def evaluate_bundle(data, category: str, bundle_path, backend: str = "onnxruntime", threads: Optional[int] = None,
                     plots: Optional[Path] = None, progress: bool = True, *, weights: Optional[str] = None,
                     precision: Optional[str] = None, batch_size: int = 8) -> EvalResult:
@@ -283,22 +280,13 @@ def evaluate_bundle(data, category: str, bundle_path, backend: str = "onnxruntim
     if not cfg.get("kind") or not isinstance(cfg.get("references"), dict):
         raise BundleError(f"bundle {bundle.path} has no scorer section (kind, references) in its manifest; "
                           "re-export it with `iadgpt export`")
-    refs = {inp: np.ascontiguousarray(bundle.array(name), dtype=np.float32) for inp, name in cfg["references"].items()}
-    encoder, scorer = _bundle_engines(bundle, backend, threads, weights, precision)
-    try:
+    from .runtime.detector import Detector
+
+    with Detector(bundle, backend, threads=threads, threshold=float("inf"), weights=weights,
+                  precision=precision) as detector:
         test = TestSet.load(data, category, spec, progress)
-        scorer_inputs = set(scorer.input_names)
-
-        def score_fn(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            feats = encoder.run({"image": np.ascontiguousarray(batch, dtype=np.float32)})
-            out = scorer.run({**{k: v for k, v in feats.items() if k in scorer_inputs}, **refs})
-            return out["anomaly_map"], out["score"]
-
-        maps, scores, seconds = score_test_set(test, score_fn, batch_size, progress)
-        engine_precision = encoder.precision
-    finally:
-        encoder.close()
-        scorer.close()
+        maps, scores, seconds = score_test_set(test, lambda b: detector.score_batch(b)[:2], batch_size, progress)
+        engine_precision = detector.precision
     run = compute_metrics(test, maps, scores)
     result = summarise([run], backbone=str(bundle.backbone.get("name", "?")), shots=int(cfg.get("shots") or 0),
                        resolution=int(spec.size[0]), coreset=cfg.get("coreset"), seconds_per_image=seconds,
@@ -308,94 +296,3 @@ def evaluate_bundle(data, category: str, bundle_path, backend: str = "onnxruntim
         write_plots(Path(plots), test, run)
     return result
 
-
-def _bundle_engines(bundle, backend: str, threads: Optional[int], weights: Optional[str],
-                    precision: Optional[str]) -> tuple:
-    """(encoder, scorer) engines of a bundle on one backend; never falls back to another."""
-    from .errors import EngineError
-    from .runtime.engines import OrtEngine
-
-    name = str(backend).lower()
-    if name in ("onnxruntime", "ort"):
-        encoder = OrtEngine(bundle.graph_path("encoder"), "cpu", threads)
-        try:
-            return encoder, OrtEngine(bundle.graph_path("scorer"), "cpu", threads)
-        except BaseException:
-            encoder.close()
-            raise
-    if name == "torch":
-        return _torch_engines(bundle, threads, weights)
-    if name in ("tensorrt", "trt"):
-        encoder = _trt_engine(bundle, "encoder", precision)
-        try:
-            return encoder, _trt_engine(bundle, "scorer", precision)
-        except BaseException:
-            encoder.close()
-            raise
-    raise EngineError(f"unknown backend {backend!r} for a bundle; choose onnxruntime, torch or tensorrt")
-
-
-def _torch_engines(bundle, threads: Optional[int], weights: Optional[str]) -> tuple:
-    """The torch reference modules rebuilt from the manifest, behind the graphs' I/O names."""
-    import torch
-
-    from .errors import BundleError
-    from .export.bundle_export import build_backbone
-    from .export.onnx_export import IMAGE_INPUT, SCORER_OUTPUTS, EncoderGraph, feature_names, scorer_graph
-    from .models.scorers import MemoryBankScorer
-    from .models.text_scorer import TextPromptScorer
-    from .runtime.engines import TorchEngine
-
-    if threads:
-        torch.set_num_threads(int(threads))
-    desc, cfg, spec = bundle.backbone, bundle.scorer, bundle.input_spec
-    backbone = build_backbone(desc.get("name", "?"), weights, spec.size[0])
-    rebuilt = backbone.describe()
-    for key in ("layers", "dims", "strides", "input_spec"):
-        if rebuilt.get(key) != desc.get(key):
-            raise BundleError(f"backbone {desc.get('name')!r} rebuilt here has {key} {rebuilt.get(key)}, the bundle "
-                              f"{bundle.path} says {desc.get(key)}; pass the weights it was exported with")
-    if cfg["kind"] == "memory_bank":
-        module = MemoryBankScorer(backbone.strides, spec.size[0], grid_stride=int(cfg.get("grid_stride", 8)),
-                                  sigma=float(cfg.get("sigma", 4.0)))
-    elif cfg["kind"] == "text_prompts":
-        module = TextPromptScorer.from_backbone(backbone, logit_scale=float(cfg.get("logit_scale", 100.0)),
-                                                sigma=float(cfg.get("sigma", 4.0)))
-    else:
-        raise BundleError(f"bundle {bundle.path}: unknown scorer kind {cfg['kind']!r}; re-export it with `iadgpt export`")
-    graph, ref_name = scorer_graph(module, batch_dynamic=False)
-    if list(cfg["references"]) != [ref_name]:
-        raise BundleError(f"bundle {bundle.path}: scorer references {list(cfg['references'])} do not match the "
-                          f"{cfg['kind']} scorer's input {ref_name!r}; re-export it with `iadgpt export`")
-    names = feature_names(len(backbone.layers))
-    return (TorchEngine(EncoderGraph(backbone), [IMAGE_INPUT], names),
-            TorchEngine(graph, names + [ref_name], list(SCORER_OUTPUTS)))
-
-
-def _trt_engine(bundle, role: str, precision: Optional[str]):
-    """The bundle's TensorRT engine for `role` that runs on this host (TensorRT version + GPU)."""
-    from .errors import EngineError
-    from .runtime.engines import TensorRTEngine
-
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        raise EngineError("TensorRT is not installed here (`pip install iadgpt[trt]` on an NVIDIA GPU host); "
-                          "evaluate with --backend onnxruntime instead") from None
-    graphs = bundle.graphs
-    entries = [(k, e) for k, e in bundle.engines.items()
-               if e.get("role") == role and (precision is None or e.get("precision") == precision)]
-    if not entries:
-        raise EngineError(f"bundle {bundle.path} has no TensorRT {precision or ''} engine for the {role}; build it "
-                          f"on this station with `iadgpt build {bundle.path} --precision {precision or 'fp16'}`")
-    entries.sort(key=lambda ke: _TRT_PREFERENCE.index(ke[1].get("precision")) if ke[1].get("precision")
-                 in _TRT_PREFERENCE else len(_TRT_PREFERENCE))
-    problems = []
-    for key, entry in entries:
-        source = graphs.get(entry.get("source_graph", role), {})
-        try:
-            return TensorRTEngine(bundle.engine_path(key), expected_onnx_sha256=source.get("sha256"))
-        except EngineError as exc:
-            problems.append(str(exc))
-    raise EngineError(f"none of the TensorRT engines for the {role} in {bundle.path} runs here: "
-                      + " | ".join(problems))

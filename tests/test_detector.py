@@ -102,3 +102,16 @@ def test_missing_threshold_names_the_fix(tiny_bundle_path, tmp_path):
 def test_unknown_backend_is_an_error_not_a_fallback(tiny_bundle_path):
     with pytest.raises(EngineError, match="onnxruntime"):
         Detector(Bundle.load(tiny_bundle_path), "openvino")
+
+
+def test_torch_backend_agrees_with_onnxruntime(tiny_bundle_path):
+    bundle = Bundle.load(tiny_bundle_path)
+    images = [s.image for s in defective_frames(3)]
+    from iadgpt.runtime.preprocess import to_batch
+    batch = to_batch(images, bundle.input_spec)
+    with Detector(bundle, "onnxruntime", threshold=1.0) as ort_det, Detector(bundle, "torch", threshold=1.0) as t_det:
+        m1, s1, _ = ort_det.score_batch(batch)
+        m2, s2, _ = t_det.score_batch(batch)
+    # same graphs traced from the same modules: agreement to float32 rounding of a GEMM-based search
+    assert np.abs(m1 - m2).max() <= 1e-4 * float(m1.max() - m1.min())
+    assert np.allclose(s1, s2, rtol=1e-4)

@@ -163,7 +163,7 @@ def test_shots_more_than_train_images(dataset, capsys, monkeypatch):
                  "--resolution", str(SIZE)])
     assert code == 2
     err = capsys.readouterr().err
-    assert f"--shots {N_TRAIN + 1}" in err and str(N_TRAIN) in err
+    assert f"--shots {N_TRAIN + 1}" in err and f"only {N_TRAIN} train images" in err
 
 
 # ------------------------------------------------------------------------------ text prompts

@@ -157,3 +157,32 @@ def test_pick_shots_is_the_eval_draw(dataset):
     assert pick_shots(paths, 0, seed=0) == paths
     pick = np.sort(np.random.default_rng(1).choice(len(paths), size=3, replace=False))  # evaluate_torch's draw
     assert pick_shots(paths, 3, seed=1) == [paths[i] for i in pick]
+
+
+def test_build_records_engines(exported, tmp_path, monkeypatch, capsys):
+    """The build plumbing without a GPU: a stand-in builder writes engine files as TensorRT would."""
+    from iadgpt.runtime import engines
+
+    calls = []
+
+    def fake_build(onnx_path, out_dir, precision="fp16", **kw):
+        calls.append((Path(onnx_path).name, precision, kw["input_shapes"], kw["batch_range"]))
+        path = Path(out_dir) / engines.engine_filename(Path(onnx_path).stem, precision, "10.3.0", (8, 7))
+        path.write_bytes(b"engine " + Path(onnx_path).name.encode())
+        engines.sidecar_path(path).write_text(json.dumps({"stem": Path(onnx_path).stem, "precision": precision,
+                                                          "trt_version": "10.3.0", "compute_capability": "8.7"}))
+        return path
+
+    monkeypatch.setattr(engines, "build_trt_engine", fake_build)
+    bundle = tmp_path / "bundle"
+    shutil.copytree(exported[0], bundle)
+    assert main(["build", str(bundle), "--precision", "fp16"]) == 0
+    assert calls[0][:3] == ("encoder.onnx", "fp16", None)
+    assert calls[1][:3] == ("scorer.onnx", "fp16", {"bank": ((1, 176), (1536, 176), (65536, 176))})
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    roles = {e["role"]: e for e in manifest["engines"].values()}
+    assert roles["encoder"]["file"] == "engines/encoder.fp16.trt10.3.0.sm87.engine"
+    assert roles["scorer"]["source_sha256"] == manifest["graphs"]["scorer"]["sha256"]
+    capsys.readouterr()
+    assert main(["inspect", str(bundle)]) == 0  # engines for another host do not stop ONNX Runtime
+    assert "encoder.fp16.trt10.3.0.sm87" in capsys.readouterr().out

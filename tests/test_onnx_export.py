@@ -56,7 +56,7 @@ def test_efficientnet_encoder_parity_real_scale(lite0, tmp_path):
     """Must show: per-layer ONNX features vs torch on real-scale input.
 
     1e-4 absolute is below float32 noise at |feature| ~ 50: the torch fp32 reference itself is
-    ~1e-4 away from fp64 there. The export tolerance is max(1e-4, 1e-5 * max|feature|), and this
+    ~1e-4 away from fp64 there. The export tolerance is max(1e-4, 2e-5 * max|feature|), and this
     test also shows ONNX Runtime is as close to the fp64 truth as torch fp32 is.
     """
     probe = _real_scale_batch()

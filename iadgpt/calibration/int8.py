@@ -6,12 +6,17 @@ produces, and nothing in this module ever makes up data. The output is an explic
 ONNX Runtime fuses it into integer kernels on the CPU, and TensorRT builds INT8 engines from the
 same kind of file (its Q/DQ scales replace TensorRT's deprecated implicit calibrator).
 
-Presets (`PRESETS`), measured on this project's 2-core AVX2 CPU without VNNI (see README):
-- "cpu": uint8 activations, int8 per-channel weights (U8S8). MLAS has fast AVX2 U8S8 kernels;
-  S8S8 activations have no native AVX2 kernel and are converted at run time, which made them
-  slower than fp32 there.
-- "tensorrt": int8 activations and weights, both symmetric (zero point 0), which is the only
-  Q/DQ form TensorRT accepts.
+Presets (`PRESETS`), measured on this project's 2-core AVX2 CPU without VNNI (README, INT8):
+- "cpu": uint8 activations, int8 per-channel weights (U8S8), which MLAS runs with fast AVX2
+  kernels. Those kernels add pairs of u8 x s8 products in int16 (VPMADDUBSW) and saturate when
+  both weights of a pair are large: on EfficientNet-Lite0 that cut feature cosine to 0.77, and the
+  result depends on the CPU (VNNI CPUs do not saturate), so a bank or threshold fitted on one box
+  would not hold on another. `reduce_range="auto"` therefore stores the weights of every
+  non-depthwise Conv/MatMul in 7 bits (255 * 64 * 2 < 2^15, cannot saturate) and keeps depthwise
+  convs at 8 bits (their MLAS kernel widens to int32 first). INT8 S8S8 has no AVX2 kernel and was
+  slower than fp32.
+- "tensorrt": int8 activations and weights, both symmetric (zero point 0), the only Q/DQ form
+  TensorRT accepts; 8-bit weights (GPUs accumulate in int32).
 
 Sensitive layers can be kept in float (`exclude_nodes`), or found automatically
 (`keep_float="auto"`): the nodes whose outputs lose most cosine to fp32 on the calibration
@@ -38,8 +43,8 @@ PathLike = Union[str, os.PathLike]
 IMAGE_INPUT = "image"
 CALIBRATE_METHODS = ("minmax", "percentile", "entropy", "distribution")
 PRESETS: dict[str, dict[str, Any]] = {
-    "cpu": {"activation_type": "uint8", "weight_type": "int8", "symmetric": False},
-    "tensorrt": {"activation_type": "int8", "weight_type": "int8", "symmetric": True},
+    "cpu": {"activation_type": "uint8", "weight_type": "int8", "symmetric": False, "reduce_range": "auto"},
+    "tensorrt": {"activation_type": "int8", "weight_type": "int8", "symmetric": True, "reduce_range": False},
 }
 MIN_COSINE = 0.98
 MIN_CALIBRATION_IMAGES = 4
@@ -54,9 +59,10 @@ class Int8Report:
     weight_type: str
     per_channel: bool
     symmetric: bool
-    reduce_range: bool
+    reduce_range: Union[bool, str]
     calibrate_method: str
     calibration_images: int
+    cosine_images: int
     excluded_nodes: list[str]
     cosine: dict[str, float]  # per encoder output: mean cosine of patch feature vectors vs fp32
     qdq_nodes: int
@@ -77,7 +83,7 @@ class Int8Report:
                 f"{' per-channel' if self.per_channel else ''}{' symmetric' if self.symmetric else ''}, "
                 f"{self.calibrate_method} ranges from {self.calibration_images} real normal images, "
                 f"{self.qdq_nodes} QuantizeLinear nodes, {len(self.excluded_nodes)} nodes kept in float")
-        return [head] + [f"  {k:<8} cosine vs fp32 {v:.4f}" for k, v in self.cosine.items()]
+        return [head] + [f"  {k:<8} cosine vs fp32 {v:.4f} ({self.cosine_images} images)" for k, v in self.cosine.items()]
 
 
 class ImageBatchReader:
@@ -135,15 +141,19 @@ def rebatch(images: np.ndarray, batch_size: int = 8) -> list[np.ndarray]:
 def quantize_encoder(fp32_onnx: PathLike, out_path: PathLike, calibration_batches: Iterable[np.ndarray], *,
                      preset: Optional[str] = "cpu", activation_type: Optional[str] = None,
                      weight_type: Optional[str] = None, symmetric: Optional[bool] = None,
-                     per_channel: bool = True, reduce_range: bool = False, calibrate_method: str = "minmax",
+                     per_channel: bool = True, reduce_range: Union[bool, str, None] = None,
+                     calibrate_method: str = "minmax",
                      exclude_nodes: Sequence[str] = (), keep_float: str = "none",
                      min_cosine: float = MIN_COSINE, max_float_nodes: int = 4, preprocess: bool = True,
-                     threads: Optional[int] = None, image_hashes: Sequence[str] = ()) -> Int8Report:
+                     threads: Optional[int] = None, image_hashes: Sequence[str] = (),
+                     eval_batches: Optional[Iterable[np.ndarray]] = None) -> Int8Report:
     """Write a static INT8 Q/DQ copy of an encoder graph calibrated on real images; returns its report.
 
-    `preset` sets activation/weight types and symmetry (explicit arguments override it).
+    `preset` sets activation/weight types, symmetry and `reduce_range` (explicit arguments override
+    it); `reduce_range` True = 7-bit weights everywhere, "auto" = 7-bit except depthwise convs.
     `keep_float="auto"` excludes the most damaged nodes until all outputs reach `min_cosine`;
     otherwise a result below `min_cosine` is only logged as a warning (the caller decides).
+    The cosine is measured on `eval_batches` (other real images) when given, else on the calibration set.
     """
     try:
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -160,6 +170,9 @@ def quantize_encoder(fp32_onnx: PathLike, out_path: PathLike, calibration_batche
     act = activation_type or base["activation_type"]
     wt = weight_type or base["weight_type"]
     sym = base["symmetric"] if symmetric is None else bool(symmetric)
+    rr = base["reduce_range"] if reduce_range is None else reduce_range
+    if rr not in (True, False, "auto"):
+        raise CalibrationError(f"reduce_range must be True, False or 'auto', got {rr!r}")
     types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
     if act not in types or wt not in types:
         raise CalibrationError(f"activation/weight types must be 'uint8' or 'int8', got {act!r}/{wt!r}")
@@ -171,6 +184,8 @@ def quantize_encoder(fp32_onnx: PathLike, out_path: PathLike, calibration_batche
     if keep_float not in ("none", "auto"):
         raise CalibrationError(f"keep_float must be 'none' or 'auto', got {keep_float!r}")
     reader = ImageBatchReader(calibration_batches)
+    check = [_check_batch(b) for b in eval_batches] if eval_batches is not None else reader.batches
+    check = check or reader.batches
     if reader.images < MIN_CALIBRATION_IMAGES:
         raise CalibrationError(f"INT8 calibration needs at least {MIN_CALIBRATION_IMAGES} real normal images, got "
                                f"{reader.images}; add normal images to the folder given to `iadgpt calibrate --normal`")
@@ -182,17 +197,21 @@ def quantize_encoder(fp32_onnx: PathLike, out_path: PathLike, calibration_batche
             from onnxruntime.quantization.shape_inference import quant_pre_process
             model_in = Path(tmp) / "pre.onnx"
             quant_pre_process(str(src), str(model_in), skip_symbolic_shape=False)
-        extra = {"ActivationSymmetric": sym, "WeightSymmetric": True}
+        extra: dict[str, Any] = {"ActivationSymmetric": sym, "WeightSymmetric": True}
+        if rr == "auto":
+            seven_bit = _non_depthwise_weights(model_in)
+            extra["TensorQuantOverrides"] = {w: [{"reduce_range": True, **({"axis": axis} if per_channel else {})}]
+                                             for w, axis in seven_bit.items()}
 
         def quantize(nodes: list[str]) -> None:
             reader.rewind()
             quantize_static(str(model_in), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                            reduce_range=reduce_range, activation_type=types[act], weight_type=types[wt],
+                            reduce_range=rr is True, activation_type=types[act], weight_type=types[wt],
                             nodes_to_exclude=nodes or None, calibrate_method=methods[calibrate_method],
                             extra_options=dict(extra))
 
         quantize(excluded)
-        cosine = layer_cosine(src, out, reader.batches, threads=threads)
+        cosine = layer_cosine(src, out, check, threads=threads)
         if keep_float == "auto":
             tried = 0
             while min(cosine.values()) < min_cosine and tried < max_float_nodes:
@@ -203,18 +222,39 @@ def quantize_encoder(fp32_onnx: PathLike, out_path: PathLike, calibration_batche
                 tried += 1
                 log.info("keeping %s in float (worst output cosine was %.4f)", worst, min(cosine.values()))
                 quantize(excluded)
-                cosine = layer_cosine(src, out, reader.batches, threads=threads)
+                cosine = layer_cosine(src, out, check, threads=threads)
         if min(cosine.values()) < min_cosine:
             log.warning("INT8 encoder %s keeps only cosine %.4f of fp32 features (< %.2f): keep sensitive layers in "
                         "float (keep_float='auto' / --int8-keep-float auto) or use more calibration images",
                         out, min(cosine.values()), min_cosine)
     report = Int8Report(path=out, activation_type=act, weight_type=wt, per_channel=per_channel, symmetric=sym,
-                        reduce_range=reduce_range, calibrate_method=calibrate_method, calibration_images=reader.images,
+                        reduce_range=rr, calibrate_method=calibrate_method, calibration_images=reader.images,
+                        cosine_images=int(sum(len(b) for b in check)),
                         excluded_nodes=excluded, cosine=cosine, qdq_nodes=count_quantize_nodes(out),
                         seconds=time.perf_counter() - t0, image_hashes=list(image_hashes))
     for line in report.lines():
         log.info("%s", line)
     return report
+
+
+def _non_depthwise_weights(onnx_path: Path) -> dict[str, int]:
+    """{weight initializer: channel axis} of Convs that are not depthwise and of MatMul/Gemm."""
+    import onnx
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    inits = {i.name: i for i in model.graph.initializer}
+    out: dict[str, int] = {}
+    for node in model.graph.node:
+        if len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        if node.op_type == "Conv":
+            group = next((a.i for a in node.attribute if a.name == "group"), 1)
+            w = inits[node.input[1]]
+            if group > 1 and w.dims[1] == 1:  # depthwise: one input channel per group
+                continue
+            out[w.name] = 0
+        elif node.op_type in ("MatMul", "Gemm"):
+            out[node.input[1]] = 1 if node.op_type == "MatMul" else 0
+    return out
 
 
 def count_quantize_nodes(onnx_path: PathLike) -> int:
@@ -271,33 +311,51 @@ def layer_cosine(fp32_onnx: PathLike, int8_onnx: PathLike, batches: Iterable[np.
 
 
 def _most_damaged_node(float_model: Path, qdq_model: Path, reader: ImageBatchReader, excluded: list[str],
-                       threads: Optional[int]) -> Optional[str]:
-    """The still-quantized Conv/MatMul/Gemm whose output is furthest (cosine) from fp32, by ORT's qdq_loss_debug."""
+                       threads: Optional[int], max_images: int = 4) -> Optional[str]:
+    """The quantized Conv/MatMul/Gemm that loses most cosine between its input and its output.
+
+    Activations of both graphs come from ORT's qdq_loss_debug on a few calibration images; the
+    damage of a node is cos(input) - cos(output) vs fp32, i.e. what it adds to the error it
+    inherits (the deepest nodes are otherwise always "worst").
+    """
     import onnx
     from onnxruntime.quantization.qdq_loss_debug import (collect_activations, create_activation_matching,
                                                          modify_model_output_intermediate_tensors)
 
-    model = onnx.load(str(float_model))
-    op_of = {o: n.name for n in model.graph.node if n.op_type in ("Conv", "MatMul", "Gemm") for o in n.output}
+    model = onnx.load(str(float_model), load_external_data=False)
+    consumers: dict[str, list[Any]] = {}
+    for n in model.graph.node:
+        for t in n.input:
+            consumers.setdefault(t, []).append(n)
+    few = ImageBatchReader([b[:max_images] for b in reader.batches[:1]])
     with tempfile.TemporaryDirectory(prefix=".int8-debug-") as tmp:
         f_aug, q_aug = Path(tmp) / "f.onnx", Path(tmp) / "q.onnx"
         modify_model_output_intermediate_tensors(str(float_model), str(f_aug))
         modify_model_output_intermediate_tensors(str(qdq_model), str(q_aug))
-        reader.rewind()
-        f_act = collect_activations(str(f_aug), reader)
-        reader.rewind()
-        q_act = collect_activations(str(q_aug), reader)
+        f_act = collect_activations(str(f_aug), few)
+        few.rewind()
+        q_act = collect_activations(str(q_aug), few)
     matched = create_activation_matching(q_act, f_act)
-    worst, worst_cos = None, 2.0
-    for tensor, pair in matched.items():
-        base = tensor[: -len("_QuantizeLinear_Output")] if tensor.endswith("_QuantizeLinear_Output") else tensor
-        node = op_of.get(base)
-        if node is None or node in excluded or "float" not in pair or "pre_qdq" not in pair:
+
+    def cos(tensor: str) -> Optional[float]:
+        pair = matched.get(tensor)
+        if not pair or "float" not in pair or "pre_qdq" not in pair:
+            return None
+        return float(np.mean([patch_cosine(np.asarray(f), np.asarray(q)) for f, q in zip(pair["float"], pair["pre_qdq"])]))
+
+    worst, worst_damage = None, 0.0
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "MatMul", "Gemm") or node.name in excluded:
             continue
-        cos = float(np.mean([patch_cosine(np.asarray(f), np.asarray(q))
-                             for f, q in zip(pair["float"], pair["pre_qdq"])]))
-        if cos < worst_cos:
-            worst, worst_cos = node, cos
+        out = node.output[0]
+        nxt = consumers.get(out, [])
+        if len(nxt) == 1 and nxt[0].op_type in ("Clip", "Relu"):  # fused activation: Q/DQ sits after it
+            out = nxt[0].output[0]
+        c_in, c_out = cos(node.input[0]), cos(out)
+        if c_in is None or c_out is None:
+            continue
+        if c_in - c_out > worst_damage:
+            worst, worst_damage = node.name, c_in - c_out
     if worst is not None:
-        log.info("most damaged node %s: cosine %.4f", worst, worst_cos)
+        log.info("most damaging node %s: loses %.4f cosine", worst, worst_damage)
     return worst

@@ -6,10 +6,11 @@ the torch module: a graph that traced wrongly (a Python branch baked in, a batch
 a Reshape) fails here with `ExportError`, not on the line weeks later.
 
 Tolerances (see `ParityReport`):
-- encoder features: 1e-4 absolute, or 1e-5 of the output's largest |value| when that is larger.
-  EfficientNet-Lite0 features on real images reach |x| ~ 50; there the torch fp32 reference itself
-  is ~1.1e-4 away from an fp64 run and ONNX Runtime ~1.4e-4 (they differ from each other by
-  ~1.9e-4 = 4e-6 of the range), so a flat 1e-4 would reject float32 rounding, not a wrong graph.
+- encoder features: 1e-4 absolute, or 2e-5 of the output's largest |value| when that is larger.
+  EfficientNet-Lite0 features on real images reach |x| ~ 30-60; there the torch fp32 reference
+  itself is ~1.1e-4 away from an fp64 run and ONNX Runtime ~1.4e-4, and the two differ by up to
+  2.5e-4 (6e-6 of max |feature|, worst of the 83 MVTec bottle test images): a flat 1e-4 would
+  reject float32 rounding, not a wrong graph (those differ by 1e-2 and more).
 - scorer map and score: 1e-4 of the map's range (max - min) over the probe.
 
 Graphs larger than `EXTERNAL_DATA_THRESHOLD` (CLIP-H towers) are saved with their weights in one
@@ -44,7 +45,7 @@ ArrayLike = Union[np.ndarray, torch.Tensor]
 OPSET = 17
 EXTERNAL_DATA_THRESHOLD = int(1.5 * (1 << 30))  # bytes of graph + weights
 FEATURE_ATOL = 1e-4
-FEATURE_RTOL = 1e-5  # of max |feature|, see the module docstring
+FEATURE_RTOL = 2e-5  # of max |feature|, see the module docstring
 SCORER_RTOL = 1e-4  # of the map's range
 QUERY_CHUNK = 128  # patches per nearest-neighbour GEMM in the exported bank scorer
 IMAGE_INPUT = "image"

@@ -29,12 +29,13 @@ from typing import Any, Optional, Sequence, Union
 import cv2
 import numpy as np
 import torch
+from torch.nn import functional as F
 
 from ..data import load_split, read_image
-from ..errors import IadGptError, ScorerError
+from ..errors import DataError, EngineError, ScorerError
 from ..runtime.preprocess import resize_frame
 from .backbones import Backbone, get_backbone
-from .heads import VisualGuidedDecoder, decoder_loss
+from .heads import VisualGuidedDecoder, decoder_loss, feature_stats
 from .synth import MASK_THRESHOLD, NSASynthesizer, config_for, guess_kind
 
 log = logging.getLogger(__name__)
@@ -47,10 +48,6 @@ PathLike = Union[str, os.PathLike]
 # Settings that shape the pool or the model: a resumed run must use the same ones.
 _FIXED_ON_RESUME = ("batch_size", "pool_size", "augment", "embed_dim", "pool", "hidden", "loss_size", "kind", "seed",
                     "lr", "weight_decay")
-
-
-class TrainError(IadGptError):
-    """Training cannot start or resume (bad data, incompatible checkpoint)."""
 
 
 @dataclass
@@ -70,6 +67,7 @@ class TrainConfig:
     kind: str = "auto"  # NSA product kind: object | texture | auto
     seed: int = 0
     checkpoint_every: int = 500
+    log_every: int = 100  # steps per loss-history entry
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -82,13 +80,18 @@ class TrainConfig:
 
 @dataclass
 class FeaturePool:
-    """Cached backbone features: normal images and NSA samples (float16), NSA labels at loss size."""
+    """Cached backbone features of normal images and NSA samples, float16, already through the
+    decoder's fixed part (`VisualGuidedDecoder.prepare`: neighbourhood mean, then standardisation
+    by `mean`/`std` of the normal features), and NSA labels at loss size."""
 
     normal: list[torch.Tensor]  # per layer (Nn, C, h, w)
     synth: list[torch.Tensor]  # per layer (Ns, C, h, w)
     labels: torch.Tensor  # (Ns, S, S) float16 soft labels
     pair: torch.Tensor  # (Ns,) index into `normal` of the image each NSA sample was pasted on
     kind: str
+    local_pool: int = 1  # the neighbourhood mean already applied (TrainConfig.pool)
+    mean: list[torch.Tensor] = field(default_factory=list)  # per layer (C,): the standardisation applied
+    std: list[torch.Tensor] = field(default_factory=list)
     seconds: float = 0.0
 
     def __len__(self) -> int:
@@ -113,7 +116,7 @@ def load_images(data: PathLike, category: str, size: int) -> list[np.ndarray]:
     from ..bundle import InputSpec
     samples = load_split(data, category, "train")
     if not samples:
-        raise TrainError(f"{data}/{category}: no training images")
+        raise DataError(f"{data}/{category}: no training images")
     spec = InputSpec((size, size), (0.0,) * 3, (1.0,) * 3, resize="area")
     return [resize_frame(read_image(s.path), spec) for s in samples]
 
@@ -127,8 +130,9 @@ def _d4(image: np.ndarray, g: int) -> np.ndarray:
 
 
 def _encode(backbone: Backbone, images: Sequence[np.ndarray], device: torch.device, batch: int = 32,
-            progress: bool = False, desc: str = "encoding") -> list[torch.Tensor]:
-    """float16 features (one (N, C, h, w) tensor per layer) of RGB uint8 images."""
+            progress: bool = False, desc: str = "encoding", pool: int = 1) -> list[torch.Tensor]:
+    """float16 features (one (N, C, h, w) tensor per layer) of RGB uint8 images, after the
+    decoder's fixed `pool` x `pool` neighbourhood mean (so that training does not redo it)."""
     outs: list[list[torch.Tensor]] = []
     steps = range(0, len(images), batch)
     if progress:
@@ -137,7 +141,10 @@ def _encode(backbone: Backbone, images: Sequence[np.ndarray], device: torch.devi
     with torch.inference_mode():
         for i in steps:
             x = torch.from_numpy(np.stack(images[i:i + batch]).transpose(0, 3, 1, 2).astype(np.float32)).to(device)
-            outs.append([f.half() for f in backbone(x)])
+            feats = backbone(x)
+            if pool > 1:
+                feats = [F.avg_pool2d(f, pool, 1, pool // 2, count_include_pad=False) for f in feats]
+            outs.append([f.half() for f in feats])
     return [torch.cat([o[layer] for o in outs]) for layer in range(len(outs[0]))]
 
 
@@ -168,12 +175,19 @@ def build_pool(backbone: Backbone, images: Sequence[np.ndarray], cfg: TrainConfi
     index = {key: i for i, key in enumerate(unique)}
     normal_images = [_d4(images[t], g) for t, g in unique]
     log.info("pool: %d NSA samples (%s) on %d normal views of %d images", cfg.pool_size, kind, len(unique), n)
-    normal = _encode(backbone, normal_images, device, progress=progress, desc="encoding normals")
-    synth_feats = _encode(backbone, synth_images, device, progress=progress, desc="encoding NSA samples")
+    normal = _encode(backbone, normal_images, device, progress=progress, desc="encoding normals", pool=cfg.pool)
+    synth_feats = _encode(backbone, synth_images, device, progress=progress, desc="encoding NSA samples",
+                          pool=cfg.pool)
+    mean, std = feature_stats(normal)
+    for feats in (normal, synth_feats):
+        for f, m, sd in zip(feats, mean, std):
+            for start in range(0, len(f), 256):  # in place, in chunks: no float32 copy of the pool
+                chunk = f[start:start + 256]
+                chunk.copy_((chunk.float() - m.view(1, -1, 1, 1)) / sd.view(1, -1, 1, 1))
     pool = FeaturePool(normal=normal, synth=synth_feats,
                        labels=torch.from_numpy(np.stack(labels)).half().to(device),
                        pair=torch.tensor([index[key] for key in keys], dtype=torch.long, device=device),
-                       kind=kind, seconds=time.perf_counter() - t0)
+                       kind=kind, local_pool=cfg.pool, mean=mean, std=std, seconds=time.perf_counter() - t0)
     mb = sum(f.numel() * 2 for f in normal + synth_feats) / 2 ** 20
     log.info("pool ready in %.1f s (%.0f MiB of cached features)", pool.seconds, mb)
     return pool
@@ -211,15 +225,15 @@ def load_checkpoint(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, 
     from safetensors import safe_open
     path = Path(path)
     if not path.is_file():
-        raise TrainError(f"{path}: no such checkpoint; train one with `iadgpt train --out {path}`")
+        raise ScorerError(f"{path}: no such checkpoint; train one with `iadgpt train --out {path}`")
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:  # header garbage, truncated file, a pickle renamed .safetensors
-        raise TrainError(f"{path}: not a readable safetensors checkpoint ({exc}); re-run `iadgpt train`") from exc
+        raise ScorerError(f"{path}: not a readable safetensors checkpoint ({exc}); re-run `iadgpt train`") from exc
     if raw.get("format") != CHECKPOINT_FORMAT:
-        raise TrainError(f"{path}: not an iadgpt decoder checkpoint (format {raw.get('format')!r}, "
+        raise ScorerError(f"{path}: not an iadgpt decoder checkpoint (format {raw.get('format')!r}, "
                          f"expected {CHECKPOINT_FORMAT!r}); train one with `iadgpt train`")
     meta: dict[str, Any] = {}
     for k, v in raw.items():
@@ -280,16 +294,17 @@ def train_decoder(backbone: Backbone, images: Sequence[np.ndarray], out: PathLik
     out = Path(out)
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainError("--device cuda but torch sees no CUDA GPU here; use --device cpu")
+        raise EngineError("--device cuda but torch sees no CUDA GPU here; use --device cpu")
     size = int(backbone.input_spec.size[0])
     if any(im.shape[:2] != (size, size) for im in images):
-        raise TrainError(f"training images must be resized to the backbone input {size}x{size} (train.load_images)")
+        raise DataError(f"training images must be resized to the backbone input {size}x{size} (train.load_images)")
     meta = dict(meta or {})
     meta.update({"backbone": backbone.describe(), "train_config": cfg.to_dict()})
 
-    torch.manual_seed(cfg.seed)
-    decoder = VisualGuidedDecoder.for_backbone(backbone, references=references, embed_dim=cfg.embed_dim,
-                                               pool=cfg.pool, hidden=cfg.hidden)
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
+        torch.manual_seed(cfg.seed)
+        decoder = VisualGuidedDecoder.for_backbone(backbone, references=references, embed_dim=cfg.embed_dim,
+                                                   pool=cfg.pool, hidden=cfg.hidden)
     start, history = 0, []
     tensors: Optional[dict] = None
     if resume and out.exists():
@@ -300,20 +315,22 @@ def train_decoder(backbone: Backbone, images: Sequence[np.ndarray], out: PathLik
         decoder.load_state_dict({k[len("decoder."):]: v for k, v in tensors.items() if k.startswith("decoder.")})
         log.info("resuming %s at step %d of %d", out, start, cfg.steps)
     elif out.exists() and not resume:
-        raise TrainError(f"{out} exists; pass --resume to continue its training, or choose another --out")
+        raise ScorerError(f"{out} exists; pass --resume to continue its training, or choose another --out")
     decoder.to(device)
 
     if pool is None:
         pool = build_pool(backbone.to(device), images, cfg, device=device, progress=progress)
+    if pool.local_pool != cfg.pool:
+        raise ScorerError(f"the feature pool was cached with pool={pool.local_pool}, the config says {cfg.pool}; "
+                          "rebuild it with build_pool(backbone, images, cfg)")
     meta["nsa_kind"] = pool.kind
     if tensors is None:
-        decoder.set_feature_stats(pool.normal)
+        decoder.set_feature_stats(mean=pool.mean, std=pool.std)
     opt = torch.optim.AdamW([p for p in decoder.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
     if tensors is not None and any(k.startswith("optimizer.") for k in tensors):
-        opt.load_state_dict(_optimizer_state(tensors, json.loads(json.dumps(old["optimizer_groups"]))))
+        opt.load_state_dict(_optimizer_state(tensors, old["optimizer_groups"]))
 
-    half = max(1, cfg.batch_size // 2)
     t0 = time.perf_counter()
     decoder.train()
     steps = range(start, cfg.steps)
@@ -322,36 +339,49 @@ def train_decoder(backbone: Backbone, images: Sequence[np.ndarray], out: PathLik
         from tqdm import tqdm
         bar = tqdm(steps, desc="training decoder", unit="step", initial=0, total=cfg.steps - start)
         steps = bar
-    running, count = 0.0, 0
-    step = start
-    for step in steps:
-        rng = np.random.default_rng([cfg.seed, 1, step])
-        idx = torch.from_numpy(rng.choice(len(pool), size=min(half, len(pool)), replace=False)).to(device)
-        feats, target = _batch(pool, idx, cfg.loss_size)
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, cfg)
-        loss = decoder_loss(decoder.layer_logits(feats, cfg.loss_size), target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        running += float(loss)
-        count += 1
-        if bar is not None and count % 10 == 0:
-            bar.set_postfix(loss=f"{running / count:.4f}")
-        done = step + 1
-        if done % 100 == 0 or done == cfg.steps:
-            history.append((done, running / count))
-            log.debug("step %d loss %.4f", done, running / count)
-            running, count = 0.0, 0
-        if done % cfg.checkpoint_every == 0 and done < cfg.steps:
-            _save(out, decoder, opt, done, meta, history, pool, time.perf_counter() - t0)
-    step = max(start, cfg.steps)
+    state = {"step": start}  # steps completed, for the interrupt handler
+    try:
+        _loop(decoder, opt, pool, cfg, steps, bar, history, out, meta, t0, state)
+    except KeyboardInterrupt:
+        log.warning("interrupted: saving step %d to %s (continue with --resume)", state["step"], out)
+        _save(out, decoder, opt, state["step"], meta, history, pool, time.perf_counter() - t0)
+        raise
+    step = max(state["step"], cfg.steps)
     train_seconds = time.perf_counter() - t0
     decoder.eval()
     _save(out, decoder, opt, step, meta, history, pool, train_seconds)
     log.info("trained %d steps in %.1f s (+ %.1f s pool); checkpoint %s", step - start, train_seconds, pool.seconds, out)
     return TrainResult(decoder=decoder, checkpoint=out, step=step, history=history,
                        pool_seconds=pool.seconds, train_seconds=train_seconds)
+
+
+def _loop(decoder: VisualGuidedDecoder, opt, pool: FeaturePool, cfg: TrainConfig, steps, bar, history: list,
+          out: Path, meta: dict, t0: float, state: dict) -> None:
+    device = pool.labels.device
+    half = max(1, cfg.batch_size // 2)
+    running, count = 0.0, 0
+    for step in steps:
+        rng = np.random.default_rng([cfg.seed, 1, step])
+        idx = torch.from_numpy(rng.choice(len(pool), size=min(half, len(pool)), replace=False)).to(device)
+        feats, target = _batch(pool, idx, cfg.loss_size)
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, cfg)
+        loss = decoder_loss(decoder.layer_logits(feats, cfg.loss_size, prepared=True), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        running += loss.item()
+        count += 1
+        if bar is not None and count % 10 == 0:
+            bar.set_postfix(loss=f"{running / count:.4f}")
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            history.append((done, running / count))
+            log.debug("step %d loss %.4f", done, running / count)
+            running, count = 0.0, 0
+        state["step"] = done
+        if done % cfg.checkpoint_every == 0 and done < cfg.steps:
+            _save(out, decoder, opt, done, meta, history, pool, time.perf_counter() - t0)
 
 
 def _save(out: Path, decoder, opt, step: int, meta: dict, history, pool: FeaturePool, seconds: float) -> None:
@@ -365,16 +395,16 @@ def _check_resume(path: Path, old: dict, meta: dict, cfg: TrainConfig) -> None:
     old_cfg = old.get("train_config", {})
     diff = [k for k in _FIXED_ON_RESUME if k in old_cfg and old_cfg[k] != getattr(cfg, k)]
     if diff:
-        raise TrainError(f"{path} was trained with {', '.join(f'{k}={old_cfg[k]!r}' for k in diff)}; resume with the "
+        raise ScorerError(f"{path} was trained with {', '.join(f'{k}={old_cfg[k]!r}' for k in diff)}; resume with the "
                          "same settings (only --steps may change) or train a new --out")
     for key in ("category",):
         if key in meta and old.get(key) not in (None, meta[key]):
-            raise TrainError(f"{path} was trained on {key} {old.get(key)!r}, not {meta[key]!r}; choose another --out")
+            raise ScorerError(f"{path} was trained on {key} {old.get(key)!r}, not {meta[key]!r}; choose another --out")
     if old.get("backbone", {}).get("name") != meta["backbone"]["name"]:
-        raise TrainError(f"{path} was trained for backbone {old.get('backbone', {}).get('name')!r}, not "
+        raise ScorerError(f"{path} was trained for backbone {old.get('backbone', {}).get('name')!r}, not "
                          f"{meta['backbone']['name']!r}; pass that --backbone or train a new --out")
     if int(old["step"]) > cfg.steps:
-        raise TrainError(f"{path} is already at step {old['step']}, past --steps {cfg.steps}; pass a larger --steps")
+        raise ScorerError(f"{path} is already at step {old['step']}, past --steps {cfg.steps}; pass a larger --steps")
 
 
 def train(data: PathLike, category: str, out: PathLike, backbone: str = "efficientnet-lite0", *,

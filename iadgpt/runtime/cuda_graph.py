@@ -14,12 +14,14 @@ Numerics (what "parity" means here, see `PARITY`):
 - Resize "exact" (default) is OpenCV's INTER_AREA (INTER_LINEAR when enlarging, like
   `runtime.preprocess`) expressed as separable taps computed on the host in float64, applied on
   the GPU in float32 and rounded half-up to integers, because the CPU path feeds the encoder
-  uint8 pixels. It equals cv2.resize except for exact .5 ties (cv2's tie rule differs between
-  its code paths) and cv2's 11-bit fixed-point bilinear: at most 1 grey level, on < 0.2% of
-  pixels for 1080p -> 336 (measured on this machine's cv2, see tests). "antialias"
-  (F.interpolate bilinear, antialias=True: a triangle filter twice as wide as area) and "area"
-  (adaptive average pooling: whole boundary pixels) are single-kernel alternatives that differ
-  from cv2 by several grey levels on edges.
+  uint8 pixels. Shrinking (the station case: camera frames are larger than 224/336 px) equals
+  cv2.resize except at exact .5 ties, where cv2's tie rule differs between its code paths: at most
+  1 grey level on < 0.2% of pixels for 1080p -> 336 (tests). Enlarging differs by 1 grey level on
+  ~12% of pixels: cv2 rounds its uint8 bilinear in fixed point, differently across versions.
+  "antialias" (F.interpolate bilinear, antialias=True: a triangle filter twice as wide as area) and
+  "area" (adaptive average pooling: whole boundary pixels) are single-kernel alternatives; on
+  clip-tiny (150 -> 64 px, fp32) they move the map by 4.6% / 7.9% of its range at worst (0.9% /
+  1.4% mean) against 1e-6 for "exact": the filter, not fp16 (0.09%), dominates parity.
 - The encoder runs in fp16 (fp32 accumulation in every GEMM and in SDPA); scorer GEMMs take fp16
   operands, everything after them is fp32 (see `torch_cuda_engine.FusedTextScorer` and
   `FusedBankScorer`).
@@ -32,7 +34,7 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
@@ -43,18 +45,21 @@ from ..errors import EngineError
 log = logging.getLogger(__name__)
 
 RESIZE_MODES = ("exact", "antialias", "area")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# torch.compile modes that do not capture CUDA graphs themselves (those cannot nest inside ours)
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 
 # Agreement of this path with the CPU onnxruntime fp32 path on the same frames, as checked by the
 # tests and by benchmarks/gpu_latency.py. Errors are relative to the reference map's range
 # (max - min), so they mean the same for text maps (probabilities) and memory-bank maps (distances).
 #   fp32 on CPU (tests, every commit): the same function up to float32 rounding and +-1 grey level
-#     at exact resize ties; gated by max_rel <= 2e-3 (observed ~1e-5 .. 5e-4).
+#     at exact resize ties; gated by max_rel <= 2e-3 (observed 1e-6 .. 3e-5).
 #   fp16 on CUDA: max_rel <= 0.05, mean_rel <= 0.01, score_rel <= 0.02. fp16 keeps 11 significant bits;
 #     through 24-32 residual blocks features drift by ~1e-3 relative, the text head multiplies cosine
 #     errors by its logit scale (100) before the softmax, and the NN search may pick a neighbour tied
-#     within fp16 rounding. Simulated in fp16 on the CPU for the tiny models the error is ~10x below
-#     these bounds; the margin is for depth (ViT-H has 32 blocks) and untrained (random) weights.
+#     within fp16 rounding. Measured in fp16 on the CPU (same modules, "exact" resize): clip-tiny text
+#     0.09% / 0.02% (max / mean), EfficientNet-Lite0 bank (real weights) 1.05% / 0.14%: 5x under the
+#     bound; the margin is for depth (ViT-H has 32 blocks), GPU kernels and random weights. The
+#     resize filter matters more than fp16: "antialias" alone costs 4.6% / 0.9% (see above).
 #   fp8 (opt-in): reported by the benchmark, not gated: FP8 e4m3 keeps 4 significant bits.
 PARITY = {
     "fp32": {"max_rel": 2e-3, "mean_rel": 2e-4, "score_rel": 2e-3},
@@ -338,8 +343,11 @@ class CudaGraphPipeline:
             raise EngineError(f"unknown device {device!r}; choose 'cuda', 'cuda:N' or 'cpu'")
         self.dtype = dtype if dtype is not None else (torch.float16 if self.device.type == "cuda" else torch.float32)
         if self.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise EngineError(f"dtype {self.dtype} not supported; use torch.float16 (GPU), torch.bfloat16 or torch.float32")
+            raise EngineError(f"dtype {self.dtype} not supported; use torch.float16 (GPU), torch.bfloat16 or "
+                              "torch.float32")
         self.fuse = FuseOptions.coerce(fuse)
+        if self.fuse.resize == "exact":
+            cv2_equivalent_mode((1, 1), (1, 1), self.spec.resize)  # refuses modes it cannot reproduce
         if self.fuse.fp8:
             tce.check_fp8_device(torch, self.device)
         self.graphs = (self.device.type == "cuda") if graphs is None else bool(graphs)
@@ -361,8 +369,9 @@ class CudaGraphPipeline:
         self._mean = mean.to(self.device)
         self._inv_std = (1.0 / std).to(self.device)
         self._channels_last = False
-        with torch.inference_mode():
-            self.encoder, self._channels_last = tce.prepare_backbone(backbone_module, self.fuse, self.dtype, self.device)
+        with torch.no_grad():
+            self.encoder, self._channels_last = tce.prepare_backbone(backbone_module, self.fuse, self.dtype,
+                                                                     self.device)
             self.scorer = tce.prepare_scorer(scorer_module, self.fuse, self.device, gemm_dtype=self.dtype)
         self._ref_names: list[str] = []
         self._refs: list[Any] = []
@@ -519,7 +528,8 @@ class CudaGraphPipeline:
             frames = frames[None]
         if frames.__array_interface__["data"][0] != st.host_in_np.__array_interface__["data"][0]:
             st.host_in.copy_(self._torch.from_numpy(np.ascontiguousarray(frames)))  # multi-threaded memcpy
-        st.graph.replay()
+        with self._torch.inference_mode():  # (eager backends run the forward here)
+            st.graph.replay()
         self._backend.synchronize()  # the one host sync: map and score are in the pinned outputs
         return st.host_map.numpy().copy(), st.host_score.numpy().copy()
 
@@ -547,6 +557,25 @@ class CudaGraphPipeline:
             self._tce.set_fp8_mode(self.encoder, "fp8")
         self._states.clear()
         log.info("FP8 activation scales calibrated on %d frame(s)", len(frames))
+
+    def device_times_ms(self, frames: np.ndarray, n: int = 100) -> list[float]:
+        """GPU time of `n` back-to-back replays of the graph for frames of this shape (CUDA events).
+
+        Includes the in-graph H2D/D2H copies, not the host copy into the pinned buffer nor the final
+        synchronize: the device-side floor of `run_batch`. A diagnostic for benchmarks."""
+        if self.device.type != "cuda":
+            raise EngineError("device_times_ms needs a CUDA device")
+        torch = self._torch
+        st = self._state(self._shape4(tuple(frames.shape)))
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        with torch.inference_mode():
+            for s, e in zip(starts, ends):
+                s.record()
+                st.graph.replay()
+                e.record()
+        ends[-1].synchronize()
+        return [s.elapsed_time(e) for s, e in zip(starts, ends)]
 
     @property
     def shapes(self) -> list[tuple[int, ...]]:

@@ -26,22 +26,74 @@ log = logging.getLogger(__name__)
 BACKENDS = ("onnxruntime", "tensorrt", "torch")
 
 
-def open_bundle_engine(bundle: Bundle, role: str, backend: str = "onnxruntime", *, provider: str = "cpu",
-                       threads: Optional[int] = None, precision: str = "fp32") -> Engine:
-    """The engine for one graph of a bundle on an explicitly chosen backend (never a fallback)."""
-    if backend == "onnxruntime":
-        return OrtEngine(bundle.graph_path(role), provider=provider, threads=threads, precision=precision)
-    if backend == "tensorrt":
-        from .engines import TensorRTEngine
-        key = f"{role}.{precision}"
-        if key not in bundle.engines:
-            raise EngineError(f"bundle {bundle.path} has no TensorRT {precision} engine for {role!r}: "
-                              f"run `iadgpt build {bundle.path} --precision {precision}` on this station")
-        return TensorRTEngine(bundle.engine_path(key))
-    if backend == "torch":
-        from ..export.torch_backend import torch_engine_from_bundle  # torch only when asked for
-        return torch_engine_from_bundle(bundle, role)
+_TRT_PREFERENCE = ("int8", "fp16", "fp32")
+
+
+def open_bundle_engines(bundle: Bundle, backend: str = "onnxruntime", *, provider: str = "cpu",
+                        threads: Optional[int] = None, encoder_role: str = "encoder",
+                        precision: Optional[str] = None, weights: Optional[str] = None) -> tuple[Engine, Engine]:
+    """(encoder, scorer) engines of a bundle on an explicitly chosen backend; never a fallback.
+
+    onnxruntime runs the bundle's graphs on `provider`; tensorrt loads engines built into the
+    bundle by `iadgpt build` for this GPU and TensorRT version (`precision` picks one when
+    several); torch rebuilds the reference modules (workstation side, imports torch).
+    """
+    name = str(backend).lower()
+    if name in ("onnxruntime", "ort"):
+        encoder = OrtEngine(bundle.graph_path(encoder_role), provider=provider, threads=threads,
+                            precision=bundle_precision(bundle, encoder_role))
+        with _closing_on_error(encoder):
+            return encoder, OrtEngine(bundle.graph_path("scorer"), provider=provider, threads=threads)
+    if name in ("tensorrt", "trt"):
+        encoder = _trt_engine(bundle, encoder_role, precision)
+        with _closing_on_error(encoder):
+            return encoder, _trt_engine(bundle, "scorer", precision)
+    if name == "torch":
+        from ..export.torch_backend import torch_engines  # torch only when asked for
+        return torch_engines(bundle, threads, weights)
     raise EngineError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+class _closing_on_error:
+    """Close an engine already opened when opening its partner fails."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        if exc_type is not None:
+            self.engine.close()
+
+
+def _trt_engine(bundle, role: str, precision: Optional[str]):
+    """The bundle's TensorRT engine for `role` that runs on this host (TensorRT version + GPU)."""
+    from .engines import TensorRTEngine
+
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        raise EngineError("TensorRT is not installed here (`pip install iadgpt[trt]` on an NVIDIA GPU host); "
+                          "evaluate with --backend onnxruntime instead") from None
+    graphs = bundle.graphs
+    entries = [(k, e) for k, e in bundle.engines.items()
+               if e.get("role") == role and (precision is None or e.get("precision") == precision)]
+    if not entries:
+        raise EngineError(f"bundle {bundle.path} has no TensorRT {precision or ''} engine for the {role}; build it "
+                          f"on this station with `iadgpt build {bundle.path} --precision {precision or 'fp16'}`")
+    entries.sort(key=lambda ke: _TRT_PREFERENCE.index(ke[1].get("precision")) if ke[1].get("precision")
+                 in _TRT_PREFERENCE else len(_TRT_PREFERENCE))
+    problems = []
+    for key, entry in entries:
+        source = graphs.get(entry.get("source_graph", role), {})
+        try:
+            return TensorRTEngine(bundle.engine_path(key), expected_onnx_sha256=source.get("sha256"))
+        except EngineError as exc:
+            problems.append(str(exc))
+    raise EngineError(f"none of the TensorRT engines for the {role} in {bundle.path} runs here: "
+                      + " | ".join(problems))
 
 
 def bundle_precision(bundle: Bundle, role: str = "encoder") -> str:
@@ -49,22 +101,25 @@ def bundle_precision(bundle: Bundle, role: str = "encoder") -> str:
 
 
 class Detector:
-    """Judges frames with a bundle; `threshold` overrides the bundle's calibrated one."""
+    """Judges frames with a bundle; `threshold` overrides the bundle's calibrated one.
+
+    `precision` picks among TensorRT engines, `weights` is the CLIP weights folder the torch
+    backend rebuilds from; both are ignored by onnxruntime, which runs the bundle's graphs.
+    """
 
     def __init__(self, bundle: Bundle, backend: str = "onnxruntime", *, threads: Optional[int] = None,
                  provider: str = "cpu", threshold: Optional[float] = None, encoder_role: str = "encoder",
-                 min_region_px: int = 4):
+                 precision: Optional[str] = None, weights: Optional[str] = None, min_region_px: int = 4):
         self.bundle = bundle
         self.backend = backend
         self.spec = bundle.input_spec
-        self.precision = bundle_precision(bundle, encoder_role)
-        self.encoder = open_bundle_engine(bundle, encoder_role, backend, provider=provider, threads=threads,
-                                          precision=self.precision)
-        self.scorer = open_bundle_engine(bundle, "scorer", backend, provider=provider, threads=threads)
-        refs = bundle.scorer.get("references", {})
-        if not refs:
-            raise BundleError(f"{bundle.path}/manifest.json: scorer.references is empty; re-export with `iadgpt export`")
-        self.references = {name: bundle.array(array) for name, array in refs.items()}
+        self.encoder, self.scorer = open_bundle_engines(bundle, backend, provider=provider, threads=threads,
+                                                        encoder_role=encoder_role, precision=precision,
+                                                        weights=weights)
+        self.precision = str(self.encoder.precision or bundle_precision(bundle, encoder_role))
+        # reference arrays fed next to the features (a memory bank, text embeddings; none for a decoder)
+        self.references = {name: np.ascontiguousarray(bundle.array(array), dtype=np.float32)
+                           for name, array in bundle.scorer.get("references", {}).items()}
         self.threshold, self.pixel_threshold = self._thresholds(threshold)
         self.min_region_px = int(min_region_px)
 

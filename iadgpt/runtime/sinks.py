@@ -557,7 +557,14 @@ class MqttSink:
     # -- sink API
 
     def write(self, verdict: Verdict, frame: Optional[Frame] = None) -> None:
-        payload = to_json(verdict.to_dict()).encode("utf-8")
+        self._publish(to_json(verdict.to_dict()).encode("utf-8"))
+
+    def append(self, event_id: str, record: dict[str, Any]) -> None:
+        """Publish a later update to event `event_id` (the describer's text ...) on the same topic,
+        as ``{**record, "event_id": event_id, "update": true}`` (thread-safe), like `JsonlSink.append`."""
+        self._publish(to_json({**record, "event_id": str(event_id), "update": True}).encode("utf-8"))
+
+    def _publish(self, payload: bytes) -> None:
         with self._lock:
             if self._closed:
                 raise RuntimeError("MqttSink is closed")

@@ -109,9 +109,10 @@ class Fp8Linear(nn.Module):
         if mode == "calibrate":
             self.x_amax.zero_()
         elif mode == "fp8" and self.mode == "calibrate":
-            scale = self.x_amax.clamp_min(1e-6) / E4M3_MAX
-            self.x_scale.copy_(scale)
-            self.x_inv_scale.copy_((1.0 / scale).to(self.x_inv_scale.dtype))
+            # x / scale maps the calibrated amax to 448; the inverse is capped so it stays finite in fp16
+            inv = (E4M3_MAX / self.x_amax.clamp_min(1e-12)).clamp(max=6.0e4)
+            self.x_inv_scale.copy_(inv.to(self.x_inv_scale.dtype))
+            self.x_scale.copy_(1.0 / self.x_inv_scale.float())
             self.calibrated = True
         self.mode = mode
 
@@ -228,17 +229,27 @@ class PlainCLIPVision(nn.Module):
         self.embeddings = copy.deepcopy(vm.embeddings)
         self.pre_ln = copy.deepcopy(vm.pre_layrnorm)
         self.layers = nn.ModuleList(copy.deepcopy(layer) for layer in vm.encoder.layers[: self.taps[-1]])
+        self.n_masks = _mask_args(self.layers[0]) if len(self.layers) else 0
         _frozen(self)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         h = self.pre_ln(self.embeddings(x))
         feats = []
         for i, layer in enumerate(self.layers, start=1):
-            y = layer(h, None, None)
+            y = layer(h, *([None] * self.n_masks))
             h = y[0] if isinstance(y, (tuple, list)) else y
             if i in self.taps:
                 feats.append(h[:, 1:, :].transpose(1, 2).unflatten(2, (self.grid, self.grid)))
         return feats
+
+
+def _mask_args(layer: nn.Module) -> int:
+    """How many positional mask arguments (attention_mask, causal_attention_mask) the layer takes
+    after hidden_states: 2 in transformers 4.x; fewer where a release folded them into kwargs."""
+    params = [p for p in inspect.signature(layer.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    names = [p.name for p in params[1:]]
+    return sum(1 for n in names[:2] if "mask" in n)
 
 
 class PrenormalisedBackbone(nn.Module):
@@ -299,8 +310,8 @@ def prepare_backbone(backbone: Any, fuse: Any, dtype: torch.dtype, device: torch
             log.info("FP8 linears: %d", n)
     else:
         if fuse.fp8:
-            raise EngineError(f"fp8 is implemented for CLIP towers only, not {getattr(backbone, 'name', type(backbone).__name__)!r}; "
-                              "run without fp8")
+            who = getattr(backbone, "name", type(backbone).__name__)
+            raise EngineError(f"fp8 is implemented for CLIP towers only, not {who!r}; run without fp8")
         module = PrenormalisedBackbone(backbone)
         if fuse.channels_last:
             n = fold_batchnorm(module)
@@ -422,9 +433,10 @@ class FusedBankScorer(nn.Module):
         aug = torch.zeros(m, dp, dtype=torch.float64)
         aug[:, :d] = bank
         aug[:, d] = (bank * bank).sum(1)
-        tail = torch.zeros(1, dp - d, dtype=torch.float64)
-        tail[0, 0] = -0.5
-        self.tail = tail.to(device=self.device, dtype=self.gemm_dtype)
+        if self.tail is None or self.tail.shape[1] != dp - d:  # a captured graph reads this buffer: keep it
+            tail = torch.zeros(1, dp - d, dtype=torch.float64)
+            tail[0, 0] = -0.5
+            self.tail = tail.to(device=self.device, dtype=self.gemm_dtype)
         return [aug.to(device=self.device, dtype=self.gemm_dtype).contiguous(),
                 bank.to(device=self.device, dtype=self.gemm_dtype).contiguous()]
 
@@ -578,7 +590,7 @@ def scorer_from_bundle(bundle: Any, backbone: Any) -> nn.Module:
     if kind in ("memory_bank", "memorybank", "patchcore"):
         return MemoryBankScorer(backbone.strides, size, grid_stride=int(cfg.get("grid_stride", 8)),
                                 sigma=float(cfg.get("sigma", 4.0))).eval()
-    if kind in ("text", "text_prompt", "zero_shot"):
+    if kind in ("text_prompts", "text", "text_prompt", "zero_shot"):
         return TextPromptScorer.from_backbone(backbone, logit_scale=float(cfg.get("logit_scale", 100.0)),
                                               sigma=float(cfg.get("sigma", 4.0))).eval()
     raise EngineError(f"bundle {bundle.path}: scorer kind {kind!r} has no torch fast path (memory_bank and text do); "
@@ -606,7 +618,11 @@ def backbone_from_bundle(bundle: Any, weights: Optional[str] = None, **kwargs: A
     taps = _taps_from_layers(desc.get("layers", []))
     if taps is not None and "taps" not in kwargs:
         kwargs["taps"] = taps
-    backbone = get_backbone(name, weights=weights, **kwargs)
+    size = int(bundle.input_spec.size[0])
+    try:  # CNNs take any square size (exported with --resolution); fixed-size towers refuse `size`
+        backbone = get_backbone(name, weights=weights, size=size, **kwargs)
+    except TypeError:
+        backbone = get_backbone(name, weights=weights, **kwargs)
     got = backbone.describe()
     for key in ("layers", "dims", "strides"):
         if key in desc and list(desc[key]) != list(got.get(key, [])):
@@ -618,7 +634,8 @@ def backbone_from_bundle(bundle: Any, weights: Optional[str] = None, **kwargs: A
     return backbone
 
 
-def onnx_reference(bundle: Any, frames: Sequence[np.ndarray], threads: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+def onnx_reference(bundle: Any, frames: Sequence[np.ndarray],
+                   threads: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
     """Maps and scores of the bundle's ONNX graphs on onnxruntime-CPU fp32: the parity reference."""
     from .engines import OrtEngine
     from .preprocess import to_batch
@@ -638,9 +655,13 @@ def onnx_reference(bundle: Any, frames: Sequence[np.ndarray], threads: Optional[
 
 def pipeline_from_bundle(bundle: Any, *, weights: Optional[str] = None, device: str = "cuda",
                          dtype: Union[str, torch.dtype] = "fp16", fuse: Any = None, verify: bool = True,
-                         probe_frames: Optional[Sequence[np.ndarray]] = None, backbone_kwargs: Optional[Mapping[str, Any]] = None,
-                         **pipeline_kwargs: Any) -> Any:
-    """A CudaGraphPipeline for a bundle, verified against the bundle's ONNX graphs (see module doc)."""
+                         probe_frames: Optional[Sequence[np.ndarray]] = None,
+                         backbone_kwargs: Optional[Mapping[str, Any]] = None,
+                         threads: Optional[int] = None, **pipeline_kwargs: Any) -> Any:
+    """A CudaGraphPipeline for a bundle, verified against the bundle's ONNX graphs (see module doc).
+
+    `threads`: onnxruntime threads for the verification run; `probe_frames`: the frames it compares
+    on (default: two synthetic parts with defects, twice the input size)."""
     from .cuda_graph import PARITY, CudaGraphPipeline, map_parity
 
     tdtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(dtype, dtype) \
@@ -655,16 +676,16 @@ def pipeline_from_bundle(bundle: Any, *, weights: Optional[str] = None, device: 
     pipe = CudaGraphPipeline(backbone, scorer, refs, bundle.input_spec, tdtype, device, fuse=fuse, **pipeline_kwargs)
     if verify:
         frames = list(probe_frames) if probe_frames is not None else _probe_frames(bundle.input_spec.size)
-        ref_maps, ref_scores = onnx_reference(bundle, frames)
+        ref_maps, ref_scores = onnx_reference(bundle, frames, threads=threads)
         got = [pipe(f) for f in frames]
         report = map_parity(np.stack([g[0] for g in got]), ref_maps, np.asarray([g[1] for g in got]), ref_scores)
         limits = PARITY["fp32" if tdtype == torch.float32 else "fp16"]
         bad = {k: v for k, v in report.items() if k in limits and v > limits[k]}
         if bad:
-            raise EngineError(f"the torch rebuild of bundle {bundle.path} disagrees with its ONNX graphs ({bad}, limits "
-                              f"{limits}): the weights given are not the ones it was exported from, or the bundle "
-                              "was exported by another iadgpt; pass --weights DIR of the exported model or use "
-                              "--backend onnxruntime")
+            raise EngineError(f"the torch rebuild of bundle {bundle.path} disagrees with its ONNX graphs ({bad}, "
+                              f"limits {limits}): the weights given are not the ones it was exported from, or "
+                              "the bundle was exported by another iadgpt; pass --weights DIR of the exported model "
+                              "or use --backend onnxruntime")
         log.info("torch fast path agrees with the bundle's ONNX graphs: %s", report)
     return pipe
 

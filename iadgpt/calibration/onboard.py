@@ -1,0 +1,485 @@
+"""Product onboarding: K normal shots -> memory bank, the other normals -> thresholds, in seconds.
+
+`calibrate` turns a bundle plus a folder of normal images of a (new) product into a bundle that
+judges that product:
+
+1. K shots (the same seeded draw as `iadgpt export`/`eval`) become the memory bank. Their
+   features come from the bundle's own encoder graph run on ONNX Runtime, i.e. the encoder (fp32
+   or INT8) that will run on the line, so bank and queries share its quantization error and no
+   backbone weights are needed. `shots=0` keeps the bundle's bank (its images, known by sha256,
+   are left out of the hold-out set).
+2. Optionally (`int8=True`) the encoder is quantized to a static INT8 Q/DQ graph calibrated on
+   the real normal images; on ONNX Runtime it becomes the bundle's "encoder" (precision int8, the
+   fp32 graph is kept as "encoder_fp32"); for TensorRT it is stored as "encoder_int8", which
+   `iadgpt build --precision int8` compiles.
+3. The held-out normals (never in the bank) are scored by `Detector.score_batch` on the
+   production backend and precision; image and region thresholds are fitted on those scores
+   (`thresholds.py`) and written to the manifest with their provenance.
+
+The bundle is rewritten atomically with `BundleWriter` (to `out`, or in place), engines built for
+unchanged graphs are carried over, and a score histogram PNG is written next to it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence, Union
+
+import numpy as np
+
+from ..bundle import Bundle, BundleWriter, sha256_file
+from ..data import IMAGE_EXTENSIONS, read_image, read_mask
+from ..errors import CalibrationError
+from . import thresholds as th
+
+log = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+BATCH = 8
+INT8_CALIBRATION_IMAGES = 32  # shots (with their rotations) first, then held-out normals
+INT8_CHECK_IMAGES = 16  # held-out normals the INT8 cosine is reported on
+GOOD = "good"
+
+
+@dataclass
+class CalibrationReport:
+    """What `calibrate` did and what the line should expect from the fitted thresholds."""
+
+    bundle: Path
+    seconds: float
+    threshold: float
+    pixel_threshold: float
+    method: str
+    target_frr: float
+    frr_estimate: float
+    frr_ci: tuple[float, float]
+    backend: str
+    precision: str
+    shots: int
+    holdout: int
+    defects: int = 0
+    miss_estimate: Optional[float] = None
+    miss_ci: Optional[tuple[float, float]] = None
+    confidence: float = th.CONFIDENCE
+    histogram: Optional[Path] = None
+    int8: Optional[dict[str, Any]] = None
+    timings: dict[str, float] = field(default_factory=dict)
+    normal_scores: list[float] = field(default_factory=list, repr=False)
+    defect_scores: list[float] = field(default_factory=list, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        d = {"seconds": self.seconds, "threshold": self.threshold, "pixel_threshold": self.pixel_threshold,
+             "frr_estimate": self.frr_estimate, "frr_ci": list(self.frr_ci), "backend": self.backend,
+             "precision": self.precision, "shots": self.shots, "holdout": self.holdout, "method": self.method,
+             "target_frr": self.target_frr, "confidence": self.confidence, "defects": self.defects,
+             "miss_estimate": self.miss_estimate, "miss_ci": None if self.miss_ci is None else list(self.miss_ci),
+             "bundle": str(self.bundle), "histogram": None if self.histogram is None else str(self.histogram),
+             "timings_s": dict(self.timings), "int8": self.int8}
+        return d
+
+    def lines(self) -> list[str]:
+        pct = 100 * self.confidence
+        out = [f"bundle {self.bundle}: {self.backend}/{self.precision}, bank from {self.shots or 'the bundle'}"
+               f"{' shots' if self.shots else ''}, thresholds from {self.holdout} held-out normal images "
+               f"({self.method}, target false-reject rate {100 * self.target_frr:g}%)",
+               f"  image threshold {self.threshold:.5g}   region threshold {self.pixel_threshold:.5g}",
+               f"  expected false-reject rate {100 * self.frr_estimate:.2f}% "
+               f"({pct:g}% CI {100 * self.frr_ci[0]:.2f}-{100 * self.frr_ci[1]:.2f}%)"]
+        if self.miss_estimate is not None and self.miss_ci is not None:
+            out.append(f"  expected miss rate {100 * self.miss_estimate:.2f}% ({pct:g}% CI "
+                       f"{100 * self.miss_ci[0]:.2f}-{100 * self.miss_ci[1]:.2f}%) on {self.defects} defective images")
+        else:
+            out.append("  miss rate: unknown (pass --defects DIR with labelled defective images to estimate it)")
+        if self.int8:
+            cos = ", ".join(f"{k} {v:.4f}" for k, v in self.int8["cosine"].items())
+            out.append(f"  INT8 encoder: feature cosine vs fp32 {cos}; {len(self.int8['excluded_nodes'])} nodes in float")
+        if self.histogram:
+            out.append(f"  score histogram {self.histogram}")
+        steps = ", ".join(f"{k} {v:.1f} s" for k, v in self.timings.items())
+        out.append(f"  took {self.seconds:.1f} s ({steps})")
+        return out
+
+
+# --------------------------------------------------------------------------- images
+
+
+def list_normal_images(folder: PathLike) -> list[Path]:
+    """Image files directly in `folder`, sorted by name (the order export and eval use)."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise CalibrationError(f"normal image folder {root} does not exist; pass --normal DIR with images of good parts")
+    images = sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")
+                    and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not images:
+        raise CalibrationError(f"{root} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); pass --normal DIR "
+                               "with images of good parts")
+    return images
+
+
+def list_defect_images(folder: PathLike) -> list[tuple[Path, Optional[Path]]]:
+    """(image, mask or None) under `folder`, recursively; a `good` subfolder is skipped.
+
+    Masks are looked up MVTec-style: <ancestor>/ground_truth/<defect folder>/<stem>_mask.*.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise CalibrationError(f"defect image folder {root} does not exist; pass --defects DIR with images of "
+                               "defective parts (e.g. an MVTec test folder)")
+    out = []
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).parts
+        if (not p.is_file() or p.suffix.lower() not in IMAGE_EXTENSIONS or any(s.startswith(".") for s in rel)
+                or GOOD in rel[:-1] or "ground_truth" in rel[:-1] or p.stem.endswith("_mask")):
+            continue
+        out.append((p, _find_mask(p, root)))
+    if not out:
+        raise CalibrationError(f"{root} holds no defect images (a 'good' subfolder is skipped)")
+    return out
+
+
+def _find_mask(image: Path, root: Path) -> Optional[Path]:
+    for ancestor in list(image.parents)[1:4]:
+        gt = ancestor / "ground_truth" / image.parent.name
+        for ext in (".png", *sorted(IMAGE_EXTENSIONS - {".png"})):
+            cand = gt / f"{image.stem}_mask{ext}"
+            if cand.is_file():
+                return cand
+    return None
+
+
+def pick_shots(paths: Sequence[Path], shots: int, seed: int) -> list[Path]:
+    """A seeded choice of `shots` images, in name order: the draw `iadgpt export --shots` makes."""
+    if shots > len(paths):
+        raise CalibrationError(f"--shots {shots} but {paths[0].parent} has only {len(paths)} images")
+    pick = np.random.default_rng(seed).choice(len(paths), size=shots, replace=False)
+    return [paths[i] for i in np.sort(pick)]
+
+
+def _progress(items: Iterable, enabled: bool, desc: str, total: Optional[int] = None) -> Iterable:
+    if not enabled:
+        return items
+    from tqdm import tqdm
+    return tqdm(items, desc=desc, total=total, unit="batch", leave=False)
+
+
+def _batches(paths: Sequence[Path], spec: Any) -> Iterable[np.ndarray]:
+    from ..runtime.preprocess import to_batch
+    for i in range(0, len(paths), BATCH):
+        yield to_batch([read_image(p) for p in paths[i:i + BATCH]], spec)
+
+
+# --------------------------------------------------------------------------- encoder features
+
+
+class GraphFeatures:
+    """Backbone-like callable over an ONNX encoder on ONNX Runtime CPU (for `references.memory_bank`)."""
+
+    def __init__(self, onnx_path: PathLike, threads: Optional[int] = None):
+        from ..runtime.engines import OrtEngine
+        self.engine = OrtEngine(onnx_path, "cpu", threads)
+        self.names = sorted(self.engine.output_names, key=lambda n: (len(n), n))
+
+    def __call__(self, images: Any) -> list[Any]:
+        import torch
+        x = images.detach().cpu().numpy() if hasattr(images, "detach") else np.asarray(images)
+        out = self.engine.run({"image": np.ascontiguousarray(x, dtype=np.float32)})
+        return [torch.from_numpy(out[n]) for n in self.names]
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def build_bank(encoder_onnx: Path, bundle: Bundle, shots: np.ndarray, *, augment: bool, coreset: Optional[float],
+               seed: int, threads: Optional[int], progress: bool) -> np.ndarray:
+    """Memory bank of the shots with the bundle's patch embedding, features from `encoder_onnx`."""
+    from ..models.references import memory_bank
+    from ..models.scorers import MemoryBankScorer
+
+    cfg, desc = bundle.scorer, bundle.backbone
+    h = bundle.input_spec.size[0]
+    scorer = MemoryBankScorer(desc.get("strides") or [], h, grid_stride=int(cfg.get("grid_stride", 8)),
+                              sigma=float(cfg.get("sigma", 4.0)))
+    feats = GraphFeatures(encoder_onnx, threads)
+    try:
+        return memory_bank(feats, scorer, shots, augment=augment, coreset=coreset, seed=seed,  # type: ignore[arg-type]
+                           progress=progress)
+    finally:
+        feats.close()
+
+
+def _augmented(shots: np.ndarray, augment: bool) -> np.ndarray:
+    if not augment:
+        return shots
+    import torch
+
+    from ..models.scorers import augment_shots
+    return augment_shots(torch.from_numpy(shots)).numpy()
+
+
+# --------------------------------------------------------------------------- main entry
+
+
+def calibrate(bundle_path: PathLike, normal_dir: PathLike, *, shots: int = 4, holdout: Optional[int] = None,
+              defects_dir: Optional[PathLike] = None, int8: bool = False, out: Optional[PathLike] = None,
+              target_frr: float = 0.005, method: str = "quantile", target_recall: float = 0.95,
+              pixel_quantile: float = th.PIXEL_QUANTILE, coreset: Optional[float] = None,
+              augment: Optional[bool] = None, backend: str = "onnxruntime", threads: Optional[int] = None,
+              seed: int = 0, int8_keep_float: str = "none", histogram: Optional[PathLike] = None,
+              progress: bool = True) -> CalibrationReport:
+    """Onboard a product: bank from `shots` normals, thresholds on the held-out rest (see module doc).
+
+    `holdout` caps the held-out images (a seeded choice; default all the rest). `coreset` and
+    `augment` override the bundle's scorer settings for the new bank (None keeps them). Writes
+    to `out` (a new bundle) or, without it, rewrites the bundle in place.
+    """
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    src = Bundle.load(bundle_path)
+    dest = Path(out).absolute() if out is not None else src.path
+    cfg = src.scorer
+    if method not in th.METHODS:
+        raise CalibrationError(f"unknown threshold method {method!r}; choose one of {', '.join(th.METHODS)}")
+    if shots < 0:
+        raise CalibrationError(f"shots must be >= 0 (0 keeps the bundle's memory bank), got {shots}")
+    if shots and cfg.get("kind") != "memory_bank":
+        raise CalibrationError(f"bundle {src.path} scores with {cfg.get('kind')!r}, not a memory bank: pass --shots 0 "
+                               "to fit thresholds only")
+    if int8 and backend not in ("onnxruntime", "tensorrt"):
+        raise CalibrationError(f"--int8 makes a Q/DQ graph for onnxruntime or tensorrt, not {backend!r}")
+
+    # -- split the normal images: shots for the bank, the rest held out for thresholds
+    t = time.perf_counter()
+    paths = list_normal_images(normal_dir)
+    if shots:
+        shot_paths = pick_shots(paths, shots, seed)
+        taken = set(shot_paths)
+        pool = [p for p in paths if p not in taken]
+        shot_hashes = [sha256_file(p) for p in shot_paths]
+        pool_hashes = [sha256_file(p) for p in pool]
+        dup = set(shot_hashes)  # the same picture under two names would score ~0 and drag the threshold down
+        kept = [(p, h) for p, h in zip(pool, pool_hashes) if h not in dup]
+        pool, pool_hashes = [p for p, _ in kept], [h for _, h in kept]
+    else:
+        shot_paths, shot_hashes = [], []
+        bank_name = (cfg.get("references") or {}).get("bank")
+        in_bank = set(src.references.get(bank_name, {}).get("provenance", {}).get("images", [])) if bank_name else set()
+        all_hashes = [sha256_file(p) for p in paths]
+        pool = [p for p, h in zip(paths, all_hashes) if h not in in_bank]
+        pool_hashes = [h for h in all_hashes if h not in in_bank]
+        if in_bank and len(pool) < len(paths):
+            log.info("left out %d images that are in the bundle's memory bank", len(paths) - len(pool))
+    if holdout is not None:
+        if holdout < 1:
+            raise CalibrationError(f"--holdout must be >= 1, got {holdout}")
+        if holdout < len(pool):
+            keep = np.sort(np.random.default_rng(seed + 1).choice(len(pool), size=holdout, replace=False))
+            pool, pool_hashes = [pool[i] for i in keep], [pool_hashes[i] for i in keep]
+    need = th.min_images_for(target_frr, method) if method in ("quantile", "tail") else th.MIN_TAIL_IMAGES
+    if len(pool) < need:
+        detail = th._too_few(len(pool), target_frr) if method == "quantile" else (
+            f"method {method!r} needs at least {need} held-out normal images (got {len(pool)})")
+        raise CalibrationError(f"{detail}. {len(paths)} images in {normal_dir}, {len(shot_paths)} of them go to the "
+                               "memory bank (--shots) and are never used for thresholds")
+    timings["list"] = time.perf_counter() - t
+
+    spec = src.input_spec
+    with tempfile.TemporaryDirectory(prefix=f".{dest.name}.calib-", dir=dest.parent) as tmp:
+        tmp_dir = Path(tmp)
+        graphs = {role: (src.graph_path(role), entry.get("precision", "fp32")) for role, entry in src.graphs.items()}
+        fp32_role = "encoder_fp32" if "encoder_fp32" in graphs else "encoder"
+        if graphs[fp32_role][1] != "fp32" and int8:
+            raise CalibrationError(f"bundle {src.path} has no fp32 encoder to quantize; re-export it with `iadgpt export`")
+        shot_batch = np.concatenate(list(_batches(shot_paths, spec))) if shot_paths else None
+        # rotations/flips of few shots, as `iadgpt export` does (an explicit `augment` wins)
+        do_augment = (0 < shots <= 8) if augment is None else bool(augment)
+
+        # -- INT8 encoder (calibrated on real normal images only)
+        int8_report = None
+        if int8:
+            t = time.perf_counter()
+            from .int8 import quantize_encoder, rebatch
+            calib = _augmented(shot_batch, do_augment) if shot_batch is not None else np.zeros((0, 3, *spec.size), np.float32)
+            extra_paths = pool[: max(0, INT8_CALIBRATION_IMAGES - len(calib))]
+            if len(extra_paths):
+                calib = np.concatenate([calib, *_batches(extra_paths, spec)])
+            calib = calib[:INT8_CALIBRATION_IMAGES]
+            check_paths = pool[-INT8_CHECK_IMAGES:]
+            q_path = tmp_dir / "encoder_int8.onnx"
+            int8_report = quantize_encoder(graphs[fp32_role][0], q_path, rebatch(calib),
+                                           preset="cpu" if backend == "onnxruntime" else "tensorrt",
+                                           keep_float=int8_keep_float, threads=threads,
+                                           image_hashes=shot_hashes + pool_hashes[: len(extra_paths)],
+                                           eval_batches=list(_batches(check_paths, spec)))
+            if backend == "onnxruntime":
+                graphs["encoder_fp32"] = graphs[fp32_role]
+                graphs["encoder"] = (q_path, "int8")
+            else:
+                graphs["encoder_int8"] = (q_path, "int8")
+            timings["int8"] = time.perf_counter() - t
+
+        # -- memory bank from the production encoder graph
+        bank = None
+        new_cfg = dict(cfg)
+        if shots:
+            t = time.perf_counter()
+            bank_coreset = cfg.get("coreset") if coreset is None else (None if coreset >= 1 else coreset)
+            enc_for_bank = graphs["encoder"][0]
+            bank = build_bank(enc_for_bank, src, shot_batch, augment=do_augment, coreset=bank_coreset, seed=seed,
+                              threads=threads, progress=progress)
+            new_cfg.update(shots=shots, augment=do_augment, coreset=bank_coreset,
+                           bank_encoder=graphs["encoder"][1])
+            log.info("memory bank: %d patches x %d from %d shots (features from the %s encoder)", bank.shape[0],
+                     bank.shape[1], shots, graphs["encoder"][1])
+            timings["bank"] = time.perf_counter() - t
+
+        # -- write the bundle (graphs, references, scorer config), carrying still-valid engines
+        t = time.perf_counter()
+        if shots or int8 or dest != src.path:
+            bundle = _rewrite(src, dest, graphs, new_cfg, bank, {
+                "images": shot_hashes, "files": [p.name for p in shot_paths],
+                "normal_dir": str(Path(normal_dir).absolute()), "shots": shots, "seed": int(seed),
+                "augment": do_augment, "coreset": new_cfg.get("coreset"), "encoder": graphs["encoder"][1]}, tmp_dir)
+        else:
+            bundle = src  # thresholds only: the manifest is updated in place below
+        timings["write"] = time.perf_counter() - t
+
+    # -- score the held-out normals (and defects) on the production backend/precision
+    from ..runtime.detector import Detector
+
+    t = time.perf_counter()
+    defects = list_defect_images(defects_dir) if defects_dir is not None else []
+    role = "encoder_int8" if int8 and backend == "tensorrt" else "encoder"
+    with Detector(bundle, backend, threads=threads, threshold=float("inf"), encoder_role=role) as det:
+        precision = det.precision
+        n_scores, n_maps = _score(det, pool, spec, progress, "scoring held-out normals")
+        d_scores, d_maps = _score(det, [p for p, _ in defects], spec, progress, "scoring defects")
+    timings["score"] = time.perf_counter() - t
+
+    # -- fit and record
+    t = time.perf_counter()
+    image = th.fit_image_threshold(n_scores, target_frr, defect_scores=d_scores if len(d_scores) else None,
+                                   method=method, target_recall=target_recall, seed=seed)
+    masks = None
+    if defects and all(m is not None for _, m in defects):
+        masks = np.stack([read_mask(m, d_maps.shape[1:]) for _, m in defects])
+    pixel = th.fit_pixel_threshold(n_maps, defect_maps=d_maps if masks is not None else None, defect_masks=masks,
+                                   quantile=pixel_quantile, image_threshold=image.value, seed=seed)
+    for rec in (image, pixel):
+        rec.backend, rec.precision = backend, precision
+        rec.images = list(pool_hashes)
+    image.defect_images = [sha256_file(p) for p, _ in defects]
+    image.params.update(normal_dir=str(Path(normal_dir).absolute()), shots=shots, seed=int(seed))
+    bundle.update_manifest(thresholds={"image": image.to_manifest(), "pixel": pixel.to_manifest()})
+    timings["fit"] = time.perf_counter() - t
+
+    seconds = time.perf_counter() - t_start
+    report = CalibrationReport(
+        bundle=bundle.path, seconds=seconds, threshold=image.value, pixel_threshold=pixel.value, method=method,
+        target_frr=float(target_frr), frr_estimate=float(image.frr_estimate or 0.0),
+        frr_ci=tuple(image.frr_ci or (0.0, 1.0)), backend=backend, precision=precision, shots=shots,  # type: ignore[arg-type]
+        holdout=len(pool), defects=len(defects), miss_estimate=image.miss_estimate, miss_ci=image.miss_ci,
+        int8=None if int8_report is None else {k: v for k, v in int8_report.to_dict().items() if k != "image_hashes"},
+        timings=timings, normal_scores=[float(s) for s in n_scores], defect_scores=[float(s) for s in d_scores])
+    bundle.update_manifest(extra={"calibration": {k: v for k, v in report.to_json().items()
+                                                  if k not in ("bundle", "histogram")}})
+    report.histogram = write_histogram(report, Path(histogram) if histogram else
+                                       bundle.path.parent / f"{bundle.path.name}.calibration.png")
+    log.info("calibrated %s in %.1f s", bundle.path, report.seconds)
+    return report
+
+
+def _rewrite(src: Bundle, dest: Path, graphs: dict[str, tuple[Path, str]], scorer: dict[str, Any],
+             bank: Optional[np.ndarray], bank_provenance: dict[str, Any], tmp_dir: Path) -> Bundle:
+    """Write `dest` atomically from `src` with replaced graphs/bank; engines of unchanged graphs follow."""
+    engines = _stash_engines(src, tmp_dir)
+    bank_name = (src.scorer.get("references") or {}).get("bank")
+    with BundleWriter(dest, backbone=src.backbone, scorer=scorer, extra=src.extra) as w:
+        for role, (path, precision) in graphs.items():
+            w.add_graph(role, path, precision=precision)
+        for name, entry in src.references.items():
+            if bank is not None and name == bank_name:
+                w.add_array(name, bank, provenance=bank_provenance)
+            else:
+                w.add_array(name, src.array(name), provenance=entry.get("provenance"))
+    if w.bundle is None:  # pragma: no cover - commit either sets it or raises
+        raise CalibrationError(f"bundle {dest} was not written")
+    _restore_engines(w.bundle, engines)
+    return w.bundle
+
+
+def _score(det: Any, paths: Sequence[Path], spec: Any, progress: bool, desc: str) -> tuple[np.ndarray, np.ndarray]:
+    scores, maps = [], []
+    total = (len(paths) + BATCH - 1) // BATCH
+    for batch in _progress(_batches(paths, spec), progress, desc, total):
+        m, s, _ = det.score_batch(batch)
+        scores.append(np.asarray(s, np.float32))
+        maps.append(np.asarray(m, np.float32))
+    if not scores:
+        h, w = spec.size
+        return np.zeros(0, np.float32), np.zeros((0, h, w), np.float32)
+    return np.concatenate(scores), np.concatenate(maps)
+
+
+def _stash_engines(src: Bundle, tmp_dir: Path) -> list[tuple[str, Path, dict[str, Any]]]:
+    """Copy the bundle's engine files aside (a rewrite in place would drop them)."""
+    out = []
+    for key, entry in src.engines.items():
+        path = src.engine_path(key)
+        if not path.is_file():
+            continue
+        keep = tmp_dir / "engines" / path.name
+        keep.parent.mkdir(exist_ok=True)
+        shutil.copy2(path, keep)
+        out.append((key, keep, entry))
+    return out
+
+
+def _restore_engines(bundle: Bundle, engines: list[tuple[str, Path, dict[str, Any]]]) -> None:
+    """Re-list engines whose source graph is unchanged; engines of a replaced graph are dropped."""
+    graphs = bundle.graphs
+    shas = {g["sha256"] for g in graphs.values()}
+    for key, path, entry in engines:
+        source_sha = entry.get("source_sha256")
+        if source_sha is not None and source_sha not in shas:
+            log.warning("dropped TensorRT engine %s: its graph was replaced; rebuild with `iadgpt build %s`",
+                        key, bundle.path)
+            continue
+        info = {k: v for k, v in entry.items() if k not in ("file", "sha256", "precision", "trt_version",
+                                                          "compute_capability")}
+        bundle.add_engine(key, path, precision=entry.get("precision", "fp16"),
+                          trt_version=entry.get("trt_version", ""),
+                          compute_capability=entry.get("compute_capability", ""), **info)
+
+
+# --------------------------------------------------------------------------- report figure
+
+
+def write_histogram(report: CalibrationReport, path: Path) -> Path:
+    """Held-out normal (and defect) image scores with the threshold: what the line will see."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    normal = np.asarray(report.normal_scores)
+    defect = np.asarray(report.defect_scores)
+    both = np.concatenate([normal, defect]) if defect.size else normal
+    bins = np.linspace(float(both.min()), float(max(both.max(), report.threshold)) * 1.02 + 1e-9, 50)
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+    ax.hist(normal, bins=bins, alpha=0.7, label=f"held-out normal ({len(normal)})", color="tab:blue")
+    if defect.size:
+        ax.hist(defect, bins=bins, alpha=0.6, label=f"defective ({len(defect)})", color="tab:red")
+    ax.axvline(report.threshold, color="k", ls="--", lw=1.2,
+               label=f"threshold {report.threshold:.4g} (FRR {100 * report.frr_estimate:.2f}%)")
+    ax.set_xlabel(f"image score ({report.backend}/{report.precision})")
+    ax.set_ylabel("images")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

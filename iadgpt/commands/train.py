@@ -1,0 +1,47 @@
+"""`iadgpt train`: self-supervised training of the visual-guided decoder on NSA anomalies."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    # Defaults live in models.train.TrainConfig (None = its default; torch is not imported for --help).
+    p = sub.add_parser("train", help="train the visual-guided decoder on NSA anomalies of train/good images")
+    p.add_argument("--data", required=True, type=Path, help="dataset root holding <category>/train/good")
+    p.add_argument("--category", required=True)
+    p.add_argument("--backbone", default="efficientnet-lite0")
+    p.add_argument("--weights", default=None, help="local weights directory (CLIP) or file")
+    p.add_argument("--resolution", type=int, default=None, help="input size in px (default: the backbone's)")
+    p.add_argument("--out", required=True, type=Path, help="checkpoint to write (.safetensors)")
+    p.add_argument("--steps", type=int, default=None, help="[2000] total optimisation steps (a resumed run counts on)")
+    p.add_argument("--batch-size", type=int, default=None, help="[16] half normal images, half their NSA versions")
+    p.add_argument("--lr", type=float, default=None, help="[5e-4]")
+    p.add_argument("--weight-decay", type=float, default=None, help="[1e-4]")
+    p.add_argument("--pool-size", type=int, default=None, help="[1600] NSA samples synthesized and encoded once")
+    p.add_argument("--no-augment", dest="augment", action="store_false", default=None,
+                   help="do not use the 8 rotations/flips of the normal images")
+    p.add_argument("--embed-dim", type=int, default=None, help="[64] prototype width (backbones without text)")
+    p.add_argument("--hidden", type=int, default=None, help="[0] 0: linear projection (paper); >0: MLP width")
+    p.add_argument("--kind", choices=("auto", "object", "texture"), default=None, help="NSA product kind [auto]")
+    p.add_argument("--seed", type=int, default=None, help="[0]")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="[500]")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--resume", action="store_true", help="continue the training in --out up to --steps")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..models.train import train
+
+    names = ("steps", "batch_size", "lr", "weight_decay", "pool_size", "augment", "embed_dim", "hidden", "kind",
+             "seed", "checkpoint_every")
+    config = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+    res = train(args.data, args.category, args.out, args.backbone, weights=args.weights, resolution=args.resolution,
+                device=args.device, resume=args.resume, **config)
+    last = res.history[-1][1] if res.history else float("nan")
+    print(f"{res.checkpoint}: step {res.step}, last loss {last:.4f}; pool {res.pool_seconds:.0f} s, "
+          f"training {res.train_seconds:.0f} s")
+    print(f"export: iadgpt export --backbone {args.backbone} --decoder {res.checkpoint} --out BUNDLE "
+          f"[--train-dir {args.data}/{args.category}/train/good --shots 1]")
+    return 0

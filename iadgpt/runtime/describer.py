@@ -1,0 +1,760 @@
+"""The describer: a short, fact-checked description of every flagged part, off the verdict loop.
+
+Two layers:
+
+* `Describer` (synchronous, one process): frame + verdict -> `DefectFacts` (facts.py) -> prompt ->
+  greedy LLM completion -> description record. The description is *composed*: a sentence built
+  from the measured facts (type, position, size, shape, brightness, colour) followed by the LLM's
+  one-sentence remark (likely cause / what to check). A 135M model cannot be trusted to restate
+  facts (SmolLM2 in float32 already says "lighter" for a darker spot), so the facts are never
+  left to it, and a remark that names a position, a defect type or a brightness the facts
+  contradict is dropped (`contradictions`). Output <= `MAX_WORDS` words.
+* `AsyncDescriber` (what the station gets): ``submit(verdict, frame)`` copies what the worker
+  needs into a bounded queue and returns at once. A dispatcher thread sends one request at a
+  time over a pipe to a worker *process* (multiprocessing "spawn": the LLM's memory, threads and
+  the GIL stay out of the verdict loop; the worker runs at a lower CPU priority) and waits at most
+  `timeout_s` for the answer. A worker that hangs is killed; a worker that dies (killed, OOM,
+  crash) is restarted; either way that request's event gets a ``"status": "failed"`` record and
+  the next request goes to the new worker. Every record is appended to the same event id through
+  the sinks' ``append(event_id, record)`` (`JsonlSink`, `MqttSink`) and kept in `results`.
+
+The station closes its sinks when its run ends, while descriptions may still be on their way:
+pass the sinks through `AsyncDescriber.share(sinks)` and give the station the returned proxies;
+their real ``close`` happens in `AsyncDescriber.close`, after the queue is drained.
+
+LLM specs (picklable, so the worker can build the model itself):
+``{"kind": "onnx", "dir": PATH, "threads": 1}``, ``{"kind": "none"}`` (facts only),
+``{"kind": "fake", ...}`` (`FakeLLM`: deterministic, for tests and dry runs).
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import multiprocessing as mp
+import os
+import re
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
+
+import numpy as np
+
+from iadgpt.errors import ConfigError, DescriberError
+from iadgpt.runtime.facts import (POSITION_WORDS, UNKNOWN, DefectFacts, ExampleTypeClassifier, PromptTypeRetriever,
+                                  TypeResolver, compute_facts)
+from iadgpt.runtime.llm_runtime import Generation, Message
+from iadgpt.runtime.sinks import ThrottledLog
+
+log = logging.getLogger(__name__)
+
+MAX_WORDS = 60
+REMARK_WORDS = 22
+RECORD_KIND = "description"
+SYSTEM_PROMPT = ("You assist a quality inspector on a production line. You are given measured facts about a defect "
+                 "found on a part. Answer in one short sentence.")
+DEFAULT_QUESTION = "What is the most likely cause of this defect, and what should the operator check?"
+CHAT_SYSTEM_PROMPT = ("You assist a quality inspector on a production line. Use only the measured facts you are "
+                      "given; if they do not answer the question, say so. Answer in at most two short sentences.")
+SENTENCE_END = (". ", ".\n", "!", "?", "\n")
+DEFECT_WORDS = ("scratch", "crack", "hole", "stain", "missing", "dent", "rust", "chip", "contamination", "burr",
+                "spot", "tear", "cut", "deformation")
+LLMSpec = dict[str, Any]
+
+
+# ----------------------------------------------------------------------------- text
+
+
+def _word_forms(word: str) -> str:
+    """A regex matching a defect word and its common forms (scratch/scratches/scratched)."""
+    stem = re.escape(word[:-1]) if word.endswith("e") else re.escape(word)
+    return rf"\b{stem}(?:e|es|s|ed|ing|y)?\b"
+
+
+def _position_mentions(text: str) -> list[str]:
+    """Grid position names in `text`, longest first so "top left" is not also read as "top" and "left"."""
+    t = " " + re.sub(r"[^a-z]+", " ", text.lower()) + " "
+    t = t.replace(" upper ", " top ").replace(" lower ", " bottom ").replace(" middle ", " center ") \
+        .replace(" centre ", " center ").replace(" top-left ", " top left ")
+    found = []
+    for name in sorted(POSITION_WORDS, key=len, reverse=True):
+        pattern = rf"\b{name}\b"
+        if re.search(pattern, t):
+            found.append(name)
+            t = re.sub(pattern, " ", t)
+    return found
+
+
+def contradictions(text: str, facts: DefectFacts, vocabulary: Sequence[str] = DEFECT_WORDS) -> list[str]:
+    """What in `text` conflicts with `facts`: positions, defect types or brightness not measured.
+
+    A position word is allowed only if some region is there (the whole 3x3 cell name or its row/
+    column word: "top" fits "top left"); a defect word only if it is a region's type (a region of
+    unknown type allows none); "darker"/"lighter" only if a region has that tone.
+    """
+    issues = []
+    positions = {r.position for r in facts.regions}
+    allowed_words = set(positions) | {w for p in positions for w in p.split()}
+    for name in _position_mentions(text):
+        if name not in positions and not (name in allowed_words and name != "center"):
+            issues.append(f"position '{name}' (measured: {', '.join(sorted(positions)) or 'none'})")
+    types = {r.defect_type for r in facts.regions if r.defect_type != UNKNOWN}
+    low = text.lower()
+    for word in dict.fromkeys([*vocabulary, *types]):
+        if word in types or not word:
+            continue
+        if any(word != t and (word in t.split() or t.startswith(word)) for t in types):
+            continue
+        if re.search(_word_forms(word), low):
+            issues.append(f"type '{word}' (measured: {', '.join(sorted(types)) or 'unknown'})")
+    tones = {r.tone for r in facts.regions}
+    if re.search(r"\b(darker|dark spot)\b", low) and "darker" not in tones:
+        issues.append(f"'darker' (measured: {', '.join(sorted(tones))})")
+    if re.search(r"\b(lighter|brighter)\b", low) and "lighter" not in tones:
+        issues.append(f"'lighter' (measured: {', '.join(sorted(tones))})")
+    return issues
+
+
+def _words(text: str) -> list[str]:
+    return text.split()
+
+
+def _clip_words(text: str, limit: int) -> str:
+    words = _words(text)
+    if len(words) <= limit:
+        return text.strip()
+    cut = " ".join(words[:limit]).rstrip(",;:")
+    return cut + ("" if cut.endswith((".", "!", "?")) else "...")
+
+
+def facts_sentence(facts: DefectFacts, product: str = "part") -> str:
+    """The measured facts as one or two plain sentences (the part of a description never left to the LLM)."""
+    r = facts.main
+    if r is None:
+        return f"Anomaly on the {product} (score {facts.score:.3f}); no region could be located." \
+            if facts.score is not None else f"Anomaly on the {product}; no region could be located."
+    what = r.defect_type.capitalize() if r.defect_type != UNKNOWN else "Defect of unknown type"
+    where = "in the center" if r.position == "center" else f"at the {r.position}"
+    tone = "similar in brightness to its surroundings" if r.tone == "similar brightness" else \
+        f"{r.tone} than its surroundings"
+    orient = "" if r.orientation == "none" else f" {r.orientation}"
+    text = (f"{what} {where} of the {product}: {r.area_pct:.1f}% of the part ({r.area_px} px), "
+            f"{r.shape}{orient}, {tone}, {r.colour}.")
+    if facts.n_regions > 1:
+        others = ", ".join(o.position for o in facts.regions[1:4])
+        text += f" {facts.n_regions} regions in all (also: {others})."
+    return text
+
+
+def build_messages(facts: DefectFacts, product: str = "part", question: Optional[str] = None,
+                   history: Sequence[Message] = (), system: str = SYSTEM_PROMPT) -> list[Message]:
+    """The chat for the LLM: system prompt, the facts and product in the first user turn, then
+    `history` (earlier question/answer turns) and `question`."""
+    fact_text = "\n".join(f"- {line}" for line in facts.lines())
+    first = f"Part: {product}.\nMeasured facts:\n{fact_text}"
+    messages = [{"role": "system", "content": system}]
+    if history:
+        messages.append({"role": "user", "content": first + f"\n\n{history[0]['content']}"})
+        messages.extend(dict(m) for m in history[1:])
+        if question:
+            messages.append({"role": "user", "content": question})
+    else:
+        messages.append({"role": "user", "content": f"{first}\n\n{question or DEFAULT_QUESTION}"})
+    return messages
+
+
+def compose(facts: DefectFacts, product: str, remark: str, max_words: int = MAX_WORDS) -> tuple[str, dict[str, Any]]:
+    """(description, info): the facts sentence plus the LLM's remark when it is safe and fits."""
+    base = facts_sentence(facts, product)
+    info: dict[str, Any] = {"remark": remark, "remark_used": False, "rejected": []}
+    remark = re.sub(r"\s+", " ", remark or "").strip()
+    if remark:
+        issues = contradictions(remark, facts)
+        if issues:
+            info["rejected"] = issues
+        else:
+            room = max_words - len(_words(base))
+            if room >= 6:
+                info["remark_used"] = True
+                return f"{base} {_clip_words(remark, min(room, REMARK_WORDS))}", info
+            info["rejected"] = ["no room left within the word limit"]
+    return _clip_words(base, max_words), info
+
+
+# ----------------------------------------------------------------------------- LLMs
+
+
+class FakeLLM:
+    """Deterministic stand-in for `OnnxLLM` (tests, dry runs): same `generate` signature.
+
+    The reply is picked from `replies` by a stable hash of the prompt. `delay_s` sleeps per
+    request; `hang_on` / `crash_on`: a substring of the prompt that makes it sleep for an hour
+    or kill its own process (to test timeouts and restarts).
+    """
+
+    def __init__(self, delay_s: float = 0.0, replies: Sequence[str] = (), hang_on: Optional[str] = None,
+                 crash_on: Optional[str] = None, load_s: float = 0.0) -> None:
+        time.sleep(load_s)
+        self.delay_s, self.hang_on, self.crash_on = float(delay_s), hang_on, crash_on
+        self.replies = list(replies) or ["Likely caused by handling or tooling; check the fixture and the previous station."]
+        self.load_s = load_s
+        self.config = {"quantization": {"scheme": "fake"}}
+
+    def generate(self, prompt: Union[str, Sequence[Message]], max_new_tokens: int = 48, *,
+                 stop_texts: Sequence[str] = (), deadline: Optional[float] = None, min_new_tokens: int = 1) -> Generation:
+        t0 = time.perf_counter()
+        text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
+        if self.crash_on and self.crash_on in text:
+            os._exit(3)
+        if self.hang_on and self.hang_on in text:
+            time.sleep(3600)
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        h = sum(text.encode("utf-8")) % len(self.replies)
+        reply = " ".join(self.replies[h].split()[:max_new_tokens])
+        dt = time.perf_counter() - t0
+        return Generation(reply, list(range(len(reply.split()))), len(text.split()), dt / 2, dt, "eos")
+
+
+def make_llm(spec: Optional[LLMSpec]) -> Any:
+    """The LLM a spec names (None / kind "none": no LLM, facts only)."""
+    spec = dict(spec or {"kind": "none"})
+    kind = spec.pop("kind", "onnx")
+    if kind == "none":
+        return None
+    if kind == "fake":
+        return FakeLLM(**spec)
+    if kind == "onnx":
+        from iadgpt.runtime.llm_runtime import OnnxLLM
+
+        if not spec.get("dir"):
+            raise DescriberError("the describer's LLM spec needs a `dir`: build one with `iadgpt quantize-llm --out DIR`")
+        return OnnxLLM(spec.pop("dir"), system_prompt=spec.pop("system_prompt", SYSTEM_PROMPT), **spec)
+    raise DescriberError(f"unknown describer LLM kind {kind!r}: use onnx, fake or none")
+
+
+def llm_spec_for(llm: Union[None, str, os.PathLike, LLMSpec], bundle: Any = None, threads: int = 1) -> LLMSpec:
+    """An LLM spec from a folder path, a spec dict, or the bundle manifest's ``extra.llm``."""
+    if isinstance(llm, dict):
+        return dict(llm)
+    if llm is not None:
+        if str(llm) in ("none", "fake"):
+            return {"kind": str(llm)}
+        return {"kind": "onnx", "dir": str(Path(llm).absolute()), "threads": threads}
+    entry = (bundle.extra if bundle is not None else {}).get("llm")
+    if entry:
+        path = Path(entry["path"])
+        if not path.is_absolute():
+            path = Path(bundle.path) / path
+        from iadgpt.runtime.llm_runtime import verify_llm_dir
+
+        verify_llm_dir(path, entry.get("files"))
+        return {"kind": "onnx", "dir": str(path), "threads": threads}
+    raise DescriberError("no describer LLM: pass --llm DIR (made by `iadgpt quantize-llm --out DIR`) or record one "
+                         "in the bundle (iadgpt.export.llm.record_in_bundle), or use --llm none for facts only")
+
+
+# ----------------------------------------------------------------------------- synchronous describer
+
+
+@dataclass
+class DescribeRequest:
+    """What the worker needs about one flagged frame (picklable, no Verdict/Frame objects)."""
+
+    event_id: str
+    image: np.ndarray
+    anomaly_map: Optional[np.ndarray]
+    regions: list[dict[str, Any]]
+    score: Optional[float]
+    threshold: Optional[float]
+    region_embeddings: Optional[np.ndarray] = None
+    question: Optional[str] = None
+    submitted: float = 0.0  # time.time()
+    request_id: int = 0
+
+    @classmethod
+    def from_verdict(cls, verdict: Any, image: np.ndarray, pixel_threshold: Optional[float] = None,
+                     question: Optional[str] = None) -> "DescribeRequest":
+        extra = verdict.extra or {}
+        emb = extra.get("region_embeddings")
+        thr = pixel_threshold if pixel_threshold is not None else extra.get("pixel_threshold", verdict.threshold)
+        return cls(event_id=verdict.event_id, image=image, anomaly_map=verdict.anomaly_map,
+                   regions=[r.to_dict() for r in verdict.regions], score=verdict.score, threshold=thr,
+                   region_embeddings=None if emb is None else np.asarray(emb, np.float32), question=question,
+                   submitted=time.time())
+
+
+class _Box:
+    """Region-like view of a region dict (box, peak) for compute_facts."""
+
+    def __init__(self, d: dict[str, Any]) -> None:
+        self.box, self.peak = tuple(d["box"]), float(d.get("peak", float("nan")))
+
+
+class Describer:
+    """Facts + LLM remark for one frame, in the calling process (`iadgpt describe`, the worker)."""
+
+    def __init__(self, llm: Any = None, product: str = "part", typer: Optional[TypeResolver] = None, *,
+                 max_new_tokens: int = 32, budget_s: Optional[float] = None, max_words: int = MAX_WORDS) -> None:
+        self.llm, self.product, self.typer = llm, product, typer or TypeResolver()
+        self.max_new_tokens, self.budget_s, self.max_words = int(max_new_tokens), budget_s, int(max_words)
+
+    def facts(self, req: DescribeRequest) -> DefectFacts:
+        return compute_facts(req.image, req.anomaly_map, [_Box(r) for r in req.regions], threshold=req.threshold,
+                             score=req.score, typer=self.typer, region_embeddings=req.region_embeddings)
+
+    def describe(self, req: DescribeRequest) -> dict[str, Any]:
+        """The description record (``status`` "ok") for one request; raises DescriberError on bad input."""
+        t0 = time.perf_counter()
+        facts = self.facts(req)
+        t1 = time.perf_counter()
+        gen: Optional[Generation] = None
+        remark = ""
+        if self.llm is not None:
+            deadline = None if self.budget_s is None else time.monotonic() + max(0.05, self.budget_s - (t1 - t0))
+            gen = self.llm.generate(build_messages(facts, self.product, req.question), self.max_new_tokens,
+                                    stop_texts=SENTENCE_END, deadline=deadline)
+            remark = gen.text
+        description, info = compose(facts, self.product, remark, self.max_words)
+        t2 = time.perf_counter()
+        return {"kind": RECORD_KIND, "status": "ok", "description": description, "facts": facts.to_dict(),
+                "facts_text": facts.lines(), "product": self.product, "llm": {
+                    **({} if gen is None else gen.to_dict()), **info,
+                    "model": None if self.llm is None else self.llm.config.get("quantization", {}).get("scheme")},
+                "timings_s": {"facts": round(t1 - t0, 4), "llm": round(t2 - t1, 4), "total": round(t2 - t0, 4)}}
+
+    def answer(self, facts_lines: Sequence[str], question: str, history: Sequence[Message] = (),
+               max_new_tokens: int = 64) -> tuple[str, Optional[Generation]]:
+        """A follow-up answer in a conversation about a described part (``iadgpt chat``)."""
+        if self.llm is None:
+            return "No LLM is loaded; the measured facts are: " + "; ".join(facts_lines), None
+        fact_text = "\n".join(f"- {line}" for line in facts_lines)
+        first = f"Part: {self.product}.\nMeasured facts:\n{fact_text}"
+        messages: list[Message] = [{"role": "system", "content": CHAT_SYSTEM_PROMPT}]
+        turns = [dict(m) for m in history] + [{"role": "user", "content": question}]
+        turns[0] = {"role": "user", "content": f"{first}\n\n{turns[0]['content']}"}
+        messages += turns
+        gen = self.llm.generate(messages, max_new_tokens, stop_texts=("\n\n",))
+        return _clip_words(gen.text, self.max_words), gen
+
+
+# ----------------------------------------------------------------------------- the worker process
+
+
+def _worker_main(conn: Any, llm_spec: Optional[LLMSpec], options: dict[str, Any]) -> None:
+    """Worker process: build the LLM once, then answer requests one at a time until told to stop."""
+    logging.basicConfig(level=options.get("log_level", logging.WARNING),
+                        format="%(asctime)s %(levelname)s describer-worker %(name)s: %(message)s")
+    try:
+        if options.get("nice"):
+            os.nice(int(options["nice"]))
+    except OSError:
+        pass
+    try:
+        t0 = time.perf_counter()
+        llm = make_llm(llm_spec)
+        typer = TypeResolver(
+            PromptTypeRetriever(*options["prompt_types"]) if options.get("prompt_types") else None,
+            ExampleTypeClassifier(*options["examples"]) if options.get("examples") else None)
+        describer = Describer(llm, options.get("product", "part"), typer,
+                              max_new_tokens=options.get("max_new_tokens", 32), budget_s=options.get("budget_s"))
+        conn.send(("ready", {"load_s": time.perf_counter() - t0, "pid": os.getpid(), "rss_mb": _rss_mb()}))
+    except Exception as exc:  # noqa: BLE001 - reported to the parent, which logs it
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        return
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError, KeyboardInterrupt):
+            return
+        if msg is None:
+            return
+        req: DescribeRequest = msg
+        try:
+            record = describer.describe(req)
+            record["worker_rss_mb"] = _rss_mb()
+            conn.send(("ok", req.request_id, record))
+        except Exception as exc:  # noqa: BLE001 - one bad request must not kill the worker
+            conn.send(("failed", req.request_id, f"{type(exc).__name__}: {exc}"))
+
+
+def _rss_mb() -> Optional[float]:
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return round(int(line.split()[1]) / 1024.0, 1)
+    except OSError:
+        return None
+    return None
+
+
+# ----------------------------------------------------------------------------- the async describer
+
+
+class _SharedSink:
+    """A station-facing proxy of a sink whose real `close` waits for the describer (see `share`)."""
+
+    def __init__(self, sink: Any, owner: "AsyncDescriber") -> None:
+        self._sink, self._owner = sink, owner
+        self.name = getattr(sink, "name", type(sink).__name__)
+
+    @property
+    def errors(self) -> int:
+        return int(getattr(self._sink, "errors", 0) or 0)
+
+    def write(self, verdict: Any, frame: Any) -> None:
+        self._sink.write(verdict, frame)
+
+    def close(self) -> None:
+        self._owner._station_closed.add(id(self._sink))
+
+    def __getattr__(self, item: str) -> Any:
+        return getattr(self._sink, item)
+
+
+@dataclass
+class DescriberStats:
+    submitted: int = 0
+    described: int = 0
+    failed: int = 0  # timeouts, worker deaths, errors, queue full, stopped
+    timeouts: int = 0
+    worker_deaths: int = 0
+    rejected: int = 0  # queue full
+    restarts: int = 0
+    latencies_s: list[float] = field(default_factory=list)  # submit -> record, described ones
+
+    def to_dict(self) -> dict[str, Any]:
+        lat = np.asarray(self.latencies_s or [np.nan])
+        return {"submitted": self.submitted, "described": self.described, "failed": self.failed,
+                "timeouts": self.timeouts, "worker_deaths": self.worker_deaths, "rejected": self.rejected,
+                "restarts": self.restarts, "latency_p50_s": float(np.nanpercentile(lat, 50)) if self.latencies_s else None,
+                "latency_p95_s": float(np.nanpercentile(lat, 95)) if self.latencies_s else None}
+
+
+class AsyncDescriber:
+    """Describes flagged parts in a worker process; ``submit`` never blocks (see module doc).
+
+    `sinks`: objects with ``append(event_id, record)`` that receive every record (others are
+    skipped). `queue_size` bounds the requests waiting for the worker (a request beyond it is
+    failed at once with "queue full"); `timeout_s` bounds one request's time in the worker (then
+    the worker is killed and restarted); `budget_s` is the LLM's soft deadline inside the worker
+    (the remark is cut short rather than the request failed). `pixel_threshold`: the detector's
+    pixel threshold (else the verdict's threshold) for the region masks.
+    """
+
+    def __init__(self, llm: Union[None, str, os.PathLike, LLMSpec] = None, *, product: str = "part",
+                 sinks: Sequence[Any] = (), queue_size: int = 16, timeout_s: float = 10.0,
+                 budget_s: Optional[float] = 1.5, max_new_tokens: int = 32,
+                 examples: Optional[ExampleTypeClassifier] = None,
+                 prompt_types: Optional[PromptTypeRetriever] = None, pixel_threshold: Optional[float] = None,
+                 nice: int = 10, start_timeout_s: float = 120.0, max_restart_delay_s: float = 30.0,
+                 keep_results: int = 10_000, on_result: Optional[Callable[[str, dict[str, Any]], None]] = None,
+                 start: bool = True) -> None:
+        if int(queue_size) < 1 or float(timeout_s) <= 0:
+            raise ConfigError(f"describer queue_size={queue_size} must be >= 1 and timeout_s={timeout_s} > 0")
+        self.llm_spec = llm_spec_for(llm) if llm is not None else {"kind": "none"}
+        self.product, self.queue_size, self.timeout_s = product, int(queue_size), float(timeout_s)
+        self.pixel_threshold = pixel_threshold
+        self.start_timeout_s, self.max_restart_delay_s = float(start_timeout_s), float(max_restart_delay_s)
+        self.options: dict[str, Any] = {
+            "product": product, "max_new_tokens": int(max_new_tokens), "budget_s": budget_s, "nice": int(nice),
+            "examples": None if examples is None else (examples.features, examples.labels, examples.k),
+            "prompt_types": None if prompt_types is None else (prompt_types.embeddings, prompt_types.types),
+            "log_level": logging.getLogger().getEffectiveLevel()}
+        self.sinks = list(sinks)
+        self.on_result = on_result
+        self.stats = DescriberStats()
+        self.results: "OrderedDict[str, dict[str, Any]]" = OrderedDict()
+        self.keep_results = int(keep_results)
+        self.worker_info: dict[str, Any] = {}
+        self._ctx = mp.get_context("spawn")
+        self._pending: deque[DescribeRequest] = deque()
+        self._cond = threading.Condition()
+        self._ids = itertools.count(1)
+        self._closing = False
+        self._stop = False
+        self._ready = threading.Event()
+        self._proc: Optional[Any] = None
+        self._conn: Optional[Any] = None
+        self._busy: Optional[DescribeRequest] = None
+        self._station_closed: set[int] = set()
+        self._warn = ThrottledLog(log)
+        self._thread: Optional[threading.Thread] = None
+        if start:
+            self.start()
+
+    # -- lifecycle
+
+    def start(self) -> "AsyncDescriber":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._dispatch, name="iadgpt-describer", daemon=True)
+            self._thread.start()
+        return self
+
+    def wait_ready(self, timeout: Optional[float] = None) -> bool:
+        """Wait until a worker has loaded its LLM (True) or `timeout` passed (False)."""
+        return self._ready.wait(timeout)
+
+    @property
+    def worker_pid(self) -> Optional[int]:
+        proc = self._proc
+        return proc.pid if proc is not None and proc.is_alive() else None
+
+    def share(self, sinks: Iterable[Any]) -> list[Any]:
+        """Proxies of `sinks` for the station: writes go through, ``close`` is deferred to ours.
+
+        Sinks with ``append`` also receive the describer's records."""
+        out = []
+        for sink in sinks:
+            if hasattr(sink, "append") and sink not in self.sinks:
+                self.sinks.append(sink)
+            out.append(_SharedSink(sink, self))
+        return out
+
+    def close(self, drain_timeout_s: Optional[float] = None) -> DescriberStats:
+        """Stop accepting, describe what is queued (at most `drain_timeout_s`, default
+        queue length x timeout), fail what is left, stop the worker, close the shared sinks."""
+        with self._cond:
+            if self._closing and self._thread is None:
+                return self.stats
+            self._closing = True
+            waiting = len(self._pending) + (self._busy is not None)
+            self._cond.notify_all()
+        limit = drain_timeout_s if drain_timeout_s is not None else (waiting + 1) * self.timeout_s + self.start_timeout_s
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            with self._cond:
+                if not self._pending and self._busy is None:
+                    break
+            time.sleep(0.02)
+        with self._cond:
+            self._stop = True
+            left = list(self._pending)
+            self._pending.clear()
+            self._cond.notify_all()
+        for req in left:
+            self._fail(req, "describer stopped before this part was described")
+        if self._thread is not None:
+            self._thread.join(self.timeout_s + 5.0)
+            self._thread = None
+        self._stop_worker()
+        for sink in self.sinks:
+            if id(sink) in self._station_closed:
+                try:
+                    sink.close()
+                except Exception:  # noqa: BLE001
+                    log.exception("closing sink %s failed", getattr(sink, "name", type(sink).__name__))
+        return self.stats
+
+    def __enter__(self) -> "AsyncDescriber":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- station side
+
+    def submit(self, verdict: Any, frame: Any, question: Optional[str] = None) -> None:
+        """Queue a flagged frame for description; returns at once (never blocks on the worker)."""
+        image = getattr(frame, "image", None)
+        if image is None:
+            return
+        req = DescribeRequest.from_verdict(verdict, image, self.pixel_threshold, question)
+        req.request_id = next(self._ids)
+        with self._cond:
+            self.stats.submitted += 1
+            if self._closing:
+                rejected = "describer is shutting down"
+            elif len(self._pending) >= self.queue_size:
+                rejected = f"describer queue full ({self.queue_size} parts waiting): flagged parts arrive faster " \
+                           "than they are described"
+            else:
+                self._pending.append(req)
+                self._cond.notify()
+                return
+        with self._cond:
+            self.stats.rejected += 1
+        self._warn("rejected", logging.WARNING, "event %s not described: %s", req.event_id, rejected)
+        self._fail(req, rejected)
+
+    # -- dispatcher thread
+
+    def _dispatch(self) -> None:
+        failures = 0
+        while True:
+            with self._cond:
+                if self._stop:
+                    return
+            if self._proc is None or not self._proc.is_alive():
+                if not self._start_worker():
+                    failures += 1
+                    delay = min(self.max_restart_delay_s, 0.5 * 2 ** min(failures, 8))
+                    self._warn("start", logging.ERROR, "describer worker failed to start (%s); retrying in %.1f s",
+                               self.worker_info.get("error", "?"), delay)
+                    with self._cond:
+                        self._cond.wait(delay)
+                    continue
+                failures = 0
+            with self._cond:
+                while not self._pending and not self._stop:
+                    self._cond.wait(0.5)
+                    if self._proc is not None and not self._proc.is_alive():
+                        break
+                if self._stop:
+                    return
+                if not self._pending:
+                    continue
+                req = self._pending.popleft()
+                self._busy = req
+            try:
+                self._serve(req)
+            finally:
+                with self._cond:
+                    self._busy = None
+
+    def _serve(self, req: DescribeRequest) -> None:
+        conn = self._conn
+        t_sent = time.monotonic()
+        try:
+            conn.send(req)
+        except (OSError, EOFError, ValueError) as exc:
+            self._on_worker_death(req, f"could not send the request to the worker ({exc})")
+            return
+        deadline = t_sent + self.timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.stats.timeouts += 1
+                self._kill_worker()
+                self._fail(req, f"timeout: no description within {self.timeout_s:.1f} s; the describer worker "
+                                "was restarted")
+                return
+            try:
+                if conn.poll(min(left, 0.25)):
+                    msg = conn.recv()
+                    break
+            except (EOFError, OSError):
+                self._on_worker_death(req, "the describer worker died")
+                return
+            if not self._proc.is_alive() and not conn.poll(0):
+                self._on_worker_death(req, "the describer worker died")
+                return
+        status = msg[0]
+        if status == "ok" and msg[1] == req.request_id:
+            record = msg[2]
+            latency = time.time() - req.submitted
+            record["latency_s"] = round(latency, 4)
+            record["worker_s"] = round(time.monotonic() - t_sent, 4)
+            self.stats.described += 1
+            self.stats.latencies_s.append(latency)
+            self._deliver(req.event_id, record)
+        elif status == "failed":
+            self._fail(req, f"describer error: {msg[2]}")
+        else:
+            self._fail(req, f"unexpected answer from the describer worker: {status!r}")
+
+    def _on_worker_death(self, req: DescribeRequest, why: str) -> None:
+        code = self._proc.exitcode if self._proc is not None else None
+        self.stats.worker_deaths += 1
+        self._kill_worker()
+        self._warn("death", logging.ERROR, "%s (exit code %s) while describing event %s; restarting it", why, code,
+                   req.event_id)
+        self._fail(req, f"{why} (exit code {code}); it was restarted")
+
+    # -- worker management
+
+    def _start_worker(self) -> bool:
+        if self._proc is not None:
+            self.stats.restarts += 1
+        self._ready.clear()
+        parent, child = self._ctx.Pipe(duplex=True)
+        proc = self._ctx.Process(target=_worker_main, args=(child, self.llm_spec, self.options),
+                                 name="iadgpt-describer-worker", daemon=True)
+        proc.start()
+        child.close()
+        self._proc, self._conn = proc, parent
+        deadline = time.monotonic() + self.start_timeout_s
+        while time.monotonic() < deadline:
+            with self._cond:
+                if self._stop:
+                    return False
+            try:
+                if parent.poll(0.25):
+                    msg = parent.recv()
+                    if msg[0] == "ready":
+                        self.worker_info = dict(msg[1])
+                        self._ready.set()
+                        log.info("describer worker %s ready in %.1f s (%s MB)", proc.pid, msg[1]["load_s"],
+                                 msg[1].get("rss_mb"))
+                        return True
+                    self.worker_info = {"error": msg[1]}
+                    break
+            except (EOFError, OSError):
+                self.worker_info = {"error": f"worker exited with code {proc.exitcode} while loading"}
+                break
+            if not proc.is_alive():
+                self.worker_info = {"error": f"worker exited with code {proc.exitcode} while loading"}
+                break
+        else:
+            self.worker_info = {"error": f"worker not ready after {self.start_timeout_s:.0f} s"}
+        self._kill_worker()
+        return False
+
+    def _kill_worker(self) -> None:
+        proc, conn = self._proc, self._conn
+        if conn is not None:
+            try:
+                conn.close()
+            except OSError:
+                pass
+        if proc is not None and proc.is_alive():
+            proc.kill()
+            proc.join(5.0)
+        self._ready.clear()
+
+    def _stop_worker(self) -> None:
+        proc, conn = self._proc, self._conn
+        if proc is None:
+            return
+        if proc.is_alive() and conn is not None:
+            try:
+                conn.send(None)
+                proc.join(3.0)
+            except (OSError, EOFError, ValueError):
+                pass
+        self._kill_worker()
+        self._proc = None
+
+    # -- records
+
+    def _fail(self, req: DescribeRequest, error: str) -> None:
+        with self._cond:
+            self.stats.failed += 1
+        self._deliver(req.event_id, {"kind": RECORD_KIND, "status": "failed", "error": error,
+                                     "description": None, "latency_s": round(time.time() - req.submitted, 4)})
+
+    def _deliver(self, event_id: str, record: dict[str, Any]) -> None:
+        self.results[event_id] = record
+        while len(self.results) > self.keep_results:
+            self.results.popitem(last=False)
+        for sink in self.sinks:
+            append = getattr(sink, "append", None)
+            if append is None:
+                continue
+            try:
+                append(event_id, record)
+            except Exception as exc:  # noqa: BLE001 - a sink never stops the describer
+                self._warn(f"sink:{getattr(sink, 'name', '?')}", logging.ERROR, "describer could not append to %s: %s",
+                           getattr(sink, "name", type(sink).__name__), exc)
+        if self.on_result is not None:
+            try:
+                self.on_result(event_id, record)
+            except Exception:  # noqa: BLE001
+                log.exception("describer on_result callback failed")
+
+
+__all__ = ["AsyncDescriber", "Describer", "DescribeRequest", "FakeLLM", "build_messages", "compose",
+           "contradictions", "facts_sentence", "make_llm", "llm_spec_for", "DescriberStats"]

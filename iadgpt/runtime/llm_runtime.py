@@ -1,0 +1,243 @@
+"""Run a quantized decoder-only LLM with ONNX Runtime and `tokenizers`: no torch, no transformers.
+
+The model folder is what `iadgpt quantize-llm` writes (see `iadgpt.export.llm`): ``model.onnx``
+(+ ``.data``) with ``input_ids``, ``attention_mask`` (and optionally ``position_ids``),
+``past_key_values.N.key/value`` in and ``logits``, ``present.N.key/value`` out; ``tokenizer.json``;
+and ``llm.json`` describing both. Why our own loop rather than onnxruntime-genai's: the station
+then needs only onnxruntime, and genai's tokenizer mis-encodes the tokenizer transformers writes
+for a GGUF model (it returns -1 ids for SmolLM2's), while the `tokenizers` package reads it exactly.
+
+Greedy decoding only (deterministic). The KV cache of a fixed prompt prefix (the system prompt)
+is computed once and reused by every request (`prefix_cache`), which cuts the time to first token.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+import numpy as np
+
+from iadgpt.errors import DescriberError
+
+log = logging.getLogger(__name__)
+
+LLM_CONFIG = "llm.json"
+PathLike = Union[str, "os.PathLike[str]"]
+Message = dict[str, str]
+
+
+@dataclass
+class Generation:
+    """One completion: text, token ids and timings."""
+
+    text: str
+    tokens: list[int]
+    prompt_tokens: int
+    ttft_s: float  # prompt processing (prefill) until the first new token
+    total_s: float
+    stop: str  # "eos" | "max_tokens" | "stop_text" | "deadline"
+    cached_prefix_tokens: int = 0
+
+    @property
+    def tokens_per_s(self) -> float:
+        n = len(self.tokens) - 1
+        dt = self.total_s - self.ttft_s
+        return n / dt if n > 0 and dt > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"text": self.text, "new_tokens": len(self.tokens), "prompt_tokens": self.prompt_tokens,
+                "cached_prefix_tokens": self.cached_prefix_tokens, "ttft_s": round(self.ttft_s, 4),
+                "total_s": round(self.total_s, 4), "tokens_per_s": round(self.tokens_per_s, 2), "stop": self.stop}
+
+
+def chatml(messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+    """The ChatML text SmolLM2 (and Qwen, ...) are trained on."""
+    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+
+CHAT_FORMATS: dict[str, Callable[[Sequence[Message], bool], str]] = {"chatml": chatml}
+
+
+def read_llm_config(model_dir: PathLike) -> dict[str, Any]:
+    path = Path(model_dir) / LLM_CONFIG
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DescriberError(f"{model_dir} is not a describer LLM folder ({LLM_CONFIG} is missing); build one with "
+                             "`iadgpt quantize-llm --out DIR`") from None
+    except (OSError, ValueError) as exc:
+        raise DescriberError(f"{path} cannot be read ({exc}); rebuild it with `iadgpt quantize-llm`") from None
+
+
+def verify_llm_dir(model_dir: PathLike, files: Optional[dict[str, str]] = None) -> None:
+    """Check every file's sha256 against `files` (default: the list in llm.json)."""
+    from iadgpt.bundle import sha256_file
+
+    root = Path(model_dir)
+    files = files if files is not None else read_llm_config(root).get("files", {})
+    for rel, sha in files.items():
+        path = root / rel
+        if not path.is_file():
+            raise DescriberError(f"describer LLM {root} is incomplete: {rel} is missing; rebuild it with "
+                                 "`iadgpt quantize-llm`")
+        actual = sha256_file(path)
+        if actual != sha:
+            raise DescriberError(f"describer LLM {root}: {rel} is corrupt or was modified (sha256 {actual[:12]}... "
+                                 f"!= {sha[:12]}...); rebuild it with `iadgpt quantize-llm`")
+
+
+class OnnxLLM:
+    """A quantized decoder (a `quantize-llm` folder) with greedy generation over a KV cache.
+
+    `threads` sets ONNX Runtime's intra-op threads (default 1: the describer shares the station's
+    cores with the verdict loop). Thread spinning is off so an idle describer costs no CPU.
+    """
+
+    def __init__(self, model_dir: PathLike, *, threads: Optional[int] = 1, verify: bool = False,
+                 system_prompt: Optional[str] = None) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise DescriberError("the describer needs onnxruntime: pip install iadgpt[cpu]") from None
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise DescriberError("the describer needs the tokenizers package: pip install iadgpt[llm]") from None
+        t0 = time.perf_counter()
+        self.dir = Path(model_dir)
+        self.config = read_llm_config(self.dir)
+        if verify:
+            verify_llm_dir(self.dir, self.config.get("files"))
+        fmt = self.config.get("chat_format", "chatml")
+        if fmt not in CHAT_FORMATS:
+            raise DescriberError(f"{self.dir}/{LLM_CONFIG}: chat format {fmt!r} is not supported (known: "
+                                 f"{', '.join(CHAT_FORMATS)})")
+        self.format_chat = CHAT_FORMATS[fmt]
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = int(threads)
+        opts.inter_op_num_threads = 1
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(self.dir / self.config.get("model", "model.onnx")), opts,
+                                                providers=["CPUExecutionProvider"])
+            self.tokenizer = Tokenizer.from_file(str(self.dir / self.config.get("tokenizer", "tokenizer.json")))
+        except Exception as exc:  # noqa: BLE001 - ORT/tokenizers raise their own types
+            raise DescriberError(f"cannot load the describer LLM from {self.dir}: {exc}; rebuild it with "
+                                 "`iadgpt quantize-llm`") from None
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        self.layers = int(self.config["num_layers"])
+        self.kv_heads = int(self.config["num_kv_heads"])
+        self.head_dim = int(self.config["head_dim"])
+        self.past_names = [(f"past_key_values.{i}.key", f"past_key_values.{i}.value") for i in range(self.layers)]
+        missing = [n for pair in self.past_names for n in pair if n not in inputs]
+        if missing or "input_ids" not in inputs:
+            raise DescriberError(f"{self.dir}: model inputs do not match {LLM_CONFIG} (missing {missing[:2]}); "
+                                 "rebuild it with `iadgpt quantize-llm`")
+        self.has_position_ids = "position_ids" in inputs
+        self.output_names = ["logits"] + [f"present.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
+        self.eos_ids = set(int(i) for i in self.config.get("eos_token_ids", []))
+        self.max_context = int(self.config.get("context_length", 2048))
+        self._prefix: Optional[tuple[list[int], list[np.ndarray]]] = None
+        self.load_s = time.perf_counter() - t0
+        if system_prompt is not None:
+            self.cache_prefix(self.format_chat([{"role": "system", "content": system_prompt}], False))
+        log.info("describer LLM %s loaded in %.2f s (%s)", self.dir.name, self.load_s,
+                 self.config.get("quantization", {}).get("scheme", "?"))
+
+    # -- tokens
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    # -- model
+
+    def _empty_past(self) -> list[np.ndarray]:
+        z = np.zeros((1, self.kv_heads, 0, self.head_dim), np.float32)
+        return [z] * (2 * self.layers)
+
+    def _step(self, ids: Sequence[int], past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Logits of the last position and the new cache, after feeding `ids` on top of `past`."""
+        done = past[0].shape[2]
+        total = done + len(ids)
+        feeds: dict[str, np.ndarray] = {"input_ids": np.asarray([ids], np.int64),
+                                        "attention_mask": np.ones((1, total), np.int64)}
+        if self.has_position_ids:
+            feeds["position_ids"] = np.arange(done, total, dtype=np.int64)[None]
+        for i, (k, v) in enumerate(self.past_names):
+            feeds[k], feeds[v] = past[2 * i], past[2 * i + 1]
+        out = self.session.run(self.output_names, feeds)
+        return out[0][0, -1], out[1:]
+
+    def cache_prefix(self, text: str) -> int:
+        """Precompute the KV cache of `text`; prompts that start with these tokens reuse it."""
+        ids = self.encode(text)
+        _, past = self._step(ids, self._empty_past()) if ids else (None, self._empty_past())
+        self._prefix = (ids, past)
+        return len(ids)
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        """(len(ids), vocab) logits of a whole sequence in one pass (for tests and parity checks)."""
+        feeds: dict[str, np.ndarray] = {"input_ids": np.asarray([ids], np.int64),
+                                        "attention_mask": np.ones((1, len(ids)), np.int64)}
+        if self.has_position_ids:
+            feeds["position_ids"] = np.arange(len(ids), dtype=np.int64)[None]
+        for i, (k, v) in enumerate(self.past_names):
+            feeds[k] = feeds[v] = self._empty_past()[0]
+        return self.session.run(["logits"], feeds)[0][0]
+
+    def generate(self, prompt: Union[str, Sequence[Message]], max_new_tokens: int = 48, *,
+                 stop_texts: Sequence[str] = (), deadline: Optional[float] = None,
+                 min_new_tokens: int = 1) -> Generation:
+        """Greedy completion of a chat (list of messages, formatted with the model's chat format)
+        or a raw prompt string. Stops at an end-of-sequence token, after `max_new_tokens`, when
+        the decoded text contains one of `stop_texts` (cut just after it), or at `deadline`
+        (time.monotonic()); never raises on a stop."""
+        text = prompt if isinstance(prompt, str) else self.format_chat(prompt, True)
+        t0 = time.perf_counter()
+        ids = self.encode(text)
+        if len(ids) + max_new_tokens > self.max_context:
+            raise DescriberError(f"prompt of {len(ids)} tokens + {max_new_tokens} new exceeds the model's context "
+                                 f"({self.max_context}); shorten the conversation")
+        past, todo, cached = self._empty_past(), ids, 0
+        if self._prefix is not None:
+            pre_ids, pre_past = self._prefix
+            if len(pre_ids) < len(ids) and ids[:len(pre_ids)] == pre_ids:
+                past, todo, cached = pre_past, ids[len(pre_ids):], len(pre_ids)
+        logits, past = self._step(todo, past)
+        ttft = time.perf_counter() - t0
+        out: list[int] = []
+        stop = "max_tokens"
+        result = ""
+        while True:
+            nxt = int(np.argmax(logits))
+            if nxt in self.eos_ids and len(out) >= min_new_tokens:
+                stop = "eos"
+                break
+            out.append(nxt)
+            if stop_texts:
+                result = self.decode(out)
+                hit = [result.index(s) + len(s) for s in stop_texts if s in result]
+                if hit and len(out) >= min_new_tokens:
+                    result = result[:min(hit)]
+                    stop = "stop_text"
+                    break
+            if len(out) >= max_new_tokens:
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                stop = "deadline"
+                break
+            logits, past = self._step([nxt], past)
+        if stop != "stop_text":
+            result = self.decode(out)
+        return Generation(result.strip(), out, len(ids), ttft, time.perf_counter() - t0, stop, cached)

