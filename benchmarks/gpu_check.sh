@@ -3,7 +3,7 @@
 # onnxruntime CPU, no network, nothing to install: random weights, iadgpt from this checkout).
 #   1. the GPU tests:           pytest -m gpu -rs tests/test_cuda_graph.py
 #   2. the latency benchmark:   benchmarks/gpu_latency.py --device cuda --random-weights (+ parity vs onnxruntime)
-# Prints the GPU; writes gpu.txt, pytest_gpu.txt, gpu_latency.json and gpu_latency.log to $OUT (or ./gpu_check_out).
+# Prints the GPU; writes gpu.txt, pytest_gpu.txt, gpu_latency.json and gpu_latency.log to $OUT (or ./out/gpu_check).
 #
 #   bash benchmarks/gpu_check.sh                        # from the repository root
 #   bash benchmarks/gpu_check.sh --variants graph-fused,graph-fused-compile,onnxruntime   # extra args -> gpu_latency.py
@@ -11,7 +11,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
-OUT_DIR="${OUT:-$PWD/gpu_check_out}"
+OUT_DIR="${OUT:-$PWD/out/gpu_check}"  # out/ is git-ignored
 mkdir -p "$OUT_DIR"
 PY="${PYTHON:-python3}"
 BUDGET_S="${GPU_CHECK_BUDGET_S:-280}"

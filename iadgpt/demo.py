@@ -12,7 +12,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import cv2
 import numpy as np
@@ -29,7 +29,7 @@ DEMO_SIZE = 256
 TRAIN_SEED, HOLDOUT_SEED, STREAM_SEED = 101, 202, 303
 TRAIN_IMAGES, HOLDOUT_IMAGES = 30, 60
 DEMO_CORESET = 0.1
-THRESHOLD_QUANTILE = 0.995
+DEMO_TARGET_FRR = 0.02  # the lowest rate 60 held-out normals can promise is 1/61 (see calibration/thresholds.py)
 
 
 def cache_dir() -> Path:
@@ -65,25 +65,29 @@ def demo_bundle(backend: str = "onnxruntime", threads: Optional[int] = None, reb
 
 
 def fit_demo_threshold(bundle: Bundle, backend: str, threads: Optional[int]) -> float:
-    """Quantile of held-apart normal scores, on the backend that will run (until `iadgpt calibrate`)."""
+    """Image and region thresholds from held-apart synthetic normals, scored on the backend that will run."""
+    from .calibration.thresholds import fit_image_threshold, fit_pixel_threshold
     from .runtime.detector import Detector
     from .runtime.preprocess import to_batch
 
     holdout = SyntheticProduct(kind=DEMO_KIND, size=DEMO_SIZE, seed=HOLDOUT_SEED, defect_rate=0.0)
     detector = Detector(bundle, backend, threads=threads, threshold=float("inf"))
-    scores = []
+    scores, maps = [], []
     with detector:
         for start in range(0, HOLDOUT_IMAGES, 8):
             images = [holdout.sample(i).image for i in range(start, min(start + 8, HOLDOUT_IMAGES))]
-            scores.append(detector.score_batch(to_batch(images, bundle.input_spec))[1])
-    scores = np.concatenate(scores)
-    value = float(np.quantile(scores, THRESHOLD_QUANTILE, method="higher"))
-    bundle.update_manifest(thresholds={"image": {
-        "value": value, "method": "quantile", "quantile": THRESHOLD_QUANTILE, "n_images": int(len(scores)),
-        "images": f"synthetic {DEMO_KIND} seed {HOLDOUT_SEED}", "backend": backend,
-        "precision": str(bundle.graphs["encoder"].get("precision", "fp32"))}})
-    log.info("demo threshold %.4f from %d held-apart normals", value, len(scores))
-    return value
+            m, s, _ = detector.score_batch(to_batch(images, bundle.input_spec))
+            scores.append(s)
+            maps.append(m)
+    image = fit_image_threshold(np.concatenate(scores), DEMO_TARGET_FRR)
+    pixel = fit_pixel_threshold(np.concatenate(maps), image_threshold=image.value)
+    precision = str(bundle.graphs["encoder"].get("precision", "fp32"))
+    for rec in (image, pixel):
+        rec.backend, rec.precision = backend, precision
+    image.params["images"] = f"synthetic {DEMO_KIND} seed {HOLDOUT_SEED}"
+    bundle.update_manifest(thresholds={"image": image.to_manifest(), "pixel": pixel.to_manifest()})
+    log.info("demo threshold %.4f from %d held-apart normals", image.value, image.n_images)
+    return image.value
 
 
 @dataclass
@@ -125,8 +129,12 @@ class GroundTruthSink:
 
 def run_demo(out: Path, frames: int = 200, fps: float = 20.0, backend: str = "onnxruntime",
              threads: Optional[int] = None, on_flag: Optional[Callable[[str], None]] = None,
-             rebuild: bool = False) -> dict:
-    """Build/calibrate (cached), run the station on a synthetic stream, write DIR/summary.json."""
+             rebuild: bool = False, describer: Optional[Any] = None) -> dict:
+    """Build/calibrate (cached), run the station on a synthetic stream, write DIR/summary.json.
+
+    `describer`: an `iadgpt.runtime.describer.AsyncDescriber`; flagged parts are described off the
+    loop and the records appended to their events (it is closed, queue drained, at the end).
+    """
     from .runtime.detector import Detector
     from .runtime.sinks import JsonlSink, OverlaySink
     from .runtime.sources import open_source
@@ -138,8 +146,11 @@ def run_demo(out: Path, frames: int = 200, fps: float = 20.0, backend: str = "on
     truth = GroundTruthSink(on_flag=on_flag)
     sinks = [OverlaySink(out / "overlays"), JsonlSink(out / "events.jsonl"), truth]
     uri = f"synthetic://{DEMO_KIND}?seed={STREAM_SEED}&size={DEMO_SIZE}&defect_rate=0.3&count={frames}&fps={fps}"
+    if describer is not None:
+        sinks = describer.share(sinks)  # their close waits for the describer's last record
     with Detector(bundle, backend, threads=threads) as detector, open_source(uri) as source:
-        stats = Station(detector, source, sinks, stats_interval_s=30.0).run()
+        stats = Station(detector, source, sinks, stats_interval_s=30.0, describer=describer).run()
+    described = describer.close().to_dict() if describer is not None else None
     lat = np.array(truth.judged_latency_ms or [np.nan])
     summary = {
         "frames": stats.frames, "judged": stats.judged, "flagged": truth.flagged,
@@ -151,5 +162,7 @@ def run_demo(out: Path, frames: int = 200, fps: float = 20.0, backend: str = "on
         "fps": stats.fps, "backend": backend, "threshold": bundle.thresholds["image"]["value"],
         "bundle": str(bundle.path), "events": str(out / "events.jsonl"), "overlays": str(out / "overlays"),
     }
+    if described is not None:
+        summary["describer"] = described
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -52,6 +52,7 @@ def test_facts_sentence_and_prompt_carry_the_facts():
     msgs = build_messages(facts, "flange", "Why?")
     assert msgs[0]["role"] == "system" and msgs[-1]["content"].endswith("Why?")
     assert "top left" in msgs[1]["content"] and "Part: flange." in msgs[1]["content"]
+    assert msgs[0]["content"] == build_messages(_facts(box=(60, 60, 80, 80)), "tile")[0]["content"]  # cacheable
 
 
 @pytest.mark.parametrize("remark, bad", [
@@ -153,7 +154,8 @@ def test_queue_full_marks_the_part_failed(events):
 
 
 def test_timeout_kills_and_restarts_the_worker(events):
-    d = AsyncDescriber({"kind": "fake", "hang_on": "bottom right"}, sinks=[events], timeout_s=1.5)
+    # idle=False: on a busy CI box a SCHED_IDLE worker could miss even a short deadline
+    d = AsyncDescriber({"kind": "fake", "hang_on": "bottom right"}, sinks=[events], timeout_s=3.0, idle=False)
     try:
         assert d.wait_ready(60)
         first_pid = d.worker_pid
@@ -284,5 +286,76 @@ def test_real_smollm2_kv_cache_matches_full_pass(smollm2):
     last, past = smollm2._step(ids[:-3], smollm2._empty_past())
     for t in ids[-3:]:
         last, past = smollm2._step([t], past)
-    np.testing.assert_allclose(last, full[-1], atol=2e-2, rtol=0)
+    # int8 activations (accuracy_level 4) are quantized per call, so one-token steps and the full
+    # pass differ a little; the greedy choice must not
+    assert np.abs(last - full[-1]).max() < 0.1 * np.abs(full[-1]).max()
     assert int(np.argmax(last)) == int(np.argmax(full[-1]))
+
+
+# ----------------------------------------------------------------------------- CLI: chat and describe
+
+
+def test_chat_answers_with_history_and_guards_the_facts(tmp_path, monkeypatch, capsys):
+    """`iadgpt chat` on a described event: answers, records Q/A, replaces a contradicting answer."""
+    from iadgpt.cli import main
+    from iadgpt.runtime import describer as mod
+
+    sink = JsonlSink(tmp_path / "events.jsonl", fsync="never")
+    verdict, frame = _flagged(3)
+    sink.write(verdict, frame)
+    record = Describer(FakeLLM(), "flange").describe(DescribeRequest.from_verdict(verdict, frame.image))
+    sink.append(verdict.event_id, record)
+    sink.close()
+    seen = []
+
+    class Scripted(FakeLLM):
+        def generate(self, prompt, max_new_tokens=48, **kw):
+            seen.append(prompt)
+            text = "It is at the bottom right." if len(seen) == 2 else "It is at the top left, near the rim."
+            return mod.Generation(text, [1, 2], 10, 0.01, 0.02, "eos")
+
+    monkeypatch.setattr(mod, "make_llm", lambda spec: Scripted())
+    rc = main(["chat", str(tmp_path / "events.jsonl"), "--event", verdict.event_id, "--llm", "fake", "--record",
+               "-q", "Where is it?", "-q", "Are you sure?"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "It is at the top left, near the rim." in out
+    assert "By the measurements:" in out and "contradicted" in out  # the second answer said bottom right
+    assert len(seen[1]) == 4 and seen[1][2]["role"] == "assistant"  # system, facts+q1, a1, q2 (history kept)
+    updates = read_events(tmp_path / "events.jsonl")[0]["updates"]
+    assert [u["kind"] for u in updates] == ["description", "chat", "chat"]
+
+
+def test_runtime_modules_do_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, iadgpt.runtime.describer, iadgpt.runtime.llm_runtime, iadgpt.runtime.facts; "
+            "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_describe_command_on_a_tiny_bundle(tiny_bundle_path, tmp_path, capsys):
+    import cv2
+
+    from iadgpt.cli import main
+
+    product = SyntheticProduct(kind="part", size=128, seed=21, defect_rate=1.0)
+    path = tmp_path / "part.png"
+    cv2.imwrite(str(path), cv2.cvtColor(product.sample(0).image, cv2.COLOR_RGB2BGR))
+    rc = main(["describe", str(path), "--bundle", str(tiny_bundle_path), "--llm", "fake", "--product", "flange",
+               "--threshold", "0.0"])  # threshold 0: every part is NG, so there is something to describe
+    out = capsys.readouterr().out
+    assert rc == 0 and ": NG, score" in out
+    assert "of the flange" in out and "facts:" in out
+
+
+def test_from_options_checks_station_yaml_keys(tmp_path):
+    from iadgpt.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown key"):
+        AsyncDescriber.from_options({"llm": "fake", "timeout": 3})
+    d = AsyncDescriber.from_options({"llm": "fake", "product": "flange", "timeout_s": 5, "queue_size": 2},
+                                    start=False)
+    assert d.llm_spec == {"kind": "fake"} and d.product == "flange" and d.timeout_s == 5.0 and d.queue_size == 2
+    d.close(0)

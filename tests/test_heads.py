@@ -13,6 +13,16 @@ from iadgpt.models.heads import VisualGuidedDecoder, decoder_loss, dice_loss, fo
 DIMS, STRIDES, SIZE = (4, 6, 8), (4, 8, 16), 32
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core box every multi-threaded op waits for a descheduled
+    thread (~20 ms per op under load); one thread keeps these tests at seconds."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _feats(batch: int = 2, seed: int = 0) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.relu(torch.randn(batch, c, SIZE // s, SIZE // s, generator=g)) for c, s in zip(DIMS, STRIDES)]
@@ -59,6 +69,19 @@ def test_references_learnable_or_fixed_text() -> None:
         learn(*_feats()[:2])
 
 
+def test_layer_subset() -> None:
+    dec = _decoder(layers=[2, 1])
+    assert dec.layers == (1, 2) and isinstance(dec.projections[0], torch.nn.Identity)
+    feats = _feats()
+    with torch.no_grad():
+        assert len(dec.layer_logits(feats)) == 2
+        a, _ = dec(*feats)
+        b, _ = dec(torch.full_like(feats[0], 1e3), *feats[1:])  # layer 0 is not read
+    assert torch.equal(a, b)
+    with pytest.raises(ScorerError, match="indices of the 3 tapped layers"):
+        _decoder(layers=[3])
+
+
 def test_feature_stats_standardise_inputs() -> None:
     dec = _decoder(pool=1)
     feats = [f * 10 + 3 for f in _feats(4)]
@@ -93,19 +116,25 @@ def test_fused_scorer_normalised_mean() -> None:
         amap, score = fused(*normal, bank)
         # normal images: both normalised maps have mean 0 and unit std, so the fused map has mean 0
         assert abs(float(amap.mean())) < 1e-4
-        expect = 0.5 * (dmap - stats[0]) / stats[1] + 0.5 * (bmap - stats[2]) / stats[3]
+        w = float(fused.weight)
+        expect = w * (dmap - stats[0]) / stats[1] + (1 - w) * (bmap - stats[2]) / stats[3]
         assert torch.allclose(amap, expect, atol=1e-5) and torch.allclose(score, amap.flatten(1).amax(1))
         # the bank map is the memory-bank scorer's distance map
         from iadgpt.models.scorers import MemoryBankScorer
         ref, _ = MemoryBankScorer(STRIDES, SIZE, sigma=0.0)(*normal, bank)
         assert torch.allclose(bmap, ref, atol=1e-4)
+        # the decoder part is its log-odds: logit(mean prob) for one layer, monotone in the probability
+        one = VisualGuidedDecoder(DIMS, SIZE, embed_dim=8, layers=[2]).eval()
+        p = one.raw_map(normal)
+        assert torch.allclose(one.log_odds_map(normal), torch.log(p) - torch.log1p(-p), atol=1e-3)
     with pytest.raises(ScorerError, match=r"\[0, 1\]"):
         FusedScorer(dec, STRIDES, weight=1.5)
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["decoder", "decoder+bank"])
-def test_onnx_parity(tmp_path, fused: bool) -> None:
-    dec = _decoder()
+@pytest.mark.parametrize("fused,layers", [(False, None), (True, None), (True, [1, 2])],
+                         ids=["decoder", "decoder+bank", "decoder(layers 1,2)+bank"])
+def test_onnx_parity(tmp_path, fused: bool, layers) -> None:
+    dec = _decoder(layers=layers)
     dec.set_feature_stats(_feats(4, seed=3))
     feats = _feats(2, seed=4)
     if fused:
@@ -114,6 +143,8 @@ def test_onnx_parity(tmp_path, fused: bool) -> None:
         fit_fusion(module, _feats(2, seed=6), bank)
         report = export_decoder_scorer(module, tmp_path / "scorer.onnx", feats, bank.numpy())
         assert report.inputs == ["feat0", "feat1", "feat2", "bank"]
+        import onnx  # an unused feat0 (layers 1, 2) is still a graph input: the station feeds it
+        assert [i.name for i in onnx.load(str(tmp_path / "scorer.onnx")).graph.input] == report.inputs
         assert any("bank of" in p for p in report.probes)  # a second bank size was checked
     else:
         report = export_decoder_scorer(DecoderScorer(dec), tmp_path / "scorer.onnx", feats)

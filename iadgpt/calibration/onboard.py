@@ -21,6 +21,7 @@ unchanged graphs are carried over, and a score histogram PNG is written next to 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -28,7 +29,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
@@ -51,7 +52,7 @@ class CalibrationReport:
     """What `calibrate` did and what the line should expect from the fitted thresholds."""
 
     bundle: Path
-    seconds: float
+    seconds: float  # wall time until the calibrated bundle was written (the histogram is drawn after)
     threshold: float
     pixel_threshold: float
     method: str
@@ -97,11 +98,13 @@ class CalibrationReport:
             out.append("  miss rate: unknown (pass --defects DIR with labelled defective images to estimate it)")
         if self.int8:
             cos = ", ".join(f"{k} {v:.4f}" for k, v in self.int8["cosine"].items())
-            out.append(f"  INT8 encoder: feature cosine vs fp32 {cos}; {len(self.int8['excluded_nodes'])} nodes in float")
+            kept = len(self.int8["excluded_nodes"])
+            out.append(f"  INT8 encoder: feature cosine vs fp32 {cos}; {kept} nodes kept in float")
         if self.histogram:
             out.append(f"  score histogram {self.histogram}")
-        steps = ", ".join(f"{k} {v:.1f} s" for k, v in self.timings.items())
-        out.append(f"  took {self.seconds:.1f} s ({steps})")
+        steps = ", ".join(f"{k} {v:.1f} s" for k, v in self.timings.items() if k != "histogram")
+        out.append(f"  calibrated in {self.seconds:.1f} s ({steps})"
+                   + (f"; histogram drawn in {self.timings['histogram']:.1f} s" if "histogram" in self.timings else ""))
         return out
 
 
@@ -112,7 +115,8 @@ def list_normal_images(folder: PathLike) -> list[Path]:
     """Image files directly in `folder`, sorted by name (the order export and eval use)."""
     root = Path(folder)
     if not root.is_dir():
-        raise CalibrationError(f"normal image folder {root} does not exist; pass --normal DIR with images of good parts")
+        raise CalibrationError(f"normal image folder {root} does not exist; pass --normal DIR with images of "
+                               "good parts")
     images = sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")
                     and p.suffix.lower() in IMAGE_EXTENSIONS)
     if not images:
@@ -167,10 +171,67 @@ def _progress(items: Iterable, enabled: bool, desc: str, total: Optional[int] = 
     return tqdm(items, desc=desc, total=total, unit="batch", leave=False)
 
 
-def _batches(paths: Sequence[Path], spec: Any) -> Iterable[np.ndarray]:
+def _batches(paths: Sequence[Path], spec: Any, prefetch: bool = True) -> Iterator[np.ndarray]:
+    """Encoder-input batches of the images; the next batch is decoded (OpenCV releases the GIL)
+    while the caller scores the current one."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from ..runtime.preprocess import to_batch
-    for i in range(0, len(paths), BATCH):
-        yield to_batch([read_image(p) for p in paths[i:i + BATCH]], spec)
+
+    def load(i: int) -> np.ndarray:
+        return to_batch([read_image(p) for p in paths[i:i + BATCH]], spec)
+
+    starts = list(range(0, len(paths), BATCH))
+    if not prefetch or len(starts) < 2:
+        for i in starts:
+            yield load(i)
+        return
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        nxt = pool.submit(load, starts[0])
+        for j in range(len(starts)):
+            batch = nxt.result()
+            if j + 1 < len(starts):
+                nxt = pool.submit(load, starts[j + 1])
+            yield batch
+
+
+@dataclass
+class Split:
+    """Normal images split into bank shots and held-out images, with their sha256."""
+
+    shots: list[Path]
+    shot_hashes: list[str]
+    holdout: list[Path]
+    holdout_hashes: list[str]
+    total: int
+
+
+def split_images(src: Bundle, paths: list[Path], shots: int, holdout: Optional[int], seed: int) -> Split:
+    """K seeded shots for the bank; the held-out set is every other image (capped at `holdout`).
+
+    Pictures already in the bank are recognised by sha256 and never held out: a bank image
+    scores ~0 and would drag the threshold down.
+    """
+    hashes = [sha256_file(p) for p in paths]
+    if shots:
+        shot_paths = pick_shots(paths, shots, seed)
+        in_bank = {h for p, h in zip(paths, hashes) if p in set(shot_paths)}
+    else:
+        shot_paths = []
+        bank_name = (src.scorer.get("references") or {}).get("bank")
+        in_bank = set(src.references.get(bank_name, {}).get("provenance", {}).get("images", [])) if bank_name else set()
+    taken = set(shot_paths)
+    pool = [(p, h) for p, h in zip(paths, hashes) if p not in taken and h not in in_bank]
+    if not shots and len(pool) < len(paths):
+        log.info("left out %d images that are in the bundle's memory bank", len(paths) - len(pool))
+    if holdout is not None:
+        if holdout < 1:
+            raise CalibrationError(f"--holdout must be >= 1, got {holdout}")
+        if holdout < len(pool):
+            keep = np.sort(np.random.default_rng(seed + 1).choice(len(pool), size=holdout, replace=False))
+            pool = [pool[i] for i in keep]
+    shot_hashes = [h for p, h in zip(paths, hashes) if p in taken]
+    return Split(shot_paths, shot_hashes, [p for p, _ in pool], [h for _, h in pool], len(paths))
 
 
 # --------------------------------------------------------------------------- encoder features
@@ -179,9 +240,9 @@ def _batches(paths: Sequence[Path], spec: Any) -> Iterable[np.ndarray]:
 class GraphFeatures:
     """Backbone-like callable over an ONNX encoder on ONNX Runtime CPU (for `references.memory_bank`)."""
 
-    def __init__(self, onnx_path: PathLike, threads: Optional[int] = None):
+    def __init__(self, onnx_path: PathLike, threads: Optional[int] = None, precision: str = "fp32"):
         from ..runtime.engines import OrtEngine
-        self.engine = OrtEngine(onnx_path, "cpu", threads)
+        self.engine = OrtEngine(onnx_path, "cpu", threads, precision=precision)
         self.names = sorted(self.engine.output_names, key=lambda n: (len(n), n))
 
     def __call__(self, images: Any) -> list[Any]:
@@ -195,7 +256,7 @@ class GraphFeatures:
 
 
 def build_bank(encoder_onnx: Path, bundle: Bundle, shots: np.ndarray, *, augment: bool, coreset: Optional[float],
-               seed: int, threads: Optional[int], progress: bool) -> np.ndarray:
+               seed: int, threads: Optional[int], progress: bool, precision: str = "fp32") -> np.ndarray:
     """Memory bank of the shots with the bundle's patch embedding, features from `encoder_onnx`."""
     from ..models.references import memory_bank
     from ..models.scorers import MemoryBankScorer
@@ -204,12 +265,23 @@ def build_bank(encoder_onnx: Path, bundle: Bundle, shots: np.ndarray, *, augment
     h = bundle.input_spec.size[0]
     scorer = MemoryBankScorer(desc.get("strides") or [], h, grid_stride=int(cfg.get("grid_stride", 8)),
                               sigma=float(cfg.get("sigma", 4.0)))
-    feats = GraphFeatures(encoder_onnx, threads)
+    feats = GraphFeatures(encoder_onnx, threads, precision)
     try:
-        return memory_bank(feats, scorer, shots, augment=augment, coreset=coreset, seed=seed,  # type: ignore[arg-type]
-                           progress=progress)
+        with _single_thread_blas():
+            return memory_bank(feats, scorer, shots, augment=augment, coreset=coreset,  # type: ignore[arg-type]
+                               seed=seed, progress=progress)
     finally:
         feats.close()
+
+
+def _single_thread_blas() -> Any:
+    """The greedy coreset is a chain of small memory-bound mat-vecs: multi-threaded OpenBLAS made it
+    6x slower on 2 busy cores (2.0 s vs 0.33 s for 25k patches), so BLAS runs on one thread here."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # optional (comes with scikit-learn); without it BLAS keeps its default
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 def _augmented(shots: np.ndarray, augment: bool) -> np.ndarray:
@@ -252,48 +324,26 @@ def calibrate(bundle_path: PathLike, normal_dir: PathLike, *, shots: int = 4, ho
     if int8 and backend not in ("onnxruntime", "tensorrt"):
         raise CalibrationError(f"--int8 makes a Q/DQ graph for onnxruntime or tensorrt, not {backend!r}")
 
-    # -- split the normal images: shots for the bank, the rest held out for thresholds
     t = time.perf_counter()
-    paths = list_normal_images(normal_dir)
-    if shots:
-        shot_paths = pick_shots(paths, shots, seed)
-        taken = set(shot_paths)
-        pool = [p for p in paths if p not in taken]
-        shot_hashes = [sha256_file(p) for p in shot_paths]
-        pool_hashes = [sha256_file(p) for p in pool]
-        dup = set(shot_hashes)  # the same picture under two names would score ~0 and drag the threshold down
-        kept = [(p, h) for p, h in zip(pool, pool_hashes) if h not in dup]
-        pool, pool_hashes = [p for p, _ in kept], [h for _, h in kept]
-    else:
-        shot_paths, shot_hashes = [], []
-        bank_name = (cfg.get("references") or {}).get("bank")
-        in_bank = set(src.references.get(bank_name, {}).get("provenance", {}).get("images", [])) if bank_name else set()
-        all_hashes = [sha256_file(p) for p in paths]
-        pool = [p for p, h in zip(paths, all_hashes) if h not in in_bank]
-        pool_hashes = [h for h in all_hashes if h not in in_bank]
-        if in_bank and len(pool) < len(paths):
-            log.info("left out %d images that are in the bundle's memory bank", len(paths) - len(pool))
-    if holdout is not None:
-        if holdout < 1:
-            raise CalibrationError(f"--holdout must be >= 1, got {holdout}")
-        if holdout < len(pool):
-            keep = np.sort(np.random.default_rng(seed + 1).choice(len(pool), size=holdout, replace=False))
-            pool, pool_hashes = [pool[i] for i in keep], [pool_hashes[i] for i in keep]
+    split = split_images(src, list_normal_images(normal_dir), shots, holdout, seed)
+    shot_paths, shot_hashes, pool, pool_hashes = split.shots, split.shot_hashes, split.holdout, split.holdout_hashes
     need = th.min_images_for(target_frr, method) if method in ("quantile", "tail") else th.MIN_TAIL_IMAGES
     if len(pool) < need:
-        detail = th._too_few(len(pool), target_frr) if method == "quantile" else (
+        detail = th.too_few_message(len(pool), target_frr) if method == "quantile" else (
             f"method {method!r} needs at least {need} held-out normal images (got {len(pool)})")
-        raise CalibrationError(f"{detail}. {len(paths)} images in {normal_dir}, {len(shot_paths)} of them go to the "
-                               "memory bank (--shots) and are never used for thresholds")
+        raise CalibrationError(f"{detail}. {split.total} images in {normal_dir}, {len(shot_paths)} of them go to "
+                               "the memory bank (--shots) and are never used for thresholds")
     timings["list"] = time.perf_counter() - t
 
     spec = src.input_spec
+    dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{dest.name}.calib-", dir=dest.parent) as tmp:
         tmp_dir = Path(tmp)
         graphs = {role: (src.graph_path(role), entry.get("precision", "fp32")) for role, entry in src.graphs.items()}
         fp32_role = "encoder_fp32" if "encoder_fp32" in graphs else "encoder"
         if graphs[fp32_role][1] != "fp32" and int8:
-            raise CalibrationError(f"bundle {src.path} has no fp32 encoder to quantize; re-export it with `iadgpt export`")
+            raise CalibrationError(f"bundle {src.path} has no fp32 encoder to quantize; re-export it with "
+                                   "`iadgpt export`")
         shot_batch = np.concatenate(list(_batches(shot_paths, spec))) if shot_paths else None
         # rotations/flips of few shots, as `iadgpt export` does (an explicit `augment` wins)
         do_augment = (0 < shots <= 8) if augment is None else bool(augment)
@@ -302,23 +352,14 @@ def calibrate(bundle_path: PathLike, normal_dir: PathLike, *, shots: int = 4, ho
         int8_report = None
         if int8:
             t = time.perf_counter()
-            from .int8 import quantize_encoder, rebatch
-            calib = _augmented(shot_batch, do_augment) if shot_batch is not None else np.zeros((0, 3, *spec.size), np.float32)
-            extra_paths = pool[: max(0, INT8_CALIBRATION_IMAGES - len(calib))]
-            if len(extra_paths):
-                calib = np.concatenate([calib, *_batches(extra_paths, spec)])
-            calib = calib[:INT8_CALIBRATION_IMAGES]
-            check_paths = pool[-INT8_CHECK_IMAGES:]
             q_path = tmp_dir / "encoder_int8.onnx"
-            int8_report = quantize_encoder(graphs[fp32_role][0], q_path, rebatch(calib),
-                                           preset="cpu" if backend == "onnxruntime" else "tensorrt",
-                                           keep_float=int8_keep_float, threads=threads,
-                                           image_hashes=shot_hashes + pool_hashes[: len(extra_paths)],
-                                           eval_batches=list(_batches(check_paths, spec)))
-            if backend == "onnxruntime":
+            int8_report = quantize_on_normals(graphs[fp32_role][0], q_path, spec, shot_batch, do_augment, split,
+                                              preset="cpu" if backend == "onnxruntime" else "tensorrt",
+                                              keep_float=int8_keep_float, threads=threads)
+            if backend == "onnxruntime":  # the station's encoder; fp32 kept as the source of truth
                 graphs["encoder_fp32"] = graphs[fp32_role]
                 graphs["encoder"] = (q_path, "int8")
-            else:
+            else:  # compiled by `iadgpt build --precision int8`
                 graphs["encoder_int8"] = (q_path, "int8")
             timings["int8"] = time.perf_counter() - t
 
@@ -328,9 +369,9 @@ def calibrate(bundle_path: PathLike, normal_dir: PathLike, *, shots: int = 4, ho
         if shots:
             t = time.perf_counter()
             bank_coreset = cfg.get("coreset") if coreset is None else (None if coreset >= 1 else coreset)
-            enc_for_bank = graphs["encoder"][0]
+            enc_for_bank, enc_precision = graphs["encoder"]
             bank = build_bank(enc_for_bank, src, shot_batch, augment=do_augment, coreset=bank_coreset, seed=seed,
-                              threads=threads, progress=progress)
+                              threads=threads, progress=progress, precision=enc_precision)
             new_cfg.update(shots=shots, augment=do_augment, coreset=bank_coreset,
                            bank_encoder=graphs["encoder"][1])
             log.info("memory bank: %d patches x %d from %d shots (features from the %s encoder)", bank.shape[0],
@@ -360,15 +401,9 @@ def calibrate(bundle_path: PathLike, normal_dir: PathLike, *, shots: int = 4, ho
         d_scores, d_maps = _score(det, [p for p, _ in defects], spec, progress, "scoring defects")
     timings["score"] = time.perf_counter() - t
 
-    # -- fit and record
     t = time.perf_counter()
-    image = th.fit_image_threshold(n_scores, target_frr, defect_scores=d_scores if len(d_scores) else None,
-                                   method=method, target_recall=target_recall, seed=seed)
-    masks = None
-    if defects and all(m is not None for _, m in defects):
-        masks = np.stack([read_mask(m, d_maps.shape[1:]) for _, m in defects])
-    pixel = th.fit_pixel_threshold(n_maps, defect_maps=d_maps if masks is not None else None, defect_masks=masks,
-                                   quantile=pixel_quantile, image_threshold=image.value, seed=seed)
+    image, pixel = _fit(n_scores, n_maps, d_scores, d_maps, [m for _, m in defects], target_frr=target_frr,
+                        method=method, target_recall=target_recall, pixel_quantile=pixel_quantile, seed=seed)
     for rec in (image, pixel):
         rec.backend, rec.precision = backend, precision
         rec.images = list(pool_hashes)
@@ -381,16 +416,50 @@ def calibrate(bundle_path: PathLike, normal_dir: PathLike, *, shots: int = 4, ho
     report = CalibrationReport(
         bundle=bundle.path, seconds=seconds, threshold=image.value, pixel_threshold=pixel.value, method=method,
         target_frr=float(target_frr), frr_estimate=float(image.frr_estimate or 0.0),
-        frr_ci=tuple(image.frr_ci or (0.0, 1.0)), backend=backend, precision=precision, shots=shots,  # type: ignore[arg-type]
+        frr_ci=image.frr_ci or (0.0, 1.0), backend=backend, precision=precision, shots=shots,
         holdout=len(pool), defects=len(defects), miss_estimate=image.miss_estimate, miss_ci=image.miss_ci,
         int8=None if int8_report is None else {k: v for k, v in int8_report.to_dict().items() if k != "image_hashes"},
         timings=timings, normal_scores=[float(s) for s in n_scores], defect_scores=[float(s) for s in d_scores])
     bundle.update_manifest(extra={"calibration": {k: v for k, v in report.to_json().items()
                                                   if k not in ("bundle", "histogram")}})
+    t = time.perf_counter()  # the figure is drawn after the bundle is ready; not part of `seconds`
     report.histogram = write_histogram(report, Path(histogram) if histogram else
                                        bundle.path.parent / f"{bundle.path.name}.calibration.png")
+    report.timings["histogram"] = time.perf_counter() - t
     log.info("calibrated %s in %.1f s", bundle.path, report.seconds)
     return report
+
+
+def quantize_on_normals(fp32_onnx: Path, out: Path, spec: Any, shot_batch: Optional[np.ndarray], augment: bool,
+                        split: Split, *, preset: str, keep_float: str, threads: Optional[int]) -> Any:
+    """INT8 Q/DQ encoder calibrated on the (rotated) shots topped up with held-out normals; the
+    feature cosine is reported on other held-out normals."""
+    from .int8 import quantize_encoder, rebatch
+
+    calib = _augmented(shot_batch, augment) if shot_batch is not None else np.zeros((0, 3, *spec.size), np.float32)
+    extra = split.holdout[: max(0, INT8_CALIBRATION_IMAGES - len(calib))]
+    if extra:
+        calib = np.concatenate([calib, *_batches(extra, spec)])
+    calib = calib[:INT8_CALIBRATION_IMAGES]
+    check = split.holdout[len(extra):][-INT8_CHECK_IMAGES:] or split.holdout[-INT8_CHECK_IMAGES:]
+    return quantize_encoder(fp32_onnx, out, rebatch(calib), preset=preset, keep_float=keep_float, threads=threads,
+                            image_hashes=split.shot_hashes + split.holdout_hashes[: len(extra)],
+                            eval_batches=list(_batches(check, spec)))
+
+
+def _fit(n_scores: np.ndarray, n_maps: np.ndarray, d_scores: np.ndarray, d_maps: np.ndarray,
+         masks: list[Optional[Path]], *, target_frr: float, method: str, target_recall: float,
+         pixel_quantile: float, seed: int) -> tuple[th.ThresholdRecord, th.ThresholdRecord]:
+    """Image threshold, then the region threshold (pixel F1 when every defect has a mask)."""
+    image = th.fit_image_threshold(n_scores, target_frr, defect_scores=d_scores if len(d_scores) else None,
+                                   method=method, target_recall=target_recall, seed=seed)
+    mask_arr = None
+    if masks and all(m is not None for m in masks):
+        mask_arr = np.stack([read_mask(m, d_maps.shape[1:]) for m in masks])
+    pixel = th.fit_pixel_threshold(n_maps, defect_maps=d_maps if mask_arr is not None else None,
+                                   defect_masks=mask_arr, quantile=pixel_quantile, image_threshold=image.value,
+                                   seed=seed)
+    return image, pixel
 
 
 def _rewrite(src: Bundle, dest: Path, graphs: dict[str, tuple[Path, str]], scorer: dict[str, Any],

@@ -170,7 +170,7 @@ def fit_image_threshold(normal_scores: Sequence[float], target_frr: float = 0.00
     if method == "quantile":
         need = min_images_for(target_frr)
         if n < need:
-            raise CalibrationError(_too_few(n, target_frr))
+            raise CalibrationError(too_few_message(n, target_frr))
         k = math.ceil((n + 1) * (1.0 - target_frr) - 1e-9)
         k = min(max(k, 1), n)
         value = _just_above(np.sort(normal)[k - 1])
@@ -211,7 +211,8 @@ def fit_image_threshold(normal_scores: Sequence[float], target_frr: float = 0.00
     return rec
 
 
-def _too_few(n: int, target_frr: float) -> str:
+def too_few_message(n: int, target_frr: float) -> str:
+    """Why n held-out images cannot promise `target_frr`, and the three ways out."""
     need = min_images_for(target_frr)
     best = math.ceil(1e4 / (n + 1)) / 1e4  # rounded up so the advice always works
     return (f"a {100 * target_frr:g}% false-reject rate needs at least {need} held-out normal images "
@@ -221,8 +222,9 @@ def _too_few(n: int, target_frr: float) -> str:
 
 
 def _just_above(x: float) -> float:
-    """The next float64 above a (float32) score, so that score itself is not flagged."""
-    return float(np.nextafter(np.float64(x), np.inf))
+    """The next float32 above a score, so that score itself is not flagged whether it is compared
+    as float32 (numpy arrays of engine outputs) or float64 (Python floats)."""
+    return float(np.nextafter(np.float32(x), np.float32(np.inf)))
 
 
 def _gumbel_fit(x: np.ndarray) -> tuple[float, float]:
@@ -287,7 +289,8 @@ def fit_pixel_threshold(normal_maps: np.ndarray, *, defect_maps: Optional[np.nda
     """
     maps = np.asarray(normal_maps, dtype=np.float32)
     if maps.ndim != 3 or len(maps) == 0:
-        raise CalibrationError(f"pixel threshold needs (N, H, W) maps of held-out normal images, got shape {maps.shape}")
+        raise CalibrationError(f"pixel threshold needs (N, H, W) maps of held-out normal images, got shape "
+                               f"{maps.shape}")
     if defect_maps is not None and defect_masks is not None and len(defect_maps):
         dm = np.asarray(defect_maps, dtype=np.float32)
         mk = np.asarray(defect_masks, dtype=bool)

@@ -27,7 +27,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="quantile: distribution-free (needs >= 1/FRR - 1 images); tail: Gumbel fit (>= 20 images); "
                         "f1/recall: need --defects")
     p.add_argument("--target-recall", type=float, default=0.95, help="for --method recall")
-    p.add_argument("--coreset", type=float, default=None, help="coreset fraction of the new bank (default: the bundle's)")
+    p.add_argument("--coreset", type=float, default=None,
+                   help="coreset fraction of the new bank, e.g. 0.1 (default: the bundle's)")
     p.add_argument("--no-augment", dest="augment", action="store_false", default=None,
                    help="do not add rotations/flips of few (<= 8) shots to the bank")
     p.add_argument("--backend", default="onnxruntime", help="backend the station runs: onnxruntime | tensorrt | torch")

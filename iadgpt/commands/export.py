@@ -21,6 +21,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="auto: text prompts for CLIP without --shots, else memory bank")
     p.add_argument("--prompts", default=None, help="prompt YAML file or object name (text scorer)")
     p.add_argument("--resolution", type=int, default=None, help="input size in px (default: the backbone's)")
+    p.add_argument("--decoder", type=Path, default=None,
+                   help="trained decoder checkpoint (iadgpt train): alone, or fused with the --shots K bank")
     p.add_argument("--out", required=True, type=Path, help="bundle directory to write (replaced atomically)")
     p.set_defaults(run=run)
 
@@ -30,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
 
     _bundle, report = export_bundle(args.backbone, args.train_dir, args.out, weights=args.weights, shots=args.shots,
                                     coreset=args.coreset, seed=args.seed, augment=args.augment, scorer=args.scorer,
-                                    prompts=args.prompts, resolution=args.resolution)
+                                    prompts=args.prompts, resolution=args.resolution,
+                                    decoder=args.decoder)
     print("\n".join(report.lines()))
     return 0

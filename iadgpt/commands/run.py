@@ -38,11 +38,21 @@ def run(args: argparse.Namespace) -> int:
                                 overlays=OverlaysConfig(dir=args.overlays) if args.overlays else None))
     else:
         raise ConfigError("give --station station.yaml, or a BUNDLE and --source URI")
+    bundle = Bundle.load(cfg.bundle)
     sinks = build_sinks(cfg) + [_PrintSink()]
-    with Detector(Bundle.load(cfg.bundle), cfg.backend, threads=cfg.threads, threshold=cfg.threshold) as det, \
-            open_source(cfg.source, loop=args.loop) as source:
-        stats = Station(det, source, sinks, queue_size=cfg.queue_size, stats_interval_s=cfg.stats_interval_s).run(
-            max_frames=args.max_frames)
+    describer = None
+    if cfg.describer.enabled:  # the LLM runs in its own process; the station never waits for it
+        from ..runtime.describer import AsyncDescriber
+        describer = AsyncDescriber.from_options(cfg.describer.options, bundle)
+        sinks = describer.share(sinks)
+    try:
+        with Detector(bundle, cfg.backend, threads=cfg.threads, threshold=cfg.threshold) as det, \
+                open_source(cfg.source, loop=args.loop) as source:
+            stats = Station(det, source, sinks, queue_size=cfg.queue_size, stats_interval_s=cfg.stats_interval_s,
+                            describer=describer).run(max_frames=args.max_frames)
+    finally:
+        if describer is not None:
+            print(f"describer: {describer.close()}")
     print(stats.summary())
     return 0
 

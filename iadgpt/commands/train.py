@@ -14,7 +14,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", default=None, help="local weights directory (CLIP) or file")
     p.add_argument("--resolution", type=int, default=None, help="input size in px (default: the backbone's)")
     p.add_argument("--out", required=True, type=Path, help="checkpoint to write (.safetensors)")
-    p.add_argument("--steps", type=int, default=None, help="[2000] total optimisation steps (a resumed run counts on)")
+    p.add_argument("--steps", type=int, default=None, help="[1000] total optimisation steps (a resumed run counts on)")
     p.add_argument("--batch-size", type=int, default=None, help="[16] half normal images, half their NSA versions")
     p.add_argument("--lr", type=float, default=None, help="[5e-4]")
     p.add_argument("--weight-decay", type=float, default=None, help="[1e-4]")
@@ -23,10 +23,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="do not use the 8 rotations/flips of the normal images")
     p.add_argument("--embed-dim", type=int, default=None, help="[64] prototype width (backbones without text)")
     p.add_argument("--hidden", type=int, default=None, help="[0] 0: linear projection (paper); >0: MLP width")
+    p.add_argument("--layers", default=None,
+                   help="tapped layers the decoder reads, e.g. 1,2 [efficientnet-lite0: 1,2; others: all]")
     p.add_argument("--kind", choices=("auto", "object", "texture"), default=None, help="NSA product kind [auto]")
     p.add_argument("--seed", type=int, default=None, help="[0]")
     p.add_argument("--checkpoint-every", type=int, default=None, help="[500]")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads [one per core]")
     p.add_argument("--resume", action="store_true", help="continue the training in --out up to --steps")
     p.set_defaults(run=run)
 
@@ -37,8 +40,14 @@ def run(args: argparse.Namespace) -> int:
     names = ("steps", "batch_size", "lr", "weight_decay", "pool_size", "augment", "embed_dim", "hidden", "kind",
              "seed", "checkpoint_every")
     config = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+    if args.layers:
+        try:
+            config["layers"] = [int(x) for x in args.layers.split(",") if x.strip()]
+        except ValueError:
+            from ..errors import ScorerError
+            raise ScorerError(f"--layers {args.layers!r}: give comma-separated layer indices, e.g. 1,2") from None
     res = train(args.data, args.category, args.out, args.backbone, weights=args.weights, resolution=args.resolution,
-                device=args.device, resume=args.resume, **config)
+                device=args.device, resume=args.resume, threads=args.threads, **config)
     last = res.history[-1][1] if res.history else float("nan")
     print(f"{res.checkpoint}: step {res.step}, last loss {last:.4f}; pool {res.pool_seconds:.0f} s, "
           f"training {res.train_seconds:.0f} s")

@@ -135,25 +135,37 @@ def export_bundle(backbone_name: str, train_dir: Optional[PathLike], out: PathLi
                   weights: Optional[PathLike] = None, shots: Optional[int] = 0, coreset: Optional[float] = None,
                   seed: int = 0, augment: Optional[bool] = None, scorer: str = "auto",
                   prompts: Optional[PathLike] = None, resolution: Optional[int] = None,
-                  opset: int = OPSET, progress: bool = True) -> tuple[Bundle, ExportReport]:
+                  opset: int = OPSET, progress: bool = True,
+                  decoder: Optional[PathLike] = None) -> tuple[Bundle, ExportReport]:
     """Export a station bundle; returns the written (loaded) bundle and the export report.
 
     scorer "bank": memory bank of `shots` images of `train_dir` (0 or None = all, sorted; k > 0 = a
     seeded choice, with the 8 rotations/flips added when k <= 8 unless augment=False), optional
     greedy `coreset` fraction. scorer "text" (CLIP only): embeddings of `prompts` (YAML path or
     object name). "auto" = text for a CLIP backbone when shots is None, else bank.
+    decoder (a checkpoint of `iadgpt train`): with shots=None the trained decoder alone (scorer kind
+    "decoder", weights inside the graph, no references); with shots k (0 = all) the decoder fused
+    with the k-shot bank of `train_dir` (kind "decoder+memory_bank", see models/fusion.py).
     """
     t0 = time.perf_counter()
     out = Path(out)
     backbone = build_backbone(backbone_name, weights, resolution)
-    kind = _resolve_scorer(scorer, backbone, shots)
+    if decoder is not None and scorer != "auto":
+        raise ExportError(f"--decoder sets the scorer (decoder, or decoder+memory_bank with --shots); drop --scorer {scorer}")
+    kind = "decoder" if decoder is not None else _resolve_scorer(scorer, backbone, shots)
     spec = backbone.input_spec
     h, w = spec.size
     probe: Optional[np.ndarray] = None
     arrays: list[tuple[str, np.ndarray, dict[str, Any]]] = []
     n_images = 0
 
-    if kind == "bank":
+    if kind == "decoder":
+        from ..models.fusion import decoder_scorer_for_bundle
+        d = decoder_scorer_for_bundle(decoder, backbone, train_dir=train_dir, shots=shots, seed=seed, augment=augment,
+                                      coreset=coreset, grid_stride=GRID_STRIDE, sigma=SIGMA, progress=progress)
+        module, reference, arrays, config, probe, n_images = (d["module"], d["bank"], d["arrays"], d["config"],
+                                                              d["probe"], d["images"])
+    elif kind == "bank":
         if train_dir is None:
             raise ExportError("the memory-bank scorer needs --train-dir (a folder of normal images)")
         k = int(shots or 0)
@@ -205,8 +217,14 @@ def export_bundle(backbone_name: str, train_dir: Optional[PathLike], out: PathLi
         # where sqrt turns float32 rounding into large relative noise)
         feats = encode(backbone, probe_images(spec.size, 2, seed + 1))
         log.info("exporting the %s scorer to ONNX", kind)
-        sc_report = export_scorer(module, [tuple(f.shape[1:]) for f in feats], {ref_input: reference}, sc_path,
-                                  opset, probe_features=feats, seed=seed)
+        if kind == "decoder":
+            from ..models.fusion import export_decoder_scorer
+            if d["scorer_probe"] is not None:  # NSA anomalies: where a trained decoder's map spans its range
+                feats = [torch.cat([f, g]) for f, g in zip(feats, encode(backbone, d["scorer_probe"]))]
+            sc_report = export_decoder_scorer(module, sc_path, feats, reference, opset=opset)
+        else:
+            sc_report = export_scorer(module, [tuple(f.shape[1:]) for f in feats], {ref_input: reference}, sc_path,
+                                      opset, probe_features=feats, seed=seed)
         with BundleWriter(out, backbone=backbone.describe(), scorer=config) as writer:
             writer.add_graph("encoder", enc_path)
             writer.add_graph("scorer", sc_path)

@@ -18,15 +18,18 @@ Pipeline (each step on the workstation; torch/transformers are only needed here)
    GroupQueryAttention / SkipSimplifiedLayerNorm, past/present KV I/O), or optimum's exporter
    (``route="optimum"``: plain torch.onnx trace). Both are compared in the README; genai is kept.
 3. **Weight-only quantization** of every MatMul with a constant weight into ``MatMulNBits`` (block
-   of 32 along K, ``bits`` = 4 or 8). GGUF weights already lie on a block-quantized grid: a Q4_x
+   of 32 along K, ``bits`` = 4 or 8). GGUF weights already lie on a block-quantized grid: a Q4_1
    block of 32 takes at most 16 values ``m + d*q``. Re-quantizing them with round-to-nearest
    (what the builder's int4 and ORT's ``MatMulNBitsQuantizer`` do) moves every weight by up to
-   half a step a second time, and SmolLM2's greedy tokens then agree with the float model only
-   ~70% of the time. So a block whose values sit exactly on such a grid is re-encoded
-   *losslessly* (scale ``d``, float zero point ``-m/d``); other blocks get asymmetric RTN. The
-   tied output projection of SmolLM2 is Q8_0 in the GGUF; with ``bits=4`` the layers whose
-   weights are not on a 4-bit grid (the lm_head here) are quantized to 8 bits (``mixed_8bit``),
-   mirroring the GGUF's own mix.
+   half a step a second time: SmolLM2's greedy tokens then agree with the float model only 70%
+   of the time. So a block on such a grid is re-encoded *losslessly*: its codes and step go into
+   a symmetric MatMulNBits (no zero points, so ONNX Runtime's fast int8-activation kernels run)
+   and its offset ``m`` is added back exactly by a small float term, ``(A @ S) @ offsets`` with
+   S summing each block of A. Other blocks get min/max round-to-nearest with the same float
+   offset. Float zero points would be exact too, but ONNX Runtime's CPU kernel then takes a
+   path ~10x slower. SmolLM2's tied output projection is Q8_0 in the GGUF: with ``bits=4`` a
+   weight on an 8-bit but not a 4-bit grid stays at 8 bits (``mixed_8bit``), mirroring the
+   GGUF's own mix (top-1 agreement 0.978 instead of 0.825 with a 4-bit lm_head).
 
 Everything is recorded in ``llm.json`` (sha256 per file) and, with `record_in_bundle`, in the
 station bundle manifest under ``extra.llm``.
@@ -129,7 +132,10 @@ def gguf_to_hf(gguf_path: PathLike, out_dir: PathLike) -> Path:
     `from_pretrained(gguf_file=...)`, which would pull in `accelerate` for nothing.
     """
     try:
-        import gguf  # noqa: F401 - transformers needs it to read the file
+        import importlib.util
+
+        if importlib.util.find_spec("gguf") is None:  # transformers reads the file with it
+            raise ImportError("No module named 'gguf'")
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
         from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
@@ -290,8 +296,15 @@ def quantize_matrix(weight: np.ndarray, bits: int, block_size: int = BLOCK_SIZE,
     flat = ~(d > 0)
     scale = np.where(flat, 1.0, d).astype(np.float32)
     q[flat] = 0  # constant block: the offset carries the value
-    mid = float(levels // 2)
-    offset = (lo + mid * scale).astype(np.float32)
+    # Centre the codes a block uses on the kernel's implicit zero point (2**(bits-1)): a Q4_1 block
+    # at 8 bits uses 16 of 256 codes; left at 0..15 its offset would be ~128 steps and cancel the
+    # main term, which int8 activations (accuracy_level 4) cannot afford.
+    mid = levels // 2
+    used = q.max(axis=1).astype(np.int64) + 1
+    shift = np.clip(mid - used // 2, 0, levels - used)
+    q = (q.astype(np.int64) + shift[:, None]).astype(np.uint8)
+    offset = (lo + (mid - shift) * scale).astype(np.float32)
+    mid = float(mid)
     deq = (q.astype(np.float32) - mid) * scale[:, None] + offset[:, None]
     max_err = float(np.abs(deq - blocks).max()) if blocks.size else 0.0
     if bits == 4:

@@ -21,6 +21,11 @@ Choices the paper leaves open, documented here:
 - D (`embed_dim`) = 64 for learnable prototypes (nothing to match); the text embedding's width
   for CLIP.
 - logit_scale is fixed (100 in the paper, as CLIP's).
+- `layers`: which tapped layers the decoder reads (default all; `train.DEFAULT_LAYERS` drops
+  EfficientNet-Lite0's 24-channel stride-4 tap, measured to be near useless for it). Unread layers
+  are still inputs of the exported graph, since the station feeds every encoder output.
+- `log_odds_map` exposes the pre-softmax evidence, which fuses better with a memory-bank map
+  than the saturated probabilities (models/fusion.py).
 
 The decoder's weights are fixed per trained checkpoint, so they are graph constants: the exported
 SCORER graph takes only the feature maps (no reference inputs).
@@ -47,7 +52,7 @@ class VisualGuidedDecoder(nn.Module):
 
     def __init__(self, dims: Sequence[int], image_size: int, *, embed_dim: int = 64,
                  references: Optional[torch.Tensor] = None, logit_scale: float = 100.0, sigma: float = 4.0,
-                 pool: int = 3, hidden: int = 0):
+                 pool: int = 3, hidden: int = 0, layers: Optional[Sequence[int]] = None):
         super().__init__()
         self.dims = tuple(int(d) for d in dims)
         if not self.dims:
@@ -57,6 +62,9 @@ class VisualGuidedDecoder(nn.Module):
         self.sigma = float(sigma)
         self.pool = int(pool)
         self.hidden = int(hidden)
+        self.layers = tuple(range(len(self.dims))) if layers is None else tuple(sorted({int(i) for i in layers}))
+        if not self.layers or not all(0 <= i < len(self.dims) for i in self.layers):
+            raise ScorerError(f"decoder layers {layers} must be indices of the {len(self.dims)} tapped layers")
         if references is not None:
             ref = torch.as_tensor(references, dtype=torch.float32)
             if ref.dim() != 2 or ref.shape[0] != 2:
@@ -71,7 +79,10 @@ class VisualGuidedDecoder(nn.Module):
         for i, c in enumerate(self.dims):
             self.register_buffer(f"feat_mean{i}", torch.zeros(c))
             self.register_buffer(f"feat_std{i}", torch.ones(c))
-        self.projections = nn.ModuleList(self._projection(c) for c in self.dims)
+        # One projection per tapped layer; layers left out of `layers` keep an unused (tiny) one so that
+        # parameter names stay indexed by tapped layer.
+        self.projections = nn.ModuleList(self._projection(c) if i in self.layers else nn.Identity()
+                                         for i, c in enumerate(self.dims))
         self.blur = GaussianBlur(self.sigma)
 
     def _projection(self, c: int) -> nn.Module:
@@ -89,7 +100,7 @@ class VisualGuidedDecoder(nn.Module):
         """Constructor keyword arguments (without reference values), for checkpoints."""
         return {"dims": list(self.dims), "image_size": self.image_size, "embed_dim": self.embed_dim,
                 "logit_scale": self.logit_scale, "sigma": self.sigma, "pool": self.pool, "hidden": self.hidden,
-                "learn_references": self.learn_references}
+                "layers": list(self.layers), "learn_references": self.learn_references}
 
     @torch.no_grad()
     def set_feature_stats(self, features: Optional[Sequence[torch.Tensor]] = None, *,
@@ -120,7 +131,8 @@ class VisualGuidedDecoder(nn.Module):
 
     def layer_logits(self, features: Sequence[torch.Tensor], size: Optional[int] = None,
                      prepared: bool = False) -> list[torch.Tensor]:
-        """Per-layer [normal, abnormal] logits (B, 2, size, size), upsampled before the softmax (Eq. 1).
+        """[normal, abnormal] logits (B, 2, size, size) of each layer in `self.layers`, upsampled
+        before the softmax (Eq. 1). `features` has one entry per TAPPED layer; unused ones may be None.
 
         `prepared`: the features already went through `prepare` (the training cache). The cosine
         is computed as (u . t_hat) / |u| with u = Proj(x): the same value as normalize(u) . t_hat,
@@ -129,7 +141,8 @@ class VisualGuidedDecoder(nn.Module):
             raise ScorerError(f"got {len(features)} feature maps, the decoder was trained for {len(self.dims)} layers")
         kernel = F.normalize(self.references, dim=-1).view(2, -1, 1, 1)
         out = []
-        for i, f in enumerate(features):
+        for i in self.layers:
+            f = features[i]
             u = self.projections[i](f.float() if prepared else self.prepare(i, f))
             norm = u.pow(2).sum(dim=1, keepdim=True).sqrt().clamp_min(1e-12)  # F.normalize's eps
             logits = (self.logit_scale * F.conv2d(u, kernel)) / norm
@@ -137,12 +150,30 @@ class VisualGuidedDecoder(nn.Module):
         return out
 
     def layer_maps(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Per-layer abnormal probabilities (B, H, W) at the image size."""
+        """Abnormal probabilities (B, H, W) at the image size, one per layer in `self.layers`."""
         return [torch.softmax(lg, dim=1)[:, 1] for lg in self.layer_logits(features)]
 
     def raw_map(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         """Mean over layers, before smoothing (B, H, W)."""
         return torch.stack(self.layer_maps(features), dim=0).mean(dim=0)
+
+    def log_odds_map(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Mean over layers of the upsampled abnormal-minus-normal logit (B, H, W), unsmoothed.
+
+        The same evidence as `raw_map` before the softmax squashes it: with logit scale 100 the
+        probabilities saturate at 0 and 1, which ranks pixels poorly when the map is combined with
+        another one (see models/fusion.py). Computed as one channel: bilinear upsampling is linear,
+        so upsample(l_1) - upsample(l_0) = upsample(l_1 - l_0)."""
+        if len(features) != len(self.dims):
+            raise ScorerError(f"got {len(features)} feature maps, the decoder was trained for {len(self.dims)} layers")
+        ref = F.normalize(self.references, dim=-1)
+        kernel = (ref[1] - ref[0]).view(1, -1, 1, 1)
+        maps = []
+        for i in self.layers:
+            u = self.projections[i](self.prepare(i, features[i]))
+            norm = u.pow(2).sum(dim=1, keepdim=True).sqrt().clamp_min(1e-12)
+            maps.append(upsample_map((self.logit_scale * F.conv2d(u, kernel)) / norm, self.image_size)[:, 0])
+        return torch.stack(maps, dim=0).mean(dim=0)
 
     def forward(self, *features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """forward(feat_0, ..., feat_{L-1}) -> (anomaly_map (B, H, W), score (B,))."""

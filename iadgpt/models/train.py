@@ -22,7 +22,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -44,17 +44,21 @@ __all__ = ["TrainConfig", "FeaturePool", "TrainResult", "build_pool", "train_dec
            "save_checkpoint", "load_checkpoint", "load_decoder", "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = "iadgpt-decoder/1"
+# Tapped layers the decoder reads by default, per backbone (others: all). EfficientNet-Lite0's
+# stride-4 tap has 24 channels of edges and colour: alone it scores bottle I-AUROC 88 / P-AUROC 85,
+# and averaged in it pulls the decoder from 99.5 / 96.9 (stride 8 + 16) down to 94.9 / 91.6.
+DEFAULT_LAYERS = {"efficientnet-lite0": [1, 2]}
 PathLike = Union[str, os.PathLike]
 # Settings that shape the pool or the model: a resumed run must use the same ones.
-_FIXED_ON_RESUME = ("batch_size", "pool_size", "augment", "embed_dim", "pool", "hidden", "loss_size", "kind", "seed",
-                    "lr", "weight_decay")
+_FIXED_ON_RESUME = ("batch_size", "pool_size", "augment", "embed_dim", "pool", "hidden", "layers", "loss_size", "kind",
+                    "seed", "lr", "weight_decay")
 
 
 @dataclass
 class TrainConfig:
     """Everything that defines a training run (the CLI flags mirror these)."""
 
-    steps: int = 2000
+    steps: int = 1000
     batch_size: int = 16  # half normal images, half their NSA versions
     lr: float = 5e-4  # IAD-GPT's learning rate; cosine decay to 10 % after a 50-step warm-up
     weight_decay: float = 1e-4
@@ -63,11 +67,16 @@ class TrainConfig:
     embed_dim: int = 64
     pool: int = 3
     hidden: int = 0
+    layers: Optional[list[int]] = None  # tapped layers the decoder reads; None = DEFAULT_LAYERS or all
     loss_size: int = 112
     kind: str = "auto"  # NSA product kind: object | texture | auto
     seed: int = 0
     checkpoint_every: int = 500
     log_every: int = 100  # steps per loss-history entry
+
+    def __post_init__(self) -> None:
+        if self.layers is not None:
+            self.layers = sorted({int(i) for i in self.layers})  # JSON-stable, for the resume check
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -277,9 +286,11 @@ def _lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t))))
 
 
-def _batch(pool: FeaturePool, idx: torch.Tensor, loss_size: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+def _batch(pool: FeaturePool, idx: torch.Tensor, loss_size: int,
+           layers: Sequence[int]) -> tuple[list[Optional[torch.Tensor]], torch.Tensor]:
     pairs = pool.pair[idx]
-    feats = [torch.cat([n[pairs], s[idx]]).float() for n, s in zip(pool.normal, pool.synth)]
+    feats = [torch.cat([n[pairs], s[idx]]).float() if i in layers else None
+             for i, (n, s) in enumerate(zip(pool.normal, pool.synth))]
     target = torch.cat([torch.zeros((len(idx), loss_size, loss_size), device=pool.labels.device),
                         (pool.labels[idx].float() > MASK_THRESHOLD).float()])
     return feats, target
@@ -301,10 +312,14 @@ def train_decoder(backbone: Backbone, images: Sequence[np.ndarray], out: PathLik
     meta = dict(meta or {})
     meta.update({"backbone": backbone.describe(), "train_config": cfg.to_dict()})
 
+    if cfg.layers is None and backbone.name in DEFAULT_LAYERS:
+        cfg = replace(cfg, layers=list(DEFAULT_LAYERS[backbone.name]))
+        log.info("decoder reads tapped layers %s of %s (DEFAULT_LAYERS)", cfg.layers, backbone.name)
+    meta["train_config"] = cfg.to_dict()
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
         torch.manual_seed(cfg.seed)
         decoder = VisualGuidedDecoder.for_backbone(backbone, references=references, embed_dim=cfg.embed_dim,
-                                                   pool=cfg.pool, hidden=cfg.hidden)
+                                                   pool=cfg.pool, hidden=cfg.hidden, layers=cfg.layers)
     start, history = 0, []
     tensors: Optional[dict] = None
     if resume and out.exists():
@@ -363,7 +378,7 @@ def _loop(decoder: VisualGuidedDecoder, opt, pool: FeaturePool, cfg: TrainConfig
     for step in steps:
         rng = np.random.default_rng([cfg.seed, 1, step])
         idx = torch.from_numpy(rng.choice(len(pool), size=min(half, len(pool)), replace=False)).to(device)
-        feats, target = _batch(pool, idx, cfg.loss_size)
+        feats, target = _batch(pool, idx, cfg.loss_size, decoder.layers)
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, cfg)
         loss = decoder_loss(decoder.layer_logits(feats, cfg.loss_size, prepared=True), target)
@@ -409,9 +424,13 @@ def _check_resume(path: Path, old: dict, meta: dict, cfg: TrainConfig) -> None:
 
 def train(data: PathLike, category: str, out: PathLike, backbone: str = "efficientnet-lite0", *,
           weights: Optional[str] = None, resolution: Optional[int] = None, device: str = "cpu", resume: bool = False,
-          progress: bool = True, **config: Any) -> TrainResult:
-    """`iadgpt train`: decoder for `backbone` on `data`/`category` train/good images, saved at `out`."""
+          threads: Optional[int] = None, progress: bool = True, **config: Any) -> TrainResult:
+    """`iadgpt train`: decoder for `backbone` on `data`/`category` train/good images, saved at `out`.
+
+    `threads`: torch intra-op threads (None: torch's default, one per core)."""
     cfg = TrainConfig(**config)
+    if threads:
+        torch.set_num_threads(int(threads))
     kwargs = {"size": resolution} if resolution else {}
     bb = get_backbone(backbone, weights=weights, **kwargs)
     size = int(bb.input_spec.size[0])

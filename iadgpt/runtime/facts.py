@@ -56,7 +56,7 @@ def grid_position(x: float, y: float, box: Sequence[float]) -> tuple[int, int, s
 
 def colour_name(rgb: Sequence[float]) -> str:
     """A plain colour word for an RGB mean (0..255): grey levels by value, hues by HSV angle."""
-    px = np.uint8([[np.clip(np.asarray(rgb, np.float64), 0, 255)]])
+    px = np.uint8([[np.clip(np.nan_to_num(np.asarray(rgb, np.float64)), 0, 255)]])
     h, s, v = (float(c) for c in cv2.cvtColor(px, cv2.COLOR_RGB2HSV_FULL)[0, 0])
     hue = h * 360.0 / 255.0
     if v < 45:
@@ -175,10 +175,10 @@ class RegionFacts:
         return d
 
     def phrase(self) -> str:
-        """One compact line: 'scratch at the top left: 2.1% of the part (1380 px), ...'."""
+        """One compact line: 'scratch at the top left, 2.1% of the part, scratch-like diagonal, ...'."""
         what = self.defect_type if self.defect_type != UNKNOWN else "defect of unknown type"
         where = "in the center" if self.position == "center" else f"at the {self.position}"
-        return (f"{what} {where}: {self.area_pct:.1f}% of the part ({self.area_px} px), {self.shape}"
+        return (f"{what} {where}, {self.area_pct:.1f}% of the part, {self.shape}"
                 f"{'' if self.orientation == 'none' else ' ' + self.orientation}, {self.tone}"
                 f"{'' if self.tone == 'similar brightness' else ' than its surroundings'}, {self.colour}")
 
@@ -214,9 +214,9 @@ class DefectFacts:
         """The facts as short lines for a prompt or a log."""
         if not self.regions:
             return ["no anomalous region could be located (the score alone flagged the part)"]
-        out = [f"{self.n_regions} anomalous region{'s' if self.n_regions > 1 else ''}"]
-        out += [f"region {i + 1}: {r.phrase()}" for i, r in enumerate(self.regions)]
-        return out
+        if self.n_regions == 1:
+            return [f"Defect: {self.regions[0].phrase()}."]
+        return [f"{self.n_regions} defects."] + [f"Defect {i + 1}: {r.phrase()}." for i, r in enumerate(self.regions)]
 
 
 def _region_masks(amap: Optional[np.ndarray], regions: Sequence[Any], threshold: Optional[float],
@@ -297,6 +297,8 @@ def region_facts(image: np.ndarray, mask: np.ndarray, *, part: Optional[np.ndarr
         ring &= part
     if ring.sum() == 0:
         ring = ~mask
+    if ring.sum() == 0:  # the region is the whole frame: nothing to compare with
+        ring = mask
     inside_grey, ring_grey = float(grey[mask].mean()), float(grey[ring].mean())
     contrast = inside_grey - ring_grey
     tone = "similar brightness" if abs(contrast) < TONE_LEVELS else ("darker" if contrast < 0 else "lighter")
@@ -318,7 +320,7 @@ def region_facts(image: np.ndarray, mask: np.ndarray, *, part: Optional[np.ndarr
 
 
 def _saturation(rgb: Sequence[float]) -> float:
-    px = np.uint8([[np.clip(np.asarray(rgb, np.float64), 0, 255)]])
+    px = np.uint8([[np.clip(np.nan_to_num(np.asarray(rgb, np.float64)), 0, 255)]])
     return float(cv2.cvtColor(px, cv2.COLOR_RGB2HSV_FULL)[0, 0, 1])
 
 

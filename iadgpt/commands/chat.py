@@ -1,0 +1,74 @@
+"""`iadgpt chat EVENTS.jsonl --event ID`: follow-up questions about a described part, with history."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("chat", help="ask follow-up questions about a flagged, described part of an event log")
+    p.add_argument("events", type=Path, help="the station's JSONL event log")
+    p.add_argument("--event", required=True, help="event id (see the log's event_id field)")
+    p.add_argument("--llm", default=None, help="quantized LLM folder (default: the one that described the event's "
+                                               "bundle, from --bundle)")
+    p.add_argument("--bundle", type=Path, default=None, help="bundle whose extra.llm names the LLM")
+    p.add_argument("-q", "--question", action="append", default=None,
+                   help="ask this (repeatable; without it, questions are read from standard input)")
+    p.add_argument("--record", action="store_true", help="append each question and answer to the event log")
+    p.add_argument("--threads", type=int, default=2)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..errors import ConfigError
+    from ..runtime.describer import Describer, llm_spec_for, make_llm
+    from ..runtime.sinks import JsonlSink, read_events
+
+    events = [e for e in read_events(args.events) if str(e.get("event_id")) == args.event]
+    if not events:
+        raise ConfigError(f"no event {args.event!r} in {args.events}; list ids with: grep -o '\"event_id\":\"[^\"]*\"' "
+                          f"{args.events}")
+    event = events[-1]
+    described = [u for u in event.get("updates", []) if u.get("kind") == "description" and u.get("status") == "ok"]
+    if not described:
+        why = [u.get("error") for u in event.get("updates", []) if u.get("status") == "failed"]
+        raise ConfigError(f"event {args.event} has no description to talk about"
+                          + (f" (the describer failed: {why[-1]})" if why else "")
+                          + "; run the station with the describer on, or `iadgpt describe IMAGE --bundle B`")
+    desc = described[-1]
+    bundle = None
+    if args.llm is None and args.bundle is not None:
+        from ..bundle import Bundle
+        bundle = Bundle.load(args.bundle)
+    describer = Describer(make_llm(llm_spec_for(args.llm, bundle, threads=args.threads)), desc.get("product", "part"))
+    print(f"event {args.event}: {desc['description']}")
+    history: list[dict[str, str]] = []
+    sink = JsonlSink(args.events) if args.record else None
+    questions = iter(args.question) if args.question else _stdin_questions()
+    try:
+        for question in questions:
+            answer, gen, rejected = describer.answer(desc.get("facts", {}), desc.get("facts_text", []), question,
+                                                     history)
+            print(f"> {question}\n{answer}")
+            if rejected:
+                print(f"  (the model's answer contradicted the measurements: {'; '.join(rejected)})")
+            history += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+            if sink is not None:
+                sink.append(args.event, {"kind": "chat", "question": question, "answer": answer,
+                                         "rejected": rejected, "llm": None if gen is None else gen.to_dict()})
+    finally:
+        if sink is not None:
+            sink.close()
+    return 0
+
+
+def _stdin_questions():
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("question (empty line to end): ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line or not line.strip():
+            return
+        yield line.strip()

@@ -1,0 +1,146 @@
+"""`iadgpt calibrate`: bank from K shots, thresholds from the held-out rest, used (only) where they hold."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from iadgpt import cli
+from iadgpt.bundle import Bundle
+from iadgpt.calibration.onboard import calibrate, list_defect_images
+from iadgpt.errors import BundleError, CalibrationError
+from iadgpt.runtime.detector import Detector
+from iadgpt.runtime.preprocess import to_batch
+from iadgpt.runtime.synthetic import SyntheticProduct
+
+from conftest import TINY_SIZE, write_parts
+
+N_NORMAL, SHOTS, N_DEFECTS = 24, 4, 6
+TARGET = 0.05  # needs 19 held-out images; 24 - 4 shots = 20
+
+
+@pytest.fixture(scope="module")
+def product_dirs(tmp_path_factory) -> dict[str, Path]:
+    """A new product: normal images, and MVTec-style defects (test/<type>, ground_truth/<type>, test/good)."""
+    root = tmp_path_factory.mktemp("product")
+    normal = root / "train" / "good"
+    write_parts(normal, N_NORMAL, seed=41)
+    write_parts(root / "test" / "good", 2, seed=42)  # must be skipped as defects
+    product = SyntheticProduct(kind="part", size=TINY_SIZE, seed=43, defect_rate=1.0)
+    for i in range(N_DEFECTS):
+        s = product.sample(i)
+        kind = s.defect_type
+        (root / "test" / kind).mkdir(parents=True, exist_ok=True)
+        (root / "ground_truth" / kind).mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(root / "test" / kind / f"{i:03d}.png"), cv2.cvtColor(s.image, cv2.COLOR_RGB2BGR))
+        cv2.imwrite(str(root / "ground_truth" / kind / f"{i:03d}_mask.png"), s.mask.astype(np.uint8) * 255)
+    return {"normal": normal, "defects": root / "test", "root": root}
+
+
+@pytest.fixture(scope="module")
+def calibrated(tiny_bundle_path, product_dirs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("calibrated") / "bundle"
+    before = Bundle.load(tiny_bundle_path).thresholds
+    report = calibrate(tiny_bundle_path, product_dirs["normal"], shots=SHOTS, defects_dir=product_dirs["defects"],
+                       target_frr=TARGET, out=out, threads=2, progress=False)
+    assert Bundle.load(tiny_bundle_path).thresholds == before  # the source bundle is left alone with --out
+    return report, Bundle.load(out)
+
+
+def test_defect_listing_skips_good_and_finds_masks(product_dirs):
+    found = list_defect_images(product_dirs["defects"])
+    assert len(found) == N_DEFECTS
+    assert all("good" not in p.parts and m is not None and m.name == f"{p.stem}_mask.png" for p, m in found)
+
+
+def test_thresholds_are_fitted_on_held_out_normals_and_recorded(calibrated):
+    report, bundle = calibrated
+    assert (report.shots, report.holdout, report.defects) == (SHOTS, N_NORMAL - SHOTS, N_DEFECTS)
+    assert (report.backend, report.precision) == ("onnxruntime", "fp32")
+    th = bundle.thresholds
+    image, pixel = th["image"], th["pixel"]
+    assert image["value"] == pytest.approx(report.threshold) and image["method"] == "quantile"
+    assert (image["backend"], image["precision"], image["n_images"]) == ("onnxruntime", "fp32", N_NORMAL - SHOTS)
+    assert image["params"]["target_frr"] == TARGET and image["frr_estimate"] <= TARGET
+    assert image["frr_ci"][0] <= image["frr_estimate"] <= image["frr_ci"][1]
+    assert len(image["defect_images"]) == N_DEFECTS and image["miss_ci"][0] <= image["miss_estimate"]
+    bank_images = bundle.references["memory_bank"]["provenance"]["images"]
+    assert len(bank_images) == SHOTS and len(set(image["images"])) == N_NORMAL - SHOTS
+    assert not set(bank_images) & set(image["images"])  # bank images never set a threshold
+    assert pixel["method"] == "f1" and pixel["value"] <= image["value"]  # masks found -> pixel F1
+    assert bundle.scorer["shots"] == SHOTS and bundle.scorer["augment"] is True
+    assert report.histogram.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report.seconds > 0 and "score" in report.timings
+
+
+def test_detector_uses_the_fitted_thresholds(calibrated):
+    report, bundle = calibrated
+    with Detector(bundle, "onnxruntime", threads=2) as det:
+        assert det.threshold == pytest.approx(report.threshold)
+        assert det.pixel_threshold == pytest.approx(report.pixel_threshold)
+        product = SyntheticProduct(kind="part", size=TINY_SIZE, seed=44, defect_rate=1.0)
+        batch = to_batch([product.sample(i).image for i in range(6)], bundle.input_spec)
+        scores = det.score_batch(batch)[1]
+    assert np.mean(scores >= report.threshold) >= 0.5  # most defective parts are flagged
+
+
+@pytest.mark.parametrize("field,value", [("precision", "int8"), ("backend", "tensorrt")])
+def test_detector_refuses_thresholds_fitted_elsewhere(calibrated, tmp_path, field, value):
+    path = tmp_path / "bundle"
+    shutil.copytree(calibrated[1].path, path)
+    bundle = Bundle.load(path)
+    image = bundle.thresholds["image"]
+    image[field] = value
+    bundle.update_manifest(thresholds={"image": image})
+    with pytest.raises(BundleError, match="iadgpt calibrate"):
+        Detector(Bundle.load(path), "onnxruntime")
+
+
+def test_too_few_held_out_images_says_how_many(tiny_bundle_path, product_dirs, tmp_path):
+    with pytest.raises(CalibrationError) as exc:
+        calibrate(tiny_bundle_path, product_dirs["normal"], shots=SHOTS, target_frr=0.005, out=tmp_path / "b",
+                  progress=False)
+    msg = str(exc.value)
+    assert "at least 199 held-out normal images (got 20)" in msg and "--shots" in msg
+    assert not (tmp_path / "b").exists()
+
+
+def test_shots_zero_keeps_the_bank_and_leaves_its_images_out(calibrated, product_dirs, tmp_path):
+    _, bundle = calibrated
+    report = calibrate(bundle.path, product_dirs["normal"], shots=0, target_frr=TARGET, out=tmp_path / "b",
+                       threads=2, progress=False)
+    again = Bundle.load(tmp_path / "b")
+    assert report.holdout == N_NORMAL - SHOTS  # the 4 bank images are recognised by their sha256
+    np.testing.assert_array_equal(again.array("memory_bank"), bundle.array("memory_bank"))
+    assert again.thresholds["image"]["value"] == pytest.approx(bundle.thresholds["image"]["value"], rel=1e-5)
+
+
+def test_cli_int8_bundle_and_json(tiny_bundle_path, product_dirs, tmp_path, capsys):
+    out, report_json = tmp_path / "int8", tmp_path / "report.json"
+    rc = cli.main(["calibrate", str(tiny_bundle_path), "--normal", str(product_dirs["normal"]), "--shots", "4",
+                   "--int8", "--out", str(out), "--target-frr", str(TARGET), "--threads", "2",
+                   "--json", str(report_json)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "expected false-reject rate" in printed and "INT8 encoder" in printed
+    data = json.loads(report_json.read_text())
+    for key in ("seconds", "threshold", "frr_estimate", "frr_ci", "backend", "precision", "shots", "holdout"):
+        assert key in data
+    assert (data["precision"], data["shots"], data["holdout"]) == ("int8", 4, N_NORMAL - SHOTS)
+    assert report_json.with_suffix(".png").is_file()
+    bundle = Bundle.load(out)
+    graphs = bundle.graphs
+    assert graphs["encoder"]["precision"] == "int8" and graphs["encoder_fp32"]["precision"] == "fp32"
+    import onnx
+    assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(bundle.graph_path("encoder"))).graph.node)
+    assert bundle.thresholds["image"]["precision"] == "int8"
+    assert bundle.references["memory_bank"]["provenance"]["encoder"] == "int8"  # bank from the INT8 features
+    assert min(bundle.extra["calibration"]["int8"]["cosine"].values()) > 0.9
+    with Detector(bundle, "onnxruntime", threads=2) as det:
+        assert det.precision == "int8" and det.threshold == pytest.approx(data["threshold"])
+    with pytest.raises(BundleError, match="iadgpt calibrate"):  # the INT8 thresholds do not fit the fp32 encoder
+        Detector(bundle, "onnxruntime", encoder_role="encoder_fp32")

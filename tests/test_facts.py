@@ -1,0 +1,125 @@
+"""Defect facts: grid positions the right way round, sizes, shape, tone, colour, part finding,
+and the defect-type rule (prompt retrieval > labelled examples > unknown)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from iadgpt.runtime.facts import (POSITION_WORDS, ExampleTypeClassifier, PromptTypeRetriever, TypeResolver,
+                                  colour_name, compute_facts, grid_position, part_mask)
+from iadgpt.runtime.synthetic import SyntheticProduct
+from iadgpt.runtime.verdict import Region
+
+CELL = {(0, 0): "top left", (0, 1): "top", (0, 2): "top right", (1, 0): "left", (1, 1): "center",
+        (1, 2): "right", (2, 0): "bottom left", (2, 1): "bottom", (2, 2): "bottom right"}
+
+
+@pytest.mark.parametrize("row, col", sorted(CELL))
+def test_each_grid_cell_is_named_with_rows_first(row, col):
+    """A blob drawn in cell (row, col) of a 3x3 grid of a plain frame is named by that cell."""
+    size = 90
+    img = np.full((size, size, 3), 150, np.uint8)
+    y, x = 15 + 30 * row, 15 + 30 * col
+    img[y - 4:y + 4, x - 4:x + 4] = 40
+    amap = np.zeros((size, size), np.float32)
+    amap[y - 4:y + 4, x - 4:x + 4] = 1.0
+    facts = compute_facts(img, amap, threshold=0.5)
+    assert facts.n_regions == 1
+    r = facts.main
+    assert (r.position, r.grid) == (CELL[(row, col)], (row, col))
+    assert r.area_px == 64 and r.tone == "darker" and r.shape == "blob-like"
+
+
+def test_non_square_box_keeps_x_as_columns():
+    assert grid_position(290, 10, (0, 0, 300, 100))[2] == "top right"
+    assert grid_position(10, 95, (0, 0, 300, 100))[2] == "bottom left"
+    assert set(POSITION_WORDS) == set(CELL.values())
+
+
+def test_elongated_region_is_scratch_like_with_orientation():
+    img = np.full((100, 100, 3), 120, np.uint8)
+    amap = np.zeros((100, 100), np.float32)
+    amap[48:52, 10:90] = 1.0
+    img[48:52, 10:90] = 220
+    r = compute_facts(img, amap, threshold=0.5).main
+    assert r.shape == "scratch-like" and r.orientation == "horizontal" and r.elongation > 10
+    assert r.tone == "lighter" and r.contrast > 50
+    amap2 = np.zeros((100, 100), np.float32)
+    amap2[10:90, 48:52] = 1.0
+    assert compute_facts(img, amap2, threshold=0.5).main.orientation == "vertical"
+
+
+def test_regions_from_verdict_boxes_and_counts():
+    img = np.full((120, 120, 3), 160, np.uint8)
+    amap = np.zeros((120, 120), np.float32)
+    amap[5:15, 5:15] = 0.9
+    amap[80:110, 80:110] = 0.8
+    regions = [Region(box=(80, 80, 110, 110), area_px=900, peak=0.8, centroid=(95, 95)),
+               Region(box=(5, 5, 15, 15), area_px=100, peak=0.9, centroid=(10, 10))]
+    facts = compute_facts(img, amap, regions, threshold=0.5)
+    assert facts.n_regions == 2
+    assert [r.position for r in facts.regions] == ["bottom right", "top left"]  # largest first
+    assert facts.main.area_px == 900 and abs(facts.main.area_pct - 100 * 900 / 120 ** 2) < 1e-6
+    assert facts.to_dict()["regions"][0]["box"] == [80, 80, 110, 110]
+    assert facts.lines()[0] == "2 defects."
+
+
+@pytest.mark.parametrize("rgb, name", [((200, 30, 30), "red"), ((30, 160, 40), "green"), ((40, 60, 200), "blue"),
+                                       ((128, 128, 128), "grey"), ((10, 10, 10), "black"), ((250, 250, 250), "white"),
+                                       ((120, 70, 30), "brown"), ((230, 210, 40), "yellow")])
+def test_colour_names(rgb, name):
+    assert colour_name(rgb) == name
+
+
+def test_part_is_found_on_a_table_and_a_tile_is_taken_whole():
+    part = SyntheticProduct(kind="part", size=128, seed=1, defect_rate=0.0).sample(0)
+    mask, found = part_mask(part.image)
+    assert found and 0.2 < mask.mean() < 0.8
+    tile = SyntheticProduct(kind="tile", size=128, seed=1, defect_rate=0.0).sample(0)
+    mask, found = part_mask(tile.image)
+    assert not found and mask.all()
+
+
+def test_synthetic_defects_positions_follow_the_exact_mask():
+    product = SyntheticProduct(kind="part", size=128, seed=7, defect_rate=1.0)
+    for i in range(5):
+        s = product.sample(i)
+        facts = compute_facts(s.image, s.mask.astype(np.float32), threshold=0.5)
+        ys, xs = np.nonzero(s.mask)
+        assert facts.part_found
+        assert facts.main.position == grid_position(xs.mean(), ys.mean(), facts.part_box)[2]
+        if s.defect_type in ("scratch", "crack"):
+            assert facts.main.shape == "scratch-like"
+
+
+def test_type_rule_prompt_retrieval_then_examples_then_unknown():
+    product = SyntheticProduct(kind="part", size=128, seed=3, defect_rate=1.0)
+    samples = [product.sample(i) for i in range(40)]
+    train, test = samples[:30], samples[30:]
+    examples = ExampleTypeClassifier.from_examples([(s.image, s.mask, s.defect_type) for s in train], k=3)
+    # examples only
+    resolver = TypeResolver(examples=examples)
+    hits = 0
+    for s in test:
+        r = compute_facts(s.image, s.mask.astype(np.float32), threshold=0.5, typer=resolver).main
+        assert r.type_source == "labelled examples"
+        hits += r.defect_type == s.defect_type
+    assert hits >= 6, f"{hits}/10 types right from labelled examples"
+    # prompt retrieval wins when a region embedding exists
+    emb = np.eye(3, 8, dtype=np.float32)
+    retr = PromptTypeRetriever(emb, ["dent", "rust", "chip"])
+    resolver = TypeResolver(retr, examples)
+    s = test[0]
+    r = compute_facts(s.image, s.mask.astype(np.float32), threshold=0.5, typer=resolver,
+                      region_embeddings=np.array([[0, 0.1, 1, 0, 0, 0, 0, 0]], np.float32)).main
+    assert (r.defect_type, r.type_source) == ("chip", "prompt retrieval") and r.type_score > 0.9
+    # nothing: unknown
+    r = compute_facts(s.image, s.mask.astype(np.float32), threshold=0.5, typer=TypeResolver()).main
+    assert (r.defect_type, r.type_source) == ("unknown", "none")
+
+
+def test_examples_round_trip(tmp_path):
+    feats = np.random.default_rng(0).normal(size=(6, 7)).astype(np.float32)
+    clf = ExampleTypeClassifier(feats, ["a", "a", "b", "b", "c", "c"], k=1)
+    back = ExampleTypeClassifier.load(clf.save(tmp_path / "ex"))
+    assert back.labels == clf.labels and back.predict(feats[3])[0] == "b"
