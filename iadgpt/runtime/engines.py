@@ -182,7 +182,7 @@ class OrtEngine(_EngineBase):
     def __init__(self, onnx_path: PathLike, provider: str = "cpu", threads: Optional[int] = None, *,
                  precision: str = "fp32", device_id: int = 0,
                  provider_options: Optional[Mapping[str, Any]] = None,
-                 trt_cache_dir: Optional[PathLike] = None) -> None:
+                 trt_cache_dir: Optional[PathLike] = None, spin: bool = False) -> None:
         super().__init__()
         self.path = Path(onnx_path)
         if provider not in ORT_PROVIDERS:
@@ -210,6 +210,10 @@ class OrtEngine(_EngineBase):
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if not spin:
+            # A station runs several sessions back to back (encoder, scorer) next to a capture
+            # thread: idle pool threads that spin steal the cores the next session needs.
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session_options = so
 
         opts: dict[str, Any] = {}
