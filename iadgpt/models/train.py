@@ -4,7 +4,8 @@ The backbone is frozen, so its features are computed ONCE: a fixed, seeded pool 
 (and the normal images they were pasted on, with the 8 rotations/flips when `augment`) is
 synthesized and encoded up front, kept as float16, and the small decoder then trains for many
 steps on those cached features. On 2 CPU cores this turns minutes per epoch of backbone passes
-into a one-off encode (about 10-30 ms per image) plus milliseconds per step.
+into a one-off encode (about 60 ms per image at 224 px, batches of 32) plus ~50 ms per step.
+bottle (209 images): pool 174 s + 1000 steps 50 s on 2 lightly loaded cores.
 
 Each batch pairs normal images (target: no anomaly) with NSA versions of the same images (target:
 the binary mask label > 0.3), as the paper pairs "No" and "Yes" answers. Loss: focal (gamma 2) +
@@ -12,7 +13,7 @@ dice on every layer's map, at `loss_size` px (the maps are upsampled logits, so 
 image size sees the same information for a quarter of the cost).
 
 Checkpoints are safetensors (no pickle): decoder weights, Adam state, and JSON metadata (configs,
-step, backbone, category, loss history). Batches are drawn from `default_rng([seed, step])` and the
+step, backbone, category, loss history). Batches are drawn from `default_rng([seed, 1, step])` and the
 pool from `seed`, so a resumed run follows the same trajectory as an uninterrupted one.
 """
 from __future__ import annotations
