@@ -42,3 +42,15 @@ def tiny_bundle_path(tmp_path_factory) -> Path:
     bundle.update_manifest(thresholds={"image": {"value": float(np.max(scores)), "method": "max", "n_images": 16,
                                                  "backend": "onnxruntime", "precision": "fp32"}})
     return bundle.path
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """One torch intra-op thread: on a shared 2-core box every multi-threaded op waits for a
+    descheduled thread (~20 ms per op under load); one thread keeps tiny-model tests at seconds."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

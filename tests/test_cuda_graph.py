@@ -35,14 +35,6 @@ NO_CUDA = ("no CUDA GPU here (CPU-only torch or no driver): GPU fast-path test s
 CPU_FUSE = FuseOptions(channels_last=False)  # NHWC depthwise convs are slow on 2 CPU cores; folding is tested apart
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core box every multi-threaded op waits for a descheduled
-    thread (~20 ms per op under load); one thread keeps these tests at seconds."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _frames(n: int, size: int = 150, seed: int = 5, start: int = 0, defects: float = 1.0) -> list[np.ndarray]:
@@ -630,3 +622,8 @@ def test_gpu_fp8(tiny, tiny_text):
     maps, _ = _run(pipe, frames)
     ref_maps, _ = _run(ref, frames)
     assert np.isfinite(maps).all() and map_parity(maps, ref_maps)["mean_rel"] < 0.1
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(torch_one_thread):
+    """Keep these tests at seconds on a shared 2-core box (see conftest)."""

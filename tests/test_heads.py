@@ -13,14 +13,6 @@ from iadgpt.models.heads import VisualGuidedDecoder, decoder_loss, dice_loss, fo
 DIMS, STRIDES, SIZE = (4, 6, 8), (4, 8, 16), 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core box every multi-threaded op waits for a descheduled
-    thread (~20 ms per op under load); one thread keeps these tests at seconds."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _feats(batch: int = 2, seed: int = 0) -> list[torch.Tensor]:
@@ -161,3 +153,8 @@ def test_onnx_parity(tmp_path, fused: bool, layers) -> None:
             *[torch.from_numpy(v) for v in feeds.values()])
     assert amap.shape == (1, SIZE, SIZE) and np.allclose(amap, ref_map.numpy(), atol=1e-4 * (np.ptp(amap) + 1e-6))
     assert np.allclose(score, ref_score.numpy(), atol=1e-4 * (np.ptp(amap) + 1e-6))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(torch_one_thread):
+    """Keep these tests at seconds on a shared 2-core box (see conftest)."""

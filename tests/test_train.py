@@ -21,14 +21,6 @@ CFG = TrainConfig(steps=24, batch_size=8, pool_size=12, loss_size=32, log_every=
                   lr=2e-3, augment=True)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core box every multi-threaded op waits for a descheduled
-    thread (~20 ms per op under load); one thread keeps these tests at seconds."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -181,3 +173,8 @@ def test_export_bundle_with_decoder(tmp_path, trained, images, shots) -> None:
     with Detector(bundle, "onnxruntime", threshold=float("inf")) as det:
         maps, scores = det.score_batch(to_batch(images[4:6], bundle.input_spec))[:2]
     assert maps.shape == (2, SIZE, SIZE) and scores.shape == (2,) and np.isfinite(maps).all()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(torch_one_thread):
+    """Keep these tests at seconds on a shared 2-core box (see conftest)."""
