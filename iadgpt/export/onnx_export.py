@@ -33,7 +33,6 @@ import torch
 from torch import nn
 
 from ..errors import ExportError
-from ..models.postprocess import upsample_map
 from ..models.scorers import MemoryBankScorer
 from ..models.text_scorer import TextPromptScorer
 
@@ -47,7 +46,6 @@ EXTERNAL_DATA_THRESHOLD = int(1.5 * (1 << 30))  # bytes of graph + weights
 FEATURE_ATOL = 1e-4
 FEATURE_RTOL = 2e-5  # of max |feature|, see the module docstring
 SCORER_RTOL = 1e-4  # of the map's range
-QUERY_CHUNK = 128  # patches per nearest-neighbour GEMM in the exported bank scorer
 IMAGE_INPUT = "image"
 SCORER_OUTPUTS = ("anomaly_map", "score")
 
@@ -109,41 +107,15 @@ class EncoderGraph(nn.Module):
 
 
 class BankScorerGraph(nn.Module):
-    """MemoryBankScorer with flat inputs (feat0.., bank) for tracing.
+    """MemoryBankScorer with flat inputs (feat0.., bank) for tracing; its chunked search is
+    batch-agnostic already (`scorers.nearest_distances`)."""
 
-    With `query_chunk` the nearest-neighbour search is chunked over the static patch axis and
-    batched over images, so the traced graph is valid for any batch size (the reference chunks
-    over batch x patches, which the tracer would unroll for the export batch only). The distance is
-    min_j(|b_j|^2 - 2 q.b_j) + |q|^2: one Gemm and one ReduceMin per chunk. `query_chunk=None`
-    runs the reference forward unchanged (the torch backend).
-    """
-
-    def __init__(self, scorer: MemoryBankScorer, query_chunk: Optional[int] = QUERY_CHUNK):
+    def __init__(self, scorer: MemoryBankScorer):
         super().__init__()
         self.scorer = scorer
-        self.query_chunk = query_chunk
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.query_chunk is None:
-            return self.scorer(*inputs)
-        *features, bank = inputs
-        s = self.scorer
-        q = s.embedder.patches(features)  # (B, N, D), N static
-        n, d = int(q.shape[1]), int(q.shape[2])
-        bank_sq = (bank * bank).sum(dim=1)
-        bank_t = bank.t()
-        mins = []
-        for start in range(0, n, self.query_chunk):
-            chunk = q[:, start:start + self.query_chunk, :]
-            width = int(chunk.shape[1])
-            flat = chunk.reshape(-1, d)
-            d2 = torch.addmm(bank_sq.unsqueeze(0), flat, bank_t, alpha=-2.0).min(dim=1).values
-            d2 = d2 + (flat * flat).sum(dim=1)
-            mins.append(d2.reshape(-1, width))
-        g = s.embedder.grid
-        dist = torch.cat(mins, dim=1).clamp_min(0.0).sqrt().reshape(-1, g, g)
-        amap = s.blur(upsample_map(dist, s.image_size))
-        return amap, amap.flatten(1).max(dim=1).values
+        return self.scorer(*inputs)
 
 
 class TextScorerGraph(nn.Module):
@@ -158,10 +130,10 @@ class TextScorerGraph(nn.Module):
         return self.scorer(list(features), text)
 
 
-def scorer_graph(scorer: nn.Module, batch_dynamic: bool = True) -> tuple[nn.Module, str]:
+def scorer_graph(scorer: nn.Module) -> tuple[nn.Module, str]:
     """(flat-input wrapper, name of its reference input) for a known scorer module."""
     if isinstance(scorer, MemoryBankScorer):
-        return BankScorerGraph(scorer, QUERY_CHUNK if batch_dynamic else None), "bank"
+        return BankScorerGraph(scorer), "bank"
     if isinstance(scorer, TextPromptScorer):
         return TextScorerGraph(scorer), "text_embeddings"
     if isinstance(scorer, (BankScorerGraph, TextScorerGraph)):
@@ -374,10 +346,8 @@ def export_scorer(scorer_module: nn.Module, feature_shapes: Sequence[Sequence[in
         half = ref[: (len(ref) + 1) // 2]
         probes.append((f"batch 1 with a bank of {len(half)} rows (exported with {len(ref)})",
                        feeds(slice(0, 1), half)))
-    reference = scorer_graph(scorer_module, batch_dynamic=False)[0]
-
     def run_torch(f: Mapping[str, np.ndarray]) -> Sequence[torch.Tensor]:
-        return reference(*(torch.from_numpy(f[k]) for k in names + [ref_name]))
+        return graph(*(torch.from_numpy(f[k]) for k in names + [ref_name]))
 
     diffs, refs = _compare(path, run_torch, probes, SCORER_OUTPUTS, threads)
     span = max(float(r["anomaly_map"].max() - r["anomaly_map"].min()) for r in refs)

@@ -37,7 +37,7 @@ def torch_engines(bundle, threads: Optional[int] = None, weights: Optional[str] 
                                                 sigma=float(cfg.get("sigma", 4.0)))
     else:
         raise BundleError(f"bundle {bundle.path}: unknown scorer kind {cfg['kind']!r}; re-export it with `iadgpt export`")
-    graph, ref_name = scorer_graph(module, batch_dynamic=False)
+    graph, ref_name = scorer_graph(module)
     if list(cfg["references"]) != [ref_name]:
         raise BundleError(f"bundle {bundle.path}: scorer references {list(cfg['references'])} do not match the "
                           f"{cfg['kind']} scorer's input {ref_name!r}; re-export it with `iadgpt export`")

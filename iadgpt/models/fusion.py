@@ -47,7 +47,7 @@ from torch import nn
 from ..errors import ExportError, ScorerError
 from .heads import VisualGuidedDecoder
 from .postprocess import GaussianBlur, upsample_map
-from .scorers import PatchEmbedder
+from .scorers import QUERY_CHUNK, PatchEmbedder, nearest_distances
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,6 @@ __all__ = ["DecoderScorer", "FusedScorer", "fit_fusion", "export_decoder_scorer"
 
 DECODER_KIND = "decoder"
 FUSED_KIND = "decoder+memory_bank"
-QUERY_CHUNK = 128  # patches per nearest-neighbour GEMM, as the exported bank scorer
 
 
 class DecoderScorer(nn.Module):
@@ -93,20 +92,8 @@ class FusedScorer(nn.Module):
 
     def bank_distance(self, features: Sequence[torch.Tensor], bank: torch.Tensor) -> torch.Tensor:
         """(B, g, g) Euclidean distance of each patch to its nearest bank row."""
-        q = self.embedder.patches(features)  # (B, N, D), N static
-        n, d = int(q.shape[1]), int(q.shape[2])
-        bank_sq = (bank * bank).sum(dim=1)
-        bank_t = bank.t()
-        mins = []
-        for start in range(0, n, self.query_chunk):
-            flat = q[:, start:start + self.query_chunk, :]
-            width = int(flat.shape[1])
-            flat = flat.reshape(-1, d)
-            d2 = torch.addmm(bank_sq.unsqueeze(0), flat, bank_t, alpha=-2.0).min(dim=1).values
-            d2 = d2 + (flat * flat).sum(dim=1)
-            mins.append(d2.reshape(-1, width))
         g = self.embedder.grid
-        return torch.cat(mins, dim=1).clamp_min(0.0).sqrt().reshape(-1, g, g)
+        return nearest_distances(self.embedder.patches(features), bank, self.query_chunk).reshape(-1, g, g)
 
     def raw_maps(self, features: Sequence[torch.Tensor], bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(decoder log-odds map, bank distance map), both (B, H, W), upsampled and unsmoothed."""

@@ -21,7 +21,7 @@ from .text_scorer import TextPromptScorer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PatchEmbedder", "MemoryBankScorer", "TextPromptScorer", "greedy_coreset", "augment_shots",
+__all__ = ["PatchEmbedder", "MemoryBankScorer", "nearest_distances", "TextPromptScorer", "greedy_coreset", "augment_shots",
            "MIN_CORESET_PATCHES"]
 
 # Coresets smaller than this lose the rarer normal patterns of small training sets (seen on
@@ -56,16 +56,38 @@ class PatchEmbedder(nn.Module):
         return e.flatten(2).transpose(1, 2)
 
 
+QUERY_CHUNK = 128  # query patches per nearest-neighbour GEMM
+
+
+def nearest_distances(queries: torch.Tensor, bank: torch.Tensor, query_chunk: int = QUERY_CHUNK) -> torch.Tensor:
+    """(B, N) Euclidean distance of each query patch (B, N, D) to its nearest bank row (M, D).
+
+    min_j(|b_j|^2 - 2 q.b_j) + |q|^2: one GEMM and one min per chunk. Chunks run over the static
+    patch axis and are batched over images, so a traced graph stays valid for any batch size and
+    memory stays at B x chunk x M floats whatever the (dynamic) bank size.
+    """
+    n, d = int(queries.shape[1]), int(queries.shape[2])
+    bank_sq = (bank * bank).sum(dim=1).unsqueeze(0)
+    bank_t = bank.t()
+    mins = []
+    for start in range(0, n, query_chunk):
+        chunk = queries[:, start:start + query_chunk, :]
+        width = int(chunk.shape[1])
+        flat = chunk.reshape(-1, d)
+        d2 = torch.addmm(bank_sq, flat, bank_t, alpha=-2.0).min(dim=1).values + (flat * flat).sum(dim=1)
+        mins.append(d2.reshape(-1, width))
+    return torch.cat(mins, dim=1).clamp_min(0.0).sqrt()
+
+
 class MemoryBankScorer(nn.Module):
     """Few-shot / PatchCore scorer: distance of every patch to its nearest normal patch.
 
-    Nearest-neighbour search is a matmul (|x|^2 - 2 x.b + |b|^2) so it runs as GEMMs on every
-    backend; queries are processed in fixed chunks so memory stays at chunk x bank floats whatever
-    the bank size (the bank size is a dynamic graph dimension).
+    Nearest-neighbour search is a matmul (`nearest_distances`) so it runs as GEMMs on every
+    backend and exports as-is; the bank size is a dynamic graph dimension.
     """
 
     def __init__(self, strides: Sequence[int], image_size: int, grid_stride: int = 8, sigma: float = 4.0,
-                 query_chunk: int = 256):
+                 query_chunk: int = QUERY_CHUNK):
         super().__init__()
         self.embedder = PatchEmbedder(strides, image_size, grid_stride)
         self.image_size = int(image_size)
@@ -74,19 +96,8 @@ class MemoryBankScorer(nn.Module):
 
     def patch_distances(self, features: Sequence[torch.Tensor], bank: torch.Tensor) -> torch.Tensor:
         """(B, g, g) Euclidean distance of each patch to the bank."""
-        q = self.embedder.patches(features)  # (B, N, D)
-        b, n, d = q.shape
-        q = q.reshape(b * n, d)
-        bank_t = bank.t()
-        bank_sq = (bank * bank).sum(dim=1).unsqueeze(0)
-        mins = []
-        for start in range(0, b * n, self.query_chunk):
-            chunk = q[start:start + self.query_chunk]
-            d2 = (chunk * chunk).sum(dim=1, keepdim=True) - 2.0 * (chunk @ bank_t) + bank_sq
-            mins.append(d2.min(dim=1).values)
-        dist = torch.cat(mins).clamp_min(0.0).sqrt()
         g = self.embedder.grid
-        return dist.reshape(b, g, g)
+        return nearest_distances(self.embedder.patches(features), bank, self.query_chunk).reshape(-1, g, g)
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """forward(feat_0, ..., feat_{L-1}, bank) -> (anomaly_map (B, H, W), score (B,))."""
