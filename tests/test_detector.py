@@ -66,9 +66,9 @@ def test_any_size_grey_and_bgra_frames(detector):
     big = cv2.resize(rgb, (400, 300), interpolation=cv2.INTER_LINEAR)
     v_big = detector.detect(frame(big))
     assert v_big.frame_shape == (300, 400, 3)
-    if v_big.anomalous:
-        assert v_big.anomaly_map.shape == (300, 400)
-        assert all(r.box[2] <= 400 and r.box[3] <= 300 for r in v_big.regions)
+    assert v_big.anomalous, "a defective part upscaled to 400x300 must still be flagged"
+    assert v_big.anomaly_map.shape == (300, 400)
+    assert v_big.regions and all(r.box[2] <= 400 and r.box[3] <= 300 for r in v_big.regions)
     rgba = np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])
     assert detector.detect(frame(rgba)).score == pytest.approx(detector.detect(frame(rgb)).score, rel=1e-5)
     grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
