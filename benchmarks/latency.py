@@ -6,12 +6,14 @@
     python benchmarks/latency.py --bundle B --compare onnxruntime,torch
 
 Every run in one invocation sees the same frames (synthetic parts with defects, so NG frames pay
-for their regions and overlay map as on the line). Timings are wall clock around
+for their regions and overlay map as on the line); several bundles/backends take turns frame by
+frame, and the JSON then adds `speedup_p50_vs_first`. Timings are wall clock around
 `Detector.detect`, the call the station makes per frame; capture is not included.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -63,25 +65,50 @@ def percentiles(values: list[float]) -> dict:
     return {"p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)), "max_ms": float(a.max())}
 
 
-def bench(bundle: Bundle, backend: str, frames: list[Frame], warmup: int, threads: int | None,
-          threshold: float | None) -> dict:
-    th = threshold if threshold is not None or bundle.thresholds.get("image") else float("inf")
-    with Detector(bundle, backend, threads=threads, threshold=th) as det:
+def bench(targets: list[tuple[Bundle, str]], frames: list[Frame], warmup: int, threads: int | None,
+          threshold: float | None) -> list[dict]:
+    """One report per (bundle, backend); with several, the detectors take turns frame by frame, so
+    a change of machine load during the run hits all of them alike instead of whichever ran last."""
+    with contextlib.ExitStack() as stack:
+        dets = []
+        for bundle, backend in targets:
+            th = threshold if threshold is not None or bundle.thresholds.get("image") else float("inf")
+            dets.append(stack.enter_context(Detector(bundle, backend, threads=threads, threshold=th)))
         for f in frames[:warmup]:
-            det.detect(f)
-        total, stages = [], {}
+            for det in dets:
+                det.detect(f)
+        totals: list[list[float]] = [[] for _ in dets]
+        stages: list[dict[str, list[float]]] = [{} for _ in dets]
         for f in frames:
-            t0 = time.perf_counter()
-            v = det.detect(f)
-            total.append((time.perf_counter() - t0) * 1e3)
-            for k, ms in v.timings_ms.items():
-                stages.setdefault(k, []).append(ms)
-    e2e = percentiles(total)
-    e2e["fps"] = 1000.0 / float(np.mean(total))
-    return {"bundle": str(bundle.path), "backend": backend, "threads": threads,
+            for i, det in enumerate(dets):
+                t0 = time.perf_counter()
+                v = det.detect(f)
+                totals[i].append((time.perf_counter() - t0) * 1e3)
+                for k, ms in v.timings_ms.items():
+                    stages[i].setdefault(k, []).append(ms)
+    reports = []
+    for (bundle, backend), total, stage in zip(targets, totals, stages):
+        e2e = percentiles(total)
+        e2e["fps"] = 1000.0 / float(np.mean(total))
+        reports.append({
+            "bundle": str(bundle.path), "backend": backend, "threads": threads,
             "precision": str(bundle.graphs["encoder"].get("precision", "fp32")), "backbone": bundle.backbone.get("name"),
             "frames": len(frames), "frame_size": list(frames[0].image.shape), "end_to_end": e2e,
-            "stages": {k: {kk: vv for kk, vv in percentiles(v).items() if kk != "max_ms"} for k, v in stages.items()}}
+            "stages": {k: {kk: vv for kk, vv in percentiles(v).items() if kk != "max_ms"} for k, v in stage.items()}})
+    return reports
+
+
+def speedups(runs: list[dict]) -> list[dict]:
+    """p50 of the first run / p50 of each run, end to end and per stage (> 1: faster than the first)."""
+    base = runs[0]
+    out = []
+    for r in runs:
+        row = {"bundle": r["bundle"], "backend": r["backend"],
+               "end_to_end": base["end_to_end"]["p50_ms"] / r["end_to_end"]["p50_ms"]}
+        row.update({k: base["stages"][k]["p50_ms"] / v["p50_ms"] for k, v in r["stages"].items()
+                    if k in base["stages"] and v["p50_ms"] > 0})
+        out.append(row)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,11 +134,13 @@ def main(argv: list[str] | None = None) -> int:
 
     backends = args.compare.split(",") if args.compare else [args.backend]
     frames = make_frames(args.frames, args.frame_size, args.seed)
-    runs = [bench(Bundle.load(b), be, frames, args.warmup, args.threads, args.threshold)
-            for b in args.bundle for be in backends]
-    report = {"environment": environment(), "runs": runs}
+    runs = bench([(Bundle.load(b), be) for b in args.bundle for be in backends], frames, args.warmup, args.threads,
+                 args.threshold)
+    report = {"environment": environment(), "interleaved": len(runs) > 1, "runs": runs}
     if len(runs) == 1:
         report.update(runs[0])
+    else:
+        report["speedup_p50_vs_first"] = speedups(runs)
 
     print(f"{report['environment']['cpu']}, {report['environment']['cores']} cores; {args.frames} frames "
           f"{args.frame_size}x{args.frame_size} after {args.warmup} warm-up")
@@ -121,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         st = ", ".join(f"{k} {v['p50_ms']:.1f}/{v['p99_ms']:.1f}" for k, v in r["stages"].items())
         print(f"| {Path(r['bundle']).name} | {r['backend']} | {r['precision']} | {e['p50_ms']:.1f} | {e['p99_ms']:.1f} "
               f"| {e['max_ms']:.1f} | {e['fps']:.1f} | {st} |")
+    for row in report.get("speedup_p50_vs_first", [])[1:]:
+        print(f"{Path(row['bundle']).name} ({row['backend']}) vs {Path(runs[0]['bundle']).name}: p50 speed-up "
+              + ", ".join(f"{k} {v:.2f}x" for k, v in row.items() if k not in ("bundle", "backend")))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.json}")

@@ -35,6 +35,7 @@ from torch import nn
 from ..errors import ExportError
 from ..models.scorers import MemoryBankScorer
 from ..models.text_scorer import TextPromptScorer
+from .graph_passes import fold_pads_into_convs
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +212,7 @@ def _trace_to_onnx(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path
         external = size > external_data_threshold or any(p != tmp_path for p in Path(tmp).iterdir())
         model = onnx.load(str(tmp_path), load_external_data=external)
         _set_output_shapes(model, output_shapes, dynamic_axes)
+        fold_pads_into_convs(model)
         if external:
             onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=data_name, size_threshold=1024)
