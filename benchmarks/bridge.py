@@ -1,0 +1,143 @@
+"""IAD-GPT bridge accuracy: yes/no over the whole test split, 3x3 position on the defective images.
+
+    python benchmarks/bridge.py --data ../shared/data/mvtec_ad --category bottle --decoder DEC.safetensors \
+        [--checkpoint BRIDGE.safetensors] [--onnx] --json bridge.json
+
+Trains the bridge first (`iadgpt train --stage bridge`) when no --checkpoint is given (then --decoder is
+required). Routes: "torch" (float32 heads + float32 SmolLM2 through transformers) and, with --onnx,
+"onnx-int4" (the exported heads on ONNX Runtime + the int4 inputs_embeds LLM, `OnnxBridge`). Both
+routes read the same torch encoder features. Verdicts come from greedy decoding; the position is parsed
+from the text and compared with the 3x3 cell of the largest ground-truth region's centroid.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True, type=Path)
+    ap.add_argument("--category", required=True)
+    ap.add_argument("--checkpoint", type=Path, default=None, help="trained bridge; trains one when absent")
+    ap.add_argument("--decoder", type=Path, default=None, help="decoder checkpoint (to train the bridge)")
+    ap.add_argument("--out", type=Path, default=Path("bridge.safetensors"), help="where a trained bridge goes")
+    ap.add_argument("--stage-steps", default="40,120,60")
+    ap.add_argument("--onnx", action="store_true", help="also evaluate the ONNX heads + int4 LLM route")
+    ap.add_argument("--export-dir", type=Path, default=None, help="where the ONNX bridge goes [next to the checkpoint]")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--examples", type=int, default=2, help="dialogues to print")
+    ap.add_argument("--json", type=Path, required=True)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    import numpy as np
+    import torch
+
+    from iadgpt.models.backbones import get_backbone
+    from iadgpt.models.bridge import BridgeLM
+    from iadgpt.models.bridge_train import (MAP_KINDS, load_bridge_parts, load_llm, score_answers, test_set,
+                                            train_bridge)
+    from iadgpt.runtime.bridge_runtime import QUESTION
+
+    torch.set_num_threads(args.threads)
+    train_s = None
+    if args.checkpoint is None:
+        if args.decoder is None:
+            ap.error("without --checkpoint the bridge is trained first: pass --decoder DEC.safetensors")
+        res = train_bridge(args.data, args.category, args.out, args.decoder, threads=args.threads,
+                           stage_steps=[int(x) for x in args.stage_steps.split(",")])
+        args.checkpoint = args.out
+        train_s = res["train_seconds"] + res["pool_seconds"]
+    bb = get_backbone("efficientnet-lite0")
+    tge, mmf, maker, meta = load_bridge_parts(args.checkpoint, bb)
+    llm, encode, decode, eos = load_llm()
+    bridge = BridgeLM(llm, encode, decode, tge, mmf, eos).eval()
+    size = int(bb.input_spec.size[0])
+    images, labels, positions, names = test_set(args.data, args.category, size)
+
+    t0 = time.perf_counter()
+    feats_all: list[list[torch.Tensor]] = []
+    masks_all = {k: [] for k in MAP_KINDS}
+    tge_in = []
+    for i in range(0, len(images), 16):
+        x = torch.from_numpy(np.stack(images[i:i + 16]).transpose(0, 3, 1, 2).astype(np.float32))
+        with torch.inference_mode():
+            f = bb(x)
+        t, m = maker(f)
+        feats_all.append(f)
+        tge_in.append(t)
+        for k in MAP_KINDS:
+            masks_all[k].append(m[k])
+    feats = [torch.cat([f[layer] for f in feats_all]) for layer in range(len(feats_all[0]))]
+    tge_in = torch.cat(tge_in)
+    encode_s = time.perf_counter() - t0
+    rows, answers = [], {}
+    for kind in MAP_KINDS:
+        masks = torch.cat(masks_all[kind])
+        t0 = time.perf_counter()
+        texts = []
+        for i in range(0, len(images), 8):
+            texts += bridge.generate(tge_in[i:i + 8], masks[i:i + 8])
+        dt = time.perf_counter() - t0
+        answers[("torch", kind)] = texts
+        rows.append({"map": kind, "route": "torch", **score_answers(texts, labels, positions),
+                     "seconds_per_image": round(dt / len(images), 3)})
+        logging.info("%s", rows[-1])
+
+    export_meta = {}
+    if args.onnx:
+        from iadgpt.export.llm import ensure_default_llm
+        from iadgpt.models.bridge_export import export_bridge
+        from iadgpt.runtime.bridge_runtime import OnnxBridge
+        from iadgpt.runtime.llm_runtime import OnnxLLM
+
+        out_dir = args.export_dir or args.checkpoint.with_suffix(".onnx-bridge")
+        cfg = export_bridge(out_dir, tge, mmf, maker, [f[:4] for f in feats],
+                            {"checkpoint": str(args.checkpoint), "category": args.category})
+        export_meta = {"dir": str(out_dir), "parity": cfg["parity"]}
+        runtime = OnnxBridge(out_dir, OnnxLLM(ensure_default_llm(4, embeds=True), threads=args.threads),
+                             threads=args.threads)
+        for kind in MAP_KINDS:
+            t0 = time.perf_counter()
+            texts = [runtime.ask([f[i:i + 1].numpy() for f in feats], kind).text for i in range(len(images))]
+            dt = time.perf_counter() - t0
+            answers[("onnx-int4", kind)] = texts
+            rows.append({"map": kind, "route": "onnx-int4", **score_answers(texts, labels, positions),
+                         "seconds_per_image": round(dt / len(images), 3)})
+            logging.info("%s", rows[-1])
+            agree = np.mean([a == b for a, b in zip(texts, answers[("torch", kind)])])
+            rows[-1]["same_text_as_torch"] = float(agree)
+
+    examples = []
+    picks = [i for i, lab in enumerate(labels) if lab][: max(0, args.examples - 1)] + \
+        [i for i, lab in enumerate(labels) if not lab][:1]
+    for i in picks[:args.examples]:
+        examples.append({"image": names[i], "truth": {"anomalous": labels[i], "position": positions[i]},
+                         "question": QUESTION,
+                         **{f"{route}/{kind}": answers[(route, kind)][i] for (route, kind) in answers}})
+    for r in rows:
+        print(f"{r['route']:10s} {r['map']:12s} yes/no {100 * r['yes_no_accuracy']:.1f}%  position "
+              f"{100 * r['position_accuracy']:.1f}%  ({r['n_images']} images, {r['n_defective']} defective)")
+    for e in examples:
+        print(json.dumps(e, indent=1))
+    report = {"rows": rows, "examples": examples, "train_seconds": train_s, "encode_seconds": round(encode_s, 1),
+              "checkpoint": str(args.checkpoint), "checkpoint_meta": {k: meta.get(k) for k in
+                                                                      ("config", "train_seconds", "pool_seconds", "threads", "history")},
+              "export": export_meta, "machine": {"cpu_threads": args.threads, "platform": platform.platform()}}
+    args.json.write_text(json.dumps(rows, indent=1) + "\n")
+    args.json.with_name(args.json.stem + ".full.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,332 @@
+"""The IAD-GPT bridge: Text-Guided Enhancer (TGE), Multi-Mask Fusion (MMF) and a frozen LLM reading them.
+
+    feature of the last tapped layer ------------------> TGE -> 1 image token      (B, 1, C)
+    per-layer anomaly maps (decoder OR 1-shot bank) ---> MMF -> L1 + L3 mask tokens (B, 11, C)
+    LLM (frozen) reads  <|im_start|>user\\n [image] [masks] Is there any anomaly in the image?<|im_end|>
+                        \\n<|im_start|>assistant\\n  -> "No, ..." / "Yes, ..., at the {position}."
+
+C is the LLM's hidden size (576 for SmolLM2-135M). Choices the paper leaves open, documented here:
+
+* **Per-layer masks** (`DecoderMasks`, `BankMasks`): one map per layer the decoder reads
+  (efficientnet-lite0: the stride-8 and stride-16 taps, train.DEFAULT_LAYERS), on the stride-8
+  grid (28 x 28 at 224 px). Decoder: the upsampled abnormal-minus-normal logit of that layer
+  (`VisualGuidedDecoder.layer_logits`, pre-softmax as in fusion.py: the probabilities saturate).
+  Bank: the distance of each patch to its nearest row of the k-shot memory bank, using only that
+  layer's columns of the PatchEmbedder vectors. Both are z-normalised per layer by the mean/std
+  of the map's pixels on normal training images (as fusion.py), so "one unit = one normal standard
+  deviation" whichever map the LLM reads: that is what lets one MMF read both kinds.
+* **TGE** (Eqs. 3-4). Global image feature F_img: the spatial mean of the last tapped layer
+  (112 channels), standardised like the decoder input. References T = the decoder's learned
+  [normal, abnormal] prototypes (no text tower on efficientnet-lite0), compared in the decoder's
+  projection space (its frozen layer projection): gate W = softmax(a * cos(Proj(F), T) + b), with
+  a (init 10) and b learned. Two experts (one "normal", one "abnormal"), each an attention block
+  (a query from F_img attends over the 7 x 7 pooled patch tokens, 4 heads, width 128) followed
+  by an FFN (128 -> 512 -> 128) and a linear to C. E_img = sum_i W_i Expert_i. 0.6 M parameters.
+* **MMF**. Per map: asinh squash (z-scores of defects reach the hundreds), bilinear resize to
+  24 x 24, conv 3x3/2 (1 -> 16) + GELU, then two depthwise-separable blocks (dw 3x3/2 + pw 1x1,
+  16 -> 32 -> 64) + GELU: a 3 x 3 grid of 64-d cells, i.e. L1 = 9 tokens, one per cell of the
+  position grid (facts.GRID_NAMES, row-major), each projected to C / n_maps (288 with two maps;
+  C/4 in the paper with four), concatenated channel-wise to C, plus a learned per-cell position
+  embedding; then L3 = 2 learned base tokens. 0.35 M parameters.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..errors import ScorerError
+from ..runtime.bridge_runtime import PROMPT_HEAD, PROMPT_TAIL
+from .heads import VisualGuidedDecoder
+from .scorers import PatchEmbedder, nearest_distances
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TextGuidedEnhancer", "MultiMaskFusion", "DecoderMasks", "BankMasks", "BridgeLM", "fit_mask_stats"]
+
+
+# --------------------------------------------------------------------------- per-layer masks
+
+
+class DecoderMasks(nn.Module):
+    """forward(feat0..featL-1) -> (B, n, g, g): the decoder's per-layer log-odds, z-normalised."""
+
+    def __init__(self, decoder: VisualGuidedDecoder, grid: int = 28):
+        super().__init__()
+        self.decoder = decoder
+        self.grid = int(grid)
+        n = len(decoder.layers)
+        self.register_buffer("mean", torch.zeros(n))
+        self.register_buffer("std", torch.ones(n))
+
+    def raw(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        logits = self.decoder.layer_logits(features, self.grid)
+        return torch.stack([lg[:, 1] - lg[:, 0] for lg in logits], dim=1)
+
+    def forward(self, *features: torch.Tensor) -> torch.Tensor:
+        return (self.raw(features) - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
+
+
+class BankMasks(nn.Module):
+    """forward(feat0..featL-1, bank) -> (B, n, g, g): per-layer nearest-bank-patch distances, z-normalised.
+
+    The bank is the memory-bank scorer's (PatchEmbedder rows over all tapped layers); layer i uses
+    its own columns only."""
+
+    def __init__(self, dims: Sequence[int], strides: Sequence[int], image_size: int, layers: Sequence[int],
+                 grid_stride: int = 8):
+        super().__init__()
+        self.embedder = PatchEmbedder(strides, image_size, grid_stride)
+        self.grid = self.embedder.grid
+        offsets = [0]
+        for d in dims:
+            offsets.append(offsets[-1] + int(d))
+        self.slices = [(offsets[i], offsets[i + 1]) for i in layers]
+        self.register_buffer("mean", torch.zeros(len(self.slices)))
+        self.register_buffer("std", torch.ones(len(self.slices)))
+
+    def raw(self, features: Sequence[torch.Tensor], bank: torch.Tensor) -> torch.Tensor:
+        q = self.embedder.patches(features)
+        maps = [nearest_distances(q[:, :, a:b], bank[:, a:b]).reshape(-1, self.grid, self.grid) for a, b in self.slices]
+        return torch.stack(maps, dim=1)
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        *features, bank = inputs
+        return (self.raw(features, bank) - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
+
+
+@torch.no_grad()
+def fit_mask_stats(masks: nn.Module, raw_maps: torch.Tensor) -> list[list[float]]:
+    """Set the per-layer mean/std of a mask module from its raw maps (N, n, g, g) of NORMAL images."""
+    x = raw_maps.double()
+    mean = x.mean(dim=(0, 2, 3))
+    std = x.std(dim=(0, 2, 3)).clamp_min(1e-6)
+    masks.mean.copy_(mean.float())
+    masks.std.copy_(std.float())
+    return [mean.tolist(), std.tolist()]
+
+
+# --------------------------------------------------------------------------- TGE
+
+
+class _Expert(nn.Module):
+    """Attention block (a query from the global feature over the patch tokens) + FFN, then -> out_dim."""
+
+    def __init__(self, width: int, heads: int, out_dim: int, ffn: int = 4):
+        super().__init__()
+        self.heads = int(heads)
+        self.n1 = nn.LayerNorm(width)
+        self.q = nn.Linear(width, width)
+        self.kv = nn.Linear(width, 2 * width)
+        self.o = nn.Linear(width, width)
+        self.n2 = nn.LayerNorm(width)
+        self.ffn = nn.Sequential(nn.Linear(width, ffn * width), nn.GELU(), nn.Linear(ffn * width, width))
+        self.out = nn.Linear(width, out_dim)
+
+    def forward(self, glob: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        b, n, w = tokens.shape
+        h, d = self.heads, w // self.heads
+        q = self.q(self.n1(glob)).reshape(b, h, 1, d)
+        k, v = self.kv(self.n1(tokens)).chunk(2, dim=-1)
+        k = k.reshape(b, n, h, d).transpose(1, 2)
+        v = v.reshape(b, n, h, d).transpose(1, 2)
+        att = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(d), dim=-1)
+        x = glob + self.o(torch.matmul(att, v).reshape(b, w))
+        x = x + self.ffn(self.n2(x))
+        return self.out(x)
+
+
+class TextGuidedEnhancer(nn.Module):
+    """forward(feature (B, C_in, h, w)) -> image token (B, 1, out_dim); `gate(feature)` -> (B, 2).
+
+    The references and the projection that puts the image feature in their space are frozen
+    copies of the decoder's (`from_decoder`), so the exported graph needs no other input."""
+
+    def __init__(self, in_dim: int, out_dim: int, *, ref_dim: int = 64, width: int = 128, heads: int = 4,
+                 token_grid: int = 7, pool: int = 3):
+        super().__init__()
+        self.in_dim, self.out_dim, self.ref_dim = int(in_dim), int(out_dim), int(ref_dim)
+        self.width, self.heads, self.token_grid, self.pool = int(width), int(heads), int(token_grid), int(pool)
+        if self.width % self.heads:
+            raise ScorerError(f"TGE width {width} must be a multiple of its {heads} heads")
+        self.register_buffer("feat_mean", torch.zeros(self.in_dim))
+        self.register_buffer("feat_std", torch.ones(self.in_dim))
+        self.register_buffer("proj_weight", torch.randn(self.ref_dim, self.in_dim) / math.sqrt(self.in_dim))
+        self.register_buffer("proj_bias", torch.zeros(self.ref_dim))
+        self.register_buffer("references", torch.randn(2, self.ref_dim))
+        self.gate_scale = nn.Parameter(torch.tensor(10.0))
+        self.gate_bias = nn.Parameter(torch.zeros(2))
+        self.inp = nn.Linear(self.in_dim, self.width)
+        self.experts = nn.ModuleList(_Expert(self.width, self.heads, self.out_dim) for _ in range(2))
+
+    def config(self) -> dict:
+        return {"in_dim": self.in_dim, "out_dim": self.out_dim, "ref_dim": self.ref_dim, "width": self.width,
+                "heads": self.heads, "token_grid": self.token_grid, "pool": self.pool}
+
+    @classmethod
+    def from_decoder(cls, decoder: VisualGuidedDecoder, layer: int, out_dim: int, **kwargs) -> "TextGuidedEnhancer":
+        proj = decoder.projections[layer]
+        if not isinstance(proj, nn.Conv2d):
+            raise ScorerError(f"the TGE reuses the decoder's linear projection of layer {layer}; this decoder has "
+                              f"{type(proj).__name__} there (train it with --hidden 0 and that layer in --layers)")
+        tge = cls(decoder.dims[layer], out_dim, ref_dim=decoder.embed_dim, pool=decoder.pool, **kwargs)
+        with torch.no_grad():
+            tge.feat_mean.copy_(getattr(decoder, f"feat_mean{layer}"))
+            tge.feat_std.copy_(getattr(decoder, f"feat_std{layer}"))
+            tge.proj_weight.copy_(proj.weight.detach()[:, :, 0, 0])
+            tge.proj_bias.copy_(proj.bias.detach())
+            tge.references.copy_(decoder.references.detach())
+        return tge
+
+    def _prepare(self, f: torch.Tensor) -> torch.Tensor:
+        if self.pool > 1:
+            f = F.avg_pool2d(f, self.pool, 1, self.pool // 2, count_include_pad=False)
+        return (f - self.feat_mean.view(1, -1, 1, 1)) / self.feat_std.view(1, -1, 1, 1)
+
+    def _gate(self, x: torch.Tensor) -> torch.Tensor:
+        g = F.linear(x.mean(dim=(2, 3)), self.proj_weight, self.proj_bias)
+        sims = F.normalize(g, dim=-1) @ F.normalize(self.references, dim=-1).t()
+        return torch.softmax(self.gate_scale * sims + self.gate_bias, dim=-1)
+
+    def gate(self, feature: torch.Tensor) -> torch.Tensor:
+        """(B, 2) softmax weights of the [normal, abnormal] experts."""
+        return self._gate(self._prepare(feature.float()))
+
+    def forward(self, feature: torch.Tensor) -> torch.Tensor:
+        x = self._prepare(feature.float())
+        w = self._gate(x)
+        t = F.adaptive_avg_pool2d(x, self.token_grid) if x.shape[-1] != self.token_grid else x
+        tokens = self.inp(t.flatten(2).transpose(1, 2))
+        glob = tokens.mean(dim=1)
+        out = w[:, 0:1] * self.experts[0](glob, tokens) + w[:, 1:2] * self.experts[1](glob, tokens)
+        return out.unsqueeze(1)
+
+
+# --------------------------------------------------------------------------- MMF
+
+
+def _ds_block(cin: int, cout: int) -> nn.Sequential:
+    """Depthwise-separable conv: depthwise 3x3 stride 2, pointwise 1x1, GELU."""
+    return nn.Sequential(nn.Conv2d(cin, cin, 3, 2, 1, groups=cin), nn.Conv2d(cin, cout, 1), nn.GELU())
+
+
+class MultiMaskFusion(nn.Module):
+    """forward(masks (B, n_maps, H, W)) -> mask tokens (B, L1 + L3, out_dim), L1 = 9 (3 x 3 cells)."""
+
+    SIZE = 24  # 24 -> 12 -> 6 -> 3
+
+    def __init__(self, n_maps: int, out_dim: int, *, base_tokens: int = 2, channels: Sequence[int] = (16, 32, 64)):
+        super().__init__()
+        self.n_maps, self.out_dim, self.base_tokens = int(n_maps), int(out_dim), int(base_tokens)
+        self.channels = tuple(int(c) for c in channels)
+        if self.out_dim % self.n_maps:
+            raise ScorerError(f"MMF: the LLM width {out_dim} must split evenly over the {n_maps} maps")
+        c0, c1, c2 = self.channels
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Conv2d(1, c0, 3, 2, 1), nn.GELU(), _ds_block(c0, c1), _ds_block(c1, c2))
+                                    for _ in range(self.n_maps))
+        self.proj = nn.ModuleList(nn.Linear(c2, self.out_dim // self.n_maps) for _ in range(self.n_maps))
+        self.pos = nn.Parameter(torch.zeros(9, self.out_dim))
+        self.base = nn.Parameter(torch.randn(self.base_tokens, self.out_dim) * 0.02)
+
+    @property
+    def n_tokens(self) -> int:
+        return 9 + self.base_tokens
+
+    def config(self) -> dict:
+        return {"n_maps": self.n_maps, "out_dim": self.out_dim, "base_tokens": self.base_tokens,
+                "channels": list(self.channels)}
+
+    def forward(self, masks: torch.Tensor) -> torch.Tensor:
+        if masks.shape[1] != self.n_maps:
+            raise ScorerError(f"MMF expects {self.n_maps} maps, got {masks.shape[1]}")
+        m = masks.float()  # asinh, written out: the TorchScript ONNX exporter has no aten::asinh
+        x = torch.sign(m) * torch.log(m.abs() + torch.sqrt(m * m + 1.0))
+        if x.shape[-1] != self.SIZE or x.shape[-2] != self.SIZE:
+            x = F.interpolate(x, size=(self.SIZE, self.SIZE), mode="bilinear", align_corners=False)
+        parts = [self.proj[i](self.blocks[i](x[:, i:i + 1]).flatten(2).transpose(1, 2)) for i in range(self.n_maps)]
+        tokens = torch.cat(parts, dim=-1) + self.pos
+        return torch.cat([tokens, self.base.unsqueeze(0).expand(tokens.shape[0], -1, -1)], dim=1)
+
+
+# --------------------------------------------------------------------------- the LLM side
+
+
+class BridgeLM(nn.Module):
+    """TGE + MMF + a frozen causal LM (transformers) that reads their tokens as input embeddings.
+
+    `encode(text) -> ids` must be the tokenizer the runtime uses (`tokenizers` on tokenizer.json),
+    so that the torch and ONNX routes see the same token ids."""
+
+    def __init__(self, llm: nn.Module, encode: Callable[[str], list[int]], decode: Callable[[Sequence[int]], str],
+                 tge: TextGuidedEnhancer, mmf: MultiMaskFusion, eos_ids: Sequence[int]):
+        super().__init__()
+        self.llm = llm.eval()
+        for p in self.llm.parameters():
+            p.requires_grad_(False)
+        self.encode, self.decode = encode, decode
+        self.tge, self.mmf = tge, mmf
+        self.eos_ids = [int(i) for i in eos_ids]
+        self.end_id = self.eos_ids[0]
+        self.register_buffer("head_ids", torch.tensor(encode(PROMPT_HEAD), dtype=torch.long), persistent=False)
+        self.register_buffer("tail_ids", torch.tensor(encode(PROMPT_TAIL), dtype=torch.long), persistent=False)
+        hidden = int(self.llm.get_input_embeddings().weight.shape[1])
+        if tge.out_dim != hidden or mmf.out_dim != hidden:
+            raise ScorerError(f"TGE/MMF width {tge.out_dim}/{mmf.out_dim} != the LLM's hidden size {hidden}")
+
+    def train(self, mode: bool = True) -> "BridgeLM":
+        super().train(mode)
+        self.llm.eval()  # frozen: no dropout ever
+        return self
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.llm.get_input_embeddings()(ids)
+
+    def prompt_embeds(self, feature: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        b = feature.shape[0]
+        head = self.embed(self.head_ids).unsqueeze(0).expand(b, -1, -1)
+        tail = self.embed(self.tail_ids).unsqueeze(0).expand(b, -1, -1)
+        return torch.cat([head, self.tge(feature), self.mmf(masks), tail], dim=1)
+
+    def loss(self, feature: torch.Tensor, masks: torch.Tensor, answers: Sequence[str]) -> torch.Tensor:
+        """Cross-entropy on the answer tokens (+ the end-of-turn token) only, teacher-forced.
+        Answers are right-padded: with causal attention padding never affects earlier positions."""
+        prompt = self.prompt_embeds(feature, masks)
+        ids = [self.encode(a) + [self.end_id] for a in answers]
+        n = max(len(i) for i in ids)
+        target = torch.full((len(ids), n), -100, dtype=torch.long, device=prompt.device)
+        inp = torch.full((len(ids), n), self.end_id, dtype=torch.long, device=prompt.device)
+        for r, row in enumerate(ids):
+            target[r, :len(row)] = torch.tensor(row)
+            inp[r, :len(row)] = torch.tensor(row)
+        x = torch.cat([prompt, self.embed(inp)], dim=1)
+        hidden = self.llm.model(inputs_embeds=x).last_hidden_state
+        t0 = prompt.shape[1]
+        logits = self.llm.lm_head(hidden[:, t0 - 1:t0 - 1 + n])
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1), ignore_index=-100)
+
+    @torch.no_grad()
+    def generate(self, feature: torch.Tensor, masks: torch.Tensor, max_new_tokens: int = 24) -> list[str]:
+        """Greedy answers (never sampled), batched over images."""
+        x = self.prompt_embeds(feature, masks)
+        out = self.llm(inputs_embeds=x, use_cache=True)
+        past = out.past_key_values
+        logits = out.logits[:, -1]
+        b = x.shape[0]
+        tokens: list[list[int]] = [[] for _ in range(b)]
+        done = torch.zeros(b, dtype=torch.bool)
+        eos = torch.tensor(self.eos_ids)
+        for _ in range(max_new_tokens):
+            nxt = logits.argmax(dim=-1)
+            done |= torch.isin(nxt, eos)
+            for r in range(b):
+                if not done[r]:
+                    tokens[r].append(int(nxt[r]))
+            if bool(done.all()):
+                break
+            out = self.llm(inputs_embeds=self.embed(nxt[:, None]), past_key_values=past, use_cache=True)
+            past, logits = out.past_key_values, out.logits[:, -1]
+        return [self.decode(t).strip() for t in tokens]

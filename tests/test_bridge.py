@@ -1,0 +1,237 @@
+"""The IAD-GPT bridge: TGE, MMF, per-layer masks, the frozen-LLM loss, ONNX parity and the runtime."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from iadgpt.errors import DescriberError, ScorerError
+from iadgpt.runtime.bridge_runtime import NO_ANSWER, answer_text, parse_answer
+from iadgpt.runtime.facts import POSITION_WORDS
+
+
+def _decoder():
+    from iadgpt.models.heads import VisualGuidedDecoder
+    torch.manual_seed(0)
+    return VisualGuidedDecoder((8, 16), 64, embed_dim=8, layers=[0, 1]).eval()
+
+
+def _features(b=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, 8, 16, 16, generator=g), torch.randn(b, 16, 8, 8, generator=g)]
+
+
+def _parts(hidden=32):
+    from iadgpt.models.bridge import BankMasks, DecoderMasks, MultiMaskFusion, TextGuidedEnhancer
+    from iadgpt.models.bridge_train import MaskMaker
+    dec = _decoder()
+    torch.manual_seed(1)
+    tge = TextGuidedEnhancer.from_decoder(dec, 1, hidden, width=16, heads=2, token_grid=4).eval()
+    mmf = MultiMaskFusion(2, hidden).eval()
+    bank = torch.randn(40, 24)
+    maker = MaskMaker(None, dec, bank, 1, DecoderMasks(dec, grid=8).eval(), BankMasks((8, 16), (4, 8), 64, [0, 1]).eval())
+    return tge, mmf, maker
+
+
+# --------------------------------------------------------------------------- answers
+
+
+def test_answers_round_trip_every_position():
+    assert parse_answer(NO_ANSWER) == (False, None)
+    for pos in POSITION_WORDS:
+        assert parse_answer(answer_text(True, pos)) == (True, pos)
+    assert parse_answer("Yes, there is an anomaly in the image, at the top.") == (True, "top")
+    assert parse_answer("I cannot tell") == (None, None)
+
+
+def test_answer_text_refuses_unknown_positions():
+    with pytest.raises(DescriberError, match="3x3 grid word"):
+        answer_text(True, "upper middle")
+
+
+# --------------------------------------------------------------------------- modules
+
+
+def test_tge_and_mmf_shapes(torch_one_thread):
+    tge, mmf, maker = _parts()
+    feats = _features(3)
+    assert tge(feats[1]).shape == (3, 1, 32)
+    assert tge.gate(feats[1]).shape == (3, 2)
+    masks = maker.modules["decoder"](*feats)
+    assert masks.shape == (3, 2, 8, 8)
+    assert mmf(masks).shape == (3, 11, 32)
+    bank_masks = maker.modules["memory_bank"](*feats, maker.bank)
+    assert bank_masks.shape == (3, 2, 8, 8)  # 64 px / grid stride 8
+    assert mmf(bank_masks).shape == (3, 11, 32)
+
+
+def test_tge_gate_follows_the_references(torch_one_thread):
+    from iadgpt.models.bridge import TextGuidedEnhancer
+    tge = TextGuidedEnhancer(8, 16, ref_dim=8, width=16, heads=2, pool=1)
+    with torch.no_grad():
+        tge.proj_weight.copy_(torch.eye(8))
+        tge.references.copy_(torch.eye(8)[:2])
+    normal = torch.eye(8)[0].view(1, 8, 1, 1).expand(1, 8, 4, 4)
+    abnormal = torch.eye(8)[1].view(1, 8, 1, 1).expand(1, 8, 4, 4)
+    assert float(tge.gate(normal)[0, 0]) > 0.99
+    assert float(tge.gate(abnormal)[0, 1]) > 0.99
+
+
+def test_mask_statistics_z_normalise(torch_one_thread):
+    from iadgpt.models.bridge import fit_mask_stats
+    _, _, maker = _parts()
+    feats = _features(4)
+    dm = maker.modules["decoder"]
+    fit_mask_stats(dm, dm.raw(feats))
+    z = dm(*feats)
+    assert abs(float(z.mean())) < 1e-4
+    assert abs(float(z.std()) - 1.0) < 0.1
+
+
+def test_mmf_refuses_bad_widths_and_map_counts():
+    from iadgpt.models.bridge import MultiMaskFusion
+    with pytest.raises(ScorerError, match="split evenly"):
+        MultiMaskFusion(3, 32)
+    with pytest.raises(ScorerError, match="expects 2 maps"):
+        MultiMaskFusion(2, 32)(torch.zeros(1, 3, 24, 24))
+
+
+# --------------------------------------------------------------------------- the LLM side
+
+
+def _tiny_llm(hidden=32):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=hidden, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256, initializer_range=0.2)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _bridge(hidden=32):
+    from iadgpt.models.bridge import BridgeLM
+    tge, mmf, maker = _parts(hidden)
+    encode = lambda s: [min(ord(c), 127) for c in s]  # noqa: E731 - a byte "tokenizer" for the tiny model
+    decode = lambda ids: "".join(chr(i) for i in ids)  # noqa: E731
+    return BridgeLM(_tiny_llm(hidden), encode, decode, tge, mmf, eos_ids=[0]), maker
+
+
+def test_bridge_loss_decreases_and_llm_stays_frozen(torch_one_thread):
+    bridge, maker = _bridge()
+    feats = _features(4, seed=3)
+    # anomalous images carry a hot cell where their answer says
+    masks = torch.zeros(4, 2, 24, 24)
+    masks[1, :, :8, :8] = 20.0
+    masks[3, :, 16:, 16:] = 20.0
+    answers = [answer_text(False), answer_text(True, "top left"), answer_text(False), answer_text(True, "bottom right")]
+    frozen = {k: v.clone() for k, v in bridge.llm.state_dict().items()}
+    opt = torch.optim.Adam(list(bridge.tge.parameters()) + list(bridge.mmf.parameters()), lr=1e-2)
+    bridge.train()
+    losses = []
+    for _ in range(30):
+        loss = bridge.loss(feats[1], masks, answers)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert all(torch.equal(v, bridge.llm.state_dict()[k]) for k, v in frozen.items())
+    assert not any(p.requires_grad for p in bridge.llm.parameters())
+    texts = bridge.eval().generate(feats[1], masks, max_new_tokens=5)
+    assert len(texts) == 4 and all(isinstance(t, str) for t in texts)
+
+
+def test_bridge_refuses_a_width_mismatch():
+    from iadgpt.models.bridge import BridgeLM
+    tge, mmf, _ = _parts(32)
+    with pytest.raises(ScorerError, match="hidden size"):
+        BridgeLM(_tiny_llm(64), lambda s: [1], lambda i: "", tge, mmf, [0])
+
+
+# --------------------------------------------------------------------------- export + runtime
+
+
+class _FakeLLM:
+    """Stands in for OnnxLLM: takes embeddings, answers from the mean of the mask tokens' sign."""
+
+    takes_embeds = True
+    hidden_size = 32
+    dir = "fake"
+
+    def encode(self, text):
+        return [1, 2, 3]
+
+    def embed(self, ids):
+        return np.zeros((len(ids), 32), np.float32)
+
+    def generate_embeds(self, embeds, max_new_tokens=24, deadline=None):
+        from iadgpt.runtime.llm_runtime import Generation
+        assert embeds.shape == (3 + 1 + 11 + 3, 32)
+        return Generation(answer_text(True, "center"), [5], len(embeds), 0.0, 0.0, "eos")
+
+
+def test_export_parity_and_runtime(tmp_path, torch_one_thread):
+    from iadgpt.models.bridge_export import export_bridge
+    from iadgpt.runtime.bridge_runtime import OnnxBridge
+    tge, mmf, maker = _parts()
+    feats = _features(2)
+    cfg = export_bridge(tmp_path / "b", tge, mmf, maker, feats, {"category": "tiny"})
+    assert set(cfg["graphs"]) == {"masks_decoder", "masks_bank", "tge", "mmf"}
+    for name, p in cfg["parity"].items():
+        (out, diff), = p["max_abs_diff"].items()
+        assert diff <= p["tolerance"][out], name
+    rt = OnnxBridge(tmp_path / "b", _FakeLLM())
+    one = [f[:1].numpy() for f in feats]
+    with torch.inference_mode():
+        ref = torch.cat([tge(feats[1][:1]), mmf(maker.modules["memory_bank"](*[f[:1] for f in feats], maker.bank))], 1)
+    got = rt.prompt_embeds(one, "memory_bank")[3:3 + 12]
+    np.testing.assert_allclose(got, ref[0].numpy(), atol=1e-4)
+    ans = rt.ask(one, "decoder")
+    assert (ans.anomalous, ans.position) == (True, "center")
+    with pytest.raises(DescriberError, match="unknown map kind"):
+        rt.ask(one, "text")
+
+
+def test_runtime_refuses_an_input_ids_llm(tmp_path, torch_one_thread):
+    from iadgpt.models.bridge_export import export_bridge
+    from iadgpt.runtime.bridge_runtime import OnnxBridge
+    tge, mmf, maker = _parts()
+    export_bridge(tmp_path / "b", tge, mmf, maker, _features(2), {})
+    fake = _FakeLLM()
+    fake.takes_embeds = False
+    with pytest.raises(DescriberError, match="quantize-llm --embeds"):
+        OnnxBridge(tmp_path / "b", fake)
+    with pytest.raises(DescriberError, match="not a bridge folder"):
+        OnnxBridge(tmp_path, _FakeLLM())
+
+
+def test_checkpoint_refusals(tmp_path):
+    from iadgpt.models.backbones import get_backbone
+    from iadgpt.models.bridge_train import load_bridge_parts
+    bad = tmp_path / "x.safetensors"
+    bad.write_bytes(b"not a checkpoint")
+    bb = get_backbone("efficientnet-lite0")
+    with pytest.raises(ScorerError, match="not a readable safetensors"):
+        load_bridge_parts(bad, bb)
+    with pytest.raises(ScorerError, match="no such bridge checkpoint"):
+        load_bridge_parts(tmp_path / "missing.safetensors", bb)
+
+
+def test_cli_bridge_stage_needs_a_decoder(tmp_path, capsys):
+    from iadgpt.cli import main
+    rc = main(["train", "--stage", "bridge", "--data", str(tmp_path), "--category", "x", "--out", str(tmp_path / "b")])
+    assert rc == 2
+    assert "--decoder CKPT" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_embeds_llm_matches_the_input_ids_llm():
+    """The inputs_embeds int4 build (+ embed_tokens.npy) answers exactly as the input_ids build."""
+    from iadgpt.export.llm import ensure_default_llm
+    from iadgpt.runtime.llm_runtime import OnnxLLM
+    ids_llm = OnnxLLM(ensure_default_llm(4), threads=2)
+    emb_llm = OnnxLLM(ensure_default_llm(4, embeds=True), threads=2)
+    assert emb_llm.takes_embeds and not ids_llm.takes_embeds and emb_llm.hidden_size == 576
+    chat = [{"role": "user", "content": "Name one colour."}]
+    a = ids_llm.generate(chat, 8)
+    b = emb_llm.generate_embeds(emb_llm.embed(emb_llm.encode(emb_llm.format_chat(chat, True))), 8)
+    assert a.tokens == b.tokens
