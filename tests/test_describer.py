@@ -359,3 +359,57 @@ def test_from_options_checks_station_yaml_keys(tmp_path):
                                     start=False)
     assert d.llm_spec == {"kind": "fake"} and d.product == "flange" and d.timeout_s == 5.0 and d.queue_size == 2
     d.close(0)
+
+
+# ----------------------------------------------------------------------------- pausing for the verdict loop
+
+
+def test_gate_runs_the_prompt_in_chunks_and_waits_before_every_model_run():
+    from iadgpt.runtime.llm_runtime import OnnxLLM
+
+    llm = OnnxLLM.__new__(OnnxLLM)  # the stepping logic only; no model needed
+    calls: list[tuple[str, object]] = []
+    llm.gate = lambda: calls.append(("gate", None))
+    llm.prefill_chunk = 4
+
+    def run(ids, past):
+        calls.append(("run", list(ids)))
+        return np.asarray([len(past) + len(ids)], np.float32), past + list(ids)
+
+    llm._run = run
+    logits, past = llm._step(list(range(10)), [])
+    assert past == list(range(10)) and float(logits[0]) == 10  # the cache threads through the chunks
+    assert calls == [("gate", None), ("run", [0, 1, 2, 3]), ("gate", None), ("run", [4, 5, 6, 7]),
+                     ("gate", None), ("run", [8, 9])]
+    calls.clear()
+    llm._step([5], past)  # a decode step: one gate, one run
+    assert calls == [("gate", None), ("run", [5])]
+    llm.gate = None
+    calls.clear()
+    llm._step(list(range(10)), [])  # without a gate: one pass
+    assert calls == [("run", list(range(10)))]
+
+
+def test_loop_busy_clears_the_workers_gate_while_held():
+    d = AsyncDescriber({"kind": "fake"}, start=False)
+    assert d._loop_idle.is_set()
+    with d.loop_busy():
+        assert not d._loop_idle.is_set()
+    assert d._loop_idle.is_set()
+    with pytest.raises(RuntimeError):
+        with d.loop_busy():
+            raise RuntimeError("detector bug")
+    assert d._loop_idle.is_set()  # released even when judging fails
+
+
+def test_real_smollm2_gated_generation_is_unchanged(smollm2):
+    chat = [{"role": "user", "content": "Describe a scratch on a metal flange."}]
+    ref = smollm2.generate(chat, 12)
+    waits = []
+    smollm2.gate, smollm2.prefill_chunk = (lambda: waits.append(1)), 8
+    try:
+        got = smollm2.generate(chat, 12)
+    finally:
+        smollm2.gate, smollm2.prefill_chunk = None, 16
+    assert got.tokens == ref.tokens
+    assert len(waits) >= len(got.tokens) + 1

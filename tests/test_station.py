@@ -1,6 +1,7 @@
 """The station loop: one event per frame read, drops, bad frames, signals, failing sinks/sources."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -261,3 +262,28 @@ def test_max_frames_and_bad_arguments() -> None:
     assert stats.frames == 7 and stats.stop_reason == "max_frames"
     with pytest.raises(ConfigError, match="queue_size"):
         Station(FakeDetector(), src, [], queue_size=0)
+
+
+def test_describer_is_paused_while_a_frame_is_judged() -> None:
+    """A describer with `loop_busy()` holds it exactly around each detect call (its LLM waits)."""
+    state = {"busy": False, "holds": 0}
+    seen_busy: list[bool] = []
+
+    class PausableDescriber:
+        @contextlib.contextmanager
+        def loop_busy(self):
+            state["busy"] = True
+            state["holds"] += 1
+            try:
+                yield
+            finally:
+                state["busy"] = False
+
+        def submit(self, verdict: Verdict, frame: Frame) -> None:
+            seen_busy.append(state["busy"])  # submitted after judging: no longer held
+
+    det = FakeDetector(hook=lambda frame: seen_busy.append(state["busy"]))
+    with open_source(URI) as src:
+        stats = Station(det, src, [RecordingSink()], describer=PausableDescriber(), queue_size=64).run()
+    assert state["holds"] == stats.judged == 30
+    assert seen_busy[:1] == [True] and seen_busy.count(True) == 30 and seen_busy.count(False) == stats.flagged > 0

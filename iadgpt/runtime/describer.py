@@ -29,6 +29,8 @@ LLM specs (picklable, so the worker can build the model itself):
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
 import logging
 import multiprocessing as mp
@@ -52,6 +54,7 @@ from iadgpt.runtime.sinks import ThrottledLog
 log = logging.getLogger(__name__)
 
 MAX_WORDS = 60
+GATE_MAX_WAIT_S = 1.0  # the worker waits at most this long for the verdict loop to finish a frame
 REMARK_WORDS = 22
 RECORD_KIND = "description"
 # The standing question and a little domain knowledge live in the system prompt: its KV cache is
@@ -414,14 +417,19 @@ def facts_view(facts: dict[str, Any]) -> DefectFacts:
 # ----------------------------------------------------------------------------- the worker process
 
 
-def _worker_main(conn: Any, llm_spec: Optional[LLMSpec], options: dict[str, Any]) -> None:
-    """Worker process: build the LLM once, then answer requests one at a time until told to stop."""
+def _worker_main(conn: Any, llm_spec: Optional[LLMSpec], options: dict[str, Any], loop_idle: Any = None) -> None:
+    """Worker process: build the LLM once, then answer requests one at a time until told to stop.
+
+    `loop_idle` (a multiprocessing Event, clear while the station judges a frame) gates every
+    model run of the LLM, so generation pauses at the next short step while a frame is judged."""
     logging.basicConfig(level=options.get("log_level", logging.WARNING),
                         format="%(asctime)s %(levelname)s describer-worker %(name)s: %(message)s")
     _lower_priority(options.get("nice"), bool(options.get("idle")))
     try:
         t0 = time.perf_counter()
         llm = make_llm(llm_spec)
+        if loop_idle is not None and hasattr(llm, "gate"):
+            llm.gate = functools.partial(loop_idle.wait, GATE_MAX_WAIT_S)
         typer = TypeResolver(
             PromptTypeRetriever(*options["prompt_types"]) if options.get("prompt_types") else None,
             ExampleTypeClassifier(*options["examples"]) if options.get("examples") else None)
@@ -554,6 +562,8 @@ class AsyncDescriber:
         self.keep_results = int(keep_results)
         self.worker_info: dict[str, Any] = {}
         self._ctx = mp.get_context("spawn")
+        self._loop_idle = self._ctx.Event()
+        self._loop_idle.set()
         self._pending: deque[DescribeRequest] = deque()
         self._cond = threading.Condition()
         self._ids = itertools.count(1)
@@ -608,6 +618,15 @@ class AsyncDescriber:
     def worker_pid(self) -> Optional[int]:
         proc = self._proc
         return proc.pid if proc is not None and proc.is_alive() else None
+
+    @contextlib.contextmanager
+    def loop_busy(self):
+        """Held by the station while it judges a frame: the worker's LLM pauses at its next step."""
+        self._loop_idle.clear()
+        try:
+            yield
+        finally:
+            self._loop_idle.set()
 
     def share(self, sinks: Iterable[Any]) -> list[Any]:
         """Proxies of `sinks` for the station: writes go through, ``close`` is deferred to ours.
@@ -777,7 +796,7 @@ class AsyncDescriber:
             self.stats.restarts += 1
         self._ready.clear()
         parent, child = self._ctx.Pipe(duplex=True)
-        proc = self._ctx.Process(target=_worker_main, args=(child, self.llm_spec, self.options),
+        proc = self._ctx.Process(target=_worker_main, args=(child, self.llm_spec, self.options, self._loop_idle),
                                  name="iadgpt-describer-worker", daemon=True)
         proc.start()
         child.close()

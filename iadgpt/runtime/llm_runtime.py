@@ -27,6 +27,7 @@ from iadgpt.errors import DescriberError
 log = logging.getLogger(__name__)
 
 LLM_CONFIG = "llm.json"
+PREFILL_CHUNK = 16  # prompt tokens per model run while a gate is set
 PathLike = Union[str, "os.PathLike[str]"]
 Message = dict[str, str]
 
@@ -110,6 +111,8 @@ class OnnxLLM:
         except ImportError:
             raise DescriberError("the describer needs the tokenizers package: pip install iadgpt[llm]") from None
         t0 = time.perf_counter()
+        self.gate: Optional[Callable[[], Any]] = None  # called before each model run (see _step)
+        self.prefill_chunk = PREFILL_CHUNK
         self.dir = Path(model_dir)
         self.config = read_llm_config(self.dir)
         if verify:
@@ -188,7 +191,23 @@ class OnnxLLM:
 
     def _step(self, ids: Union[Sequence[int], np.ndarray], past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         """Logits of the last position and the new cache, after feeding `ids` (token ids, or a
-        (T, hidden) float array of input embeddings) on top of `past`."""
+        (T, hidden) float array of input embeddings) on top of `past`.
+
+        With a `gate` set (the describer worker's "verdict loop is idle" wait), the gate is passed
+        before every model run and a long prompt runs in `prefill_chunk` pieces, so the LLM stops
+        at the next short step whenever the station is judging a frame instead of competing with it
+        for the cores, caches and memory bandwidth for a whole prompt."""
+        if self.gate is None or len(ids) <= self.prefill_chunk:
+            if self.gate is not None:
+                self.gate()
+            return self._run(ids, past)
+        logits = None
+        for i in range(0, len(ids), self.prefill_chunk):
+            self.gate()
+            logits, past = self._run(ids[i:i + self.prefill_chunk], past)
+        return logits, past
+
+    def _run(self, ids: Union[Sequence[int], np.ndarray], past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         done = past[0].shape[2]
         vectors = isinstance(ids, np.ndarray) and ids.ndim == 2 and ids.dtype.kind == "f"
         total = done + len(ids)

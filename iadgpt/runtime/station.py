@@ -14,6 +14,7 @@ still get events), close the sinks and return the stats.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
@@ -282,6 +283,11 @@ class Station:
 
     # -- judging
 
+    def _describer_paused(self):
+        """The describer's `loop_busy()` (its LLM waits while a frame is judged), if it has one."""
+        hold = getattr(self.describer, "loop_busy", None)
+        return hold() if hold is not None else contextlib.nullcontext()
+
     def _judge(self, item: _Queued) -> Verdict:
         frame = item.frame
         t0 = time.monotonic()
@@ -292,7 +298,8 @@ class Station:
             verdict = self._error(frame, str(frame.meta.get("error") or "frame has no image"))
         else:
             try:
-                verdict = self.detector.detect(frame)
+                with self._describer_paused():
+                    verdict = self.detector.detect(frame)
                 if not isinstance(verdict, Verdict):
                     raise TypeError(f"detector returned {type(verdict).__name__}, not a Verdict")
             except ConfigError:
