@@ -410,6 +410,6 @@ def test_real_smollm2_gated_generation_is_unchanged(smollm2):
     try:
         got = smollm2.generate(chat, 12)
     finally:
-        smollm2.gate, smollm2.prefill_chunk = None, 16
+        smollm2.gate, smollm2.prefill_chunk = None, 64
     assert got.tokens == ref.tokens
     assert len(waits) >= len(got.tokens) + 1

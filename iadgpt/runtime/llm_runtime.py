@@ -27,7 +27,7 @@ from iadgpt.errors import DescriberError
 log = logging.getLogger(__name__)
 
 LLM_CONFIG = "llm.json"
-PREFILL_CHUNK = 16  # prompt tokens per model run while a gate is set
+PREFILL_CHUNK = 64  # prompt tokens per model run while a gate is set (each run streams all weights once)
 PathLike = Union[str, "os.PathLike[str]"]
 Message = dict[str, str]
 
