@@ -7,7 +7,8 @@ import torch
 from torch.nn import functional as F
 
 from iadgpt.errors import ScorerError
-from iadgpt.models.fusion import DecoderScorer, FusedScorer, export_decoder_scorer, fit_fusion
+from iadgpt.models.fusion import (WEIGHT_GRID, DecoderScorer, FusedScorer, choose_fusion_weight, export_decoder_scorer,
+                                  fit_fusion, pick_weight)
 from iadgpt.models.heads import VisualGuidedDecoder, decoder_loss, dice_loss, focal_loss
 
 DIMS, STRIDES, SIZE = (4, 6, 8), (4, 8, 16), 32
@@ -121,6 +122,39 @@ def test_fused_scorer_normalised_mean() -> None:
         assert torch.allclose(one.log_odds_map(normal), torch.log(p) - torch.log1p(-p), atol=1e-3)
     with pytest.raises(ScorerError, match=r"\[0, 1\]"):
         FusedScorer(dec, STRIDES, weight=1.5)
+
+
+def test_pick_weight_maximises_pixel_auroc() -> None:
+    """Two maps that see the same defects through independent noise: a mix beats either alone, and
+    the pick is the grid weight with the best pixel AUROC (ties to the first)."""
+    from iadgpt.metrics import pixel_auroc
+    rng = np.random.default_rng(0)
+    masks = np.zeros((6, 24, 24), bool)
+    masks[:, 8:14, 6:12] = True
+    zd = masks + 1.2 * rng.standard_normal(masks.shape)  # noisier decoder
+    zb = masks + 0.8 * rng.standard_normal(masks.shape)
+    best, table = pick_weight(zd, zb, masks)
+    assert [w for w, _ in table] == list(WEIGHT_GRID)
+    brute = [pixel_auroc(masks, w * zd + (1 - w) * zb) for w in WEIGHT_GRID]
+    assert [a for _, a in table] == pytest.approx(brute)
+    assert best == WEIGHT_GRID[int(np.argmax(brute))] and 0.0 < best < 1.0
+    assert max(brute) > max(brute[0], brute[-1])
+    assert pick_weight(zb, zb, masks)[0] == 0.0  # a tie goes to the first grid weight
+
+
+def test_choose_fusion_weight_sets_the_graph_weight() -> None:
+    fused = FusedScorer(_decoder(), STRIDES, sigma=1.0).eval()
+    bank = fused.embedder.patches(_feats(1, seed=2)).reshape(-1, sum(DIMS))
+    fit_fusion(fused, _feats(3, seed=1), bank)
+    val = _feats(3, seed=9)
+    masks = np.zeros((3, SIZE, SIZE), bool)
+    masks[:, 4:12, 10:20] = True
+    best, table = choose_fusion_weight(fused, val, masks, bank, grid=(0.0, 0.5, 1.0), batch_size=2)
+    assert float(fused.weight) == best == table[int(np.argmax([a for _, a in table]))][0]
+    with torch.no_grad():  # the graph's fused map is the chooser's mix
+        amap, _ = fused(*val, bank)
+    from iadgpt.metrics import pixel_auroc
+    assert pixel_auroc(masks, amap.numpy()) == pytest.approx(max(a for _, a in table), abs=1e-6)
 
 
 @pytest.mark.parametrize("fused,layers", [(False, None), (True, None), (True, [1, 2])],

@@ -11,6 +11,37 @@ from iadgpt.errors import SourceError
 from iadgpt.runtime.synthetic import DEFECT_KINDS, SyntheticFrame, SyntheticProduct, parse_synthetic_uri
 
 
+@pytest.mark.parametrize("defect", DEFECT_KINDS)
+def test_paint_defect_on_a_photo_like_image(defect: str) -> None:
+    """The painters on a plain RGB array with a foreground mask (as `models.synth.foreground_mask`
+    gives for a photo): a non-empty mask inside the foreground, exactly the changed pixels, per seed."""
+    from iadgpt.models.synth import foreground_mask
+    from iadgpt.runtime.synthetic import paint_defect
+    import cv2
+    rng = np.random.default_rng(0)  # a photo-like object: a mottled disc with a rim on a darker table
+    image = (45 + 6 * rng.standard_normal((128, 128, 3))).clip(0, 255).astype(np.uint8)
+    disc = cv2.GaussianBlur(rng.uniform(120, 190, (128, 128, 3)).astype(np.float32), (0, 0), 3)
+    inside = np.zeros((128, 128), np.uint8)
+    cv2.circle(inside, (66, 62), 46, 1, -1)
+    image[inside > 0] = disc[inside > 0].astype(np.uint8)
+    cv2.circle(image, (66, 62), 40, (90, 90, 100), 2)
+    fg = foreground_mask(image, "object")
+    assert 0.2 < fg.mean() < 0.9
+    before = image.copy()
+    out, mask = paint_defect(image, fg, defect, np.random.default_rng([7, 1]))
+    assert np.array_equal(image, before), "the input image was modified"
+    assert out.shape == image.shape and out.dtype == np.uint8 and mask.dtype == bool
+    assert mask.sum() >= 0.003 * 128 ** 2 and not np.any(mask & ~fg)
+    changed = np.any(out != image, axis=-1)
+    assert not np.any(changed & ~mask) and changed[mask].mean() > 0.98
+    again, mask2 = paint_defect(image, fg, defect, np.random.default_rng([7, 1]))
+    assert np.array_equal(again, out) and np.array_equal(mask2, mask)
+    other, _ = paint_defect(image, fg, defect, np.random.default_rng([8, 1]))
+    assert not np.array_equal(other, out)
+    with pytest.raises(SourceError, match="square"):
+        paint_defect(image[:, :100], fg[:, :100], defect, np.random.default_rng(0))
+
+
 @pytest.mark.parametrize("kind", ["part", "tile"])
 def test_same_seed_and_index_give_same_pixels(kind: str) -> None:
     a, b = SyntheticProduct(kind, seed=5), SyntheticProduct(kind, seed=5)

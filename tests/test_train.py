@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from iadgpt.errors import ScorerError
+from iadgpt.models.fusion import WEIGHT_GRID
 from iadgpt.models.backbones import get_backbone
 from iadgpt.models.train import (CHECKPOINT_FORMAT, TrainConfig, build_pool, load_checkpoint, load_decoder,
                                  train_decoder)
@@ -147,8 +148,9 @@ def test_cli_train(tmp_path, monkeypatch) -> None:
     assert main(args) == 2  # exists, no --resume: refused with a message
 
 
-@pytest.mark.parametrize("shots", [None, 1], ids=["decoder", "decoder+bank"])
-def test_export_bundle_with_decoder(tmp_path, trained, images, shots) -> None:
+@pytest.mark.parametrize("shots,weight", [(None, "auto"), (1, "auto"), (1, 0.3)],
+                         ids=["decoder", "decoder+bank", "decoder+bank(w 0.3)"])
+def test_export_bundle_with_decoder(tmp_path, trained, images, shots, weight) -> None:
     """`export_bundle(decoder=...)`: decoder-only and fused scorer graphs, parity-checked, run by the Detector."""
     import cv2
 
@@ -157,18 +159,29 @@ def test_export_bundle_with_decoder(tmp_path, trained, images, shots) -> None:
     from iadgpt.runtime.preprocess import to_batch
     good = tmp_path / "good"
     good.mkdir()
-    for i, img in enumerate(images[:4]):
+    for i, img in enumerate(images[:5]):
         cv2.imwrite(str(good / f"{i}.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
     bundle, report = export_bundle("efficientnet-lite0", good, tmp_path / "b", shots=shots, resolution=SIZE,
-                                   decoder=trained.checkpoint, progress=False)
+                                   decoder=trained.checkpoint, fusion_weight=weight, progress=False)
     assert report.scorer_parity.ok and report.encoder.ok
-    assert report.scorer_parity.probes[0] == "batch 4"  # 2 random images + 2 NSA anomalies from the train dir
+    assert report.scorer_parity.probes[0] == "batch 4"  # 2 normal images + 2 NSA anomalies from the train dir
     if shots is None:
         assert bundle.scorer["kind"] == "decoder" and bundle.scorer["references"] == {}
         assert report.scorer_parity.inputs == ["feat0", "feat1", "feat2"]
     else:
         assert bundle.scorer["kind"] == "decoder+memory_bank" and bundle.scorer["references"] == {"bank": "memory_bank"}
-        assert bundle.scorer["fusion"]["stats"][1] > 0 and len(bundle.scorer["fusion"]["stats_images"]) == 3
+        fusion = bundle.scorer["fusion"]
+        choice = fusion["weight_choice"]
+        assert fusion["stats"][1] > 0
+        if weight == "auto":  # 4 non-shots: 2 painted validation images, 2 for the statistics, disjoint
+            assert len(fusion["stats_images"]) == 2 and len(choice["images"]) == 2
+            val = {name for name, _defect in choice["images"]}
+            shots = set(bundle.references["memory_bank"]["provenance"]["files"])
+            assert not val & set(fusion["stats_images"]) and not val & shots
+            assert [w for w, _ in choice["grid"]] == list(WEIGHT_GRID) and 0.5 < max(a for _, a in choice["grid"]) <= 1
+            assert fusion["weight"] == max(choice["grid"], key=lambda r: r[1])[0]
+        else:
+            assert fusion["weight"] == weight and choice == {"method": "given"} and len(fusion["stats_images"]) == 4
     assert bundle.scorer["decoder"]["step"] == CFG.steps
     with Detector(bundle, "onnxruntime", threshold=float("inf")) as det:
         maps, scores = det.score_batch(to_batch(images[4:6], bundle.input_spec))[:2]

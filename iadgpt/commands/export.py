@@ -23,6 +23,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resolution", type=int, default=None, help="input size in px (default: the backbone's)")
     p.add_argument("--decoder", type=Path, default=None,
                    help="trained decoder checkpoint (iadgpt train): alone, or fused with the --shots K bank")
+    p.add_argument("--fusion-weight", default="auto",
+                   help="decoder+bank fusion weight of the decoder in [0, 1], or auto: the best pixel AUROC on "
+                        "held-out normal images with painted defects [auto]")
     p.add_argument("--out", required=True, type=Path, help="bundle directory to write (replaced atomically)")
     p.set_defaults(run=run)
 
@@ -30,9 +33,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..export.bundle_export import export_bundle
 
-    _bundle, report = export_bundle(args.backbone, args.train_dir, args.out, weights=args.weights, shots=args.shots,
+    bundle, report = export_bundle(args.backbone, args.train_dir, args.out, weights=args.weights, shots=args.shots,
                                     coreset=args.coreset, seed=args.seed, augment=args.augment, scorer=args.scorer,
                                     prompts=args.prompts, resolution=args.resolution,
-                                    decoder=args.decoder)
+                                    decoder=args.decoder, fusion_weight=args.fusion_weight)
     print("\n".join(report.lines()))
+    fusion = bundle.scorer.get("fusion")
+    if fusion:
+        choice = fusion["weight_choice"]
+        print(f"fusion weight {fusion['weight']:g} ({choice['method']})")
+        for w, auroc in choice.get("grid", []):
+            print(f"  w {w:<4g}  validation P-AUROC {100 * auroc:.2f}  ({len(choice['images'])} images)")
     return 0

@@ -136,7 +136,8 @@ def export_bundle(backbone_name: str, train_dir: Optional[PathLike], out: PathLi
                   seed: int = 0, augment: Optional[bool] = None, scorer: str = "auto",
                   prompts: Optional[PathLike] = None, resolution: Optional[int] = None,
                   opset: int = OPSET, progress: bool = True,
-                  decoder: Optional[PathLike] = None) -> tuple[Bundle, ExportReport]:
+                  decoder: Optional[PathLike] = None, fusion_weight: Union[str, float] = "auto"
+                  ) -> tuple[Bundle, ExportReport]:
     """Export a station bundle; returns the written (loaded) bundle and the export report.
 
     scorer "bank": memory bank of `shots` images of `train_dir` (0 or None = all, sorted; k > 0 = a
@@ -145,7 +146,8 @@ def export_bundle(backbone_name: str, train_dir: Optional[PathLike], out: PathLi
     object name). "auto" = text for a CLIP backbone when shots is None, else bank.
     decoder (a checkpoint of `iadgpt train`): with shots=None the trained decoder alone (scorer kind
     "decoder", weights inside the graph, no references); with shots k (0 = all) the decoder fused
-    with the k-shot bank of `train_dir` (kind "decoder+memory_bank", see models/fusion.py).
+    with the k-shot bank of `train_dir` (kind "decoder+memory_bank", see models/fusion.py), fused
+    with `fusion_weight` ("auto": chosen on held-out normal images with painted defects).
     """
     t0 = time.perf_counter()
     out = Path(out)
@@ -162,7 +164,8 @@ def export_bundle(backbone_name: str, train_dir: Optional[PathLike], out: PathLi
     if kind == "decoder":
         from ..models.fusion import decoder_scorer_for_bundle
         d = decoder_scorer_for_bundle(decoder, backbone, train_dir=train_dir, shots=shots, seed=seed, augment=augment,
-                                      coreset=coreset, grid_stride=GRID_STRIDE, sigma=SIGMA, progress=progress)
+                                      coreset=coreset, grid_stride=GRID_STRIDE, sigma=SIGMA,
+                                      fusion_weight=fusion_weight, progress=progress)
         module, reference, arrays, config, probe, n_images = (d["module"], d["bank"], d["arrays"], d["config"],
                                                               d["probe"], d["images"])
     elif kind == "bank":

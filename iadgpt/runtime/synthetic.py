@@ -401,29 +401,65 @@ class SyntheticProduct:
                               index=int(index))
 
     def _apply(self, defect: str, rng: np.random.Generator, sc: _Scene) -> tuple[np.ndarray, np.ndarray]:
-        min_px = _MIN_AREA[defect] * self.size ** 2
-        best: Optional[tuple[np.ndarray, np.ndarray]] = None
-        best_area = 0
-        for _ in range(12):  # placement can clip against holes/edges: retry, deterministically
-            made = _DEFECTS[defect](rng, sc)
-            if made is None:
-                continue
-            raw, colour, edge = made
-            alpha = raw * (sc.coverage if edge else sc.solid.astype(np.float32))
-            inside = 1.0 if edge else float(alpha.sum()) / max(1e-6, float(raw.sum()))
-            delta = alpha[..., None] * (colour - sc.image)
-            ad = np.abs(delta)
-            mask = np.maximum(np.maximum(ad[..., 0], ad[..., 1]), ad[..., 2]) >= MIN_CHANGE
-            area = int(np.count_nonzero(mask))
-            if best is None or area * inside > best_area:
-                delta[~mask] = 0.0
-                best, best_area = (sc.image + delta, mask), area * inside
-            if area >= min_px and inside >= 0.8:  # big enough and not mostly off the material
-                break
-        if best is None:
+        made = _composite(defect, rng, sc)
+        if made is None:
             log.warning("no room for a %s defect on this %s; rendering it good", defect, self.kind)
             return sc.image, np.zeros(sc.solid.shape, bool)
-        return best
+        return made
+
+
+def _composite(defect: str, rng: np.random.Generator, sc: _Scene) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """(float image with the defect, its exact mask), or None when the defect found no room."""
+    min_px = _MIN_AREA[defect] * sc.image.shape[0] ** 2
+    best: Optional[tuple[np.ndarray, np.ndarray]] = None
+    best_area = 0
+    for _ in range(12):  # placement can clip against holes/edges: retry, deterministically
+        made = _DEFECTS[defect](rng, sc)
+        if made is None:
+            continue
+        raw, colour, edge = made
+        alpha = raw * (sc.coverage if edge else sc.solid.astype(np.float32))
+        inside = 1.0 if edge else float(alpha.sum()) / max(1e-6, float(raw.sum()))
+        delta = alpha[..., None] * (colour - sc.image)
+        ad = np.abs(delta)
+        mask = np.maximum(np.maximum(ad[..., 0], ad[..., 1]), ad[..., 2]) >= MIN_CHANGE
+        area = int(np.count_nonzero(mask))
+        if best is None or area * inside > best_area:
+            delta[~mask] = 0.0
+            best, best_area = (sc.image + delta, mask), area * inside
+        if area >= min_px and inside >= 0.8:  # big enough and not mostly off the material
+            break
+    return best
+
+
+def paint_defect(image: np.ndarray, foreground: np.ndarray, defect: str,
+                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Paint one `defect` (a DEFECT_KINDS name) onto a real square RGB uint8 image, on its foreground.
+
+    The painters above see the photo as a scene whose material is `foreground` (HxW bool, e.g.
+    `models.synth.foreground_mask`) and whose "background" (what a missing piece shows) is the
+    median colour of the frame border. Returns (uint8 image, bool mask of exactly the changed
+    pixels); the mask is empty when the foreground has no room for the defect.
+    """
+    img = np.asarray(image)
+    fg = np.asarray(foreground, bool)
+    if img.ndim != 3 or img.shape[2] != 3 or img.shape[0] != img.shape[1] or fg.shape != img.shape[:2]:
+        raise SourceError(f"paint_defect needs a square HxWx3 image and an HxW foreground, got {img.shape} "
+                          f"and {fg.shape}; resize the image to a square first")
+    if defect not in _DEFECTS:
+        raise SourceError(f"unknown defect kind {defect!r}: use one of {', '.join(DEFECT_KINDS)}")
+    s = img.shape[0]
+    band = max(2, s // 50)
+    border = np.concatenate([img[:band].reshape(-1, 3), img[-band:].reshape(-1, 3),
+                             img[:, :band].reshape(-1, 3), img[:, -band:].reshape(-1, 3)])
+    f32 = img.astype(np.float32)
+    sc = _Scene(image=f32, background=np.broadcast_to(np.median(border, 0).astype(np.float32), f32.shape),
+                solid=fg, coverage=fg.astype(np.float32), noise=np.zeros_like(f32), center=(s / 2, s / 2),
+                radius=0.0, light=_LIGHT)
+    made = _composite(defect, rng, sc)
+    if made is None:
+        return img.copy(), np.zeros(fg.shape, bool)
+    return np.clip(np.rint(made[0]), 0, 255).astype(np.uint8), made[1]
 
 
 # ----------------------------------------------------------------------------- URIs
