@@ -59,10 +59,10 @@ def test_tge_and_mmf_shapes(torch_one_thread):
     assert tge.gate(feats[1]).shape == (3, 2)
     masks = maker.modules["decoder"](*feats)
     assert masks.shape == (3, 2, 8, 8)
-    assert mmf(masks).shape == (3, 12, 32)
+    assert mmf(masks).shape == (3, mmf.n_tokens, 32) and mmf.n_tokens == 9 + 2 + 2  # cells, words, base
     bank_masks = maker.modules["memory_bank"](*feats, maker.bank)
     assert bank_masks.shape == (3, 2, 8, 8)  # 64 px / grid stride 8
-    assert mmf(bank_masks).shape == (3, 12, 32)
+    assert mmf(bank_masks).shape == (3, mmf.n_tokens, 32)
 
 
 def test_tge_gate_follows_the_references(torch_one_thread):
@@ -165,7 +165,7 @@ class _FakeLLM:
 
     def generate_embeds(self, embeds, max_new_tokens=24, deadline=None):
         from iadgpt.runtime.llm_runtime import Generation
-        assert embeds.shape == (3 + 1 + 12 + 3, 32)
+        assert embeds.shape == (3 + 1 + 13 + 3, 32)  # head, image, 9 cells + 2 words + 2 base, tail
         return Generation(answer_text(True, "center"), [5], len(embeds), 0.0, 0.0, "eos")
 
 
@@ -183,7 +183,7 @@ def test_export_parity_and_runtime(tmp_path, torch_one_thread):
     one = [f[:1].numpy() for f in feats]
     with torch.inference_mode():
         ref = torch.cat([tge(feats[1][:1]), mmf(maker.modules["memory_bank"](*[f[:1] for f in feats], maker.bank))], 1)
-    got = rt.prompt_embeds(one, "memory_bank")[3:3 + 13]
+    got = rt.prompt_embeds(one, "memory_bank")[3:3 + 1 + mmf.n_tokens]
     np.testing.assert_allclose(got, ref[0].numpy(), atol=1e-4)
     ans = rt.ask(one, "decoder")
     assert (ans.anomalous, ans.position) == (True, "center")
@@ -260,3 +260,34 @@ def test_describer_joins_the_bridge_answer_when_it_agrees_with_the_facts():
     rec = Describer(FakeLLM(), "flange", bridge=_FakeBridge("top left")).describe(req)
     assert not rec["bridge"]["agrees_with_facts"] and "top left" not in rec["description"]
     assert rec["bridge"]["position"] == "top left"  # recorded, not asserted to the operator
+
+
+def test_words_summary_hands_the_llm_the_chosen_cells_position_words(torch_one_thread):
+    """The 'words' summary is the softmax-weighted mix of the 9 cells' position-word embeddings;
+    the auxiliary loss trains the cell choice directly."""
+    from iadgpt.models.bridge import WORD_SLOTS, MultiMaskFusion, position_word_ids
+    mmf = MultiMaskFusion(2, 32).eval()
+    words = torch.randn(9, WORD_SLOTS, 32)
+    mmf.set_position_words(words)
+    masks = torch.randn(2, 2, 8, 8)
+    with torch.no_grad():
+        mmf.where.weight.zero_()
+        mmf.where.bias.copy_(torch.tensor([0.0] * 4 + [50.0] + [0.0] * 4))  # certain: the center cell
+        tokens = mmf(masks)
+    assert torch.allclose(tokens[:, 9:9 + WORD_SLOTS], words[4].expand(2, -1, -1), atol=1e-5)
+    assert mmf.where_logits(masks).argmax(-1).tolist() == [4, 4]
+    # the ids are what follows "... at the" in the answer, padded with the last one
+    vocab = {"Yes, there is an anomaly in the image, at the": [1, 2, 3], " top": [7], " left": [8], ".": [9]}
+
+    def encode(text):
+        ids = list(vocab["Yes, there is an anomaly in the image, at the"]) if text.startswith("Yes") else []
+        rest = text[len("Yes, there is an anomaly in the image, at the"):] if text.startswith("Yes") else text
+        for piece in rest.replace(".", " .").split(" "):
+            if piece:
+                ids += vocab.get(" " + piece, vocab.get(piece, [0]))
+        return ids
+
+    assert position_word_ids(encode, "top left") == [7, 8]
+    assert position_word_ids(encode, "top") == [7, 9]
+    with pytest.raises(Exception, match="summary"):
+        MultiMaskFusion(2, 32, summary="mlp").set_position_words(words)

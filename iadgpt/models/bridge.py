@@ -27,29 +27,44 @@ C is the LLM's hidden size (576 for SmolLM2-135M). Choices the paper leaves open
   16 -> 32 -> 64) + GELU: a 3 x 3 grid of 64-d cells, i.e. L1 = 9 tokens, one per cell of the
   position grid (facts.GRID_NAMES, row-major), each projected to C / n_maps (288 with two maps;
   C/4 in the paper with four), concatenated channel-wise to C, plus a learned per-cell position
-  embedding; then one "summary" token (an MLP over the cells of all maps, 1152 -> 256 -> C), then
-  L3 = 2 learned base tokens: 12 mask tokens, 0.8 M parameters. Why the summary token: without it
-  (the paper's layout) the first bottle run learned yes/no (95 %) but not the position (9.5 %, the
-  loss plateaued where the position word stays a guess): a frozen 135M LLM does not learn in a few
-  hundred steps to find the hot one of 9 cell tokens; one token that already encodes "where" can
-  be pushed towards the position word's embedding, which the LLM then copies.
+  embedding; then the summary: WORD_SLOTS = 2 tokens that are the softmax(cell logits)-weighted
+  mix of the LLM's own input embeddings of each cell's position words as they continue the answer
+  (" top", " left" / " center", "."), cell logits from a linear layer over all cells of all maps
+  (`summary="words"`, trained by the answer loss plus an auxiliary cross-entropy against the NSA
+  region's cell); then L3 = 2 learned base tokens: 13 mask tokens. Why: with the paper's layout
+  (cells + base tokens only) the first bottle run learned yes/no (95 %) but not the position
+  (9.5 %): a frozen 135M LLM does not learn in a few hundred CPU steps to find the hot one of 9
+  cell tokens and name it. An MLP summary token (`summary="mlp"`) got 27-33 %; handing the LLM the
+  position words themselves, so that it only has to copy them, is what the 'words' summary does.
 """
 from __future__ import annotations
 
 import logging
 import math
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from ..errors import ScorerError
-from ..runtime.bridge_runtime import PROMPT_HEAD, PROMPT_TAIL
+from ..runtime.bridge_runtime import PROMPT_HEAD, PROMPT_TAIL, YES_ANSWER
+from ..runtime.facts import POSITION_WORDS
 from .heads import VisualGuidedDecoder
 from .scorers import PatchEmbedder, nearest_distances
 
 log = logging.getLogger(__name__)
+
+WORD_SLOTS = 2  # tokens of the 'words' summary: a position's words as they continue the answer
+
+
+def position_word_ids(encode: Callable[[str], list[int]], position: str) -> list[int]:
+    """The first WORD_SLOTS token ids that follow "... at the" in the answer for `position`."""
+    head = YES_ANSWER.split("{position}")[0]
+    full, prefix = encode(YES_ANSWER.format(position=position)), encode(head.rstrip())
+    ids = full[len(prefix):] if full[:len(prefix)] == prefix else encode(" " + position + ".")
+    return (ids + ids[-1:] * WORD_SLOTS)[:WORD_SLOTS]
+
 
 __all__ = ["TextGuidedEnhancer", "MultiMaskFusion", "DecoderMasks", "BankMasks", "BridgeLM", "fit_mask_stats"]
 
@@ -225,10 +240,12 @@ class MultiMaskFusion(nn.Module):
     SIZE = 24  # 24 -> 12 -> 6 -> 3
 
     def __init__(self, n_maps: int, out_dim: int, *, base_tokens: int = 2, channels: Sequence[int] = (16, 32, 64),
-                 summary: bool = True):
+                 summary: Union[bool, str] = "words"):
         super().__init__()
         self.n_maps, self.out_dim, self.base_tokens = int(n_maps), int(out_dim), int(base_tokens)
-        self.summary = bool(summary)
+        if summary not in (False, True, "mlp", "words"):
+            raise ScorerError(f"MMF summary must be False, 'mlp' or 'words', got {summary!r}")
+        self.summary = "mlp" if summary is True else summary
         self.channels = tuple(int(c) for c in channels)
         if self.out_dim % self.n_maps:
             raise ScorerError(f"MMF: the LLM width {out_dim} must split evenly over the {n_maps} maps")
@@ -238,29 +255,51 @@ class MultiMaskFusion(nn.Module):
         self.proj = nn.ModuleList(nn.Linear(c2, self.out_dim // self.n_maps) for _ in range(self.n_maps))
         self.pos = nn.Parameter(torch.zeros(9, self.out_dim))
         self.base = nn.Parameter(torch.randn(self.base_tokens, self.out_dim) * 0.02)
-        if self.summary:  # one token computed from ALL cells of all maps: "where is it", as one vector
+        if self.summary == "mlp":  # one token computed from ALL cells of all maps: "where is it", as one vector
             self.head = nn.Sequential(nn.Linear(self.n_maps * 9 * c2, 256), nn.GELU(), nn.Linear(256, self.out_dim))
+        elif self.summary == "words":  # p(cell) over the 9 cells -> the expected embedding of its position words
+            self.where = nn.Linear(self.n_maps * 9 * c2, 9)
+            self.register_buffer("word_embeds", torch.zeros(9, WORD_SLOTS, self.out_dim))
 
     @property
     def n_tokens(self) -> int:
-        return 9 + int(self.summary) + self.base_tokens
+        extra = {False: 0, "mlp": 1, "words": WORD_SLOTS}[self.summary]
+        return 9 + extra + self.base_tokens
 
-    def config(self) -> dict:
-        return {"n_maps": self.n_maps, "out_dim": self.out_dim, "base_tokens": self.base_tokens,
-                "channels": list(self.channels), "summary": self.summary}
+    def set_position_words(self, embeds: torch.Tensor) -> None:
+        """(9, WORD_SLOTS, C) input embeddings of each cell's position words as they continue the
+        answer (" top", " left" / " center", "."), row-major like the cells."""
+        if self.summary != "words":
+            raise ScorerError("only an MMF with summary='words' reads position-word embeddings")
+        self.word_embeds.copy_(embeds.detach().reshape(self.word_embeds.shape))
 
-    def forward(self, masks: torch.Tensor) -> torch.Tensor:
+    def _cells(self, masks: torch.Tensor) -> list[torch.Tensor]:
         if masks.shape[1] != self.n_maps:
             raise ScorerError(f"MMF expects {self.n_maps} maps, got {masks.shape[1]}")
         m = masks.float()  # asinh, written out: the TorchScript ONNX exporter has no aten::asinh
         x = torch.sign(m) * torch.log(m.abs() + torch.sqrt(m * m + 1.0))
         if x.shape[-1] != self.SIZE or x.shape[-2] != self.SIZE:
             x = F.interpolate(x, size=(self.SIZE, self.SIZE), mode="bilinear", align_corners=False)
-        cells = [self.blocks[i](x[:, i:i + 1]).flatten(2).transpose(1, 2) for i in range(self.n_maps)]  # (B, 9, c2)
+        return [self.blocks[i](x[:, i:i + 1]).flatten(2).transpose(1, 2) for i in range(self.n_maps)]  # (B, 9, c2)
+
+    def where_logits(self, masks: torch.Tensor) -> torch.Tensor:
+        """(B, 9) cell logits of the 'words' summary (trained with an auxiliary position loss)."""
+        return self.where(torch.cat([c.flatten(1) for c in self._cells(masks)], dim=1))
+
+    def config(self) -> dict:
+        return {"n_maps": self.n_maps, "out_dim": self.out_dim, "base_tokens": self.base_tokens,
+                "channels": list(self.channels), "summary": self.summary}
+
+    def forward(self, masks: torch.Tensor) -> torch.Tensor:
+        cells = self._cells(masks)
         tokens = torch.cat([self.proj[i](c) for i, c in enumerate(cells)], dim=-1) + self.pos
         out = [tokens]
-        if self.summary:
-            out.append(self.head(torch.cat([c.flatten(1) for c in cells], dim=1)).unsqueeze(1))
+        flat = torch.cat([c.flatten(1) for c in cells], dim=1)
+        if self.summary == "mlp":
+            out.append(self.head(flat).unsqueeze(1))
+        elif self.summary == "words":
+            p = torch.softmax(self.where(flat), dim=-1)  # (B, 9)
+            out.append((p @ self.word_embeds.flatten(1)).view(-1, WORD_SLOTS, self.out_dim))
         out.append(self.base.unsqueeze(0).expand(tokens.shape[0], -1, -1))
         return torch.cat(out, dim=1)
 
@@ -289,6 +328,10 @@ class BridgeLM(nn.Module):
         hidden = int(self.llm.get_input_embeddings().weight.shape[1])
         if tge.out_dim != hidden or mmf.out_dim != hidden:
             raise ScorerError(f"TGE/MMF width {tge.out_dim}/{mmf.out_dim} != the LLM's hidden size {hidden}")
+        if mmf.summary == "words" and not bool(mmf.word_embeds.abs().sum()):
+            with torch.no_grad():
+                mmf.set_position_words(self.embed(torch.tensor(
+                    [position_word_ids(encode, w) for w in POSITION_WORDS], dtype=torch.long)))
 
     def train(self, mode: bool = True) -> "BridgeLM":
         super().train(mode)

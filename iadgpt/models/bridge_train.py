@@ -34,6 +34,7 @@ from typing import Any, Optional, Sequence, Union
 import cv2
 import numpy as np
 import torch
+from torch.nn import functional as F
 
 from ..data import load_split, read_image, read_mask
 from ..errors import DataError, ScorerError
@@ -61,6 +62,8 @@ class BridgeConfig:
     pool_size: int = 320  # NSA samples (each with its normal view)
     shots: int = 1  # memory-bank shots
     base_tokens: int = 2  # L3
+    summary: str = "words"  # MMF summary token(s): "words" (position-word embeddings), "mlp", or "" for none
+    position_weight: float = 1.0  # auxiliary cross-entropy on the 'words' summary's cell choice (NSA positions)
     seed: int = 0
     log_every: int = 10
 
@@ -232,6 +235,16 @@ def _answers(pool: BridgePool, idx: torch.Tensor) -> list[str]:
     return [answer_text(bool(pool.anomalous[i]), pool.position[i]) for i in idx.tolist()]
 
 
+def _position_loss(mmf: MultiMaskFusion, masks: torch.Tensor, pool: BridgePool, idx: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of MMF's cell choice against the NSA region's 3x3 cell (normal samples ignored):
+    a direct signal for "where", so the LLM only has to copy the position words it is handed."""
+    target = torch.tensor([POSITION_WORDS.index(pool.position[i]) if pool.anomalous[i] and pool.position[i] else -100
+                           for i in idx.tolist()], dtype=torch.long)
+    if bool((target < 0).all()):
+        return masks.new_zeros(())
+    return F.cross_entropy(mmf.where_logits(masks), target, ignore_index=-100)
+
+
 def train_stages(bridge: BridgeLM, pool: BridgePool, cfg: BridgeConfig, history: Optional[list] = None,
                  progress: bool = True) -> list:
     """The three stages on the cached pool; returns [(stage, step, mean loss since the last entry)]."""
@@ -256,7 +269,10 @@ def train_stages(bridge: BridgeLM, pool: BridgePool, cfg: BridgeConfig, history:
             warm = min(10, steps)
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * min(1.0, (step + 1) / warm)
-            loss = bridge.loss(pool.feature[idx].float(), pool.masks[kind][idx].float(), _answers(pool, idx))
+            masks = pool.masks[kind][idx].float()
+            loss = bridge.loss(pool.feature[idx].float(), masks, _answers(pool, idx))
+            if "mmf" in parts and bridge.mmf.summary == "words" and cfg.position_weight > 0:
+                loss = loss + cfg.position_weight * _position_loss(bridge.mmf, masks, pool, idx)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -377,7 +393,7 @@ def train_bridge(data: PathLike, category: str, out: PathLike, decoder_ckpt: Pat
     llm, encode, decode, eos = load_llm(hf_dir)
     hidden = int(llm.config.hidden_size)
     tge = TextGuidedEnhancer.from_decoder(decoder, tge_layer, hidden)
-    mmf = MultiMaskFusion(len(decoder.layers), hidden, base_tokens=cfg.base_tokens)
+    mmf = MultiMaskFusion(len(decoder.layers), hidden, base_tokens=cfg.base_tokens, summary=cfg.summary or False)
     history: list = []
     if init is not None:
         tge0, mmf0, _, meta0 = load_bridge_parts(init, bb)
