@@ -84,7 +84,7 @@ def read_bridge_config(bridge_dir: Union[str, Path]) -> dict[str, Any]:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise DescriberError(f"{bridge_dir} is not a bridge folder ({BRIDGE_CONFIG} is missing); export one with "
-                             "`iadgpt train --stage bridge ... --export DIR`") from None
+                             "`python benchmarks/bridge.py --checkpoint CKPT --onnx --export-dir DIR ...`") from None
     except (OSError, ValueError) as exc:
         raise DescriberError(f"{path} cannot be read ({exc}); re-export the bridge") from None
 
