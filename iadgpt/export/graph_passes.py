@@ -95,12 +95,8 @@ def fold_pads_into_convs(model: Any) -> int:
         if rank < 3 or np.any(begin[:2]) or np.any(end[:2]):
             continue
         extra = [int(v) for v in begin[2:]] + [int(v) for v in end[2:]]
-        ok = True
-        for conv in users:
-            c_attrs = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
-            if c_attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
-                ok = False
-        if not ok:
+        if any(helper.get_attribute_value(a) not in (b"NOTSET", "NOTSET")
+               for conv in users for a in conv.attribute if a.name == "auto_pad"):
             continue
         for conv in users:
             old = next((a for a in conv.attribute if a.name == "pads"), None)

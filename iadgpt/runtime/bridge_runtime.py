@@ -16,7 +16,6 @@ the image?<|im_end|>\\n<|im_start|>assistant\\n``, then greedy decoding (never s
 """
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
@@ -28,6 +27,7 @@ import numpy as np
 
 from iadgpt.errors import DescriberError
 from iadgpt.runtime.facts import POSITION_WORDS
+from iadgpt.runtime.llm_runtime import read_json_config
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +79,8 @@ def parse_answer(text: str) -> tuple[Optional[bool], Optional[str]]:
 
 
 def read_bridge_config(bridge_dir: Union[str, Path]) -> dict[str, Any]:
-    path = Path(bridge_dir) / BRIDGE_CONFIG
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DescriberError(f"{bridge_dir} is not a bridge folder ({BRIDGE_CONFIG} is missing); export one with "
-                             "`python benchmarks/bridge.py --checkpoint CKPT --onnx --export-dir DIR ...`") from None
-    except (OSError, ValueError) as exc:
-        raise DescriberError(f"{path} cannot be read ({exc}); re-export the bridge") from None
+    return read_json_config(bridge_dir, BRIDGE_CONFIG, "a bridge folder", "export one with `python "
+                            "benchmarks/bridge.py --checkpoint CKPT --onnx --export-dir DIR ...`")
 
 
 class OnnxBridge:

@@ -65,15 +65,20 @@ def chatml(messages: Sequence[Message], add_generation_prompt: bool = True) -> s
 CHAT_FORMATS: dict[str, Callable[[Sequence[Message], bool], str]] = {"chatml": chatml}
 
 
-def read_llm_config(model_dir: PathLike) -> dict[str, Any]:
-    path = Path(model_dir) / LLM_CONFIG
+def read_json_config(folder: PathLike, name: str, what: str, fix: str) -> dict[str, Any]:
+    """`folder/name` as JSON; a DescriberError naming `fix` when it is missing or unreadable."""
+    path = Path(folder) / name
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise DescriberError(f"{model_dir} is not a describer LLM folder ({LLM_CONFIG} is missing); build one with "
-                             "`iadgpt quantize-llm --out DIR`") from None
+        raise DescriberError(f"{folder} is not {what} ({name} is missing); {fix}") from None
     except (OSError, ValueError) as exc:
-        raise DescriberError(f"{path} cannot be read ({exc}); rebuild it with `iadgpt quantize-llm`") from None
+        raise DescriberError(f"{path} cannot be read ({exc}); {fix}") from None
+
+
+def read_llm_config(model_dir: PathLike) -> dict[str, Any]:
+    return read_json_config(model_dir, LLM_CONFIG, "a describer LLM folder",
+                            "build one with `iadgpt quantize-llm --out DIR`")
 
 
 def verify_llm_dir(model_dir: PathLike, files: Optional[dict[str, str]] = None) -> None:
