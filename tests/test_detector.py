@@ -115,3 +115,19 @@ def test_torch_backend_agrees_with_onnxruntime(tiny_bundle_path):
     # same graphs traced from the same modules: agreement to float32 rounding of a GEMM-based search
     assert np.abs(m1 - m2).max() <= 1e-4 * float(m1.max() - m1.min())
     assert np.allclose(s1, s2, rtol=1e-4)
+
+
+def test_features_are_kept_for_flagged_frames_only_when_asked(detector):
+    """The describer's bridge reads the encoder features of flagged frames (`keep_features`, set by
+    the station when its describer runs a bridge); by default none are kept."""
+    bad = defective_frames(1)[0].image
+    good = SyntheticProduct(kind="part", size=TINY_SIZE, seed=14, defect_rate=0.0).sample(0).image
+    assert detector.detect(frame(bad)).features is None
+    detector.keep_features = True
+    try:
+        v, ok = detector.detect(frame(bad)), detector.detect(frame(good, 1))
+    finally:
+        detector.keep_features = False
+    assert v.anomalous and not ok.anomalous and ok.features is None
+    assert len(v.features) == len(detector.encoder.output_names) >= 1  # every tapped layer, in graph order
+    assert all(f.ndim == 4 and f.shape[0] == 1 for f in v.features)

@@ -19,6 +19,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="MatMulNBits accuracy_level: 4 = int8 activations (fast on CPU), 0 = float (very slow)")
     p.add_argument("--rtn", action="store_true",
                    help="plain round-to-nearest even for weights already on a GGUF grid (for comparisons)")
+    p.add_argument("--embeds", action="store_true",
+                   help="the inputs_embeds variant (+ embed_tokens.npy) that the IAD-GPT bridge runs")
     p.add_argument("--bundle", type=Path, default=None, help="also record the result in this bundle's manifest")
     p.set_defaults(run=run)
 
@@ -27,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     from ..export.llm import quantize_llm, record_in_bundle
 
     cfg = quantize_llm(args.src, args.out, args.bits, route=args.route, block_size=args.block_size,
-                       accuracy_level=args.accuracy_level, exact=not args.rtn)
+                       accuracy_level=args.accuracy_level, exact=not args.rtn, embeds=args.embeds)
     q = cfg["quantization"]
     size = sum((args.out / f).stat().st_size for f in cfg["files"]) / 1e6
     print(f"{args.out}: {cfg['architecture']} {cfg['num_layers']} layers, {q['scheme']}")

@@ -16,6 +16,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--decoder", type=Path, default=None, help="bridge stage: the trained decoder checkpoint")
     p.add_argument("--init", type=Path, default=None, help="bridge stage: start TGE/MMF from this bridge checkpoint")
     p.add_argument("--stage-steps", default=None, help="bridge stage: steps of the TGE, MMF, TGE+MMF stages [40,120,60]")
+    p.add_argument("--locate", choices=("centroid", "linear"), default=None,
+                   help="bridge stage: MMF's cell choice for the position words [centroid] (models/bridge.py)")
+    p.add_argument("--answer-position-weight", type=float, default=None,
+                   help="bridge stage: LM loss weight of the position words in Yes answers [5]")
     p.add_argument("--data", required=True, type=Path, help="dataset root holding <category>/train/good")
     p.add_argument("--category", required=True)
     p.add_argument("--backbone", default="efficientnet-lite0")
@@ -73,8 +77,8 @@ def _run_bridge(args: argparse.Namespace) -> int:
                           "--data D --category C --out CKPT`)")
     from ..models.bridge_train import train_bridge
 
-    config = {k: getattr(args, k) for k in ("batch_size", "lr", "weight_decay", "pool_size", "seed")
-              if getattr(args, k) is not None}
+    config = {k: getattr(args, k) for k in ("batch_size", "lr", "weight_decay", "pool_size", "seed", "locate",
+                                            "answer_position_weight") if getattr(args, k) is not None}
     if args.stage_steps:
         try:
             config["stage_steps"] = [int(x) for x in args.stage_steps.split(",")]

@@ -64,6 +64,9 @@ class BridgeConfig:
     base_tokens: int = 2  # L3
     summary: str = "words"  # MMF summary token(s): "words" (position-word embeddings), "mlp", or "" for none
     position_weight: float = 1.0  # auxiliary cross-entropy on the 'words' summary's cell choice (NSA positions)
+    answer_position_weight: float = 5.0  # LM loss weight of the position words in Yes answers (BridgeLM.loss)
+    locate: str = "centroid"  # the 'words' summary's cell logits: "centroid" (CentroidLocator) or "linear"
+    locate_steps: int = 600  # cell-choice-only steps before the LLM stages (no LLM pass: seconds)
     seed: int = 0
     log_every: int = 10
 
@@ -236,13 +239,38 @@ def _answers(pool: BridgePool, idx: torch.Tensor) -> list[str]:
 
 
 def _position_loss(mmf: MultiMaskFusion, masks: torch.Tensor, pool: BridgePool, idx: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of MMF's cell choice against the NSA region's 3x3 cell (normal samples ignored):
-    a direct signal for "where", so the LLM only has to copy the position words it is handed."""
+    """Cross-entropy of MMF's cell choice against the NSA region's 3x3 cell (normal samples ignored)
+    + for the centroid locator, binary cross-entropy of its presence logit (normal vs NSA): a
+    direct signal for "where", so the LLM only has to copy the position words it is handed."""
     target = torch.tensor([POSITION_WORDS.index(pool.position[i]) if pool.anomalous[i] and pool.position[i] else -100
                            for i in idx.tolist()], dtype=torch.long)
-    if bool((target < 0).all()):
-        return masks.new_zeros(())
-    return F.cross_entropy(mmf.where_logits(masks), target, ignore_index=-100)
+    loss = masks.new_zeros(())
+    if not bool((target < 0).all()):
+        loss = F.cross_entropy(mmf.where_logits(masks), target, ignore_index=-100)
+    presence = mmf.presence_logits(masks)
+    if presence is not None:
+        loss = loss + F.binary_cross_entropy_with_logits(presence, pool.anomalous[idx].float())
+    return loss
+
+
+def train_locator(mmf: MultiMaskFusion, pool: BridgePool, cfg: BridgeConfig, batch: int = 64,
+                  lr: float = 1e-2) -> Optional[float]:
+    """Fit the 'words' summary's cell choice (and presence) alone on the pool (both map kinds in
+    turns) before the LLM stages: it needs no LLM pass, so it gets many cheap steps. Returns the
+    last loss (None when there is nothing to fit)."""
+    if mmf.summary != "words" or cfg.locate_steps <= 0:
+        return None
+    opt = torch.optim.AdamW(mmf.where.parameters(), lr=lr, weight_decay=0.0)
+    loss = torch.zeros(())
+    for step in range(cfg.locate_steps):
+        rng = np.random.default_rng([cfg.seed, 5, step])
+        idx = torch.from_numpy(rng.choice(len(pool), size=min(batch, len(pool)), replace=False))
+        loss = _position_loss(mmf, pool.masks[MAP_KINDS[step % 2]][idx].float(), pool, idx)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    log.info("cell choice fitted in %d steps (loss %.3f)", cfg.locate_steps, float(loss))
+    return float(loss)
 
 
 def train_stages(bridge: BridgeLM, pool: BridgePool, cfg: BridgeConfig, history: Optional[list] = None,
@@ -270,7 +298,7 @@ def train_stages(bridge: BridgeLM, pool: BridgePool, cfg: BridgeConfig, history:
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * min(1.0, (step + 1) / warm)
             masks = pool.masks[kind][idx].float()
-            loss = bridge.loss(pool.feature[idx].float(), masks, _answers(pool, idx))
+            loss = bridge.loss(pool.feature[idx].float(), masks, _answers(pool, idx), cfg.answer_position_weight)
             if "mmf" in parts and bridge.mmf.summary == "words" and cfg.position_weight > 0:
                 loss = loss + cfg.position_weight * _position_loss(bridge.mmf, masks, pool, idx)
             opt.zero_grad(set_to_none=True)
@@ -349,8 +377,11 @@ def load_bridge_parts(path: PathLike, backbone: Backbone) -> tuple[TextGuidedEnh
                           f"{list(backbone.dims)}; use the backbone it was trained with")
     tge = TextGuidedEnhancer(**meta["tge_config"])
     tge.load_state_dict(part("tge"))
-    mmf = MultiMaskFusion(**{"summary": False, **meta["mmf_config"]})  # checkpoints before the summary token
-    mmf.load_state_dict(part("mmf"))
+    mmf = MultiMaskFusion(**{"summary": False, "locate": "linear", **meta["mmf_config"]})  # older checkpoints
+    mstate = part("mmf")
+    if "word_embeds" in mstate and mstate["word_embeds"].shape != mmf.word_embeds.shape:
+        del mstate["word_embeds"]  # a layout before the NONE_WORD row: BridgeLM re-reads them from the LLM
+    mmf.load_state_dict(mstate, strict="word_embeds" in mstate or not hasattr(mmf, "word_embeds"))
     dec_masks = DecoderMasks(decoder)
     dec_masks.load_state_dict({**{f"decoder.{k}": v for k, v in decoder.state_dict().items()}, **part("decoder_masks")})
     bank_masks = BankMasks(backbone.dims, backbone.strides, int(backbone.input_spec.size[0]), decoder.layers)
@@ -393,18 +424,23 @@ def train_bridge(data: PathLike, category: str, out: PathLike, decoder_ckpt: Pat
     llm, encode, decode, eos = load_llm(hf_dir)
     hidden = int(llm.config.hidden_size)
     tge = TextGuidedEnhancer.from_decoder(decoder, tge_layer, hidden)
-    mmf = MultiMaskFusion(len(decoder.layers), hidden, base_tokens=cfg.base_tokens, summary=cfg.summary or False)
+    mmf = MultiMaskFusion(len(decoder.layers), hidden, base_tokens=cfg.base_tokens, summary=cfg.summary or False,
+                          locate=cfg.locate)
     history: list = []
     if init is not None:
         tge0, mmf0, _, meta0 = load_bridge_parts(init, bb)
         tge.load_state_dict(tge0.state_dict())
-        missing = mmf.load_state_dict(mmf0.state_dict(), strict=False).missing_keys
-        if missing:
-            log.info("MMF parameters not in %s (start fresh): %s", init, ", ".join(missing))
+        own = mmf.state_dict()  # word embeddings are re-read from the LLM; other shapes: an older MMF layout
+        state = {k: v for k, v in mmf0.state_dict().items() if k in own and own[k].shape == v.shape and k != "word_embeds"}
+        fresh = sorted(set(own) - set(state) - {"word_embeds"})
+        mmf.load_state_dict(state, strict=False)
+        if fresh:
+            log.info("MMF parameters not in %s (start fresh): %s", init, ", ".join(fresh))
         history = [list(h) for h in meta0.get("history", [])]
         log.info("TGE and MMF start from %s (%d logged entries before)", init, len(history))
     bridge = BridgeLM(llm, encode, decode, tge, mmf, eos)
     t0 = time.perf_counter()
+    train_locator(mmf, pool, cfg)
     history = train_stages(bridge, pool, cfg, history=history, progress=progress)
     train_s = time.perf_counter() - t0
     meta = {"category": category, "data": str(data), "backbone": bb.describe(), "decoder_checkpoint": str(decoder_ckpt),

@@ -342,7 +342,7 @@ class DescribeRequest:
         return cls(event_id=verdict.event_id, image=image, anomaly_map=verdict.anomaly_map,
                    regions=[r.to_dict() for r in verdict.regions], score=verdict.score, threshold=thr,
                    region_embeddings=None if emb is None else np.asarray(emb, np.float32), question=question,
-                   submitted=time.time())
+                   submitted=time.time(), features=getattr(verdict, "features", None))
 
 
 class _Box:
@@ -453,8 +453,10 @@ def _worker_main(conn: Any, llm_spec: Optional[LLMSpec], options: dict[str, Any]
         typer = TypeResolver(
             PromptTypeRetriever(*options["prompt_types"]) if options.get("prompt_types") else None,
             ExampleTypeClassifier(*options["examples"]) if options.get("examples") else None)
+        bridge = make_bridge(options.get("bridge"), loop_idle)
         describer = Describer(llm, options.get("product", "part"), typer,
-                              max_new_tokens=options.get("max_new_tokens", 32), budget_s=options.get("budget_s"))
+                              max_new_tokens=options.get("max_new_tokens", 32), budget_s=options.get("budget_s"),
+                              bridge=bridge, bridge_map=(options.get("bridge") or {}).get("map", "decoder"))
         conn.send(("ready", {"load_s": time.perf_counter() - t0, "pid": os.getpid(), "rss_mb": _rss_mb()}))
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which logs it
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
@@ -473,6 +475,38 @@ def _worker_main(conn: Any, llm_spec: Optional[LLMSpec], options: dict[str, Any]
             conn.send(("ok", req.request_id, record))
         except Exception as exc:  # noqa: BLE001 - one bad request must not kill the worker
             conn.send(("failed", req.request_id, f"{type(exc).__name__}: {exc}"))
+
+
+def bridge_options(bridge: Optional[Union[str, os.PathLike]], llm: Optional[Union[str, os.PathLike]],
+                   map_kind: str = "decoder", threads: int = 1) -> Optional[dict[str, Any]]:
+    """The worker's bridge settings, checked in the station's process (config errors surface at start)."""
+    if bridge is None:
+        if llm is not None:
+            raise ConfigError("describer: bridge_llm is set but bridge is not; give the exported bridge folder too")
+        return None
+    from iadgpt.runtime.bridge_runtime import read_bridge_config
+
+    if map_kind not in ("decoder", "memory_bank"):
+        raise ConfigError(f"describer: bridge_map {map_kind!r}: use decoder or memory_bank")
+    if llm is None:
+        raise ConfigError("describer: the bridge needs bridge_llm, an inputs_embeds LLM folder "
+                          "(`iadgpt quantize-llm --embeds --out DIR`)")
+    read_bridge_config(bridge)  # a folder that is not a bridge fails here, with its fix
+    return {"dir": str(Path(bridge).absolute()), "llm": str(Path(llm).absolute()), "map": map_kind,
+            "threads": int(threads)}
+
+
+def make_bridge(options: Optional[dict[str, Any]], loop_idle: Any = None) -> Any:
+    """The worker's `OnnxBridge` (None without bridge options); its LLM pauses with the loop like the describer's."""
+    if not options:
+        return None
+    from iadgpt.runtime.bridge_runtime import OnnxBridge
+    from iadgpt.runtime.llm_runtime import OnnxLLM
+
+    llm = OnnxLLM(options["llm"], threads=options.get("threads", 1))
+    if loop_idle is not None and hasattr(llm, "gate"):
+        llm.gate = functools.partial(loop_idle.wait, GATE_MAX_WAIT_S)
+    return OnnxBridge(options["dir"], llm, threads=options.get("threads", 1))
 
 
 def _lower_priority(nice: Optional[int], idle: bool) -> None:
@@ -562,7 +596,8 @@ class AsyncDescriber:
                  prompt_types: Optional[PromptTypeRetriever] = None, pixel_threshold: Optional[float] = None,
                  nice: int = 19, idle: bool = True, start_timeout_s: float = 120.0, max_restart_delay_s: float = 30.0,
                  keep_results: int = 10_000, on_result: Optional[Callable[[str, dict[str, Any]], None]] = None,
-                 start: bool = True) -> None:
+                 bridge: Optional[Union[str, os.PathLike]] = None, bridge_llm: Optional[Union[str, os.PathLike]] = None,
+                 bridge_map: str = "decoder", threads: int = 1, start: bool = True) -> None:
         if int(queue_size) < 1 or float(timeout_s) <= 0:
             raise ConfigError(f"describer queue_size={queue_size} must be >= 1 and timeout_s={timeout_s} > 0")
         self.llm_spec = llm_spec_for(llm) if llm is not None else {"kind": "none"}
@@ -574,7 +609,8 @@ class AsyncDescriber:
             "idle": bool(idle),
             "examples": None if examples is None else (examples.features, examples.labels, examples.k),
             "prompt_types": None if prompt_types is None else (prompt_types.embeddings, prompt_types.types),
-            "log_level": logging.getLogger().getEffectiveLevel()}
+            "log_level": logging.getLogger().getEffectiveLevel(),
+            "bridge": bridge_options(bridge, bridge_llm, bridge_map, threads)}
         self.sinks = list(sinks)
         self.on_result = on_result
         self.stats = DescriberStats()
@@ -600,20 +636,27 @@ class AsyncDescriber:
             self.start()
 
     OPTIONS = ("llm", "product", "threads", "queue_size", "timeout_s", "budget_s", "max_new_tokens", "examples",
-               "pixel_threshold", "idle", "nice")
+               "pixel_threshold", "idle", "nice", "bridge", "bridge_llm", "bridge_map")
+
+    @property
+    def wants_features(self) -> bool:
+        """True when the worker runs the bridge: the station then keeps flagged frames' features."""
+        return self.options.get("bridge") is not None
 
     @classmethod
     def from_options(cls, options: dict[str, Any], bundle: Any = None, **kwargs: Any) -> "AsyncDescriber":
         """From station.yaml's ``describer:`` keys (`DescriberConfig.options`): llm (folder, or "none";
         default the bundle's extra.llm), product, threads, queue_size, timeout_s, budget_s,
         max_new_tokens, examples (a folder saved by ExampleTypeClassifier.save), pixel_threshold,
-        idle, nice. Unknown keys are a ConfigError. The bundle's defect-prompt embeddings are used
+        idle, nice, bridge (an exported bridge folder: `iadgpt export-bridge`), bridge_llm (its
+        inputs_embeds LLM: `iadgpt quantize-llm --embeds`), bridge_map (decoder | memory_bank).
+        Unknown keys are a ConfigError. The bundle's defect-prompt embeddings are used
         for the type when present."""
         unknown = sorted(set(options) - set(cls.OPTIONS))
         if unknown:
             raise ConfigError(f"describer: unknown key(s) {', '.join(unknown)}; known: {', '.join(cls.OPTIONS)}")
         opts = dict(options)
-        threads = int(opts.pop("threads", 1))
+        threads = int(opts.get("threads", 1))
         spec = llm_spec_for(opts.pop("llm", None), bundle, threads=threads)
         examples = opts.pop("examples", None)
         product = opts.pop("product", None) or (bundle.scorer.get("object") if bundle is not None else None) or "part"

@@ -122,6 +122,8 @@ class Detector:
                            for name, array in bundle.scorer.get("references", {}).items()}
         self.threshold, self.pixel_threshold = self._thresholds(threshold)
         self.min_region_px = int(min_region_px)
+        # keep a flagged frame's encoder features on its Verdict (the describer's bridge reads them)
+        self.keep_features = False
 
     def _thresholds(self, override: Optional[float]) -> tuple[float, float]:
         th = self.bundle.thresholds
@@ -143,12 +145,16 @@ class Detector:
 
     def score_batch(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
         """(maps (B, H, W), scores (B,), stage timings in ms) for an encoder-ready batch."""
+        maps, scores, timings, _ = self._score(batch)
+        return maps, scores, timings
+
+    def _score(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, float], dict[str, np.ndarray]]:
         t0 = time.perf_counter()
         feats = self.encoder.run({"image": batch})
         t1 = time.perf_counter()
         out = self.scorer.run({**feats, **self.references})
         t2 = time.perf_counter()
-        return out["anomaly_map"], out["score"], {"encoder": (t1 - t0) * 1e3, "scorer": (t2 - t1) * 1e3}
+        return out["anomaly_map"], out["score"], {"encoder": (t1 - t0) * 1e3, "scorer": (t2 - t1) * 1e3}, feats
 
     def detect(self, frame: Frame) -> Verdict:
         if frame.image is None:
@@ -156,7 +162,7 @@ class Detector:
         t0 = time.perf_counter()
         batch = to_batch([frame.image], self.spec)
         t1 = time.perf_counter()
-        maps, scores, timings = self.score_batch(batch)
+        maps, scores, timings, feats = self._score(batch)
         t2 = time.perf_counter()
         amap, score = maps[0], float(scores[0])
         anomalous = score >= self.threshold
@@ -167,7 +173,8 @@ class Detector:
         timings.update(preprocess=(t1 - t0) * 1e3, postprocess=(t3 - t2) * 1e3)
         return Verdict(frame_id=frame.frame_id, timestamp=frame.timestamp, score=score, threshold=self.threshold,
                        anomalous=anomalous, regions=regions, timings_ms=timings, source=frame.source,
-                       frame_shape=tuple(frame.image.shape), anomaly_map=full_map)
+                       frame_shape=tuple(frame.image.shape), anomaly_map=full_map,
+                       features=list(feats.values()) if anomalous and self.keep_features else None)
 
     def regions(self, amap: np.ndarray, frame_hw: tuple[int, int]) -> list[Region]:
         """Connected areas above the pixel threshold, largest first, in frame pixels."""

@@ -148,6 +148,8 @@ class Station:
         if float(stats_interval_s) <= 0:
             raise ConfigError(f"stats_interval_s={stats_interval_s} must be > 0")
         self.detector, self.source, self.describer = detector, source, describer
+        if getattr(describer, "wants_features", False):  # its bridge reads the flagged frames' features
+            detector.keep_features = True
         self.sinks = list(sinks)
         self.sink_names = _sink_names(self.sinks)
         self.queue_size, self.stats_interval_s = int(queue_size), float(stats_interval_s)

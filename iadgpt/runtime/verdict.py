@@ -42,6 +42,9 @@ class Verdict:
     error: Optional[str] = None
     extra: dict[str, Any] = field(default_factory=dict)
     anomaly_map: Optional[np.ndarray] = field(default=None, repr=False)  # frame-sized float32, not serialised
+    # the encoder's per-layer features of a flagged frame, kept only when the describer's bridge
+    # reads them (`Detector.keep_features`); not serialised
+    features: Optional[list] = field(default=None, repr=False)
 
     @property
     def event_id(self) -> str:
@@ -52,7 +55,7 @@ class Verdict:
 
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in fields(self)
-                if f.name not in ("anomaly_map", "regions")}
+                if f.name not in ("anomaly_map", "regions", "features")}
         data["timings_ms"] = dict(self.timings_ms)
         data["extra"] = dict(self.extra)
         data["event_id"] = self.event_id
