@@ -27,20 +27,21 @@ C is the LLM's hidden size (576 for SmolLM2-135M). Choices the paper leaves open
   16 -> 32 -> 64) + GELU: a 3 x 3 grid of 64-d cells, i.e. L1 = 9 tokens, one per cell of the
   position grid (facts.GRID_NAMES, row-major), each projected to C / n_maps (288 with two maps;
   C/4 in the paper with four), concatenated channel-wise to C, plus a learned per-cell position
-  embedding; then the summary: WORD_SLOTS = 2 tokens that are the softmax(cell logits)-weighted
-  mix of the LLM's own input embeddings of each cell's position words as they continue the answer
-  (" top", " left" / " center", "."), trained by the answer loss plus an auxiliary cross-entropy
-  against the NSA region's cell; then L3 = 2 learned base tokens: 13 mask tokens. The cell logits
-  (`locate`): "centroid" (default) = `CentroidLocator`, -kappa * squared distance of each cell's
-  centre to a soft centroid of the map's hottest pixels, the words scaled by a presence
-  probability from the hottest pixel (7 learned parameters); "linear" = a
-  linear layer over all cells of all maps (the first 'words' checkpoints). Why the locator: on
-  bottle the linear head reached 83-85 % on held-out NSA samples but 85-86 % on painted defects
-  (a different generator) and 59-60 % on the real test defects; the locator 80/74 % NSA, 92/88 %
-  painted: few parameters carry over from synthetic to real defects. Why: with the paper's layout
-  (cells + base tokens only) the first bottle run learned yes/no (95 %) but not the position
-  (9.5 %): a frozen 135M LLM does not learn in a few hundred CPU steps to find the hot one of 9
-  cell tokens and name it. An MLP summary token (`summary="mlp"`) got 27-33 %; handing the LLM the
+  embedding; then the summary: WORD_SLOTS = 2 tokens made of the LLM's own input embeddings of a
+  position's words as they continue the answer (" top", " left" / " center", "."); then L3 = 2
+  learned base tokens: 13 mask tokens. Which position (`locate`): "centroid" (default) =
+  `CentroidLocator` (7 parameters: the cell nearest a soft centroid of the hottest pixels, and a
+  presence logit), its words handed over one-hot, NONE_WORD's when nothing is present; "linear" =
+  a softmax(linear layer over all cells of all maps)-weighted mix of the 9 cells' words (the first
+  'words' checkpoints). Both also get an auxiliary cross-entropy against the NSA region's cell.
+  Why the locator: on bottle the linear head reached 83-85 % on held-out NSA samples but 85-86 %
+  on painted defects (a different generator), the locator 80/74 % NSA and 92/88 % painted: few
+  parameters carry over from synthetic to real defects (on the real test defects, not used to
+  choose: 82.5 / 77.8 % vs 58.7 / 60.3 %; the frozen LLM's answers follow it on ~73 %, README).
+  Why a words summary at all: with the paper's layout (cells + base tokens only) the first bottle
+  run learned yes/no (95 %) but not the position (9.5 %): a frozen 135M LLM does not learn in a few
+  hundred CPU steps to find the hot one of 9 cell tokens and name it. An MLP summary token
+  (`summary="mlp"`) got 27-33 %; handing the LLM the
   position words themselves, so that it only has to copy them, is what the 'words' summary does.
 """
 from __future__ import annotations
@@ -293,11 +294,12 @@ class MultiMaskFusion(nn.Module):
 
     SIZE = 24  # 24 -> 12 -> 6 -> 3
     # The locator's logits are calibrated for its cross-entropy (p(cell) ~0.6-0.9) and its presence
-    # for its binary cross-entropy. The frozen LLM copies words it is handed literally far better
-    # than soft mixes (bottle: answers right 63.5 % with the softmax mix, 60 % with a x10-sharpened
-    # mix scaled by presence, from a locator right on 82.5 %), so both are made hard: x1000 turns
-    # softmax and sigmoid into a one-hot choice (and exports as the same two ops). The locator
-    # learns from its own losses (`bridge_train.train_locator`, `_position_loss`), not through this.
+    # for its binary cross-entropy; x1000 makes both softmax and sigmoid a one-hot choice (the same
+    # two ops in ONNX), so the words are exactly the LLM's embeddings of the chosen cell's words or
+    # of NONE_WORD. Why hard: a soft mix hands every normal image a faint "center" (the centroid of
+    # noise), which the LLM learned to read as "No". Not shown better on bottle (README history:
+    # soft 63.5/63.5 %, hard + presence + weighted loss 60.3/52.4 %, both short of 70 %); the
+    # locator learns from its own losses (`bridge_train.train_locator`, `_position_loss`).
     WORD_SHARPEN = 1000.0
 
     def __init__(self, n_maps: int, out_dim: int, *, base_tokens: int = 2, channels: Sequence[int] = (16, 32, 64),
