@@ -272,6 +272,12 @@ def test_describer_joins_the_bridge_answer_when_it_agrees_with_the_facts():
     assert not rec["bridge"]["agrees_with_facts"] and "top left" not in rec["description"]
     assert rec["bridge"]["position"] == "top left"  # recorded, not asserted to the operator
 
+    class _Broken:
+        def ask(self, features, map_kind):
+            raise ValueError("feat1 has 40 channels, the bridge expects 112")
+    rec = Describer(FakeLLM(), "flange", bridge=_Broken()).describe(req)  # the facts description survives
+    assert rec["status"] == "ok" and rec["description"] and "expects 112" in rec["bridge"]["error"]
+
 
 def test_words_summary_hands_the_llm_the_chosen_cells_position_words(torch_one_thread):
     """The 'words' summary is the softmax-weighted mix of the 9 cells' position-word embeddings;

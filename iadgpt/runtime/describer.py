@@ -398,7 +398,11 @@ class Describer:
         (anomalous, and the same grid position as the main region when both name one)."""
         if self.bridge is None or req.features is None:
             return None
-        ans = self.bridge.ask(req.features, self.bridge_map).to_dict()
+        try:
+            ans = self.bridge.ask(req.features, self.bridge_map).to_dict()
+        except Exception as exc:  # noqa: BLE001 - the facts description must not be lost with it
+            log.warning("bridge failed on %s: %s: %s", req.event_id, type(exc).__name__, exc)
+            return {"error": f"{type(exc).__name__}: {exc}", "agrees_with_facts": False}
         main = facts.main
         where = getattr(main, "position", None) if main is not None else None
         ans["agrees_with_facts"] = bool(ans["anomalous"]) and (ans["position"] is None or where in (None, ans["position"]))
