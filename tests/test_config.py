@@ -133,3 +133,14 @@ def test_build_sinks_without_paho_names_the_fix(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setitem(sys.modules, "paho.mqtt.client", None)
     with pytest.raises(ConfigError, match=r"station.yaml: .*pip install iadgpt\[mqtt\]"):
         build_sinks(cfg)
+
+
+def test_describer_folders_resolve_against_the_file(tmp_path: Path) -> None:
+    text = ("bundle: b\nsource: s\ndescriber: {enabled: true, llm: llm-int4, bridge: bridges/bottle, "
+            "bridge_llm: /abs/llm-embeds, examples: ex, product: bridge}\n")
+    opts = load_station_config(_write(tmp_path, text)).describer.options
+    base = tmp_path.resolve()
+    assert opts == {"llm": str(base / "llm-int4"), "bridge": str(base / "bridges/bottle"),
+                    "bridge_llm": "/abs/llm-embeds", "examples": str(base / "ex"), "product": "bridge"}
+    assert load_station_config(_write(tmp_path, "bundle: b\nsource: s\ndescriber: {llm: none}\n")).describer.options == {
+        "llm": "none"}

@@ -3,7 +3,7 @@
 Why strict: a typo in a station file (``sinks.mqtt.prot``) that is silently ignored shows up
 weeks later as missing data. Unknown keys, wrong types and missing required keys are a
 `ConfigError` naming the file and the dotted key. Relative paths (bundle, source files,
-event log, overlay folder) are resolved against the YAML file's folder, so a station folder
+event log, overlay folder, the describer's llm / examples / bridge / bridge_llm) are resolved against the YAML file's folder, so a station folder
 can be moved as a whole. See ``examples/station.yaml`` for every key.
 """
 from __future__ import annotations
@@ -159,6 +159,9 @@ def _kind(value: Any) -> str:
     return f"{value!r} ({type(value).__name__})"
 
 
+DESCRIBER_PATHS = ("llm", "examples", "bridge", "bridge_llm")  # folders in describer:, resolved like the others
+
+
 def _resolve(base: Path, value: Union[str, Path]) -> Path:
     path = Path(value).expanduser()
     return path if path.is_absolute() else (base / path)
@@ -244,8 +247,9 @@ def load_station_config(path: Union[str, Path]) -> StationConfig:
         if bad:
             raise top.error(f"describer.{bad[0]}", "keys must be strings")
         desc = _Section({"enabled": raw_desc.get("enabled", False)}, "describer", file, ("enabled",))
-        cfg.describer = DescriberConfig(enabled=desc.flag("enabled", False),
-                                        options={k: v for k, v in raw_desc.items() if k != "enabled"})
+        cfg.describer = DescriberConfig(enabled=desc.flag("enabled", False), options={
+            k: str(_resolve(base, v)) if k in DESCRIBER_PATHS and isinstance(v, str) and v not in ("none", "fake") else v
+            for k, v in raw_desc.items() if k != "enabled"})
     return cfg
 
 
