@@ -24,6 +24,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def locator_report(mmf, masks, texts, labels, positions) -> dict:
+    """On the defective images: how often MMF's own cell choice (no LLM) is the true cell, and how
+    often the LLM's answer names that chosen cell (does the LLM follow the words it is handed)."""
+    import numpy as np
+    import torch
+
+    from iadgpt.runtime.bridge_runtime import parse_answer
+    from iadgpt.runtime.facts import POSITION_WORDS
+
+    if getattr(mmf, "summary", None) != "words":
+        return {}
+    idx = [i for i, lab in enumerate(labels) if lab]
+    with torch.no_grad():
+        chosen = [POSITION_WORDS[c] for c in mmf.where_logits(masks[idx]).argmax(-1).tolist()]
+    said = [parse_answer(texts[i])[1] for i in idx]
+    return {"locator_accuracy": float(np.mean([c == positions[i] for c, i in zip(chosen, idx)])),
+            "answers_follow_locator": float(np.mean([s == c for s, c in zip(said, chosen)]))}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, type=Path)
@@ -92,6 +111,7 @@ def main() -> int:
         dt = time.perf_counter() - t0
         answers[("torch", kind)] = texts
         rows.append({"map": kind, "route": "torch", **score_answers(texts, labels, positions),
+                     **locator_report(mmf, masks, texts, labels, positions),
                      "seconds_per_image": round(dt / len(images), 3)})
         logging.info("%s", rows[-1])
 
@@ -128,8 +148,10 @@ def main() -> int:
                          "question": QUESTION,
                          **{f"{route}/{kind}": answers[(route, kind)][i] for (route, kind) in answers}})
     for r in rows:
+        extra = (f"  locator {100 * r['locator_accuracy']:.1f}%, answers follow it {100 * r['answers_follow_locator']:.1f}%"
+                 if "locator_accuracy" in r else "")
         print(f"{r['route']:10s} {r['map']:12s} yes/no {100 * r['yes_no_accuracy']:.1f}%  position "
-              f"{100 * r['position_accuracy']:.1f}%  ({r['n_images']} images, {r['n_defective']} defective)")
+              f"{100 * r['position_accuracy']:.1f}%  ({r['n_images']} images, {r['n_defective']} defective){extra}")
     for e in examples:
         print(json.dumps(e, indent=1))
     report = {"rows": rows, "examples": examples, "train_seconds": train_s, "encode_seconds": round(encode_s, 1),

@@ -34,7 +34,7 @@ C is the LLM's hidden size (576 for SmolLM2-135M). Choices the paper leaves open
   presence logit), its words handed over one-hot, NONE_WORD's when nothing is present; "linear" =
   a softmax(linear layer over all cells of all maps)-weighted mix of the 9 cells' words (the first
   'words' checkpoints). Both also get an auxiliary cross-entropy against the NSA region's cell.
-  Why the locator: on bottle the linear head reached 83-85 % on held-out NSA samples but 85-86 %
+  Why the locator (a one-off experiment, not in the repo): on bottle the linear head reached 83-85 % on held-out NSA samples but 85-86 %
   on painted defects (a different generator), the locator 80/74 % NSA and 92/88 % painted: few
   parameters carry over from synthetic to real defects (on the real test defects, not used to
   choose: 84.1 / 77.8 % vs 58.7 / 60.3 %; the frozen LLM's answers follow it on 57-83 %, README).
@@ -377,9 +377,8 @@ class MultiMaskFusion(nn.Module):
         cells = self._cells(squashed)
         tokens = torch.cat([self.proj[i](c) for i, c in enumerate(cells)], dim=-1) + self.pos
         out = [tokens]
-        flat = torch.cat([c.flatten(1) for c in cells], dim=1)
         if self.summary == "mlp":
-            out.append(self.head(flat).unsqueeze(1))
+            out.append(self.head(torch.cat([c.flatten(1) for c in cells], dim=1)).unsqueeze(1))
         elif self.summary == "words":
             if self.locate == "centroid":  # the literal words of the chosen cell, or of NONE_WORD
                 p = torch.softmax(self.WORD_SHARPEN * self.where(squashed), dim=-1)  # (B, 9), one-hot in effect
@@ -413,6 +412,7 @@ class BridgeLM(nn.Module):
         self.end_id = self.eos_ids[0]
         self.register_buffer("head_ids", torch.tensor(encode(PROMPT_HEAD), dtype=torch.long), persistent=False)
         self.register_buffer("tail_ids", torch.tensor(encode(PROMPT_TAIL), dtype=torch.long), persistent=False)
+        self.answer_head_ids = encode(YES_ANSWER.split("{position}")[0].rstrip())  # "Yes, ..., at the"
         hidden = int(self.llm.get_input_embeddings().weight.shape[1])
         if tge.out_dim != hidden or mmf.out_dim != hidden:
             raise ScorerError(f"TGE/MMF width {tge.out_dim}/{mmf.out_dim} != the LLM's hidden size {hidden}")
@@ -458,7 +458,7 @@ class BridgeLM(nn.Module):
                              reduction="none").view(len(ids), n)
         weight = (target != -100).float()
         if position_weight != 1.0:
-            head = self.encode(YES_ANSWER.split("{position}")[0].rstrip())
+            head = self.answer_head_ids
             for r, row in enumerate(ids):
                 if row[:len(head)] == head:
                     weight[r, len(head):len(row)] *= float(position_weight)

@@ -380,8 +380,8 @@ def load_bridge_parts(path: PathLike, backbone: Backbone) -> tuple[TextGuidedEnh
     mmf = MultiMaskFusion(**{"summary": False, "locate": "linear", **meta["mmf_config"]})  # older checkpoints
     mstate = part("mmf")
     if "word_embeds" in mstate and mstate["word_embeds"].shape != mmf.word_embeds.shape:
-        del mstate["word_embeds"]  # a layout before the NONE_WORD row: BridgeLM re-reads them from the LLM
-    mmf.load_state_dict(mstate, strict="word_embeds" in mstate or not hasattr(mmf, "word_embeds"))
+        mstate["word_embeds"] = torch.zeros_like(mmf.word_embeds)  # older layout: BridgeLM re-reads them (zero)
+    mmf.load_state_dict(mstate)
     dec_masks = DecoderMasks(decoder)
     dec_masks.load_state_dict({**{f"decoder.{k}": v for k, v in decoder.state_dict().items()}, **part("decoder_masks")})
     bank_masks = BankMasks(backbone.dims, backbone.strides, int(backbone.input_spec.size[0]), decoder.layers)

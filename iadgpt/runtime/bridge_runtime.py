@@ -79,8 +79,8 @@ def parse_answer(text: str) -> tuple[Optional[bool], Optional[str]]:
 
 
 def read_bridge_config(bridge_dir: Union[str, Path]) -> dict[str, Any]:
-    return read_json_config(bridge_dir, BRIDGE_CONFIG, "a bridge folder", "export one with `python "
-                            "benchmarks/bridge.py --checkpoint CKPT --onnx --export-dir DIR ...`")
+    return read_json_config(bridge_dir, BRIDGE_CONFIG, "a bridge folder",
+                            "export one with `iadgpt export-bridge CKPT --out DIR`")
 
 
 class OnnxBridge:

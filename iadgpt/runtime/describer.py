@@ -451,9 +451,7 @@ def _worker_main(conn: Any, llm_spec: Optional[LLMSpec], options: dict[str, Any]
     _lower_priority(options.get("nice"), bool(options.get("idle")))
     try:
         t0 = time.perf_counter()
-        llm = make_llm(llm_spec)
-        if loop_idle is not None and hasattr(llm, "gate"):
-            llm.gate = functools.partial(loop_idle.wait, GATE_MAX_WAIT_S)
+        llm = _gated(make_llm(llm_spec), loop_idle)
         typer = TypeResolver(
             PromptTypeRetriever(*options["prompt_types"]) if options.get("prompt_types") else None,
             ExampleTypeClassifier(*options["examples"]) if options.get("examples") else None)
@@ -507,10 +505,15 @@ def make_bridge(options: Optional[dict[str, Any]], loop_idle: Any = None) -> Any
     from iadgpt.runtime.bridge_runtime import OnnxBridge
     from iadgpt.runtime.llm_runtime import OnnxLLM
 
-    llm = OnnxLLM(options["llm"], threads=options.get("threads", 1))
+    llm = _gated(OnnxLLM(options["llm"], threads=options.get("threads", 1)), loop_idle)
+    return OnnxBridge(options["dir"], llm, threads=options.get("threads", 1))
+
+
+def _gated(llm: Any, loop_idle: Any) -> Any:
+    """`llm` with its model runs waiting while the station judges a frame (`loop_idle` clear)."""
     if loop_idle is not None and hasattr(llm, "gate"):
         llm.gate = functools.partial(loop_idle.wait, GATE_MAX_WAIT_S)
-    return OnnxBridge(options["dir"], llm, threads=options.get("threads", 1))
+    return llm
 
 
 def _lower_priority(nice: Optional[int], idle: bool) -> None:
