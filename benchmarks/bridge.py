@@ -6,12 +6,14 @@
 Trains the bridge first (`iadgpt train --stage bridge`) when no --checkpoint is given (then --decoder is
 required). Routes: "torch" (float32 heads + float32 SmolLM2 through transformers) and, with --onnx,
 "onnx-int4" (the exported heads on ONNX Runtime + the int4 inputs_embeds LLM, `OnnxBridge`). Both
-routes read the same torch encoder features. Verdicts come from greedy decoding; the position is parsed
-from the text and compared with the 3x3 cell of the largest ground-truth region's centroid.
+routes read the same torch encoder features. Decodings (never sampling): "greedy" text, or "choice", the
+most likely of the ten template answers (No / Yes at each 3x3 cell). The position is parsed from the
+text and compared with the 3x3 cell of the largest ground-truth region's centroid.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
@@ -53,6 +55,8 @@ def main() -> int:
     ap.add_argument("--stage-steps", default="40,120,60")
     ap.add_argument("--onnx", action="store_true", help="also evaluate the ONNX heads + int4 LLM route")
     ap.add_argument("--export-dir", type=Path, default=None, help="where the ONNX bridge goes [next to the checkpoint]")
+    ap.add_argument("--decoding", choices=("greedy", "choice", "both"), default="both",
+                    help="greedy text, or the most likely of the ten template answers (closed set) [both]")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--examples", type=int, default=2, help="dialogues to print")
     ap.add_argument("--json", type=Path, required=True)
@@ -70,6 +74,7 @@ def main() -> int:
     from iadgpt.runtime.bridge_runtime import QUESTION
 
     torch.set_num_threads(args.threads)
+    decodings = ("greedy", "choice") if args.decoding == "both" else (args.decoding,)
     train_s = None
     if args.checkpoint is None:
         if args.decoder is None:
@@ -102,15 +107,18 @@ def main() -> int:
     tge_in = torch.cat(tge_in)
     encode_s = time.perf_counter() - t0
     rows, answers = [], {}
-    for kind in MAP_KINDS:
+    for decoding, kind in itertools.product(decodings, MAP_KINDS):
         masks = torch.cat(masks_all[kind])
         t0 = time.perf_counter()
         texts = []
-        for i in tqdm(range(0, len(images), 8), desc=f"torch {kind}", unit="batch"):
-            texts += bridge.generate(tge_in[i:i + 8], masks[i:i + 8], max_new_tokens=20)
+        for i in tqdm(range(0, len(images), 8), desc=f"torch {decoding} {kind}", unit="batch"):
+            if decoding == "greedy":
+                texts += bridge.generate(tge_in[i:i + 8], masks[i:i + 8], max_new_tokens=20)
+            else:
+                texts += bridge.choose(tge_in[i:i + 8], masks[i:i + 8])
         dt = time.perf_counter() - t0
-        answers[("torch", kind)] = texts
-        rows.append({"map": kind, "route": "torch", **score_answers(texts, labels, positions),
+        answers[("torch", decoding, kind)] = texts
+        rows.append({"map": kind, "route": "torch", "decoding": decoding, **score_answers(texts, labels, positions),
                      **locator_report(mmf, masks, texts, labels, positions),
                      "seconds_per_image": round(dt / len(images), 3)})
         logging.info("%s", rows[-1])
@@ -126,19 +134,19 @@ def main() -> int:
         cfg = export_bridge(out_dir, tge, mmf, maker, [f[:4] for f in feats],
                             {"checkpoint": str(args.checkpoint), "category": args.category})
         export_meta = {"dir": str(out_dir), "parity": cfg["parity"]}
-        runtime = OnnxBridge(out_dir, OnnxLLM(ensure_default_llm(4, embeds=True), threads=args.threads),
-                             threads=args.threads, max_new_tokens=20)
-        for kind in MAP_KINDS:
+        llm = OnnxLLM(ensure_default_llm(4, embeds=True), threads=args.threads)
+        for decoding, kind in itertools.product(decodings, MAP_KINDS):
+            runtime = OnnxBridge(out_dir, llm, threads=args.threads, max_new_tokens=20, decoding=decoding)
             t0 = time.perf_counter()
             texts = [runtime.ask([f[i:i + 1].numpy() for f in feats], kind).text
-                     for i in tqdm(range(len(images)), desc=f"onnx-int4 {kind}", unit="img")]
+                     for i in tqdm(range(len(images)), desc=f"onnx-int4 {decoding} {kind}", unit="img")]
             dt = time.perf_counter() - t0
-            answers[("onnx-int4", kind)] = texts
-            rows.append({"map": kind, "route": "onnx-int4", **score_answers(texts, labels, positions),
+            answers[("onnx-int4", decoding, kind)] = texts
+            rows.append({"map": kind, "route": "onnx-int4", "decoding": decoding, **score_answers(texts, labels, positions),
                          "seconds_per_image": round(dt / len(images), 3)})
-            logging.info("%s", rows[-1])
-            agree = np.mean([a == b for a, b in zip(texts, answers[("torch", kind)])])
+            agree = np.mean([a == b for a, b in zip(texts, answers[("torch", decoding, kind)])])
             rows[-1]["same_text_as_torch"] = float(agree)
+            logging.info("%s", rows[-1])
 
     examples = []
     picks = [i for i, lab in enumerate(labels) if lab][: max(0, args.examples - 1)] + \
@@ -146,11 +154,11 @@ def main() -> int:
     for i in picks[:args.examples]:
         examples.append({"image": names[i], "truth": {"anomalous": labels[i], "position": positions[i]},
                          "question": QUESTION,
-                         **{f"{route}/{kind}": answers[(route, kind)][i] for (route, kind) in answers}})
+                         **{"/".join(key): texts[i] for key, texts in answers.items()}})
     for r in rows:
         extra = (f"  locator {100 * r['locator_accuracy']:.1f}%, answers follow it {100 * r['answers_follow_locator']:.1f}%"
                  if "locator_accuracy" in r else "")
-        print(f"{r['route']:10s} {r['map']:12s} yes/no {100 * r['yes_no_accuracy']:.1f}%  position "
+        print(f"{r['route']:10s} {r['decoding']:7s} {r['map']:12s} yes/no {100 * r['yes_no_accuracy']:.1f}%  position "
               f"{100 * r['position_accuracy']:.1f}%  ({r['n_images']} images, {r['n_defective']} defective){extra}")
     for e in examples:
         print(json.dumps(e, indent=1))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from iadgpt.errors import DescriberError, ScorerError
-from iadgpt.runtime.bridge_runtime import NO_ANSWER, answer_text, parse_answer
+from iadgpt.runtime.bridge_runtime import NO_ANSWER, answer_choices, answer_text, parse_answer
 from iadgpt.runtime.facts import POSITION_WORDS
 
 
@@ -140,6 +140,25 @@ def test_bridge_loss_decreases_and_llm_stays_frozen(torch_one_thread):
     assert len(texts) == 4 and all(isinstance(t, str) for t in texts)
 
 
+def test_choice_decoding_ranks_the_template_answers_as_scoring_each_alone(torch_one_thread):
+    """Closed-set decoding batches ten right-padded answers per image; padding must not change a score."""
+    bridge, _ = _bridge()
+    feats = _features(3, seed=4)
+    masks = torch.zeros(3, 2, 24, 24)
+    masks[1, :, :8, :8] = 20.0
+    masks[2, :, 16:, 16:] = 20.0
+    choices = answer_choices()
+    assert len(choices) == 10 and choices[0] == answer_text(False)
+    assert set(choices[1:]) == {answer_text(True, p) for p in POSITION_WORDS}
+    bridge.eval()
+    with torch.no_grad():
+        prompt = bridge.prompt_embeds(feats[1], masks)
+        alone = torch.stack([torch.stack([bridge._answer_nll(prompt[r:r + 1], [bridge.encode(c) + [bridge.end_id]])[0].sum()
+                                          for c in choices]) for r in range(3)])
+    assert len(set(alone.argmin(dim=1).tolist())) > 1 or alone.std() > 0  # the scores differ between answers
+    assert bridge.choose(feats[1], masks) == [choices[int(i)] for i in alone.argmin(dim=1)]
+
+
 def test_position_words_can_weigh_more_in_the_answer_loss(torch_one_thread):
     """Weighting the tokens after "..., at the" changes the loss of Yes answers only."""
     bridge, _ = _bridge()
@@ -179,6 +198,11 @@ class _FakeLLM:
         assert embeds.shape == (3 + 1 + 13 + 3, 32)  # head, image, 9 cells + 2 words + 2 base, tail
         return Generation(answer_text(True, "center"), [5], len(embeds), 0.0, 0.0, "eos")
 
+    def score_embeds(self, embeds, continuations):
+        """Log-probabilities that favour the continuation whose ids are longest (no anomaly is shortest)."""
+        assert embeds.ndim == 2 and embeds.shape[1] == 32
+        return -1.0 / np.array([len(c) for c in continuations], np.float64)
+
 
 def test_export_parity_and_runtime(tmp_path, torch_one_thread):
     from iadgpt.models.bridge_export import export_bridge
@@ -198,8 +222,29 @@ def test_export_parity_and_runtime(tmp_path, torch_one_thread):
     np.testing.assert_allclose(got, ref[0].numpy(), atol=1e-4)
     ans = rt.ask(one, "decoder")
     assert (ans.anomalous, ans.position) == (True, "center")
+    assert ans.to_dict()["decoding"] == "greedy"
     with pytest.raises(DescriberError, match="unknown map kind"):
         rt.ask(one, "text")
+
+
+def test_runtime_choice_decoding_answers_from_the_closed_set(tmp_path, torch_one_thread):
+    from iadgpt.models.bridge_export import export_bridge
+    from iadgpt.runtime.bridge_runtime import OnnxBridge
+    tge, mmf, maker = _parts()
+    feats = _features(2)
+    export_bridge(tmp_path / "b", tge, mmf, maker, feats, {})
+
+    class _Words(_FakeLLM):
+        def encode(self, text):
+            return [len(w) for w in text.split()]  # "bottom right" answers have the most ids
+
+    rt = OnnxBridge(tmp_path / "b", _Words(), decoding="choice")
+    ans = rt.ask([f[:1].numpy() for f in feats], "decoder")
+    assert ans.text in answer_choices() and ans.extra["decoding"] == "choice"
+    assert (ans.anomalous, ans.position) in {(True, "top left"), (True, "top right"), (True, "bottom left"),
+                                             (True, "bottom right")}  # the 4 answers tied for most words
+    with pytest.raises(DescriberError, match="greedy, choice"):
+        OnnxBridge(tmp_path / "b", _Words(), decoding="sample")
 
 
 def test_runtime_refuses_an_input_ids_llm(tmp_path, torch_one_thread):
@@ -386,6 +431,22 @@ def embeds_llm_dir():
 
 
 @pytest.mark.slow
+def test_scoring_answers_over_the_prompt_cache_equals_a_full_pass(embeds_llm_dir):
+    from iadgpt.runtime.bridge_runtime import END_OF_TURN, PROMPT_HEAD, PROMPT_TAIL
+    from iadgpt.runtime.llm_runtime import OnnxLLM
+    llm = OnnxLLM(embeds_llm_dir, threads=2)
+    prompt = llm.embed(llm.encode(PROMPT_HEAD + PROMPT_TAIL))
+    conts = [llm.encode(a) + llm.encode(END_OF_TURN) for a in answer_choices()[:3]]
+    got = llm.score_embeds(prompt, conts)
+    for c, g in zip(conts, got):
+        logits = llm.logits(np.concatenate([prompt, llm.embed(c[:-1])]))[len(prompt) - 1:].astype(np.float64)
+        logits -= logits.max(axis=1, keepdims=True)
+        lp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+        assert g == pytest.approx(lp[np.arange(len(c)), c].sum(), abs=1e-3)
+    assert got[0] > got[1:].max()  # a plain prompt with no image: "No, there is no anomaly" is the likeliest
+
+
+@pytest.mark.slow
 def test_station_describer_runs_the_bridge_in_its_worker(tmp_path, torch_one_thread, embeds_llm_dir):
     """station.yaml `describer: {bridge, bridge_llm}`: the worker process loads the exported heads and
     the int4 inputs_embeds LLM; the station keeps a flagged frame's features on its verdict, and the
@@ -406,6 +467,9 @@ def test_station_describer_runs_the_bridge_in_its_worker(tmp_path, torch_one_thr
     with pytest.raises(ConfigError, match="bridge_map"):
         AsyncDescriber.from_options({"llm": "none", "bridge": str(tmp_path / "b"), "bridge_llm": str(embeds_llm_dir),
                                      "bridge_map": "text"}, start=False)
+    with pytest.raises(ConfigError, match="bridge_decoding 'sample'"):
+        AsyncDescriber.from_options({"llm": "none", "bridge": str(tmp_path / "b"), "bridge_llm": str(embeds_llm_dir),
+                                     "bridge_decoding": "sample"}, start=False)
     with pytest.raises(DescriberError, match="not a bridge folder"):
         AsyncDescriber.from_options({"llm": "none", "bridge": str(tmp_path), "bridge_llm": str(embeds_llm_dir)},
                                     start=False)
@@ -432,9 +496,10 @@ def test_station_describer_runs_the_bridge_in_its_worker(tmp_path, torch_one_thr
         d.close()
     record = d.results[verdict.event_id]
     assert record["status"] == "ok", record
-    assert record["bridge"]["map"] == "decoder" and isinstance(record["bridge"]["text"], str)
+    assert record["bridge"]["map"] == "decoder" and record["bridge"]["decoding"] == "choice"
+    assert record["bridge"]["text"] in answer_choices()  # the default decoding answers from the closed set
     # the prompt the worker's LLM read: head + image token + 13 mask tokens + question
-    assert record["bridge"]["llm"]["new_tokens"] >= 1 and record["bridge"]["llm"]["prompt_tokens"] > 14
+    assert record["bridge"]["prompt_vectors"] > 14
 
 
 def test_cli_export_bridge_refuses_a_missing_checkpoint(tmp_path, capsys):

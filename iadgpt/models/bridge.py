@@ -55,7 +55,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import ScorerError
-from ..runtime.bridge_runtime import PROMPT_HEAD, PROMPT_TAIL, YES_ANSWER
+from ..runtime.bridge_runtime import PROMPT_HEAD, PROMPT_TAIL, YES_ANSWER, answer_choices
 from ..runtime.facts import POSITION_WORDS
 from .heads import VisualGuidedDecoder
 from .scorers import PatchEmbedder, nearest_distances
@@ -442,8 +442,19 @@ class BridgeLM(nn.Module):
         tokens after "..., at the" of a Yes answer (the position words) count `position_weight`
         times (the position is 1-2 of ~15 answer tokens: unweighted it is a small share of the loss).
         Answers are right-padded: with causal attention padding never affects earlier positions."""
-        prompt = self.prompt_embeds(feature, masks)
         ids = [self.encode(a) + [self.end_id] for a in answers]
+        ce, target = self._answer_nll(self.prompt_embeds(feature, masks), ids)
+        weight = (target != -100).float()
+        if position_weight != 1.0:
+            head = self.answer_head_ids
+            for r, row in enumerate(ids):
+                if row[:len(head)] == head:
+                    weight[r, len(head):len(row)] *= float(position_weight)
+        return (ce * weight).sum() / weight.sum().clamp(min=1.0)
+
+    def _answer_nll(self, prompt: torch.Tensor, ids: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token negative log-likelihood (B, n) of answer token ids after each prompt row,
+        teacher-forced, and the (B, n) targets (-100 = padding)."""
         n = max(len(i) for i in ids)
         target = torch.full((len(ids), n), -100, dtype=torch.long, device=prompt.device)
         inp = torch.full((len(ids), n), self.end_id, dtype=torch.long, device=prompt.device)
@@ -456,13 +467,21 @@ class BridgeLM(nn.Module):
         logits = self.llm.lm_head(hidden[:, t0 - 1:t0 - 1 + n])
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1), ignore_index=-100,
                              reduction="none").view(len(ids), n)
-        weight = (target != -100).float()
-        if position_weight != 1.0:
-            head = self.answer_head_ids
-            for r, row in enumerate(ids):
-                if row[:len(head)] == head:
-                    weight[r, len(head):len(row)] *= float(position_weight)
-        return (ce * weight).sum() / weight.sum().clamp(min=1.0)
+        return ce, target
+
+    @torch.no_grad()
+    def choose(self, feature: torch.Tensor, masks: torch.Tensor) -> list[str]:
+        """Closed-set answers: per image, the most likely of the ten template answers (`answer_choices`:
+        "No, ..." or "Yes, ... at the {position}." for each 3x3 cell), by the summed log-probability of
+        all answer tokens and the end-of-turn token. Deterministic like greedy decoding, but the answer
+        is always well formed (greedy text can drift, e.g. "Yes, there is no anomaly")."""
+        choices = answer_choices()
+        ids = [self.encode(a) + [self.end_id] for a in choices]
+        prompt = self.prompt_embeds(feature, masks)
+        b, k = prompt.shape[0], len(choices)
+        nll, _ = self._answer_nll(prompt.repeat_interleave(k, dim=0), ids * b)
+        best = nll.sum(dim=1).view(b, k).argmin(dim=1)
+        return [choices[int(i)] for i in best]
 
     @torch.no_grad()
     def generate(self, feature: torch.Tensor, masks: torch.Tensor, max_new_tokens: int = 24) -> list[str]:

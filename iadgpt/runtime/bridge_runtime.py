@@ -35,8 +35,11 @@ QUESTION = "Is there any anomaly in the image?"
 NO_ANSWER = "No, there is no anomaly in the image."
 YES_ANSWER = "Yes, there is an anomaly in the image, at the {position}."
 PROMPT_HEAD = "<|im_start|>user\n"
-PROMPT_TAIL = QUESTION + "<|im_end|>\n<|im_start|>assistant\n"
+END_OF_TURN = "<|im_end|>"
+PROMPT_TAIL = QUESTION + END_OF_TURN + "\n<|im_start|>assistant\n"
 BRIDGE_CONFIG = "bridge.json"
+# "greedy": free greedy text, parsed; "choice": the most likely of `answer_choices()` (closed set)
+DECODINGS = ("greedy", "choice")
 # longest first, so "top left" is found before "top"
 _POSITIONS = sorted(POSITION_WORDS, key=len, reverse=True)
 _POS_RE = re.compile(r"\bat the (" + "|".join(re.escape(p) for p in _POSITIONS) + r")\b")
@@ -49,6 +52,11 @@ def answer_text(anomalous: bool, position: Optional[str] = None) -> str:
     if position not in POSITION_WORDS:
         raise DescriberError(f"position {position!r} is not a 3x3 grid word ({', '.join(POSITION_WORDS)})")
     return YES_ANSWER.format(position=position)
+
+
+def answer_choices() -> list[str]:
+    """The closed set of answers (DECODINGS "choice"): the No answer, then a Yes answer per 3x3 cell."""
+    return [NO_ANSWER] + [YES_ANSWER.format(position=p) for p in POSITION_WORDS]
 
 
 @dataclass
@@ -91,7 +99,7 @@ class OnnxBridge:
     """
 
     def __init__(self, bridge_dir: Union[str, Path], llm: Any = None, *, llm_dir: Optional[Union[str, Path]] = None,
-                 threads: Optional[int] = 1, max_new_tokens: int = 24) -> None:
+                 threads: Optional[int] = 1, max_new_tokens: int = 24, decoding: str = "greedy") -> None:
         try:
             import onnxruntime as ort
         except ImportError:
@@ -124,8 +132,14 @@ class OnnxBridge:
         if int(llm.hidden_size) != int(self.config["hidden_size"]):
             raise DescriberError(f"the bridge was trained for an LLM of width {self.config['hidden_size']}, "
                                  f"{llm.dir} has {llm.hidden_size}; use the LLM it was trained with")
+        if decoding not in DECODINGS:
+            raise DescriberError(f"bridge decoding {decoding!r}: use one of {', '.join(DECODINGS)}")
+        self.decoding = decoding
         self.llm = llm
         self.max_new_tokens = int(max_new_tokens)
+        self.choices = answer_choices()
+        end_of_turn = llm.encode(END_OF_TURN)  # the training answers end with it (BridgeLM.loss)
+        self.choice_ids = [llm.encode(a) + end_of_turn for a in self.choices]
         self.head_ids = llm.encode(PROMPT_HEAD)
         self.tail_ids = llm.encode(PROMPT_TAIL)
         self.tge_layer = int(self.config["tge_layer"])
@@ -155,7 +169,14 @@ class OnnxBridge:
     def ask(self, features: Sequence[np.ndarray], map_kind: str = "decoder", *,
             deadline: Optional[float] = None) -> BridgeAnswer:
         t0 = time.perf_counter()
-        gen = self.llm.generate_embeds(self.prompt_embeds(features, map_kind), self.max_new_tokens, deadline=deadline)
-        anomalous, position = parse_answer(gen.text)
-        return BridgeAnswer(gen.text, anomalous, position, time.perf_counter() - t0,
-                            {"map": map_kind, "llm": gen.to_dict()})
+        prompt = self.prompt_embeds(features, map_kind)
+        if self.decoding == "choice":
+            scores = self.llm.score_embeds(prompt, self.choice_ids)
+            text = self.choices[int(np.argmax(scores))]
+            extra = {"log_prob": round(float(scores.max()), 4)}
+        else:
+            gen = self.llm.generate_embeds(prompt, self.max_new_tokens, deadline=deadline)
+            text, extra = gen.text, {"llm": gen.to_dict()}
+        anomalous, position = parse_answer(text)
+        return BridgeAnswer(text, anomalous, position, time.perf_counter() - t0,
+                            {"map": map_kind, "decoding": self.decoding, "prompt_vectors": len(prompt), **extra})

@@ -480,22 +480,24 @@ def _worker_main(conn: Any, llm_spec: Optional[LLMSpec], options: dict[str, Any]
 
 
 def bridge_options(bridge: Optional[Union[str, os.PathLike]], llm: Optional[Union[str, os.PathLike]],
-                   map_kind: str = "decoder", threads: int = 1) -> Optional[dict[str, Any]]:
+                   map_kind: str = "decoder", threads: int = 1, decoding: str = "choice") -> Optional[dict[str, Any]]:
     """The worker's bridge settings, checked in the station's process (config errors surface at start)."""
     if bridge is None:
         if llm is not None:
             raise ConfigError("describer: bridge_llm is set but bridge is not; give the exported bridge folder too")
         return None
-    from iadgpt.runtime.bridge_runtime import read_bridge_config
+    from iadgpt.runtime.bridge_runtime import DECODINGS, read_bridge_config
 
     if map_kind not in ("decoder", "memory_bank"):
         raise ConfigError(f"describer: bridge_map {map_kind!r}: use decoder or memory_bank")
+    if decoding not in DECODINGS:
+        raise ConfigError(f"describer: bridge_decoding {decoding!r}: use {' or '.join(DECODINGS)}")
     if llm is None:
         raise ConfigError("describer: the bridge needs bridge_llm, an inputs_embeds LLM folder "
                           "(`iadgpt quantize-llm --embeds --out DIR`)")
     read_bridge_config(bridge)  # a folder that is not a bridge fails here, with its fix
     return {"dir": str(Path(bridge).absolute()), "llm": str(Path(llm).absolute()), "map": map_kind,
-            "threads": int(threads)}
+            "threads": int(threads), "decoding": decoding}
 
 
 def make_bridge(options: Optional[dict[str, Any]], loop_idle: Any = None) -> Any:
@@ -506,7 +508,8 @@ def make_bridge(options: Optional[dict[str, Any]], loop_idle: Any = None) -> Any
     from iadgpt.runtime.llm_runtime import OnnxLLM
 
     llm = _gated(OnnxLLM(options["llm"], threads=options.get("threads", 1)), loop_idle)
-    return OnnxBridge(options["dir"], llm, threads=options.get("threads", 1))
+    return OnnxBridge(options["dir"], llm, threads=options.get("threads", 1),
+                      decoding=options.get("decoding", "choice"))
 
 
 def _gated(llm: Any, loop_idle: Any) -> Any:
@@ -604,7 +607,8 @@ class AsyncDescriber:
                  nice: int = 19, idle: bool = True, start_timeout_s: float = 120.0, max_restart_delay_s: float = 30.0,
                  keep_results: int = 10_000, on_result: Optional[Callable[[str, dict[str, Any]], None]] = None,
                  bridge: Optional[Union[str, os.PathLike]] = None, bridge_llm: Optional[Union[str, os.PathLike]] = None,
-                 bridge_map: str = "decoder", threads: int = 1, start: bool = True) -> None:
+                 bridge_map: str = "decoder", bridge_decoding: str = "choice", threads: int = 1,
+                 start: bool = True) -> None:
         if int(queue_size) < 1 or float(timeout_s) <= 0:
             raise ConfigError(f"describer queue_size={queue_size} must be >= 1 and timeout_s={timeout_s} > 0")
         self.llm_spec = llm_spec_for(llm) if llm is not None else {"kind": "none"}
@@ -617,7 +621,7 @@ class AsyncDescriber:
             "examples": None if examples is None else (examples.features, examples.labels, examples.k),
             "prompt_types": None if prompt_types is None else (prompt_types.embeddings, prompt_types.types),
             "log_level": logging.getLogger().getEffectiveLevel(),
-            "bridge": bridge_options(bridge, bridge_llm, bridge_map, threads)}
+            "bridge": bridge_options(bridge, bridge_llm, bridge_map, threads, bridge_decoding)}
         self.sinks = list(sinks)
         self.on_result = on_result
         self.stats = DescriberStats()
@@ -643,7 +647,7 @@ class AsyncDescriber:
             self.start()
 
     OPTIONS = ("llm", "product", "threads", "queue_size", "timeout_s", "budget_s", "max_new_tokens", "examples",
-               "pixel_threshold", "idle", "nice", "bridge", "bridge_llm", "bridge_map")
+               "pixel_threshold", "idle", "nice", "bridge", "bridge_llm", "bridge_map", "bridge_decoding")
 
     @property
     def wants_features(self) -> bool:
@@ -656,7 +660,8 @@ class AsyncDescriber:
         default the bundle's extra.llm), product, threads, queue_size, timeout_s, budget_s,
         max_new_tokens, examples (a folder saved by ExampleTypeClassifier.save), pixel_threshold,
         idle, nice, bridge (an exported bridge folder: `iadgpt export-bridge`), bridge_llm (its
-        inputs_embeds LLM: `iadgpt quantize-llm --embeds`), bridge_map (decoder | memory_bank).
+        inputs_embeds LLM: `iadgpt quantize-llm --embeds`), bridge_map (decoder | memory_bank),
+        bridge_decoding (choice: the likeliest of the ten template answers | greedy text).
         Unknown keys are a ConfigError. The bundle's defect-prompt embeddings are used
         for the type when present."""
         unknown = sorted(set(options) - set(cls.OPTIONS))
