@@ -1,10 +1,10 @@
 """IAD-GPT bridge accuracy: yes/no over the whole test split, 3x3 position on the defective images.
 
-    python benchmarks/bridge.py --data ../shared/data/mvtec_ad --category bottle --decoder DEC.safetensors \
+    python benchmarks/bridge.py --data ../shared/data/mvtec_ad --category bottle [--decoder DEC.safetensors] \
         [--checkpoint BRIDGE.safetensors] [--onnx] --json bridge.json
 
-Trains the bridge first (`iadgpt train --stage bridge`) when no --checkpoint is given (then --decoder is
-required). Routes: "torch" (float32 heads + float32 SmolLM2 through transformers) and, with --onnx,
+Trains the bridge first (`iadgpt train --stage bridge`, default configuration) when no --checkpoint
+is given, and the decoder before it (`iadgpt train`) when no --decoder is given either (~25 min on 2 cores). Routes: "torch" (float32 heads + float32 SmolLM2 through transformers) and, with --onnx,
 "onnx-int4" (the exported heads on ONNX Runtime + the int4 inputs_embeds LLM, `OnnxBridge`). Both
 routes read the same torch encoder features. Decodings (never sampling): "greedy" text, or "choice", the
 most likely of the ten template answers (No / Yes at each 3x3 cell). The position is parsed from the
@@ -50,9 +50,10 @@ def main() -> int:
     ap.add_argument("--data", required=True, type=Path)
     ap.add_argument("--category", required=True)
     ap.add_argument("--checkpoint", type=Path, default=None, help="trained bridge; trains one when absent")
-    ap.add_argument("--decoder", type=Path, default=None, help="decoder checkpoint (to train the bridge)")
+    ap.add_argument("--decoder", type=Path, default=None,
+                    help="decoder checkpoint the bridge is trained with; trained first (`iadgpt train`) when absent")
     ap.add_argument("--out", type=Path, default=Path("bridge.safetensors"), help="where a trained bridge goes")
-    ap.add_argument("--stage-steps", default="40,120,60")
+    ap.add_argument("--stage-steps", default=None, help="bridge training stages [the BridgeConfig default, 30,300,60]")
     ap.add_argument("--onnx", action="store_true", help="also evaluate the ONNX heads + int4 LLM route")
     ap.add_argument("--export-dir", type=Path, default=None, help="where the ONNX bridge goes [next to the checkpoint]")
     ap.add_argument("--decoding", choices=("greedy", "choice", "both"), default="both",
@@ -77,12 +78,16 @@ def main() -> int:
     decodings = ("greedy", "choice") if args.decoding == "both" else (args.decoding,)
     train_s = None
     if args.checkpoint is None:
+        train_s = 0.0
         if args.decoder is None:
-            ap.error("without --checkpoint the bridge is trained first: pass --decoder DEC.safetensors")
-        res = train_bridge(args.data, args.category, args.out, args.decoder, threads=args.threads,
-                           stage_steps=[int(x) for x in args.stage_steps.split(",")])
+            from iadgpt.models.train import train
+            args.decoder = args.out.with_name(args.out.stem + "_decoder.safetensors")
+            dec = train(args.data, args.category, args.decoder, threads=args.threads)
+            train_s += dec.pool_seconds + dec.train_seconds
+        steps = {"stage_steps": [int(x) for x in args.stage_steps.split(",")]} if args.stage_steps else {}
+        res = train_bridge(args.data, args.category, args.out, args.decoder, threads=args.threads, **steps)
         args.checkpoint = args.out
-        train_s = res["train_seconds"] + res["pool_seconds"]
+        train_s += res["train_seconds"] + res["pool_seconds"]
     bb = get_backbone("efficientnet-lite0")
     tge, mmf, maker, meta = load_bridge_parts(args.checkpoint, bb)
     llm, encode, decode, eos = load_llm()

@@ -15,7 +15,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="decoder: the visual-guided decoder; bridge: TGE + MMF for the frozen LLM (needs --decoder)")
     p.add_argument("--decoder", type=Path, default=None, help="bridge stage: the trained decoder checkpoint")
     p.add_argument("--init", type=Path, default=None, help="bridge stage: start TGE/MMF from this bridge checkpoint")
-    p.add_argument("--stage-steps", default=None, help="bridge stage: steps of the TGE, MMF, TGE+MMF stages [40,120,60]")
+    p.add_argument("--stage-steps", default=None, help="bridge stage: steps of the TGE, MMF, TGE+MMF stages [30,300,60]")
     p.add_argument("--locate", choices=("centroid", "linear"), default=None,
                    help="bridge stage: MMF's cell choice for the position words [centroid] (models/bridge.py)")
     p.add_argument("--answer-position-weight", type=float, default=None,
@@ -27,10 +27,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resolution", type=int, default=None, help="input size in px (default: the backbone's)")
     p.add_argument("--out", required=True, type=Path, help="checkpoint to write (.safetensors)")
     p.add_argument("--steps", type=int, default=None, help="[1000] total optimisation steps (a resumed run counts on)")
-    p.add_argument("--batch-size", type=int, default=None, help="[16] half normal images, half their NSA versions")
-    p.add_argument("--lr", type=float, default=None, help="[5e-4]")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="[16; bridge 8] half normal images, half their NSA versions")
+    p.add_argument("--lr", type=float, default=None, help="[5e-4; bridge 2e-3]")
     p.add_argument("--weight-decay", type=float, default=None, help="[1e-4]")
-    p.add_argument("--pool-size", type=int, default=None, help="[1600] NSA samples synthesized and encoded once")
+    p.add_argument("--pool-size", type=int, default=None,
+                   help="[1600; bridge 200] NSA samples synthesized and encoded once")
     p.add_argument("--no-augment", dest="augment", action="store_false", default=None,
                    help="do not use the 8 rotations/flips of the normal images")
     p.add_argument("--embed-dim", type=int, default=None, help="[64] prototype width (backbones without text)")
@@ -83,7 +85,7 @@ def _run_bridge(args: argparse.Namespace) -> int:
         try:
             config["stage_steps"] = [int(x) for x in args.stage_steps.split(",")]
         except ValueError:
-            raise ScorerError(f"--stage-steps {args.stage_steps!r}: give three integers, e.g. 40,120,60") from None
+            raise ScorerError(f"--stage-steps {args.stage_steps!r}: give three integers, e.g. 30,300,60") from None
         if len(config["stage_steps"]) != 3:
             raise ScorerError(f"--stage-steps {args.stage_steps!r}: give three integers (TGE, MMF, TGE+MMF)")
     res = train_bridge(args.data, args.category, args.out, args.decoder, backbone=args.backbone,

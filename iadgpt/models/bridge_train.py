@@ -14,7 +14,8 @@ IAD-GPT trains three stages of 50 epochs (batch 16, lr 5e-4): (1) TGE; (2) decod
   of the largest connected region of the binary NSA mask (label > 0.3).
 * each step costs a forward + backward through the frozen 135M-parameter LLM (~45 positions per
   sequence): ~2.5 s for a batch of 8 on 2 cores, so the stages are tens of steps, not epochs
-  (`BridgeConfig.stage_steps`). lr 1e-3 (soft prompts tolerate more than 5e-4 and the budget is short).
+  (`BridgeConfig.stage_steps`: 30, 300, 60). lr 2e-3 (soft prompts tolerate more than 5e-4 and the
+  budget is short). The defaults are checkpoint C of the README (~22 min on 2 cores).
 * every batch pairs normal images with NSA versions of the same images (as the paper's "No"/"Yes"
   pairs); even steps read the decoder's masks, odd steps the 1-shot memory bank's (half the batches).
 
@@ -55,11 +56,11 @@ STAGES = (("tge",), ("mmf",), ("tge", "mmf"))
 
 @dataclass
 class BridgeConfig:
-    stage_steps: list = field(default_factory=lambda: [40, 120, 60])  # TGE; MMF (decoder frozen); TGE + MMF
+    stage_steps: list = field(default_factory=lambda: [30, 300, 60])  # TGE; MMF (decoder frozen); TGE + MMF
     batch_size: int = 8  # half normal images, half their NSA versions
-    lr: float = 1e-3
+    lr: float = 2e-3
     weight_decay: float = 1e-4
-    pool_size: int = 320  # NSA samples (each with its normal view)
+    pool_size: int = 200  # NSA samples (each with its normal view)
     shots: int = 1  # memory-bank shots
     base_tokens: int = 2  # L3
     summary: str = "words"  # MMF summary token(s): "words" (position-word embeddings), "mlp", or "" for none
