@@ -507,3 +507,39 @@ def test_cli_export_bridge_refuses_a_missing_checkpoint(tmp_path, capsys):
     rc = main(["export-bridge", str(tmp_path / "none.safetensors"), "--out", str(tmp_path / "b")])
     assert rc != 0 and "iadgpt train --stage bridge" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.slow
+def test_bridge_training_runs_end_to_end_on_real_bottle_images(tmp_path, embeds_llm_dir):
+    """`iadgpt train --stage bridge` in miniature (a 2-step decoder, one step per stage, a pool of 4 NSA pairs):
+    a checkpoint that loads back, answers in the template, and a second run to the same --out is refused."""
+    import torch
+
+    from tests.conftest import SHARED_DATA
+    from iadgpt.models.backbones import get_backbone
+    from iadgpt.models.bridge import BridgeLM
+    from iadgpt.models.bridge_train import load_bridge_parts, load_llm, train_bridge
+    from iadgpt.models.train import train
+    if not (SHARED_DATA / "mvtec_ad" / "bottle" / "train" / "good").is_dir():
+        pytest.skip(f"{SHARED_DATA}/mvtec_ad/bottle not present")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        dec = train(SHARED_DATA / "mvtec_ad", "bottle", tmp_path / "dec.safetensors", steps=2, pool_size=4,
+                    batch_size=4, progress=False)
+        res = train_bridge(SHARED_DATA / "mvtec_ad", "bottle", tmp_path / "b.safetensors", dec.checkpoint,
+                           progress=False, stage_steps=[1, 1, 1], pool_size=4, batch_size=4, locate_steps=2)
+        assert res["history"] and all(np.isfinite(h[2]) for h in res["history"])
+        bb = get_backbone("efficientnet-lite0")
+        tge, mmf, maker, meta = load_bridge_parts(res["checkpoint"], bb)
+        assert meta["config"]["stage_steps"] == [1, 1, 1] and mmf.out_dim == tge.out_dim == 576
+        llm, encode, decode, eos = load_llm()
+        bridge = BridgeLM(llm, encode, decode, tge, mmf, eos).eval()
+        x = torch.zeros(1, 3, 224, 224)
+        with torch.inference_mode():
+            feature, masks = maker(bb(x))
+        assert bridge.choose(feature, masks["decoder"])[0] in answer_choices()
+        with pytest.raises(ScorerError, match="exists"):
+            train_bridge(SHARED_DATA / "mvtec_ad", "bottle", tmp_path / "b.safetensors", dec.checkpoint, progress=False)
+    finally:
+        torch.set_num_threads(before)

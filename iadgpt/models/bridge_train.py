@@ -270,8 +270,8 @@ def train_locator(mmf: MultiMaskFusion, pool: BridgePool, cfg: BridgeConfig, bat
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    log.info("cell choice fitted in %d steps (loss %.3f)", cfg.locate_steps, float(loss))
-    return float(loss)
+    log.info("cell choice fitted in %d steps (loss %.3f)", cfg.locate_steps, float(loss.detach()))
+    return float(loss.detach())
 
 
 def train_stages(bridge: BridgeLM, pool: BridgePool, cfg: BridgeConfig, history: Optional[list] = None,
