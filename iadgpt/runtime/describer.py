@@ -790,6 +790,9 @@ class AsyncDescriber:
                     return
             if self._proc is None or not self._proc.is_alive():
                 if not self._start_worker():
+                    with self._cond:
+                        if self._stop:  # closed while a worker was loading: not a failure
+                            return
                     failures += 1
                     delay = min(self.max_restart_delay_s, 0.5 * 2 ** min(failures, 8))
                     self._warn("start", logging.ERROR, "describer worker failed to start (%s); retrying in %.1f s",

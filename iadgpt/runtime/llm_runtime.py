@@ -269,8 +269,8 @@ class OnnxLLM:
 
         Each continuation runs whole (one pass of its tokens but the last). Sharing the nine "Yes, ...,
         at the" prefixes was tried: on the int4 SmolLM2 the short 1-3 token runs moved a score by 0.19
-        nats against one full pass (the int4 kernels round differently by run length), enough to flip
-        close answers, so it was dropped."""
+        nats against one full pass (int4 results depend on how tokens are split into runs), enough to
+        flip close answers, so it was dropped."""
         embeds = self._check_embeds(embeds, max(len(c) for c in continuations))
         if any(len(c) == 0 for c in continuations):
             raise DescriberError("every continuation needs at least one token")
@@ -356,4 +356,3 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     x = logits.astype(np.float64)
     x = x - x.max(axis=-1, keepdims=True)
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
-
