@@ -155,7 +155,7 @@ def test_choice_decoding_ranks_the_template_answers_as_scoring_each_alone(torch_
         prompt = bridge.prompt_embeds(feats[1], masks)
         alone = torch.stack([torch.stack([bridge._answer_nll(prompt[r:r + 1], [bridge.encode(c) + [bridge.end_id]])[0].sum()
                                           for c in choices]) for r in range(3)])
-    assert len(set(alone.argmin(dim=1).tolist())) > 1 or alone.std() > 0  # the scores differ between answers
+    assert bool((alone.max(dim=1).values - alone.min(dim=1).values > 1e-3).all())  # a ranking, not a tie
     assert bridge.choose(feats[1], masks) == [choices[int(i)] for i in alone.argmin(dim=1)]
 
 
