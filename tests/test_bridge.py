@@ -115,13 +115,19 @@ def _bridge(hidden=32):
     return BridgeLM(_tiny_llm(hidden), encode, decode, tge, mmf, eos_ids=[0]), maker
 
 
+def _hot_masks(n: int, top_left: int, bottom_right: int) -> torch.Tensor:
+    """(n, 2, 24, 24) mask stacks: zero, but a hot top-left cell in image `top_left` and a hot
+    bottom-right cell in image `bottom_right` (anomalous images carry the cell their answer names)."""
+    masks = torch.zeros(n, 2, 24, 24)
+    masks[top_left, :, :8, :8] = 20.0
+    masks[bottom_right, :, 16:, 16:] = 20.0
+    return masks
+
+
 def test_bridge_loss_decreases_and_llm_stays_frozen(torch_one_thread):
     bridge, maker = _bridge()
     feats = _features(4, seed=3)
-    # anomalous images carry a hot cell where their answer says
-    masks = torch.zeros(4, 2, 24, 24)
-    masks[1, :, :8, :8] = 20.0
-    masks[3, :, 16:, 16:] = 20.0
+    masks = _hot_masks(4, top_left=1, bottom_right=3)
     answers = [answer_text(False), answer_text(True, "top left"), answer_text(False), answer_text(True, "bottom right")]
     frozen = {k: v.clone() for k, v in bridge.llm.state_dict().items()}
     opt = torch.optim.Adam(list(bridge.tge.parameters()) + list(bridge.mmf.parameters()), lr=1e-2)
@@ -144,9 +150,7 @@ def test_choice_decoding_ranks_the_template_answers_as_scoring_each_alone(torch_
     """Closed-set decoding batches ten right-padded answers per image; padding must not change a score."""
     bridge, _ = _bridge()
     feats = _features(3, seed=4)
-    masks = torch.zeros(3, 2, 24, 24)
-    masks[1, :, :8, :8] = 20.0
-    masks[2, :, 16:, 16:] = 20.0
+    masks = _hot_masks(3, top_left=1, bottom_right=2)
     choices = answer_choices()
     assert len(choices) == 10 and choices[0] == answer_text(False)
     assert set(choices[1:]) == {answer_text(True, p) for p in POSITION_WORDS}
