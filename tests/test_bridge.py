@@ -251,6 +251,23 @@ def test_runtime_choice_decoding_answers_from_the_closed_set(tmp_path, torch_one
         OnnxBridge(tmp_path / "b", _Words(), decoding="sample")
 
 
+def test_worker_bridge_shares_the_describer_llm_when_both_name_one_folder(tmp_path, torch_one_thread):
+    from iadgpt.models.bridge_export import export_bridge
+    from iadgpt.runtime.describer import make_bridge
+    tge, mmf, maker = _parts()
+    export_bridge(tmp_path / "b", tge, mmf, maker, _features(2), {})
+    (tmp_path / "llm").mkdir()
+    shared = _FakeLLM()
+    shared.dir = str(tmp_path / "llm")
+    options = {"dir": str(tmp_path / "b"), "llm": str(tmp_path / "llm" / "."), "map": "decoder", "threads": 1,
+               "decoding": "choice"}
+    assert make_bridge(options, None, shared_llm=shared).llm is shared  # one copy in the worker
+    other = _FakeLLM()
+    other.dir = str(tmp_path / "elsewhere")
+    with pytest.raises(DescriberError, match="cannot load the describer LLM|llm.json"):
+        make_bridge(options | {"llm": str(tmp_path / "b")}, None, shared_llm=other)  # another folder is loaded
+
+
 def test_runtime_refuses_an_input_ids_llm(tmp_path, torch_one_thread):
     from iadgpt.models.bridge_export import export_bridge
     from iadgpt.runtime.bridge_runtime import OnnxBridge

@@ -455,7 +455,7 @@ def _worker_main(conn: Any, llm_spec: Optional[LLMSpec], options: dict[str, Any]
         typer = TypeResolver(
             PromptTypeRetriever(*options["prompt_types"]) if options.get("prompt_types") else None,
             ExampleTypeClassifier(*options["examples"]) if options.get("examples") else None)
-        bridge = make_bridge(options.get("bridge"), loop_idle)
+        bridge = make_bridge(options.get("bridge"), loop_idle, shared_llm=llm)
         describer = Describer(llm, options.get("product", "part"), typer,
                               max_new_tokens=options.get("max_new_tokens", 32), budget_s=options.get("budget_s"),
                               bridge=bridge, bridge_map=(options.get("bridge") or {}).get("map", "decoder"))
@@ -500,14 +500,20 @@ def bridge_options(bridge: Optional[Union[str, os.PathLike]], llm: Optional[Unio
             "threads": int(threads), "decoding": decoding}
 
 
-def make_bridge(options: Optional[dict[str, Any]], loop_idle: Any = None) -> Any:
-    """The worker's `OnnxBridge` (None without bridge options); its LLM pauses with the loop like the describer's."""
+def make_bridge(options: Optional[dict[str, Any]], loop_idle: Any = None, shared_llm: Any = None) -> Any:
+    """The worker's `OnnxBridge` (None without bridge options); its LLM pauses with the loop like the describer's.
+
+    `shared_llm`: the describer's LLM; when it is the bridge_llm folder (an inputs_embeds build also
+    writes text) the bridge uses it instead of loading a second copy (~300 MB on SmolLM2-135M)."""
     if not options:
         return None
     from iadgpt.runtime.bridge_runtime import OnnxBridge
     from iadgpt.runtime.llm_runtime import OnnxLLM
 
-    llm = _gated(OnnxLLM(options["llm"], threads=options.get("threads", 1)), loop_idle)
+    if shared_llm is not None and Path(str(getattr(shared_llm, "dir", ""))).resolve() == Path(options["llm"]).resolve():
+        llm = shared_llm  # already gated by the worker
+    else:
+        llm = _gated(OnnxLLM(options["llm"], threads=options.get("threads", 1)), loop_idle)
     return OnnxBridge(options["dir"], llm, threads=options.get("threads", 1),
                       decoding=options.get("decoding", "choice"))
 
