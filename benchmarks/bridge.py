@@ -4,7 +4,8 @@
         [--checkpoint BRIDGE.safetensors] [--onnx] --json bridge.json
 
 Trains the bridge first (`iadgpt train --stage bridge`, default configuration) when no --checkpoint
-is given, and the decoder before it (`iadgpt train`) when no --decoder is given either (~25 min on 2 cores). Routes: "torch" (float32 heads + float32 SmolLM2 through transformers) and, with --onnx,
+is given, and the decoder before it (`iadgpt train`) when no --decoder is given either (22 min of
+training on 2 cores, measured). Routes: "torch" (float32 heads + float32 SmolLM2 through transformers) and, with --onnx,
 "onnx-int4" (the exported heads on ONNX Runtime + the int4 inputs_embeds LLM, `OnnxBridge`). Both
 routes read the same torch encoder features. Decodings (never sampling): "greedy" text, or "choice", the
 most likely of the ten template answers (No / Yes at each 3x3 cell). The position is parsed from the

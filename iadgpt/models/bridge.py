@@ -37,7 +37,7 @@ C is the LLM's hidden size (576 for SmolLM2-135M). Choices the paper leaves open
   Why the locator (a one-off experiment, not in the repo): on bottle the linear head reached 83-85 % on held-out NSA samples but 85-86 %
   on painted defects (a different generator), the locator 80/74 % NSA and 92/88 % painted: few
   parameters carry over from synthetic to real defects (on the real test defects, not used to
-  choose: 84.1 / 77.8 % vs 58.7 / 60.3 %; the frozen LLM's answers follow it on 57-83 %, README).
+  choose: 82.5-84.1 / 76.2-77.8 % vs 58.7 / 60.3 %; the frozen LLM's answers follow it on 57-89 %, README).
   Why a words summary at all: with the paper's layout (cells + base tokens only) the first bottle
   run learned yes/no (95 %) but not the position (9.5 %): a frozen 135M LLM does not learn in a few
   hundred CPU steps to find the hot one of 9 cell tokens and name it. An MLP summary token
@@ -297,9 +297,10 @@ class MultiMaskFusion(nn.Module):
     # for its binary cross-entropy; x1000 makes both softmax and sigmoid a one-hot choice (the same
     # two ops in ONNX), so the words are exactly the LLM's embeddings of the chosen cell's words or
     # of NONE_WORD. Why hard: a soft mix hands every normal image a faint "center" (the centroid of
-    # noise), which the LLM learned to read as "No". Not shown better on bottle (README history:
-    # soft 63.5/63.5 %, hard + presence + weighted loss 60.3/52.4 %, both short of 70 %); the
-    # locator learns from its own losses (`bridge_train.train_locator`, `_position_loss`).
+    # noise), which the LLM learned to read as "No". Continuing older checkpoints it was not better
+    # (README history: soft 63.5/63.5 %, hard 60.3/52.4 %); trained from scratch with it (checkpoints
+    # C and D) position reached 70-75 %. The locator learns from its own losses
+    # (`bridge_train.train_locator`, `_position_loss`).
     WORD_SHARPEN = 1000.0
 
     def __init__(self, n_maps: int, out_dim: int, *, base_tokens: int = 2, channels: Sequence[int] = (16, 32, 64),
@@ -413,6 +414,8 @@ class BridgeLM(nn.Module):
         self.register_buffer("head_ids", torch.tensor(encode(PROMPT_HEAD), dtype=torch.long), persistent=False)
         self.register_buffer("tail_ids", torch.tensor(encode(PROMPT_TAIL), dtype=torch.long), persistent=False)
         self.answer_head_ids = encode(YES_ANSWER.split("{position}")[0].rstrip())  # "Yes, ..., at the"
+        self.choices = answer_choices()
+        self.choice_ids = [encode(a) + [self.end_id] for a in self.choices]  # what `choose` scores
         hidden = int(self.llm.get_input_embeddings().weight.shape[1])
         if tge.out_dim != hidden or mmf.out_dim != hidden:
             raise ScorerError(f"TGE/MMF width {tge.out_dim}/{mmf.out_dim} != the LLM's hidden size {hidden}")
@@ -475,13 +478,11 @@ class BridgeLM(nn.Module):
         "No, ..." or "Yes, ... at the {position}." for each 3x3 cell), by the summed log-probability of
         all answer tokens and the end-of-turn token. Deterministic like greedy decoding, but the answer
         is always well formed (greedy text can drift, e.g. "Yes, there is no anomaly")."""
-        choices = answer_choices()
-        ids = [self.encode(a) + [self.end_id] for a in choices]
         prompt = self.prompt_embeds(feature, masks)
-        b, k = prompt.shape[0], len(choices)
-        nll, _ = self._answer_nll(prompt.repeat_interleave(k, dim=0), ids * b)
+        b, k = prompt.shape[0], len(self.choices)
+        nll, _ = self._answer_nll(prompt.repeat_interleave(k, dim=0), self.choice_ids * b)
         best = nll.sum(dim=1).view(b, k).argmin(dim=1)
-        return [choices[int(i)] for i in best]
+        return [self.choices[int(i)] for i in best]
 
     @torch.no_grad()
     def generate(self, feature: torch.Tensor, masks: torch.Tensor, max_new_tokens: int = 24) -> list[str]:

@@ -513,9 +513,8 @@ def make_bridge(options: Optional[dict[str, Any]], loop_idle: Any = None, shared
     if shared_llm is not None and Path(str(getattr(shared_llm, "dir", ""))).resolve() == Path(options["llm"]).resolve():
         llm = shared_llm  # already gated by the worker
     else:
-        llm = _gated(OnnxLLM(options["llm"], threads=options.get("threads", 1)), loop_idle)
-    return OnnxBridge(options["dir"], llm, threads=options.get("threads", 1),
-                      decoding=options.get("decoding", "choice"))
+        llm = _gated(OnnxLLM(options["llm"], threads=options["threads"]), loop_idle)
+    return OnnxBridge(options["dir"], llm, threads=options["threads"], decoding=options["decoding"])
 
 
 def _gated(llm: Any, loop_idle: Any) -> Any:
