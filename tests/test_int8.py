@@ -73,8 +73,8 @@ def test_cpu_preset_is_qdq_u8s8_and_close_to_fp32(cpu_int8):
     assert (report.activation_type, report.weight_type, report.reduce_range) == ("uint8", "int8", "auto")
     assert report.calibration_images == 8 and report.cosine_images == 4
     assert set(report.cosine) == {"feat0", "feat1", "feat2"}
-    # 7-bit pointwise weights (needed against AVX2 saturation) cost ~0.03-0.04 cosine; see int8.py
-    assert report.min_cosine >= 0.95, report.cosine
+    # measured 0.996-0.997 with the stem stage in float (0.96-0.97 with only the stem conv in float)
+    assert report.min_cosine >= 0.99, report.cosine
 
 
 def test_cpu_preset_does_not_saturate(cpu_int8, images):
@@ -139,3 +139,54 @@ def test_patch_cosine():
     assert int8.patch_cosine(a, a) == pytest.approx(1.0)
     assert int8.patch_cosine(a, -a) == pytest.approx(-1.0)
     assert int8.patch_cosine(np.zeros_like(a), np.zeros_like(a)) == pytest.approx(1.0)
+
+
+def test_cpu_preset_keeps_the_stem_stage_in_float(cpu_int8):
+    """EfficientNet's stem and first block (no widening, stride 1) stay float; INT8 starts at its 16-channel output."""
+    model = onnx.load(str(cpu_int8[0]))
+    inits = {i.name: i for i in model.graph.initializer}
+    float_convs = [n.name for n in model.graph.node if n.op_type == "Conv"  # quantized ones read a DQ output
+                   and n.input[1] in inits and inits[n.input[1]].data_type == onnx.TensorProto.FLOAT]
+    assert float_convs == ["/backbone/_conv_stem/Conv", "/backbone/_blocks.0/_depthwise_conv/Conv",
+                           "/backbone/_blocks.0/_project_conv/Conv"]
+    assert set(float_convs) <= set(cpu_int8[1].excluded_nodes)
+    first_q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits)
+    assert first_q.input[0] == "/backbone/_blocks.0/_project_conv/Conv_output_0"
+
+
+def _conv(name, x, cin, cout, stride=1):
+    from onnx import helper
+    w = numpy_helper.from_array(np.ones((cout, cin, 3, 3), np.float32), name + "_w")
+    return helper.make_node("Conv", [x, w.name], [name + "_y"], name=name, strides=[stride, stride],
+                            pads=[1, 1, 1, 1]), w
+
+
+@pytest.mark.parametrize("layout,stage", [
+    ("widen", ["stem", "relu", "narrow"]),    # stem -> relu -> conv 8->6 -> conv 6->16 (widens: stop)
+    ("stride", ["stem", "relu"]),             # the next conv halves the resolution
+    ("branch", ["stem", "relu"]),             # the relu output feeds two nodes (a residual)
+])
+def test_stem_stage_walk(tmp_path, layout, stage):
+    from onnx import TensorProto, helper
+    stem, w0 = _conv("stem", "image", 3, 8)
+    relu = helper.make_node("Relu", ["stem_y"], ["relu_y"], name="relu")
+    nodes, inits = [stem, relu], [w0]
+    if layout == "widen":
+        for n, w in (_conv("narrow", "relu_y", 8, 6), _conv("wide", "narrow_y", 6, 16)):
+            nodes.append(n), inits.append(w)
+        out, channels = "wide_y", 16
+    elif layout == "stride":
+        n, w = _conv("down", "relu_y", 8, 8, stride=2)
+        nodes.append(n), inits.append(w)
+        out, channels = "down_y", 8
+    else:
+        n, w = _conv("side", "relu_y", 8, 8)
+        nodes += [n, helper.make_node("Add", ["relu_y", "side_y"], ["sum_y"], name="add")]
+        inits.append(w)
+        out, channels = "sum_y", 8
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 16, 16])],
+                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, [1, channels, None, None])],
+                              initializer=inits)
+    path = tmp_path / "g.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    assert int8._stem_stage(path) == stage

@@ -13,11 +13,16 @@ Presets (`PRESETS`), measured on this project's 2-core AVX2 CPU without VNNI (RE
   result depends on the CPU (VNNI CPUs do not saturate), so a bank or threshold fitted on one box
   would not hold on another. `reduce_range="auto"` therefore stores the weights of every
   non-depthwise Conv/MatMul in 7 bits (255 * 64 * 2 < 2^15, cannot saturate) and keeps depthwise
-  convs at 8 bits (their MLAS kernel widens to int32 first). The stem (the convs reading the
-  3-channel image, `float_stem`) stays in float: its GEMM has only 27 inputs per output, too few
-  for the integer kernel to pay (0.99 ms INT8 vs 0.56 ms fp32 on the bottle encoder), and it
-  sees raw pixel ranges (feature cosine 0.965 / 0.920 / 0.961 with an INT8 stem, 0.981 / 0.970 /
-  0.983 without). INT8 S8S8 has no AVX2 kernel and was slower than fp32; U8U8 was 8x slower.
+  convs at 8 bits (their MLAS kernel widens to int32 first). The stem stage (`float_stem`: the
+  convs reading the 3-channel image, and the convs after them that neither widen nor stride,
+  EfficientNet's first block) stays in float. The stem's GEMM has only 27 inputs per output, too
+  few for the integer kernel to pay (0.99 ms INT8 vs 0.56 ms fp32 on the bottle encoder), and it
+  sees raw pixel ranges; the first block's depthwise conv on 112 x 112 x 32 was slower in INT8
+  (0.34 vs 0.24 ms), and its 16-channel output is half the size of the stem's, so the
+  float -> INT8 boundary costs half. Bottle encoder feature cosine: 0.965 / 0.920 / 0.961 with
+  everything INT8, 0.980 / 0.965 / 0.981 with the stem conv in float, 0.998 / 0.995 / 0.996 with
+  the stem stage in float (and 1.25x instead of 1.22x over fp32, README).
+  INT8 S8S8 has no AVX2 kernel and was slower than fp32; U8U8 was 8x slower.
 - "tensorrt": int8 activations and weights, both symmetric (zero point 0), the only Q/DQ form
   TensorRT accepts; 8-bit weights (GPUs accumulate in int32). Its cosine is measured with the
   Q/DQ arithmetic simulated in float (ORT without its CPU integer kernels), i.e. what TensorRT
@@ -26,9 +31,10 @@ Presets (`PRESETS`), measured on this project's 2-core AVX2 CPU without VNNI (RE
 Sensitive layers can be kept in float (`exclude_nodes`), or found automatically
 (`keep_float="auto"`): the node that adds the most error (cosine to fp32 of its input minus that
 of its output, from ORT's qdq_loss_debug) is excluded, one at a time, until every feature output
-reaches `min_cosine`. On EfficientNet-Lite0 the 7-bit loss is spread over all pointwise convs, so
-this buys little there; detection accuracy does not need it, because a bundle's memory bank is
-built with the same INT8 encoder that scores the parts (README: bottle AUROC unchanged).
+reaches `min_cosine`. On EfficientNet-Lite0 most of the loss came from quantizing the stem stage
+(see above); with it in float every output keeps >= 0.995, so this buys little there; detection
+accuracy does not need it either, because a bundle's memory bank is built with the same INT8
+encoder that scores the parts (README: bottle AUROC unchanged).
 """
 from __future__ import annotations
 
@@ -212,7 +218,7 @@ def quantize_encoder(fp32_onnx: PathLike, out_path: PathLike, calibration_batche
             model_in = Path(tmp) / "pre.onnx"
             quant_pre_process(str(src), str(model_in), skip_symbolic_shape=False)
         if base["float_stem"]:
-            excluded += [n for n in _stem_convs(model_in) if n not in excluded]
+            excluded += [n for n in _stem_stage(model_in) if n not in excluded]
         extra: dict[str, Any] = {"ActivationSymmetric": sym, "WeightSymmetric": True}
         if rr == "auto":
             seven_bit = _non_depthwise_weights(model_in)
@@ -304,6 +310,48 @@ def _stem_convs(onnx_path: Path) -> list[str]:
     inits = {i.name: i for i in model.graph.initializer}
     return [n.name for n in model.graph.node if n.op_type == "Conv" and len(n.input) > 1 and n.input[1] in inits
             and next((a.i for a in n.attribute if a.name == "group"), 1) == 1 and inits[n.input[1]].dims[1] <= 4]
+
+
+_ACTIVATIONS = ("Clip", "Relu", "Sigmoid", "HardSigmoid", "HardSwish", "LeakyRelu")
+
+
+def _stem_stage(onnx_path: Path) -> list[str]:
+    """The stem convs plus what follows them at the stem's resolution without widening it.
+
+    Those convs (EfficientNet's first block: a depthwise and a projecting conv on 112 x 112 x 32)
+    run no faster in INT8 here, and moving the float -> INT8 boundary past them quantizes the
+    projected tensor (half the stem output) instead of the stem output, so the boundary's
+    Quantize/transposes cost half. The walk stops at a conv that widens the channels, strides, or
+    at a tensor read by more than one node (a residual branch needs both sides in one precision).
+    """
+    import onnx
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    inits = {i.name: i for i in model.graph.initializer}
+    consumers: dict[str, list[Any]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    by_name = {n.name: n for n in model.graph.node}
+    stage: list[str] = []
+    for stem in _stem_convs(onnx_path):
+        node = by_name[stem]
+        width = inits[node.input[1]].dims[0]
+        while True:
+            stage.append(node.name)
+            readers = consumers.get(node.output[0], [])
+            if len(readers) != 1:
+                break
+            nxt = readers[0]
+            if nxt.op_type in _ACTIVATIONS:
+                node = nxt
+                continue
+            if nxt.op_type != "Conv" or len(nxt.input) < 2 or nxt.input[1] not in inits:
+                break
+            strides = next((list(a.ints) for a in nxt.attribute if a.name == "strides"), [1])
+            if inits[nxt.input[1]].dims[0] > width or any(s != 1 for s in strides):
+                break
+            node = nxt
+    return list(dict.fromkeys(stage))
 
 
 def count_quantize_nodes(onnx_path: PathLike) -> int:
