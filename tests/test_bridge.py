@@ -1,6 +1,8 @@
 """The IAD-GPT bridge: TGE, MMF, per-layer masks, the frozen-LLM loss, ONNX parity and the runtime."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -202,9 +204,10 @@ class _FakeLLM:
         assert embeds.shape == (3 + 1 + 13 + 3, 32)  # head, image, 9 cells + 2 words + 2 base, tail
         return Generation(answer_text(True, "center"), [5], len(embeds), 0.0, 0.0, "eos")
 
-    def score_embeds(self, embeds, continuations):
+    def score_embeds(self, embeds, continuations, deadline=None):
         """Log-probabilities that favour the continuation whose ids are longest (no anomaly is shortest)."""
         assert embeds.ndim == 2 and embeds.shape[1] == 32
+        self.deadline = deadline
         return -1.0 / np.array([len(c) for c in continuations], np.float64)
 
 
@@ -243,8 +246,9 @@ def test_runtime_choice_decoding_answers_from_the_closed_set(tmp_path, torch_one
             return [len(w) for w in text.split()]  # "bottom right" answers have the most ids
 
     rt = OnnxBridge(tmp_path / "b", _Words(), decoding="choice")
-    ans = rt.ask([f[:1].numpy() for f in feats], "decoder")
+    ans = rt.ask([f[:1].numpy() for f in feats], "decoder", deadline=123.0)
     assert ans.text in answer_choices() and ans.extra["decoding"] == "choice"
+    assert rt.llm.deadline == 123.0  # the describer's bridge budget reaches the scoring loop
     assert (ans.anomalous, ans.position) in {(True, "top left"), (True, "top right"), (True, "bottom left"),
                                              (True, "bottom right")}  # the 4 answers tied for most words
     with pytest.raises(DescriberError, match="greedy, choice"):
@@ -316,11 +320,16 @@ def test_embeds_llm_matches_the_input_ids_llm():
 
 
 class _FakeBridge:
-    def __init__(self, position):
-        self.position = position
+    def __init__(self, position, seconds=0.0):
+        self.position, self.seconds, self.deadlines = position, seconds, []
 
-    def ask(self, features, map_kind="decoder"):
+    def ask(self, features, map_kind="decoder", deadline=None):
+        """Answers after `seconds`, or fails as OnnxBridge does when its deadline passes first."""
         from iadgpt.runtime.bridge_runtime import BridgeAnswer
+        self.deadlines.append(deadline)
+        time.sleep(self.seconds)
+        if deadline is not None and time.monotonic() >= deadline:
+            raise DescriberError("deadline passed after scoring 3 of 10 answers")
         return BridgeAnswer(answer_text(True, self.position), True, self.position, 0.0, {"map": map_kind})
 
 
@@ -339,10 +348,39 @@ def test_describer_joins_the_bridge_answer_when_it_agrees_with_the_facts():
     assert rec["bridge"]["position"] == "top left"  # recorded, not asserted to the operator
 
     class _Broken:
-        def ask(self, features, map_kind):
+        def ask(self, features, map_kind, deadline=None):
             raise ValueError("feat1 has 40 channels, the bridge expects 112")
     rec = Describer(FakeLLM(), "flange", bridge=_Broken()).describe(req)  # the facts description survives
     assert rec["status"] == "ok" and rec["description"] and "expects 112" in rec["bridge"]["error"]
+
+
+def test_describer_bridge_budget_keeps_the_facts_description():
+    """A bridge slower than its budget is cut off and recorded as an error; the record still comes
+    back (in the worker, before timeout_s would kill it and lose the facts too)."""
+    from test_describer import _flagged
+
+    from iadgpt.runtime.describer import Describer, DescribeRequest, FakeLLM
+    verdict, frame = _flagged(1, box=(60, 70, 90, 80))
+    req = DescribeRequest.from_verdict(verdict, frame.image)
+    req.features = [np.zeros((1, 4, 2, 2), np.float32)]
+    quick = _FakeBridge("bottom right")
+    before = time.monotonic()
+    rec = Describer(FakeLLM(), "flange", bridge=quick, bridge_budget_s=5.0).describe(req)
+    assert before + 5.0 <= quick.deadlines[0] <= time.monotonic() + 5.0 and rec["bridge"]["agrees_with_facts"]
+    slow = _FakeBridge("bottom right", seconds=0.3)
+    rec = Describer(FakeLLM(), "flange", bridge=slow, bridge_budget_s=0.1).describe(req)
+    assert rec["status"] == "ok" and "deadline" in rec["bridge"]["error"] and not rec["bridge"]["agrees_with_facts"]
+    assert rec["description"] and "bottom right" in rec["description"]  # the measured facts, not the bridge's
+
+
+def test_worker_bridge_budget_is_a_share_of_the_request_timeout(tmp_path, torch_one_thread):
+    from iadgpt.models.bridge_export import export_bridge
+    from iadgpt.runtime.describer import BRIDGE_BUDGET_SHARE, AsyncDescriber
+    tge, mmf, maker = _parts()
+    export_bridge(tmp_path / "b", tge, mmf, maker, _features(2), {})
+    (tmp_path / "llm").mkdir()
+    d = AsyncDescriber(None, bridge=tmp_path / "b", bridge_llm=tmp_path / "llm", timeout_s=7.5, start=False)
+    assert 0 < BRIDGE_BUDGET_SHARE < 1 and d.options["bridge_budget_s"] == pytest.approx(7.5 * BRIDGE_BUDGET_SHARE)
 
 
 def test_words_summary_hands_the_llm_the_chosen_cells_position_words(torch_one_thread):
@@ -465,6 +503,8 @@ def test_scoring_answers_over_the_prompt_cache_equals_a_full_pass(embeds_llm_dir
         lp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
         assert g == pytest.approx(lp[np.arange(len(c)), c].sum(), abs=1e-3)
     assert got[0] > got[1:].max()  # a plain prompt with no image: "No, there is no anomaly" is the likeliest
+    with pytest.raises(DescriberError, match="after scoring 0 of 3 answers"):
+        llm.score_embeds(prompt, conts, deadline=time.monotonic())  # no partial ranking past the deadline
 
 
 @pytest.mark.slow
@@ -472,8 +512,6 @@ def test_station_describer_runs_the_bridge_in_its_worker(tmp_path, torch_one_thr
     """station.yaml `describer: {bridge, bridge_llm}`: the worker process loads the exported heads and
     the int4 inputs_embeds LLM; the station keeps a flagged frame's features on its verdict, and the
     record carries the bridge's answer (an untrained bridge here: its text is not judged)."""
-    import time
-
     from iadgpt.errors import ConfigError
     from iadgpt.models.bridge_export import export_bridge
     from iadgpt.runtime.describer import AsyncDescriber

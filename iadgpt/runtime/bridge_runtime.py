@@ -171,7 +171,7 @@ class OnnxBridge:
         t0 = time.perf_counter()
         prompt = self.prompt_embeds(features, map_kind)
         if self.decoding == "choice":
-            scores = self.llm.score_embeds(prompt, self.choice_ids)
+            scores = self.llm.score_embeds(prompt, self.choice_ids, deadline=deadline)
             text = self.choices[int(np.argmax(scores))]
             extra = {"log_prob": round(float(scores.max()), 4)}
         else:

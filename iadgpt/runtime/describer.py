@@ -54,6 +54,7 @@ from iadgpt.runtime.sinks import ThrottledLog
 log = logging.getLogger(__name__)
 
 MAX_WORDS = 60
+BRIDGE_BUDGET_SHARE = 0.8  # of timeout_s: a slow bridge answer is dropped, the facts description kept
 GATE_MAX_WAIT_S = 1.0  # the worker waits at most this long for the verdict loop to finish a frame
 REMARK_WORDS = 22
 RECORD_KIND = "description"
@@ -357,11 +358,13 @@ class Describer:
 
     def __init__(self, llm: Any = None, product: str = "part", typer: Optional[TypeResolver] = None, *,
                  max_new_tokens: int = 32, budget_s: Optional[float] = None, max_words: int = MAX_WORDS,
-                 bridge: Any = None, bridge_map: str = "decoder") -> None:
+                 bridge: Any = None, bridge_map: str = "decoder", bridge_budget_s: Optional[float] = None) -> None:
         self.llm, self.product, self.typer = llm, product, typer or TypeResolver()
         # bridge: an `OnnxBridge` (IAD-GPT's TGE + MMF + LLM reading the masks); used when a request
         # carries encoder features. Its answer joins the record and, checked, the description.
-        self.bridge, self.bridge_map = bridge, bridge_map
+        # bridge_budget_s: from the start of describe(), after which the bridge gives up (its answer
+        # is then recorded as an error) so the facts description is returned, never lost with it.
+        self.bridge, self.bridge_map, self.bridge_budget_s = bridge, bridge_map, bridge_budget_s
         self.max_new_tokens, self.budget_s, self.max_words = int(max_new_tokens), budget_s, int(max_words)
 
     def facts(self, req: DescribeRequest) -> DefectFacts:
@@ -370,7 +373,7 @@ class Describer:
 
     def describe(self, req: DescribeRequest) -> dict[str, Any]:
         """The description record (``status`` "ok") for one request; raises DescriberError on bad input."""
-        t0 = time.perf_counter()
+        t0, started = time.perf_counter(), time.monotonic()
         facts = self.facts(req)
         t1 = time.perf_counter()
         gen: Optional[Generation] = None
@@ -382,7 +385,7 @@ class Describer:
             gen = self.llm.generate(prompt, self.max_new_tokens, stop_texts=SENTENCE_END, deadline=deadline)
             remark = _complete_part(f"{prefix} {gen.text}".strip() if prefix else gen.text, gen.stop)
         description, info = compose(facts, self.product, remark, self.max_words)
-        bridge = self._bridge(req, facts)
+        bridge = self._bridge(req, facts, None if self.bridge_budget_s is None else started + self.bridge_budget_s)
         if bridge is not None and bridge["agrees_with_facts"]:
             description = f"{description} {bridge['text']}".strip()
         t2 = time.perf_counter()
@@ -393,13 +396,13 @@ class Describer:
                     "model": None if self.llm is None else self.llm.config.get("quantization", {}).get("scheme")},
                 "timings_s": {"facts": round(t1 - t0, 4), "llm": round(t2 - t1, 4), "total": round(t2 - t0, 4)}}
 
-    def _bridge(self, req: DescribeRequest, facts: DefectFacts) -> Optional[dict[str, Any]]:
+    def _bridge(self, req: DescribeRequest, facts: DefectFacts, deadline: Optional[float]) -> Optional[dict[str, Any]]:
         """The bridge's answer for a request with features, and whether it agrees with the facts
         (anomalous, and the same grid position as the main region when both name one)."""
         if self.bridge is None or req.features is None:
             return None
         try:
-            ans = self.bridge.ask(req.features, self.bridge_map).to_dict()
+            ans = self.bridge.ask(req.features, self.bridge_map, deadline=deadline).to_dict()
         except Exception as exc:  # noqa: BLE001 - the facts description must not be lost with it
             log.warning("bridge failed on %s: %s: %s", req.event_id, type(exc).__name__, exc)
             return {"error": f"{type(exc).__name__}: {exc}", "agrees_with_facts": False}
@@ -458,7 +461,8 @@ def _worker_main(conn: Any, llm_spec: Optional[LLMSpec], options: dict[str, Any]
         bridge = make_bridge(options.get("bridge"), loop_idle, shared_llm=llm)
         describer = Describer(llm, options.get("product", "part"), typer,
                               max_new_tokens=options.get("max_new_tokens", 32), budget_s=options.get("budget_s"),
-                              bridge=bridge, bridge_map=(options.get("bridge") or {}).get("map", "decoder"))
+                              bridge=bridge, bridge_map=(options.get("bridge") or {}).get("map", "decoder"),
+                              bridge_budget_s=options.get("bridge_budget_s"))
         conn.send(("ready", {"load_s": time.perf_counter() - t0, "pid": os.getpid(), "rss_mb": _rss_mb()}))
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which logs it
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
@@ -600,8 +604,9 @@ class AsyncDescriber:
     skipped). `queue_size` bounds the requests waiting for the worker (a request beyond it is
     failed at once with "queue full"); `timeout_s` bounds one request's time in the worker (then
     the worker is killed and restarted); `budget_s` is the LLM's soft deadline inside the worker
-    (the remark is cut short rather than the request failed). `pixel_threshold`: the detector's
-    pixel threshold (else the verdict's threshold) for the region masks.
+    (the remark is cut short rather than the request failed); the bridge, when set, gives up at
+    `BRIDGE_BUDGET_SHARE` of `timeout_s` (its answer recorded as an error, the description kept).
+    `pixel_threshold`: the detector's pixel threshold (else the verdict's threshold) for the region masks.
     """
 
     def __init__(self, llm: Union[None, str, os.PathLike, LLMSpec] = None, *, product: str = "part",
@@ -626,7 +631,9 @@ class AsyncDescriber:
             "examples": None if examples is None else (examples.features, examples.labels, examples.k),
             "prompt_types": None if prompt_types is None else (prompt_types.embeddings, prompt_types.types),
             "log_level": logging.getLogger().getEffectiveLevel(),
-            "bridge": bridge_options(bridge, bridge_llm, bridge_map, threads, bridge_decoding)}
+            "bridge": bridge_options(bridge, bridge_llm, bridge_map, threads, bridge_decoding),
+            # the bridge stops at this share of timeout_s, so the worker answers before it is killed
+            "bridge_budget_s": BRIDGE_BUDGET_SHARE * float(timeout_s)}
         self.sinks = list(sinks)
         self.on_result = on_result
         self.stats = DescriberStats()

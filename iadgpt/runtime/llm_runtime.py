@@ -263,9 +263,13 @@ class OnnxLLM:
         logits, past = self._step(embeds, self._empty_past())
         return self._greedy(logits, past, t0, len(embeds), 0, max_new_tokens, stop_texts, deadline, min_new_tokens)
 
-    def score_embeds(self, embeds: np.ndarray, continuations: Sequence[Sequence[int]]) -> np.ndarray:
+    def score_embeds(self, embeds: np.ndarray, continuations: Sequence[Sequence[int]], *,
+                     deadline: Optional[float] = None) -> np.ndarray:
         """Summed log-probability of each token-id continuation after a (T, hidden) embeddings prompt,
         teacher-forced over one shared prompt cache (closed-set answers; inputs_embeds models).
+
+        A closed-set answer needs every score, so a `deadline` (time.monotonic()) that passes before
+        the last one raises DescriberError instead of returning a partial ranking.
 
         Each continuation runs whole (one pass of its tokens but the last). Sharing the nine "Yes, ...,
         at the" prefixes was tried: on the int4 SmolLM2 the short 1-3 token runs moved a score by 0.19
@@ -278,6 +282,9 @@ class OnnxLLM:
         first = _log_softmax(logits)
         scores = np.empty(len(continuations), np.float64)
         for j, cont in enumerate(continuations):
+            if deadline is not None and time.monotonic() >= deadline:
+                raise DescriberError(f"deadline passed after scoring {j} of {len(continuations)} answers; give the "
+                                     "describer a longer timeout_s or use bridge_decoding: greedy")
             total = float(first[cont[0]])
             if len(cont) > 1:
                 if self.gate is not None:
