@@ -202,6 +202,8 @@ class _FakeLLM:
     def generate_embeds(self, embeds, max_new_tokens=24, deadline=None):
         from iadgpt.runtime.llm_runtime import Generation
         assert embeds.shape == (3 + 1 + 13 + 3, 32)  # head, image, 9 cells + 2 words + 2 base, tail
+        if deadline is not None and time.monotonic() >= deadline:  # OnnxLLM's greedy loop, cut short
+            return Generation("Yes, there is an anomaly in", [5, 6], len(embeds), 0.0, 0.0, "deadline")
         return Generation(answer_text(True, "center"), [5], len(embeds), 0.0, 0.0, "eos")
 
     def score_embeds(self, embeds, continuations, deadline=None):
@@ -230,6 +232,8 @@ def test_export_parity_and_runtime(tmp_path, torch_one_thread):
     ans = rt.ask(one, "decoder")
     assert (ans.anomalous, ans.position) == (True, "center")
     assert ans.to_dict()["decoding"] == "greedy"
+    with pytest.raises(DescriberError, match="deadline passed after 2 answer tokens"):
+        rt.ask(one, "decoder", deadline=time.monotonic())  # a cut answer is not an answer
     with pytest.raises(DescriberError, match="unknown map kind"):
         rt.ask(one, "text")
 

@@ -168,6 +168,8 @@ class OnnxBridge:
 
     def ask(self, features: Sequence[np.ndarray], map_kind: str = "decoder", *,
             deadline: Optional[float] = None) -> BridgeAnswer:
+        """The LLM's answer about one frame's features; past `deadline` (time.monotonic()) it raises
+        DescriberError rather than return a cut text or a ranking of some of the answers."""
         t0 = time.perf_counter()
         prompt = self.prompt_embeds(features, map_kind)
         if self.decoding == "choice":
@@ -176,6 +178,9 @@ class OnnxBridge:
             extra = {"log_prob": round(float(scores.max()), 4)}
         else:
             gen = self.llm.generate_embeds(prompt, self.max_new_tokens, deadline=deadline)
+            if gen.stop == "deadline":  # a cut answer ("Yes, there is an anomaly in") must not be read as one
+                raise DescriberError(f"deadline passed after {len(gen.tokens)} answer tokens; give the describer "
+                                     "a longer timeout_s")
             text, extra = gen.text, {"llm": gen.to_dict()}
         anomalous, position = parse_answer(text)
         return BridgeAnswer(text, anomalous, position, time.perf_counter() - t0,
