@@ -21,7 +21,7 @@ Presets (`PRESETS`), measured on this project's 2-core AVX2 CPU without VNNI (RE
   (0.34 vs 0.24 ms), and its 16-channel output is half the size of the stem's, so the
   float -> INT8 boundary costs half. Bottle encoder feature cosine: 0.965 / 0.920 / 0.961 with
   everything INT8, 0.980 / 0.965 / 0.981 with the stem conv in float, 0.998 / 0.995 / 0.996 with
-  the stem stage in float (and 1.25x instead of 1.22x over fp32, README).
+  the stem stage in float (and 1.25-1.28x instead of 1.22-1.23x over fp32, README).
   INT8 S8S8 has no AVX2 kernel and was slower than fp32; U8U8 was 8x slower.
 - "tensorrt": int8 activations and weights, both symmetric (zero point 0), the only Q/DQ form
   TensorRT accepts; 8-bit weights (GPUs accumulate in int32). Its cosine is measured with the
