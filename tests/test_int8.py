@@ -162,17 +162,19 @@ def _conv(name, x, cin, cout, stride=1):
 
 
 @pytest.mark.parametrize("layout,stage", [
-    ("widen", ["stem", "relu", "narrow"]),    # stem -> relu -> conv 8->6 -> conv 6->16 (widens: stop)
+    ("widen", ["stem", "relu", "narrow"]),    # stem -> relu -> conv 8->4 -> conv 4->16 (widens: stop; not a stem)
     ("stride", ["stem", "relu"]),             # the next conv halves the resolution
     ("branch", ["stem", "relu"]),             # the relu output feeds two nodes (a residual)
 ])
 def test_stem_stage_walk(tmp_path, layout, stage):
     from onnx import TensorProto, helper
-    stem, w0 = _conv("stem", "image", 3, 8)
+    scale = numpy_helper.from_array(np.full((1, 3, 1, 1), 1 / 128, np.float32), "scale")
+    norm = helper.make_node("Mul", ["image", "scale"], ["norm_y"], name="norm")  # per-pixel ops may come first
+    stem, w0 = _conv("stem", "norm_y", 3, 8)
     relu = helper.make_node("Relu", ["stem_y"], ["relu_y"], name="relu")
-    nodes, inits = [stem, relu], [w0]
+    nodes, inits = [norm, stem, relu], [scale, w0]
     if layout == "widen":
-        for n, w in (_conv("narrow", "relu_y", 8, 6), _conv("wide", "narrow_y", 6, 16)):
+        for n, w in (_conv("narrow", "relu_y", 8, 4), _conv("wide", "narrow_y", 4, 16)):
             nodes.append(n), inits.append(w)
         out, channels = "wide_y", 16
     elif layout == "stride":

@@ -303,13 +303,22 @@ def _non_depthwise_weights(onnx_path: Path) -> dict[str, int]:
     return out
 
 
+_PIXEL_OPS = ("Sub", "Div", "Mul", "Add", "Cast", "Transpose", "Pad", "Identity")
+
+
 def _stem_convs(onnx_path: Path) -> list[str]:
-    """Names of the Convs that read the image itself (at most 4 input channels, not grouped)."""
+    """Names of the Convs that read the image itself: at most 4 input channels, not grouped, and fed
+    by a graph input through per-pixel ops only (normalisation, layout), not by earlier layers."""
     import onnx
     model = onnx.load(str(onnx_path), load_external_data=False)
     inits = {i.name: i for i in model.graph.initializer}
+    pixels = {i.name for i in model.graph.input if i.name not in inits}
+    for node in model.graph.node:  # topological order: tensors computed from the image by per-pixel ops
+        if node.op_type in _PIXEL_OPS and any(i in pixels for i in node.input):
+            pixels.update(node.output)
     return [n.name for n in model.graph.node if n.op_type == "Conv" and len(n.input) > 1 and n.input[1] in inits
-            and next((a.i for a in n.attribute if a.name == "group"), 1) == 1 and inits[n.input[1]].dims[1] <= 4]
+            and n.input[0] in pixels and next((a.i for a in n.attribute if a.name == "group"), 1) == 1
+            and inits[n.input[1]].dims[1] <= 4]
 
 
 _ACTIVATIONS = ("Clip", "Relu", "Sigmoid", "HardSigmoid", "HardSwish", "LeakyRelu")
