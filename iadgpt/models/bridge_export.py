@@ -3,7 +3,8 @@
 Graphs: masks_decoder (feat0.. -> masks), masks_bank (feat0.., bank -> masks), tge (feature ->
 image_token), mmf (masks -> mask_tokens); batch dynamic, bank size dynamic. Each is run on ONNX
 Runtime right after export on the given probes (batch B and batch 1) and must agree with torch
-within BRIDGE_RTOL (heads) / MASKS_RTOL (masks) of the largest |torch output| (absolute floor 1e-5).
+within BRIDGE_RTOL (heads) / MASKS_RTOL (masks) of the largest |torch output|, with an absolute
+floor of 1e-5 (heads) / MASKS_ATOL (masks, in normal standard deviations).
 """
 from __future__ import annotations
 
@@ -27,8 +28,12 @@ log = logging.getLogger(__name__)
 BRIDGE_RTOL = 1e-4
 # The mask graphs end in a z-normalisation by the normal maps' std: the bank's float32 distance
 # (|b|^2 - 2 q.b + |q|^2, GEMM order differs between backends) then differs by ~2e-4 of the max,
-# i.e. 3e-3 normal standard deviations; they are checked at 1e-3 of the max instead.
+# i.e. 3e-3 normal standard deviations; they are checked at 1e-3 of the max instead, and never
+# tighter than 1e-2 normal standard deviations: on normal probes the max is small (~2-3) and the
+# tolerance alone (2.8e-3) came within 20 % of the measured difference (2.25e-3). The masks are
+# z-scores, so 1e-2 is a hundredth of the spread of a normal pixel; an export bug moves them by ~1.
 MASKS_RTOL = 1e-3
+MASKS_ATOL = 1e-2
 
 
 class _Flat(nn.Module):
@@ -41,7 +46,8 @@ class _Flat(nn.Module):
 
 
 def _export_one(module: nn.Module, path: Path, names: list[str], output: str, args: Sequence[np.ndarray],
-                dynamic: dict, role: str, threads: int = 1, rtol: float = BRIDGE_RTOL) -> ox.ParityReport:
+                dynamic: dict, role: str, threads: int = 1, rtol: float = BRIDGE_RTOL,
+                atol: float = 1e-5) -> ox.ParityReport:
     t0 = time.perf_counter()
     module = _Flat(module).eval()
     tensors = tuple(torch.from_numpy(np.ascontiguousarray(a, np.float32)) for a in args)
@@ -55,7 +61,7 @@ def _export_one(module: nn.Module, path: Path, names: list[str], output: str, ar
     diffs, refs = ox._compare(path, lambda f: [module(*(torch.from_numpy(f[n]) for n in names))], probes,
                               [output], threads)
     scale = max(float(np.abs(r[output]).max()) for r in refs)
-    report = ox.ParityReport(role, path, diffs, {output: max(rtol * scale, 1e-5)}, {output: scale},
+    report = ox.ParityReport(role, path, diffs, {output: max(rtol * scale, atol)}, {output: scale},
                              [p[0] for p in probes], size, external, time.perf_counter() - t0, names, [output])
     return ox._check(report)
 
@@ -71,10 +77,11 @@ def export_bridge(out: Union[str, Path], tge: TextGuidedEnhancer, mmf: MultiMask
     bank = maker.bank.detach().float().numpy()
     reports = {}
     reports["masks_decoder"] = _export_one(maker.modules["decoder"], out / "masks_decoder.onnx", names, "masks", feats,
-                                           {**batch, "masks": {0: "batch"}}, "bridge decoder masks", rtol=MASKS_RTOL)
+                                           {**batch, "masks": {0: "batch"}}, "bridge decoder masks", rtol=MASKS_RTOL,
+                                           atol=MASKS_ATOL)
     reports["masks_bank"] = _export_one(maker.modules["memory_bank"], out / "masks_bank.onnx", names + ["bank"], "masks",
                                         feats + [bank], {**batch, "bank": {0: "bank_size"}, "masks": {0: "batch"}},
-                                        "bridge bank masks", rtol=MASKS_RTOL)
+                                        "bridge bank masks", rtol=MASKS_RTOL, atol=MASKS_ATOL)
     reports["tge"] = _export_one(tge, out / "tge.onnx", ["feature"], "image_token", [feats[maker.tge_layer]],
                                  {"feature": {0: "batch"}, "image_token": {0: "batch"}}, "bridge TGE")
     with torch.inference_mode():
