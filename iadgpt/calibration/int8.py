@@ -360,7 +360,7 @@ def _stem_stage(onnx_path: Path) -> list[str]:
             if inits[nxt.input[1]].dims[0] > width or any(s != 1 for s in strides):
                 break
             node = nxt
-    return list(dict.fromkeys(stage))
+    return [n for n in dict.fromkeys(stage) if n]  # an empty name would exclude every unnamed node
 
 
 def count_quantize_nodes(onnx_path: PathLike) -> int:
