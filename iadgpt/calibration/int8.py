@@ -306,11 +306,9 @@ def _non_depthwise_weights(onnx_path: Path) -> dict[str, int]:
 _PIXEL_OPS = ("Sub", "Div", "Mul", "Add", "Cast", "Transpose", "Pad", "Identity")
 
 
-def _stem_convs(onnx_path: Path) -> list[str]:
-    """Names of the Convs that read the image itself: at most 4 input channels, not grouped, and fed
-    by a graph input through per-pixel ops only (normalisation, layout), not by earlier layers."""
-    import onnx
-    model = onnx.load(str(onnx_path), load_external_data=False)
+def _stem_convs(model: Any) -> list[str]:
+    """Names of the Convs (of an onnx ModelProto) that read the image itself: at most 4 input channels,
+    not grouped, and fed by a graph input through per-pixel ops only (normalisation, layout)."""
     inits = {i.name: i for i in model.graph.initializer}
     pixels = {i.name for i in model.graph.input if i.name not in inits}
     for node in model.graph.node:  # topological order: tensors computed from the image by per-pixel ops
@@ -342,7 +340,7 @@ def _stem_stage(onnx_path: Path) -> list[str]:
             consumers.setdefault(name, []).append(node)
     by_name = {n.name: n for n in model.graph.node}
     stage: list[str] = []
-    for stem in _stem_convs(onnx_path):
+    for stem in _stem_convs(model):
         node = by_name[stem]
         width = inits[node.input[1]].dims[0]
         while True:

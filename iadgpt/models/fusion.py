@@ -40,10 +40,10 @@ vs the bank's 98.92; an optimistic pick), and a weight chosen on NSA anomalies p
 (P-AUROC 97.80 / 95.23 on bottle / metal_plate): the decoder was trained on that distribution.
 Also tried: the decoder's softmax probability instead of its log-odds (it saturates at 0/1 and
 the mean loses to the bank, bottle 98.2-98.3), scaling by the 99.9th percentile of the normal
-maps instead of the std (no better); on bottle (same validation / test, P-AUROC; a one-off script, not in the repo): per-pixel-position
-mean/std of the held-out normal maps instead of one global pair (validation 98.60 at w 0.3, test
-98.41: worse than global 98.88), the pixel-wise max of the two z-maps (98.89 / 98.92, = the bank),
-their product (98.98 / 97.77). The test P-AUROC over w is flat between 0 and 0.3 (98.88-98.95):
+maps instead of the std (no better); on bottle (same validation / test, P-AUROC; a one-off
+script, not in the repo): per-pixel-position mean/std of the held-out normal maps instead of one
+global pair (validation 98.60 at w 0.3, test 98.41: worse than global 98.88), the pixel-wise max
+of the two z-maps (98.89 / 98.92, = the bank), their product (98.98 / 97.77). The test P-AUROC over w is flat between 0 and 0.3 (98.88-98.95):
 any pick there is within 0.05 of the bank, which is as much as the choice on validation can resolve.
 """
 from __future__ import annotations
