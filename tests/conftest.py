@@ -54,3 +54,41 @@ def torch_one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+LINEAR_W = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
+LINEAR_B = np.random.default_rng(1).standard_normal(3).astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def linear_onnx(tmp_path_factory) -> Path:
+    """A tiny graph every backend can run: y = x @ W + b and s = sum(relu(y), axis=1), dynamic batch."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["xw"]),
+         helper.make_node("Add", ["xw", "b"], ["y"]),
+         helper.make_node("Relu", ["y"], ["r"]),
+         helper.make_node("ReduceSum", ["r", "axes"], ["s"], keepdims=0)],
+        "linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3]),
+         helper.make_tensor_value_info("s", TensorProto.FLOAT, ["batch"])],
+        initializer=[numpy_helper.from_array(LINEAR_W, "W"), numpy_helper.from_array(LINEAR_B, "b"),
+                     numpy_helper.from_array(np.array([1], np.int64), "axes")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    onnx.checker.check_model(model)
+    path = tmp_path_factory.mktemp("onnx") / "linear.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def linear_reference():
+    """numpy outputs of `linear_onnx` for an input x."""
+    def reference(x: np.ndarray) -> dict[str, np.ndarray]:
+        y = x @ LINEAR_W + LINEAR_B
+        return {"y": y, "s": np.maximum(y, 0).sum(axis=1)}
+    return reference

@@ -161,7 +161,7 @@ def test_pick_shots_is_the_eval_draw(dataset):
 
 def test_build_records_engines(exported, tmp_path, monkeypatch, capsys):
     """The build plumbing without a GPU: a stand-in builder writes engine files as TensorRT would."""
-    from iadgpt.runtime import engines
+    from iadgpt.runtime import tensorrt_engine as engines
 
     calls = []
 

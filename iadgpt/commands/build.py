@@ -22,7 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..bundle import Bundle
     from ..errors import ExportError
-    from ..runtime.engines import build_trt_engine, read_engine_info
+    from ..runtime.tensorrt_engine import build_trt_engine, read_engine_info
 
     bundle = Bundle.load(args.bundle, verify=True)
     graphs = bundle.graphs

@@ -67,7 +67,7 @@ def _host_tensorrt() -> tuple[Optional[str], Optional[tuple[int, int]], str]:
 
 
 def _engine_lines(bundle: Any) -> list[str]:
-    from ..runtime.engines import EngineInfo, engine_compat_problems, parse_compute_capability
+    from ..runtime.tensorrt_engine import EngineInfo, engine_compat_problems, parse_compute_capability
 
     engines = bundle.engines
     if not engines:

@@ -70,7 +70,7 @@ class _closing_on_error:
 
 def _trt_engine(bundle, role: str, precision: Optional[str]):
     """The bundle's TensorRT engine for `role` that runs on this host (TensorRT version + GPU)."""
-    from .engines import TensorRTEngine
+    from .tensorrt_engine import TensorRTEngine
 
     try:
         import tensorrt  # noqa: F401
