@@ -22,27 +22,43 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def locator_report(mmf, masks, texts, labels, positions) -> dict:
-    """On the defective images: how often MMF's own cell choice (no LLM) is the true cell, and how
-    often the LLM's answer names that chosen cell (does the LLM follow the words it is handed)."""
-    import numpy as np
+def locator_choices(mmf, masks, labels) -> Optional[list[Optional[str]]]:
+    """MMF's own cell choice (no LLM) on the defective images: its position words, or None where
+    the centroid locator's presence logit says there is nothing to locate (the LLM is then handed
+    NONE_WORD, so "none" is the choice, and a wrong one on a defective image). None without 'words'."""
     import torch
 
-    from iadgpt.runtime.bridge_runtime import parse_answer
     from iadgpt.runtime.facts import POSITION_WORDS
 
     if getattr(mmf, "summary", None) != "words":
-        return {}
+        return None
     idx = [i for i, lab in enumerate(labels) if lab]
     with torch.no_grad():
-        chosen = [POSITION_WORDS[c] for c in mmf.where_logits(masks[idx]).argmax(-1).tolist()]
+        cells = mmf.where_logits(masks[idx]).argmax(-1).tolist()
+        presence = mmf.presence_logits(masks[idx])
+    present = [True] * len(idx) if presence is None else (presence > 0).tolist()
+    return [POSITION_WORDS[c] if p else None for c, p in zip(cells, present)]
+
+
+def locator_report(chosen: Optional[list[Optional[str]]], texts, labels, positions) -> dict:
+    """How often the locator's choice is the true cell, how often it says "nothing here" on a defect,
+    and how often the LLM's answer names the chosen cell (does it follow the words it is handed)."""
+    import numpy as np
+
+    from iadgpt.runtime.bridge_runtime import parse_answer
+
+    if chosen is None:
+        return {}
+    idx = [i for i, lab in enumerate(labels) if lab]
     said = [parse_answer(texts[i])[1] for i in idx]
     return {"locator_accuracy": float(np.mean([c == positions[i] for c, i in zip(chosen, idx)])),
+            "locator_none": float(np.mean([c is None for c in chosen])),
             "answers_follow_locator": float(np.mean([s == c for s, c in zip(said, chosen)]))}
 
 
@@ -113,6 +129,7 @@ def main() -> int:
     tge_in = torch.cat(tge_in)
     encode_s = time.perf_counter() - t0
     rows, answers = [], {}
+    chosen: dict[str, Optional[list[Optional[str]]]] = {}
     for decoding, kind in itertools.product(decodings, MAP_KINDS):
         masks = torch.cat(masks_all[kind])
         t0 = time.perf_counter()
@@ -124,8 +141,9 @@ def main() -> int:
                 texts += bridge.choose(tge_in[i:i + 8], masks[i:i + 8])
         dt = time.perf_counter() - t0
         answers[("torch", decoding, kind)] = texts
+        chosen[kind] = locator_choices(mmf, masks, labels)
         rows.append({"map": kind, "route": "torch", "decoding": decoding, **score_answers(texts, labels, positions),
-                     **locator_report(mmf, masks, texts, labels, positions),
+                     **locator_report(chosen[kind], texts, labels, positions),
                      "seconds_per_image": round(dt / len(images), 3)})
         logging.info("%s", rows[-1])
 
@@ -149,6 +167,7 @@ def main() -> int:
             dt = time.perf_counter() - t0
             answers[("onnx-int4", decoding, kind)] = texts
             rows.append({"map": kind, "route": "onnx-int4", "decoding": decoding, **score_answers(texts, labels, positions),
+                         **locator_report(chosen[kind], texts, labels, positions),  # the same heads, parity-checked
                          "seconds_per_image": round(dt / len(images), 3)})
             agree = np.mean([a == b for a, b in zip(texts, answers[("torch", decoding, kind)])])
             rows[-1]["same_text_as_torch"] = float(agree)
@@ -162,7 +181,8 @@ def main() -> int:
                          "question": QUESTION,
                          **{"/".join(key): texts[i] for key, texts in answers.items()}})
     for r in rows:
-        extra = (f"  locator {100 * r['locator_accuracy']:.1f}%, answers follow it {100 * r['answers_follow_locator']:.1f}%"
+        extra = (f"  locator {100 * r['locator_accuracy']:.1f}% (says none {100 * r['locator_none']:.1f}%), "
+                 f"answers follow it {100 * r['answers_follow_locator']:.1f}%"
                  if "locator_accuracy" in r else "")
         print(f"{r['route']:10s} {r['decoding']:7s} {r['map']:12s} yes/no {100 * r['yes_no_accuracy']:.1f}%  position "
               f"{100 * r['position_accuracy']:.1f}%  ({r['n_images']} images, {r['n_defective']} defective){extra}")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -390,6 +391,33 @@ def test_worker_bridge_budget_is_a_share_of_the_request_timeout(tmp_path, torch_
     assert 0 < BRIDGE_BUDGET_SHARE < 1 and d.options["bridge_budget_s"] == pytest.approx(7.5 * BRIDGE_BUDGET_SHARE)
 
 
+def test_worker_hands_the_bridge_budget_to_its_describer(monkeypatch):
+    """The worker's Describer gets the budget from the options: a bridge slower than it is cut off
+    inside the worker and the facts description comes back (run in-process over a real pipe)."""
+    import multiprocessing as mp
+
+    from test_describer import _flagged
+
+    from iadgpt.runtime import describer as describer_mod
+    from iadgpt.runtime.describer import DescribeRequest
+    slow = _FakeBridge("bottom right", seconds=0.3)
+    monkeypatch.setattr(describer_mod, "make_bridge", lambda options, loop_idle=None, shared_llm=None: slow)
+    verdict, frame = _flagged(1, box=(60, 70, 90, 80))
+    req = DescribeRequest.from_verdict(verdict, frame.image)
+    req.features = [np.zeros((1, 4, 2, 2), np.float32)]
+    parent, child = mp.Pipe()
+    parent.send(req)
+    parent.send(None)
+    before = time.monotonic()
+    describer_mod._worker_main(child, None, {"product": "flange", "bridge": {"map": "decoder"},
+                                             "bridge_budget_s": 0.1})
+    assert parent.recv()[0] == "ready"
+    kind, request_id, record = parent.recv()
+    assert kind == "ok" and request_id == req.request_id and record["status"] == "ok"
+    assert before + 0.1 <= slow.deadlines[0] <= before + 0.1 + 5.0  # the budget, not None
+    assert "deadline" in record["bridge"]["error"] and "bottom right" in record["description"]
+
+
 def test_words_summary_hands_the_llm_the_chosen_cells_position_words(torch_one_thread):
     """The 'words' summary is the softmax-weighted mix of the 9 cells' position-word embeddings;
     the auxiliary loss trains the cell choice directly."""
@@ -609,3 +637,30 @@ def test_bridge_training_runs_end_to_end_on_real_bottle_images(tmp_path, embeds_
             train_bridge(SHARED_DATA / "mvtec_ad", "bottle", tmp_path / "b.safetensors", dec.checkpoint, progress=False)
     finally:
         torch.set_num_threads(before)
+
+
+def test_benchmark_locator_report_counts_none_as_the_choice(torch_one_thread):
+    """benchmarks/bridge.py: where the presence logit says "nothing here" the LLM is handed NONE_WORD,
+    so the locator's choice is None (wrong on a defect), not the argmax cell it never hands over."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_bridge", Path(__file__).resolve().parents[1] / "benchmarks" / "bridge.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    from iadgpt.models.bridge import MultiMaskFusion
+    mmf = MultiMaskFusion(2, 32).eval()
+    masks = torch.zeros(3, 2, 24, 24)
+    masks[0, :, 18:22, 18:22] = 8.0  # a hot spot at the bottom right
+    masks[1, :, 2:6, 2:6] = 8.0  # top left
+    labels, positions = [True, True, False], ["bottom right", "top left", None]
+    texts = [answer_text(True, "bottom right"), answer_text(True, "center"), answer_text(False, None)]
+    with torch.no_grad():
+        mmf.where.presence_bias.fill_(-100.0)
+        assert bench.locator_choices(mmf, masks, labels) == [None, None]
+        mmf.where.presence_bias.fill_(0.0)
+        chosen = bench.locator_choices(mmf, masks, labels)
+    assert chosen == ["bottom right", "top left"]
+    report = bench.locator_report(chosen, texts, labels, positions)
+    assert report == {"locator_accuracy": 1.0, "locator_none": 0.0, "answers_follow_locator": 0.5}
+    assert bench.locator_report([None, "top left"], texts, labels, positions)["locator_accuracy"] == 0.5
+    assert bench.locator_report(None, texts, labels, positions) == {}

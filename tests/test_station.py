@@ -287,3 +287,22 @@ def test_describer_is_paused_while_a_frame_is_judged() -> None:
         stats = Station(det, src, [RecordingSink()], describer=PausableDescriber(), queue_size=64).run()
     assert state["holds"] == stats.judged == 30
     assert seen_busy[:1] == [True] and seen_busy.count(True) == 30 and seen_busy.count(False) == stats.flagged > 0
+
+
+def test_bridge_features_are_kept_or_their_absence_is_said(caplog: pytest.LogCaptureFixture) -> None:
+    """A describer whose bridge reads features turns them on in the detector; a detector that cannot
+    keep them is named in a warning instead of the bridge answers silently never coming."""
+    class BridgeDescriber:
+        wants_features = True
+
+        def submit(self, verdict: Verdict, frame: Frame) -> None: ...
+
+    class KeepingDetector(FakeDetector):
+        keep_features = False
+
+    keeping = KeepingDetector()
+    caplog.set_level(logging.WARNING, logger="iadgpt.runtime.station")
+    Station(keeping, source=None, sinks=[], describer=BridgeDescriber())
+    assert keeping.keep_features and not caplog.records
+    Station(FakeDetector(), source=None, sinks=[], describer=BridgeDescriber())
+    assert [r.getMessage() for r in caplog.records if "FakeDetector keeps none" in r.getMessage()]

@@ -149,7 +149,12 @@ class Station:
             raise ConfigError(f"stats_interval_s={stats_interval_s} must be > 0")
         self.detector, self.source, self.describer = detector, source, describer
         if getattr(describer, "wants_features", False):  # its bridge reads the flagged frames' features
-            detector.keep_features = True
+            if hasattr(detector, "keep_features"):
+                detector.keep_features = True
+            else:
+                log.warning("the describer's bridge reads encoder features, but %s keeps none: flagged parts get "
+                            "the facts description without the bridge's answer (use the bundle Detector, or "
+                            "drop `bridge` from the describer settings)", type(detector).__name__)
         self.sinks = list(sinks)
         self.sink_names = _sink_names(self.sinks)
         self.queue_size, self.stats_interval_s = int(queue_size), float(stats_interval_s)
