@@ -11,13 +11,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from iadgpt.runtime.describer import (AsyncDescriber, Describer, DescribeRequest, FakeLLM, build_messages, compose,
-                                      contradictions, facts_sentence)
+from iadgpt.runtime.describer import AsyncDescriber, Describer, DescribeRequest, FakeLLM
 from iadgpt.runtime.facts import compute_facts, grid_position
 from iadgpt.runtime.sinks import JsonlSink, read_events
 from iadgpt.runtime.sources import Frame
 from iadgpt.runtime.synthetic import SyntheticProduct
 from iadgpt.runtime.verdict import Region, Verdict
+from iadgpt.runtime.wording import contradictions
 
 
 def _flagged(frame_id: int, size: int = 96, box=(10, 10, 30, 22), value: float = 1.0):
@@ -39,43 +39,6 @@ def _facts(box=(10, 10, 30, 22), size=96, defect_type="unknown"):
     for r in facts.regions:
         r.defect_type = defect_type
     return facts
-
-
-# ----------------------------------------------------------------------------- text
-
-
-def test_facts_sentence_and_prompt_carry_the_facts():
-    facts = _facts(defect_type="scratch")
-    text = facts_sentence(facts, "flange")
-    assert text.startswith("Scratch at the top left of the flange")
-    assert "darker than its surroundings" in text
-    msgs = build_messages(facts, "flange", "Why?")
-    assert msgs[0]["role"] == "system" and msgs[-1]["content"].endswith("Why?")
-    assert "top left" in msgs[1]["content"] and "Part: flange." in msgs[1]["content"]
-    assert msgs[0]["content"] == build_messages(_facts(box=(60, 60, 80, 80)), "tile")[0]["content"]  # cacheable
-
-
-@pytest.mark.parametrize("remark, bad", [
-    ("It sits at the bottom right of the part.", True),
-    ("This looks like a crack from stress.", True),
-    ("The spot is lighter than the metal around it.", True),
-    ("A scratch from handling at the top left; check the gripper.", False),
-    ("Probably from handling; check the gripper.", False),
-    ("The upper left corner was hit by the tool.", False),
-])
-def test_contradictions_catch_wrong_position_type_and_tone(remark, bad):
-    facts = _facts(defect_type="scratch")
-    assert bool(contradictions(remark, facts)) is bad
-
-
-def test_compose_drops_a_contradicting_remark_and_keeps_60_words():
-    facts = _facts(defect_type="scratch")
-    text, info = compose(facts, "flange", "A crack at the bottom right.")
-    assert not info["remark_used"] and info["rejected"]
-    assert "crack" not in text and "bottom right" not in text
-    long_remark = " ".join(["handling"] * 100)
-    text, info = compose(facts, "flange", long_remark)
-    assert info["remark_used"] and len(text.split()) <= 60
 
 
 def test_grid_rows_and_columns_are_not_swapped():
