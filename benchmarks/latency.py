@@ -4,6 +4,7 @@
     python benchmarks/latency.py --bundle B --backend onnxruntime --threads 2 --json F
     python benchmarks/latency.py --bundle FP32 --bundle INT8 --backend onnxruntime --threads 2 --json F
     python benchmarks/latency.py --bundle B --compare onnxruntime,torch
+    python benchmarks/latency.py --bundle B --backend onnxruntime --threads 2 --fps 30   # at camera rate
 
 Every run in one invocation sees the same frames (synthetic parts with defects, so NG frames pay
 for their regions and overlay map as on the line); several bundles/backends take turns frame by
@@ -66,9 +67,14 @@ def percentiles(values: list[float]) -> dict:
 
 
 def bench(targets: list[tuple[Bundle, str]], frames: list[Frame], warmup: int, threads: int | None,
-          threshold: float | None) -> list[dict]:
+          threshold: float | None, fps: float | None = None) -> list[dict]:
     """One report per (bundle, backend); with several, the detectors take turns frame by frame, so
-    a change of machine load during the run hits all of them alike instead of whichever ran last."""
+    a change of machine load during the run hits all of them alike instead of whichever ran last.
+
+    `fps`: start each detection on a camera clock (one slot of 1/fps per detection, detectors in
+    turn) and wait idle until then, as the station waits for its camera. Back to back, the caches
+    stay warm and the cores never idle; at camera rate a CPU that idles between frames (power
+    states, a VM's halted vCPU, neighbours evicting the caches) answers slower."""
     with contextlib.ExitStack() as stack:
         dets = []
         for bundle, backend in targets:
@@ -79,19 +85,31 @@ def bench(targets: list[tuple[Bundle, str]], frames: list[Frame], warmup: int, t
                 det.detect(f)
         totals: list[list[float]] = [[] for _ in dets]
         stages: list[dict[str, list[float]]] = [{} for _ in dets]
+        late = [0 for _ in dets]
+        slot = 0
+        start = time.perf_counter()
         for f in frames:
             for i, det in enumerate(dets):
+                if fps:
+                    slot += 1  # the first slot is one period after the warm-up, like the next camera frame
+                    due = start + slot / fps
+                    wait = due - time.perf_counter()
+                    if wait > 0:
+                        time.sleep(wait)
+                    else:
+                        late[i] += 1
                 t0 = time.perf_counter()
                 v = det.detect(f)
                 totals[i].append((time.perf_counter() - t0) * 1e3)
                 for k, ms in v.timings_ms.items():
                     stages[i].setdefault(k, []).append(ms)
     reports = []
-    for (bundle, backend), total, stage in zip(targets, totals, stages):
+    for (bundle, backend), total, stage, n_late in zip(targets, totals, stages, late):
         e2e = percentiles(total)
         e2e["fps"] = 1000.0 / float(np.mean(total))
         reports.append({
             "bundle": str(bundle.path), "backend": backend, "threads": threads,
+            "paced_fps": fps, "late_frames": n_late if fps else None,
             "precision": str(bundle.graphs["encoder"].get("precision", "fp32")), "backbone": bundle.backbone.get("name"),
             "frames": len(frames), "frame_size": list(frames[0].image.shape), "end_to_end": e2e,
             "stages": {k: {kk: vv for kk, vv in percentiles(v).items() if kk != "max_ms"} for k, v in stage.items()}})
@@ -129,21 +147,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frame-size", type=int, default=256, help="side of the synthetic square frames, px")
     p.add_argument("--threshold", type=float, default=None)
     p.add_argument("--seed", type=int, default=303)
+    p.add_argument("--fps", type=float, default=None,
+                   help="pace detections at this camera rate (idle between frames, as on the line); "
+                        "default: back to back")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
 
     backends = args.compare.split(",") if args.compare else [args.backend]
     frames = make_frames(args.frames, args.frame_size, args.seed)
+    if args.fps is not None and args.fps <= 0:
+        p.error("--fps must be > 0")
     runs = bench([(Bundle.load(b), be) for b in args.bundle for be in backends], frames, args.warmup, args.threads,
-                 args.threshold)
+                 args.threshold, args.fps)
     report = {"environment": environment(), "interleaved": len(runs) > 1, "runs": runs}
     if len(runs) == 1:
         report.update(runs[0])
     else:
         report["speedup_p50_vs_first"] = speedups(runs)
 
+    pacing = (f"paced at {args.fps:g} fps ({', '.join(str(r['late_frames']) for r in runs)} frames started late)"
+              if args.fps else "back to back")
     print(f"{report['environment']['cpu']}, {report['environment']['cores']} cores; {args.frames} frames "
-          f"{args.frame_size}x{args.frame_size} after {args.warmup} warm-up")
+          f"{args.frame_size}x{args.frame_size} after {args.warmup} warm-up, {pacing}")
     print("| bundle | backend | precision | p50 ms | p99 ms | max ms | fps | stages p50/p99 ms |\n|---|---|---|---|---|---|---|---|")
     for r in runs:
         e = r["end_to_end"]
