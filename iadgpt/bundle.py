@@ -184,8 +184,9 @@ def _dump_manifest(manifest: Mapping[str, Any]) -> bytes:
     return (text + "\n").encode("utf-8")
 
 
-def _write_json_atomic(path: Path, data: bytes) -> None:
-    """Write via temp file + fsync + os.replace so readers see the old or the new file, never half."""
+def write_atomic(path: Path, data: Any) -> None:
+    """Write `data` (bytes or any buffer) via temp file + fsync + os.replace, so readers (and a power
+    cut) see the old or the new file, never half of one."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -469,7 +470,7 @@ class BundleWriter:
             self.manifest["versions"] = package_versions()
             for section in ("backbone", "scorer", "thresholds", "extra"):
                 self.manifest[section] = json.loads(_dump_manifest(self.manifest[section]))
-            _write_json_atomic(self.tmp_dir / MANIFEST_NAME, _dump_manifest(self.manifest))
+            write_atomic(self.tmp_dir / MANIFEST_NAME, _dump_manifest(self.manifest))
             _fsync_dir(self.tmp_dir)
             self._swap_into_place()
         except BaseException:
@@ -706,7 +707,7 @@ class Bundle:
         staged = Bundle(self.path, current)
         staged._validate_structure_engines_fill()
         staged._validate_structure()
-        _write_json_atomic(self.path / MANIFEST_NAME, _dump_manifest(current))
+        write_atomic(self.path / MANIFEST_NAME, _dump_manifest(current))
         self._manifest = json.loads(_dump_manifest(current))
         log.info("updated %s (%s)", self.path / MANIFEST_NAME,
                  ", ".join(k for k, v in changes.items() if v is not None))

@@ -224,7 +224,7 @@ def test_failure_while_committing_keeps_old_bundle(tmp_path: Path, onnx_file: Pa
     def fail(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(bundle_mod, "_write_json_atomic", fail)
+    monkeypatch.setattr(bundle_mod, "write_atomic", fail)
     with pytest.raises(OSError, match="disk full"):
         write_bundle(out, onnx_file, bank=np.zeros((1, 4), np.float32))
     monkeypatch.undo()

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +17,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from iadgpt.bundle import write_atomic
 from iadgpt.errors import EngineError, ExportError
 
 from .engines import IOSpec, PathLike, _EngineBase
@@ -324,20 +323,6 @@ def has_qdq_nodes(onnx_path: PathLike) -> bool:
     return walk(model.graph) or any(n.op_type == "QuantizeLinear" for f in model.functions for n in f.node)
 
 
-def _write_atomic(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def build_trt_engine(onnx_path: PathLike, out_dir: PathLike, precision: str = "fp16", *,
                      timing_cache: Optional[PathLike] = None, workspace_gb: float = 4.0,
                      batch_range: tuple[int, int, int] = (1, 1, 8),
@@ -416,16 +401,16 @@ def build_trt_engine(onnx_path: PathLike, out_dir: PathLike, precision: str = "f
     out.mkdir(parents=True, exist_ok=True)
     name = engine_filename(stem or onnx_path.stem, precision, trt.__version__, cc)
     engine_path = out / name
-    _write_atomic(engine_path, serialized)
+    write_atomic(engine_path, serialized)
     if cache_path is not None:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(cache_path, config.get_timing_cache().serialize())
+        write_atomic(cache_path, config.get_timing_cache().serialize())
     sidecar = {"stem": stem or onnx_path.stem, "precision": precision,
                "trt_version": normalize_trt_version(trt.__version__),
                "compute_capability": f"{cc[0]}.{cc[1]}", "source_onnx": onnx_path.name,
                "source_sha256": sha256_file(onnx_path), "engine_sha256": sha256_file(engine_path),
                "built_s": round(time.perf_counter() - t0, 1)}
-    _write_atomic(sidecar_path(engine_path), (json.dumps(sidecar, indent=2) + "\n").encode())
+    write_atomic(sidecar_path(engine_path), (json.dumps(sidecar, indent=2) + "\n").encode())
     log.info("built TensorRT engine %s in %.1f s", engine_path, sidecar["built_s"])
     return engine_path
 
