@@ -387,23 +387,6 @@ def open_engine(backend: str, onnx_path: PathLike, **opts: Any) -> Engine:
     path = Path(onnx_path)
     if name == "onnxruntime":
         return OrtEngine(path, **opts)
-    from .tensorrt_engine import TensorRTEngine, _cuda_backend, _import_tensorrt, engine_filename
+    from .tensorrt_engine import open_trt_engine
 
-    if path.suffix == ".engine":
-        return TensorRTEngine(path, **opts)
-    precision = opts.pop("precision", "fp16")
-    engine_dir = Path(opts.pop("engine_dir", path.parent))
-    onnx_sha = opts.pop("onnx_sha256", None)
-    trt = _import_tensorrt()
-    cuda = _cuda_backend(int(opts.get("device", 0)))
-    cc = cuda.compute_capability()
-    cuda.close()
-    candidate = engine_dir / engine_filename(path.stem, precision, trt.__version__, cc)
-    if not candidate.is_file():
-        raise EngineError(f"no TensorRT engine for {path.name} on this host ({candidate.name} not in {engine_dir}); "
-                          f"build it with `iadgpt build BUNDLE --precision {precision}`")
-    if onnx_sha is None and path.is_file():
-        from iadgpt.bundle import sha256_file
-
-        onnx_sha = sha256_file(path)
-    return TensorRTEngine(candidate, expected_onnx_sha256=onnx_sha, **opts)
+    return open_trt_engine(path, **opts)

@@ -3,7 +3,8 @@
 An engine only runs on the compute capability and TensorRT release it was built for, so both are
 in its file name (and a JSON sidecar with the source ONNX hash): a station picks the engine built
 for its own GPU and refuses any other with an error naming `iadgpt build`. tensorrt and the CUDA
-bindings (torch or cuda-python) are imported lazily: nothing here runs without an NVIDIA GPU.
+bindings (torch or cuda-python) are imported lazily: the names and compatibility checks run
+anywhere, building and running need an NVIDIA GPU.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from iadgpt.bundle import write_atomic
+from iadgpt.bundle import sha256_file, write_atomic
 from iadgpt.errors import EngineError, ExportError
 
 from .engines import IOSpec, PathLike, _EngineBase
@@ -530,3 +531,25 @@ class TensorRTEngine(_EngineBase):
         self._engine = None
         self._runtime = None
         self._cuda.close()
+
+
+def open_trt_engine(path: Path, **opts: Any) -> TensorRTEngine:
+    """`path` a `.engine` file, or an ONNX graph whose engine for this host (TensorRT release + GPU,
+    `precision` default fp16) is looked up next to it or in `engine_dir`; never built implicitly
+    (that takes minutes: `iadgpt build`)."""
+    if path.suffix == ".engine":
+        return TensorRTEngine(path, **opts)
+    precision = opts.pop("precision", "fp16")
+    engine_dir = Path(opts.pop("engine_dir", path.parent))
+    onnx_sha = opts.pop("onnx_sha256", None)
+    trt = _import_tensorrt()
+    cuda = _cuda_backend(int(opts.get("device", 0)))
+    cc = cuda.compute_capability()
+    cuda.close()
+    candidate = engine_dir / engine_filename(path.stem, precision, trt.__version__, cc)
+    if not candidate.is_file():
+        raise EngineError(f"no TensorRT engine for {path.name} on this host ({candidate.name} not in {engine_dir}); "
+                          f"build it with `iadgpt build BUNDLE --precision {precision}`")
+    if onnx_sha is None and path.is_file():
+        onnx_sha = sha256_file(path)
+    return TensorRTEngine(candidate, expected_onnx_sha256=onnx_sha, **opts)
