@@ -644,7 +644,8 @@ def test_benchmark_locator_report_counts_none_as_the_choice(torch_one_thread):
     so the locator's choice is None (wrong on a defect), not the argmax cell it never hands over."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("bench_bridge", Path(__file__).resolve().parents[1] / "benchmarks" / "bridge.py")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bridge.py"
+    spec = importlib.util.spec_from_file_location("bench_bridge", script)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     from iadgpt.models.bridge import MultiMaskFusion
