@@ -43,14 +43,16 @@ the mean loses to the bank, bottle 98.2-98.3), scaling by the 99.9th percentile 
 maps instead of the std (no better); on bottle (same validation / test, P-AUROC; a one-off
 script, not in the repo): per-pixel-position mean/std of the held-out normal maps instead of one
 global pair (validation 98.60 at w 0.3, test 98.41: worse than global 98.88), the pixel-wise max
-of the two z-maps (98.89 / 98.92, = the bank), their product (98.98 / 97.77). The test P-AUROC over w is flat between 0 and 0.3 (98.88-98.95):
-any pick there is within 0.05 of the bank, which is as much as the choice on validation can resolve.
-Also measured (bottle, same images, one-off script; the rule fixed before the run: adopt only if its best
-validation P-AUROC beats the z-mean's 99.024): each map turned into its "surprise" under the normal
-pixels of the statistics images (-log of the empirical survival, an exponential tail above the 99th
-percentile; Fisher's way of combining tests) before the weighted mean. Validation best 99.020 at w
-0.2 (test there 98.94, at 0.3 98.90): not better on validation, not adopted. Its test edge over the bank
-(+0.02) is of the size validation cannot resolve (the z-mean at w 0.2: 98.93).
+of the two z-maps (98.89 / 98.92, = the bank), their product (98.98 / 97.77). The test P-AUROC
+over w is flat between 0 and 0.3 (98.88-98.95): any pick there is within 0.05 of the bank, which
+is as much as the choice on validation can resolve.
+Also measured (bottle, same images, one-off script; the rule fixed before the run: adopt only if
+its best validation P-AUROC beats the z-mean's 99.024): each map turned into its "surprise" under
+the normal pixels of the statistics images (-log of the empirical survival, an exponential tail
+above the 99th percentile; Fisher's way of combining tests) before the weighted mean. Validation
+best 99.020 at w 0.2 (test there 98.94, at 0.3 98.90): not better on validation, not adopted.
+Its test edge over the bank (+0.02) is of the size validation cannot resolve (the z-mean at w
+0.2: 98.93).
 """
 from __future__ import annotations
 

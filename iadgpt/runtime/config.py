@@ -4,7 +4,8 @@ Why strict: a typo in a station file (``sinks.mqtt.prot``) that is silently igno
 weeks later as missing data. Unknown keys, wrong types and missing required keys are a
 `ConfigError` naming the file and the dotted key. Relative paths (bundle, source files,
 event log, overlay folder, the describer's llm / examples / bridge / bridge_llm) are resolved
-against the YAML file's folder, so a station folder can be moved as a whole. See ``examples/station.yaml`` for every key.
+against the YAML file's folder, so a station folder can be moved as a whole. See
+``examples/station.yaml`` for every key.
 """
 from __future__ import annotations
 
