@@ -128,10 +128,11 @@ def main() -> int:
     feats = [torch.cat([f[layer] for f in feats_all]) for layer in range(len(feats_all[0]))]
     tge_in = torch.cat(tge_in)
     encode_s = time.perf_counter() - t0
+    masks_all = {k: torch.cat(v) for k, v in masks_all.items()}
+    chosen = {kind: locator_choices(mmf, masks_all[kind], labels) for kind in MAP_KINDS}  # no LLM: once per map
     rows, answers = [], {}
-    chosen: dict[str, Optional[list[Optional[str]]]] = {}
     for decoding, kind in itertools.product(decodings, MAP_KINDS):
-        masks = torch.cat(masks_all[kind])
+        masks = masks_all[kind]
         t0 = time.perf_counter()
         texts = []
         for i in tqdm(range(0, len(images), 8), desc=f"torch {decoding} {kind}", unit="batch"):
@@ -141,7 +142,6 @@ def main() -> int:
                 texts += bridge.choose(tge_in[i:i + 8], masks[i:i + 8])
         dt = time.perf_counter() - t0
         answers[("torch", decoding, kind)] = texts
-        chosen[kind] = locator_choices(mmf, masks, labels)
         rows.append({"map": kind, "route": "torch", "decoding": decoding, **score_answers(texts, labels, positions),
                      **locator_report(chosen[kind], texts, labels, positions),
                      "seconds_per_image": round(dt / len(images), 3)})
@@ -159,10 +159,10 @@ def main() -> int:
                             {"checkpoint": str(args.checkpoint), "category": args.category})
         export_meta = {"dir": str(out_dir), "parity": cfg["parity"]}
         llm = OnnxLLM(ensure_default_llm(4, embeds=True), threads=args.threads)
+        runtimes = {d: OnnxBridge(out_dir, llm, threads=args.threads, max_new_tokens=20, decoding=d) for d in decodings}
         for decoding, kind in itertools.product(decodings, MAP_KINDS):
-            runtime = OnnxBridge(out_dir, llm, threads=args.threads, max_new_tokens=20, decoding=decoding)
             t0 = time.perf_counter()
-            texts = [runtime.ask([f[i:i + 1].numpy() for f in feats], kind).text
+            texts = [runtimes[decoding].ask([f[i:i + 1].numpy() for f in feats], kind).text
                      for i in tqdm(range(len(images)), desc=f"onnx-int4 {decoding} {kind}", unit="img")]
             dt = time.perf_counter() - t0
             answers[("onnx-int4", decoding, kind)] = texts
