@@ -9,7 +9,7 @@ import torch
 
 from iadgpt.errors import BackboneError
 from iadgpt.models.backbones import available_backbones, get_backbone
-from iadgpt.models.clip import PRESETS, tiny_clip_config
+from iadgpt.models.clip import PRESETS, joint_features, tiny_clip_config
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,8 @@ def test_joint_space_helpers(tiny):
     images = torch.rand(2, 3, 64, 64) * 255
     with torch.no_grad():
         emb = tiny.image_embedding(images)
-        ref = torch.nn.functional.normalize(tiny.clip.get_image_features(pixel_values=tiny.normalise(images)), dim=-1)
+        ref = torch.nn.functional.normalize(
+            joint_features(tiny.clip.get_image_features(pixel_values=tiny.normalise(images))), dim=-1)
         feats = tiny(images)
         joint = tiny.project_patches(feats[-1])
         proj = tiny.projection_module()(feats[-1].flatten(2).transpose(1, 2))
@@ -96,12 +97,20 @@ def test_real_preset_without_weights_names_both_fixes(monkeypatch, tmp_path):
         get_backbone("clip-vit-h14", weights=str(tmp_path / "nope"))
 
 
+def _byte_symbols():
+    """The 256 symbols of the byte-level BPE alphabet (GPT-2 / CLIP): printable bytes stand for
+    themselves, the others for 256, 257, ...; printable ones first (the tokenizer's vocab order)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\u00a1"), ord("\u00ac") + 1)) + \
+        list(range(ord("\u00ae"), ord("\u00ff") + 1))
+    others = [b for b in range(256) if b not in printable]
+    return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]
+
+
 def _write_clip_dir(path, image_size=64):
     """A tiny random CLIPModel + a real CLIPTokenizer (byte-level vocab, no merges) + image processor."""
     from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
-    from transformers.models.clip.tokenization_clip import bytes_to_unicode
 
-    chars = list(bytes_to_unicode().values())
+    chars = list(_byte_symbols())
     vocab = {c: i for i, c in enumerate(chars)}
     vocab.update({c + "</w>": i + len(chars) for i, c in enumerate(chars)})
     vocab["<|startoftext|>"] = len(vocab)
@@ -130,7 +139,7 @@ def test_load_local_directory(monkeypatch, tmp_path):
     texts = ["a photo of a bottle.", "broken bottle"]
     enc = tokenizer(texts, padding=True, return_tensors="pt")
     with torch.no_grad():
-        ref = torch.nn.functional.normalize(model.get_text_features(**enc), dim=-1)
+        ref = torch.nn.functional.normalize(joint_features(model.get_text_features(**enc)), dim=-1)
     assert torch.allclose(bb.encode_text(texts), ref, atol=1e-5)
     images = torch.rand(1, 3, 64, 64) * 255
     with torch.no_grad():

@@ -15,6 +15,7 @@ Presets (block numbers are 1-based, as in the paper):
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import re
 import zlib
@@ -35,6 +36,27 @@ log = logging.getLogger(__name__)
 # OpenAI CLIP normalisation (also used by the LAION OpenCLIP towers), in 0..1 units.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def mask_arg_count(layer: nn.Module) -> int:
+    """Positional mask arguments a CLIPEncoderLayer takes after hidden_states: 2 in transformers 4.x
+    (attention_mask, causal_attention_mask), 1 in 5.x (attention_mask; the rest moved to kwargs)."""
+    params = [p for p in inspect.signature(layer.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return sum(1 for p in params[1:3] if "mask" in p.name)
+
+
+def run_encoder_layer(layer: nn.Module, x: torch.Tensor, n_masks: Optional[int] = None) -> torch.Tensor:
+    """One unmasked CLIPEncoderLayer call -> the residual stream (4.x returns a tuple, 5.x a tensor)."""
+    n = mask_arg_count(layer) if n_masks is None else n_masks
+    y = layer(x, *([None] * n))
+    return y[0] if isinstance(y, (tuple, list)) else y
+
+
+def joint_features(output: Any) -> torch.Tensor:
+    """`CLIPModel.get_text_features` / `get_image_features` result as a tensor: transformers 4.x
+    returns the projected embeddings, 5.x an output object holding them in `pooler_output`."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
 @dataclass(frozen=True)
@@ -152,8 +174,7 @@ class CLIPBackbone(Backbone):
         x = vm.pre_layrnorm(vm.embeddings(self.normalise(images)))
         out = []
         for i, layer in enumerate(vm.encoder.layers[:upto], start=1):
-            y = layer(x, None, None)
-            x = y[0] if isinstance(y, (tuple, list)) else y
+            x = run_encoder_layer(layer, x)
             if i in self.taps:
                 out.append(x)
         return out
@@ -190,8 +211,7 @@ class CLIPBackbone(Backbone):
         vm = self.clip.vision_model
         x = vm.pre_layrnorm(vm.embeddings(self.normalise(images)))
         for layer in vm.encoder.layers:
-            y = layer(x, None, None)
-            x = y[0] if isinstance(y, (tuple, list)) else y
+            x = run_encoder_layer(layer, x)
         return x
 
     @torch.no_grad()
@@ -205,8 +225,8 @@ class CLIPBackbone(Backbone):
         for start in range(0, len(texts), self.text_batch):
             enc = self.tokenizer(texts[start:start + self.text_batch], padding=True, truncation=True,
                                  max_length=self.context_length, return_tensors="pt")
-            feats = self.clip.get_text_features(input_ids=enc["input_ids"].to(device),
-                                                attention_mask=enc["attention_mask"].to(device))
+            feats = joint_features(self.clip.get_text_features(input_ids=enc["input_ids"].to(device),
+                                                               attention_mask=enc["attention_mask"].to(device)))
             chunks.append(F.normalize(feats.float(), dim=-1))
         return torch.cat(chunks, 0)
 

@@ -28,6 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import EngineError
+from ..models.clip import mask_arg_count, run_encoder_layer
 
 log = logging.getLogger(__name__)
 
@@ -229,27 +230,17 @@ class PlainCLIPVision(nn.Module):
         self.embeddings = copy.deepcopy(vm.embeddings)
         self.pre_ln = copy.deepcopy(vm.pre_layrnorm)
         self.layers = nn.ModuleList(copy.deepcopy(layer) for layer in vm.encoder.layers[: self.taps[-1]])
-        self.n_masks = _mask_args(self.layers[0]) if len(self.layers) else 0
+        self.n_masks = mask_arg_count(self.layers[0]) if len(self.layers) else 0
         _frozen(self)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         h = self.pre_ln(self.embeddings(x))
         feats = []
         for i, layer in enumerate(self.layers, start=1):
-            y = layer(h, *([None] * self.n_masks))
-            h = y[0] if isinstance(y, (tuple, list)) else y
+            h = run_encoder_layer(layer, h, self.n_masks)
             if i in self.taps:
                 feats.append(h[:, 1:, :].transpose(1, 2).unflatten(2, (self.grid, self.grid)))
         return feats
-
-
-def _mask_args(layer: nn.Module) -> int:
-    """How many positional mask arguments (attention_mask, causal_attention_mask) the layer takes
-    after hidden_states: 2 in transformers 4.x; fewer where a release folded them into kwargs."""
-    params = [p for p in inspect.signature(layer.forward).parameters.values()
-              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    names = [p.name for p in params[1:]]
-    return sum(1 for n in names[:2] if "mask" in n)
 
 
 class PrenormalisedBackbone(nn.Module):
