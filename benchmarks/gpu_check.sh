@@ -7,6 +7,7 @@
 #
 #   bash benchmarks/gpu_check.sh                        # from the repository root
 #   bash benchmarks/gpu_check.sh --variants graph-fused,graph-fused-compile,onnxruntime   # extra args -> gpu_latency.py
+# Where the time goes (stages, kernels, attention backends): benchmarks/gpu_profile.py (not run by this script).
 # Environment: GPU_CHECK_BUDGET_S (default 280: whole script), PYTHON (default python3).
 set -uo pipefail
 cd "$(dirname "$0")/.."

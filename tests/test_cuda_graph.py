@@ -550,6 +550,15 @@ def test_map_parity_metric():
     assert map_parity(ref * np.nan, ref)["max_rel"] == float("inf")
 
 
+def test_defaults_compile_on_cuda_only(tiny, tiny_text):
+    """fuse=None means the fastest measured options: compiled on CUDA, eager modules on the CPU (tests)."""
+    assert FuseOptions.for_device("cuda") == FuseOptions(compile="default")
+    assert FuseOptions.for_device("cpu") == FuseOptions()
+    pipe = CudaGraphPipeline(tiny, TextPromptScorer.from_backbone(tiny), [tiny_text], tiny.input_spec,
+                             torch.float32, "cpu")
+    assert pipe.fuse.compile is None and pipe._encode is pipe.encoder
+
+
 # --------------------------------------------------------------------------- GPU (marked, skipped with a reason)
 
 
@@ -563,15 +572,19 @@ def test_gpu_graph_matches_eager_and_onnx_reference(kind, tiny, tiny_text, lite,
         (scorer, bank), backbone, refs, flat = lite_bank, lite, [lite_bank[1]], True
     frames = _frames(3, size=400, start=2)
     ref_maps, ref_scores = _reference(backbone, scorer, refs, frames, flat)  # == ORT-CPU (tests above)
-    graph = CudaGraphPipeline(backbone, scorer, refs, backbone.input_spec)  # fp16, graphs, fused
-    eager = CudaGraphPipeline(backbone, scorer, refs, backbone.input_spec, graphs=False)
+    graph = CudaGraphPipeline(backbone, scorer, refs, backbone.input_spec)  # CUDA defaults: fp16, fused, compiled
+    assert graph.fuse.compile == "default" and graph.dtype == torch.float16
+    eager = CudaGraphPipeline(backbone, scorer, refs, backbone.input_spec, graphs=False, fuse=FuseOptions())
     maps, scores = _run(graph, frames)
     emaps, escores = _run(eager, frames)
     assert graph.captures == 1
-    # same kernels; cuBLAS may pick other algorithms under capture: fp16-rounding-level differences only
+    # same function; Triton-fused and cuBLAS kernels round differently: fp16-rounding-level differences only
     np.testing.assert_allclose(maps, emaps, atol=5e-3 * (ref_maps.max() - ref_maps.min()))
     report = map_parity(maps, ref_maps, scores, ref_scores)
     assert all(report[k] <= PARITY["fp16"][k] for k in PARITY["fp16"]), report
+    other = _frames(1, size=300, start=9)  # a new frame size: recaptured (resize not compiled), still right
+    report = map_parity(_run(graph, other)[0], _reference(backbone, scorer, refs, other, flat)[0])
+    assert graph.captures == 2 and report["max_rel"] <= PARITY["fp16"]["max_rel"], report
     plain = CudaGraphPipeline(backbone, scorer, refs, backbone.input_spec, fuse="plain")
     report = map_parity(*_run(plain, frames)[:1], ref_maps)
     assert report["max_rel"] <= PARITY["fp16"]["max_rel"], report
@@ -580,8 +593,10 @@ def test_gpu_graph_matches_eager_and_onnx_reference(kind, tiny, tiny_text, lite,
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA)
 def test_gpu_recapture_on_shape_change(tiny, tiny_text):
-    pipe = CudaGraphPipeline(tiny, TextPromptScorer.from_backbone(tiny), [tiny_text], tiny.input_spec)
-    eager = CudaGraphPipeline(tiny, TextPromptScorer.from_backbone(tiny), [tiny_text], tiny.input_spec, graphs=False)
+    fused = FuseOptions()  # uncompiled: the batch-3 capture below would recompile
+    pipe = CudaGraphPipeline(tiny, TextPromptScorer.from_backbone(tiny), [tiny_text], tiny.input_spec, fuse=fused)
+    eager = CudaGraphPipeline(tiny, TextPromptScorer.from_backbone(tiny), [tiny_text], tiny.input_spec, graphs=False,
+                              fuse=fused)
     a, b = _frames(1, size=300)[0], _frames(1, size=500)[0]
     for f in (a, b, a, b):
         np.testing.assert_allclose(pipe(f)[0], eager(f)[0], atol=5e-3)
@@ -618,7 +633,8 @@ def test_gpu_fp8(tiny, tiny_text):
     frames = _frames(3, size=300)
     pipe = CudaGraphPipeline(tiny, TextPromptScorer.from_backbone(tiny), [tiny_text], tiny.input_spec,
                              fuse=FuseOptions(fp8=True), calibration_frames=frames[:2])
-    ref = CudaGraphPipeline(tiny, TextPromptScorer.from_backbone(tiny), [tiny_text], tiny.input_spec)
+    ref = CudaGraphPipeline(tiny, TextPromptScorer.from_backbone(tiny), [tiny_text], tiny.input_spec,
+                            fuse=FuseOptions())
     maps, _ = _run(pipe, frames)
     ref_maps, _ = _run(ref, frames)
     assert np.isfinite(maps).all() and map_parity(maps, ref_maps)["mean_rel"] < 0.1
