@@ -344,7 +344,7 @@ def bench_preset(name: str, args: argparse.Namespace, torch: Any, budget: Budget
         if variant not in fuse_of and variant != "hf-eager":
             result["variants"][variant] = {"error": f"unknown variant; choose from {', '.join(VARIANTS)}"}
             continue
-        optional = variant not in ("hf-eager", "graph-plain", "graph-fused")
+        optional = variant not in ("hf-eager", "graph-plain", "graph-fused", "graph-fused-compile")
         if optional and not budget.allows(f"{name}/{variant}", 25.0):
             continue
         entry: dict[str, Any] = {}
