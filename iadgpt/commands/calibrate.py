@@ -31,7 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="coreset fraction of the new bank, e.g. 0.1 (default: the bundle's)")
     p.add_argument("--no-augment", dest="augment", action="store_false", default=None,
                    help="do not add rotations/flips of few (<= 8) shots to the bank")
-    p.add_argument("--backend", default="onnxruntime", help="backend the station runs: onnxruntime | tensorrt | torch")
+    p.add_argument("--backend", default="onnxruntime", help="backend the station runs: onnxruntime | tensorrt | torch | cuda-graph")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0, help="seed of the shot and hold-out choice")
     p.add_argument("--json", type=Path, default=None, help="write the report as JSON here")

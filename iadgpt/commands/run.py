@@ -12,7 +12,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--source", help="frame source URI: file, folder, glob, /dev/video0, 0, rtsp://, gst:..., csi://0, synthetic://part")
     p.add_argument("--events", type=Path, help="JSONL event log")
     p.add_argument("--overlays", type=Path, help="folder for NG overlay images")
-    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt", "torch"))
+    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt", "torch", "cuda-graph"))
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--threshold", type=float, default=None, help="override the bundle's calibrated threshold")
     p.add_argument("--max-frames", type=int, default=None)

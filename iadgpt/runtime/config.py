@@ -23,7 +23,7 @@ from iadgpt.runtime.sinks import FSYNC_POLICIES, JsonlSink, MqttSink, OverlaySin
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("onnxruntime", "tensorrt", "torch")
+BACKENDS = ("onnxruntime", "tensorrt", "torch", "cuda-graph")
 _STATION_ID = re.compile(r"^[A-Za-z0-9_.-]+$")
 _REQUIRED = object()
 

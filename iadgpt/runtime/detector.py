@@ -4,6 +4,10 @@ Preprocessing follows the bundle's input spec (shared with evaluation and calibr
 `preprocess.py`), the encoder and scorer graphs run on the chosen backend, and regions come from
 the thresholded map at the network resolution, scaled back to frame pixels. The frame-sized map
 is only made for NG frames (overlays need it; OK frames do not pay for it).
+
+Backend "cuda-graph" hands the frame itself to the GPU fast path (`cuda_graph.py`: resize,
+encoder and scorer replayed as one CUDA graph), rebuilt from the bundle and checked against its
+ONNX graphs when opened; torch is imported only then.
 """
 from __future__ import annotations
 
@@ -17,13 +21,13 @@ import numpy as np
 from ..bundle import Bundle
 from ..errors import BundleError, EngineError, SourceError
 from .engines import Engine, OrtEngine
-from .preprocess import to_batch
+from .preprocess import to_batch, to_rgb
 from .sources import Frame
 from .verdict import Region, Verdict
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("onnxruntime", "tensorrt", "torch")
+BACKENDS = ("onnxruntime", "tensorrt", "torch", "cuda-graph")
 
 
 _TRT_PREFERENCE = ("int8", "fp16", "fp32")
@@ -103,20 +107,32 @@ def bundle_precision(bundle: Bundle, role: str = "encoder") -> str:
 class Detector:
     """Judges frames with a bundle; `threshold` overrides the bundle's calibrated one.
 
-    `precision` picks among TensorRT engines, `weights` is the CLIP weights folder the torch
-    backend rebuilds from; both are ignored by onnxruntime, which runs the bundle's graphs.
+    `precision` picks among TensorRT engines, `weights` is the CLIP weights folder the torch and
+    cuda-graph backends rebuild from; both are ignored by onnxruntime, which runs the bundle's
+    graphs. `device` is where cuda-graph runs ("cuda", "cuda:N"; "cpu" runs the same modules
+    eagerly, for tests).
     """
 
     def __init__(self, bundle: Bundle, backend: str = "onnxruntime", *, threads: Optional[int] = None,
                  provider: str = "cpu", threshold: Optional[float] = None, encoder_role: str = "encoder",
-                 precision: Optional[str] = None, weights: Optional[str] = None, min_region_px: int = 4):
+                 precision: Optional[str] = None, weights: Optional[str] = None, min_region_px: int = 4,
+                 device: Optional[str] = None):
         self.bundle = bundle
         self.backend = backend
         self.spec = bundle.input_spec
-        self.encoder, self.scorer = open_bundle_engines(bundle, backend, provider=provider, threads=threads,
-                                                        encoder_role=encoder_role, precision=precision,
-                                                        weights=weights)
-        self.precision = str(self.encoder.precision or bundle_precision(bundle, encoder_role))
+        self.fast_path: Optional[Any] = None  # the cuda-graph engine: frames in, map + score out
+        if str(backend).lower() == "cuda-graph":
+            from .torch_cuda_engine import open_cuda_graph_engine  # torch only when asked for
+
+            self.fast_path = open_cuda_graph_engine(bundle, weights=weights, device=device or "cuda",
+                                                    threads=threads)
+            self.encoder = self.scorer = None
+            self.precision = str(self.fast_path.precision)
+        else:
+            self.encoder, self.scorer = open_bundle_engines(bundle, backend, provider=provider, threads=threads,
+                                                            encoder_role=encoder_role, precision=precision,
+                                                            weights=weights)
+            self.precision = str(self.encoder.precision or bundle_precision(bundle, encoder_role))
         # reference arrays fed next to the features (a memory bank, text embeddings; none for a decoder)
         self.references = {name: np.ascontiguousarray(bundle.array(array), dtype=np.float32)
                            for name, array in bundle.scorer.get("references", {}).items()}
@@ -149,6 +165,8 @@ class Detector:
         return maps, scores, timings
 
     def _score(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, float], dict[str, np.ndarray]]:
+        if self.fast_path is not None:
+            return self._fast(_batch_as_frames(batch))
         t0 = time.perf_counter()
         feats = self.encoder.run({"image": batch})
         t1 = time.perf_counter()
@@ -156,13 +174,29 @@ class Detector:
         t2 = time.perf_counter()
         return out["anomaly_map"], out["score"], {"encoder": (t1 - t0) * 1e3, "scorer": (t2 - t1) * 1e3}, feats
 
+    def _fast(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, float], dict[str, np.ndarray]]:
+        """(B, H, W, 3) uint8 RGB frames through the cuda-graph engine (it resizes on the device)."""
+        assert self.fast_path is not None
+        t0 = time.perf_counter()
+        out = self.fast_path.run({"frame": frames})
+        if self.keep_features and not getattr(self, "_said_no_features", False):
+            self._said_no_features = True
+            log.warning("the cuda-graph backend returns maps and scores only: the describer's bridge gets no "
+                        "features (run the station on onnxruntime or tensorrt for the bridge)")
+        return out["anomaly_map"], out["score"], {"fast_path": (time.perf_counter() - t0) * 1e3}, {}
+
     def detect(self, frame: Frame) -> Verdict:
         if frame.image is None:
             raise SourceError(str(frame.meta.get("error", "frame without pixels")))
         t0 = time.perf_counter()
-        batch = to_batch([frame.image], self.spec)
-        t1 = time.perf_counter()
-        maps, scores, timings, feats = self._score(batch)
+        if self.fast_path is not None:
+            batch = to_rgb(frame.image)[None]
+            t1 = time.perf_counter()
+            maps, scores, timings, feats = self._fast(batch)
+        else:
+            batch = to_batch([frame.image], self.spec)
+            t1 = time.perf_counter()
+            maps, scores, timings, feats = self._score(batch)
         t2 = time.perf_counter()
         amap, score = maps[0], float(scores[0])
         anomalous = score >= self.threshold
@@ -193,11 +227,27 @@ class Detector:
         return sorted(out, key=lambda r: -r.area_px)
 
     def close(self) -> None:
-        self.encoder.close()
-        self.scorer.close()
+        for engine in (self.encoder, self.scorer, self.fast_path):
+            if engine is not None:
+                engine.close()
 
     def __enter__(self) -> "Detector":
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _batch_as_frames(batch: np.ndarray) -> np.ndarray:
+    """`to_batch` output (B, 3, H, W) float32, integer-valued 0..255, back to (B, H, W, 3) uint8 frames.
+
+    Lossless: the cuda-graph engine then sees the very pixels the ONNX encoder would, already at
+    the input size (it skips its resize), so calibration and evaluation score like the station."""
+    arr = np.asarray(batch)
+    if arr.ndim != 4 or arr.shape[1] != 3:
+        raise EngineError(f"score_batch takes a (B, 3, H, W) batch from preprocess.to_batch, got {arr.shape}")
+    pixels = np.rint(arr)
+    if not np.array_equal(pixels, arr) or pixels.min() < 0 or pixels.max() > 255:
+        raise EngineError("the cuda-graph backend scores uint8 pixels: pass preprocess.to_batch output "
+                          "(integer-valued 0..255), not normalised or interpolated floats")
+    return np.ascontiguousarray(pixels.astype(np.uint8).transpose(0, 2, 3, 1))

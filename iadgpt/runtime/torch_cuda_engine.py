@@ -692,6 +692,16 @@ def _probe_frames(size: Sequence[int], n: int = 2) -> list[np.ndarray]:
 # --------------------------------------------------------------------------- Engine wrapper
 
 
+def open_cuda_graph_engine(bundle: Any, *, weights: Optional[str] = None, device: str = "cuda",
+                           threads: Optional[int] = None, fuse: Any = None) -> "CudaGraphEngine":
+    """The station's cuda-graph backend for a bundle: fp16 on CUDA (fp32 on the CPU, for tests),
+    the device's default fusions, verified against the bundle's ONNX graphs before first use."""
+    dtype = "fp32" if str(device).startswith("cpu") else "fp16"
+    return CudaGraphEngine(pipeline_from_bundle(bundle, weights=weights, device=device, dtype=dtype, fuse=fuse,
+                                                threads=threads))
+
+
+
 class CudaGraphEngine:
     """Engine-protocol view of a CudaGraphPipeline: input "frame" (uint8 (H, W, 3) or (B, H, W, 3)),
     outputs "anomaly_map" (B, h, w) and "score" (B,)."""
