@@ -20,7 +20,7 @@ import logging
 import re
 import zlib
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -41,9 +41,14 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 def mask_arg_count(layer: nn.Module) -> int:
     """Positional mask arguments a CLIPEncoderLayer takes after hidden_states: 2 in transformers 4.x
     (attention_mask, causal_attention_mask), 1 in 5.x (attention_mask; the rest moved to kwargs)."""
-    params = [p for p in inspect.signature(layer.forward).parameters.values()
+    return _mask_arg_count(type(layer))
+
+
+@lru_cache(maxsize=None)
+def _mask_arg_count(layer_type: type) -> int:  # once per class: forward calls it per layer
+    params = [p for p in inspect.signature(layer_type.forward).parameters.values()
               if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return sum(1 for p in params[1:3] if "mask" in p.name)
+    return sum(1 for p in params[2:4] if "mask" in p.name)  # [0] is self, [1] hidden_states
 
 
 def run_encoder_layer(layer: nn.Module, x: torch.Tensor, n_masks: Optional[int] = None) -> torch.Tensor:

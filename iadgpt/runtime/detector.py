@@ -140,6 +140,7 @@ class Detector:
         self.min_region_px = int(min_region_px)
         # keep a flagged frame's encoder features on its Verdict (the describer's bridge reads them)
         self.keep_features = False
+        self._said_no_features = False  # the cuda-graph backend keeps none: said once
 
     def _thresholds(self, override: Optional[float]) -> tuple[float, float]:
         th = self.bundle.thresholds
@@ -179,7 +180,7 @@ class Detector:
         assert self.fast_path is not None
         t0 = time.perf_counter()
         out = self.fast_path.run({"frame": frames})
-        if self.keep_features and not getattr(self, "_said_no_features", False):
+        if self.keep_features and not self._said_no_features:
             self._said_no_features = True
             log.warning("the cuda-graph backend returns maps and scores only: the describer's bridge gets no "
                         "features (run the station on onnxruntime or tensorrt for the bridge)")
