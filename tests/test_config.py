@@ -16,6 +16,7 @@ source: images/
 backend: tensorrt
 threads: 2
 threshold: 0.42
+weights: models/clip-vit-l14-336
 station_id: line1-cam1
 queue_size: 8
 stats_interval_s: 5
@@ -44,6 +45,7 @@ def test_good_file_loads_with_paths_resolved(tmp_path: Path) -> None:
     base = tmp_path.resolve()
     assert cfg.bundle == base / "bundles/plate" and cfg.source == str(base / "images")
     assert (cfg.backend, cfg.threads, cfg.threshold, cfg.station_id) == ("tensorrt", 2, 0.42, "line1-cam1")
+    assert cfg.weights == base / "models/clip-vit-l14-336"
     assert (cfg.queue_size, cfg.stats_interval_s) == (8, 5.0)
     ev, ov, mq = cfg.sinks.events, cfg.sinks.overlays, cfg.sinks.mqtt
     assert ev.path == base / "out/events.jsonl" and ev.fsync == "always" and ev.max_bytes == 1_000_000

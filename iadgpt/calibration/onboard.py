@@ -302,12 +302,13 @@ def calibrate(bundle_path: PathLike, normal_dir: PathLike, *, shots: int = 4, ho
               pixel_quantile: float = th.PIXEL_QUANTILE, coreset: Optional[float] = None,
               augment: Optional[bool] = None, backend: str = "onnxruntime", threads: Optional[int] = None,
               seed: int = 0, int8_keep_float: str = "none", histogram: Optional[PathLike] = None,
-              progress: bool = True) -> CalibrationReport:
+              progress: bool = True, weights: Optional[PathLike] = None) -> CalibrationReport:
     """Onboard a product: bank from `shots` normals, thresholds on the held-out rest (see module doc).
 
     `holdout` caps the held-out images (a seeded choice; default all the rest). `coreset` and
     `augment` override the bundle's scorer settings for the new bank (None keeps them). Writes
-    to `out` (a new bundle) or, without it, rewrites the bundle in place.
+    to `out` (a new bundle) or, without it, rewrites the bundle in place. `weights`: the CLIP
+    folder a torch / cuda-graph `backend` rebuilds from (onnxruntime and tensorrt ignore it).
     """
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -395,7 +396,8 @@ def calibrate(bundle_path: PathLike, normal_dir: PathLike, *, shots: int = 4, ho
     t = time.perf_counter()
     defects = list_defect_images(defects_dir) if defects_dir is not None else []
     role = "encoder_int8" if int8 and backend == "tensorrt" else "encoder"
-    with Detector(bundle, backend, threads=threads, threshold=float("inf"), encoder_role=role) as det:
+    with Detector(bundle, backend, threads=threads, threshold=float("inf"), encoder_role=role,
+                  weights=str(weights) if weights is not None else None) as det:
         precision = det.precision
         n_scores, n_maps = _score(det, pool, spec, progress, "scoring held-out normals")
         d_scores, d_maps = _score(det, [p for p, _ in defects], spec, progress, "scoring defects")

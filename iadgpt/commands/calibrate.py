@@ -33,6 +33,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="do not add rotations/flips of few (<= 8) shots to the bank")
     p.add_argument("--backend", default="onnxruntime", help="backend the station runs: onnxruntime | tensorrt | torch | cuda-graph")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--weights", type=Path, default=None,
+                   help="CLIP weights folder for --backend torch / cuda-graph (default: the local Hugging Face cache)")
     p.add_argument("--seed", type=int, default=0, help="seed of the shot and hold-out choice")
     p.add_argument("--json", type=Path, default=None, help="write the report as JSON here")
     p.add_argument("--histogram", type=Path, default=None,
@@ -47,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     report = calibrate(args.bundle, args.normal, shots=args.shots, holdout=args.holdout, defects_dir=args.defects,
                        int8=args.int8, out=args.out, target_frr=args.target_frr, method=args.method,
                        target_recall=args.target_recall, coreset=args.coreset, augment=args.augment,
-                       backend=args.backend, threads=args.threads, seed=args.seed,
+                       backend=args.backend, threads=args.threads, seed=args.seed, weights=args.weights,
                        int8_keep_float=args.int8_keep_float, histogram=histogram)
     print("\n".join(report.lines()))
     if args.json:

@@ -14,6 +14,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overlays", type=Path, help="folder for NG overlay images")
     p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt", "torch", "cuda-graph"))
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--weights", type=Path, default=None,
+                   help="CLIP weights folder the torch / cuda-graph backends rebuild from (default: the local "
+                        "Hugging Face cache); onnxruntime and tensorrt run the bundle's graphs and ignore it")
     p.add_argument("--threshold", type=float, default=None, help="override the bundle's calibrated threshold")
     p.add_argument("--max-frames", type=int, default=None)
     p.add_argument("--loop", action="store_true", help="restart files and folders at their end")
@@ -33,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = load_station_config(args.station)
     elif args.bundle and args.source:
         cfg = StationConfig(bundle=args.bundle, source=args.source, backend=args.backend, threads=args.threads,
-                            threshold=args.threshold, sinks=SinksConfig(
+                            threshold=args.threshold, weights=args.weights, sinks=SinksConfig(
                                 events=EventsConfig(path=args.events) if args.events else None,
                                 overlays=OverlaysConfig(dir=args.overlays) if args.overlays else None))
     else:
@@ -46,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
         describer = AsyncDescriber.from_options(cfg.describer.options, bundle)
         sinks = describer.share(sinks)
     try:
-        with Detector(bundle, cfg.backend, threads=cfg.threads, threshold=cfg.threshold) as det, \
+        with Detector(bundle, cfg.backend, threads=cfg.threads, threshold=cfg.threshold,
+                      weights=str(cfg.weights) if cfg.weights else None) as det, \
                 open_source(cfg.source, loop=args.loop) as source:
             stats = Station(det, source, sinks, queue_size=cfg.queue_size, stats_interval_s=cfg.stats_interval_s,
                             describer=describer).run(max_frames=args.max_frames)

@@ -75,6 +75,7 @@ class StationConfig:
     backend: str = "onnxruntime"
     threads: Optional[int] = None
     threshold: Optional[float] = None  # overrides the bundle's calibrated threshold
+    weights: Optional[Path] = None  # CLIP weights folder the torch / cuda-graph backends rebuild from
     station_id: str = "station"
     queue_size: int = 4
     stats_interval_s: float = 10.0
@@ -203,12 +204,14 @@ def load_station_config(path: Union[str, Path]) -> StationConfig:
         raise top.error("station_id", f"{station_id!r} may only use letters, digits, '_', '.' and '-' "
                                       "(it becomes part of MQTT topics and file names)")
 
+    weights_raw = top.text("weights", None)
     cfg = StationConfig(
         bundle=_resolve(base, top.text("bundle")),
         source=_resolve_source(base, str(source_raw).strip()),
         backend=top.text("backend", "onnxruntime", choices=BACKENDS),
         threads=top.integer("threads", None, lo=1),
         threshold=top.number("threshold", None),
+        weights=_resolve(base, weights_raw) if weights_raw is not None else None,
         station_id=station_id,
         queue_size=top.integer("queue_size", 4, lo=1, hi=1000),
         stats_interval_s=top.number("stats_interval_s", 10.0, positive=True),
