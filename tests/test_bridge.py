@@ -540,6 +540,8 @@ def test_scoring_answers_over_the_prompt_cache_equals_a_full_pass(embeds_llm_dir
     assert got[0] > got[1:].max()  # a plain prompt with no image: "No, there is no anomaly" is the likeliest
     with pytest.raises(DescriberError, match="after scoring 0 of 3 answers"):
         llm.score_embeds(prompt, conts, deadline=time.monotonic())  # no partial ranking past the deadline
+    with pytest.raises(DescriberError, match="closed set of answers"):
+        llm.score_embeds(prompt, [])
 
 
 @pytest.mark.slow

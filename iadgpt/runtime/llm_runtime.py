@@ -275,6 +275,8 @@ class OnnxLLM:
         at the" prefixes was tried: on the int4 SmolLM2 the short 1-3 token runs moved a score by 0.19
         nats against one full pass (int4 results depend on how tokens are split into runs), enough to
         flip close answers, so it was dropped."""
+        if not continuations:
+            raise DescriberError("score_embeds needs the closed set of answers to score; got none")
         embeds = self._check_embeds(embeds, max(len(c) for c in continuations))
         if any(len(c) == 0 for c in continuations):
             raise DescriberError("every continuation needs at least one token")
