@@ -45,6 +45,13 @@ from ..errors import EngineError
 log = logging.getLogger(__name__)
 
 RESIZE_MODES = ("exact", "antialias", "area")
+# How a frame that is not already in the pinned input buffer gets there: "torch" (Tensor.copy_ on
+# torch's CPU thread pool; fastest on a quiet host, but a parallel copy waits for its slowest
+# thread, milliseconds when the host is busy) or "numpy" (np.copyto on the calling thread: a
+# bounded tail; on a 2-core box with one busy process p99 0.9 ms vs 8.4 ms for 6 MB, p50 0.72 vs
+# 0.43 ms quiet). "torch" is what the README's GPU numbers measured; "numpy" awaits a GPU run
+# (benchmarks/gpu_latency.py variant graph-fused-compile-npcopy).
+HOST_COPIES = ("torch", "numpy")
 # torch.compile modes that do not capture CUDA graphs themselves (those cannot nest inside ours)
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 
@@ -318,6 +325,7 @@ class CudaGraphPipeline:
     device           "cuda", "cuda:N" or "cpu" (CPU runs the same forward eagerly: for tests)
     fuse             FuseOptions (or "plain" / "fused" / a dict); None = `FuseOptions.for_device`:
                      on CUDA fused + torch.compile, the fastest measured (README, GPU fast path)
+    host_copy        how frames outside `input_buffer` reach it: "torch" (default) or "numpy" (HOST_COPIES)
 
     `pipeline(frame)` takes one RGB uint8 (H, W, 3) frame and returns (map, score): the map is
     float32 at the encoder input resolution `input_spec.size` (as `Detector.score_batch` returns
@@ -331,7 +339,7 @@ class CudaGraphPipeline:
                  dtype: Any = None, device: str = "cuda", *,
                  fuse: Union[FuseOptions, Mapping[str, Any], str, None] = None, graphs: Optional[bool] = None,
                  warmup: int = 2, max_graphs: int = 4, calibration_frames: Optional[Sequence[np.ndarray]] = None,
-                 _backend: Any = None) -> None:
+                 host_copy: str = "torch", _backend: Any = None) -> None:
         try:
             import torch
         except ImportError as exc:
@@ -367,6 +375,9 @@ class CudaGraphPipeline:
             raise EngineError("graphs=True needs a CUDA device; use graphs=False on the CPU")
         self.warmup = int(warmup)
         self.max_graphs = max(1, int(max_graphs))
+        if host_copy not in HOST_COPIES:
+            raise EngineError(f"unknown host_copy {host_copy!r}; choose one of {', '.join(HOST_COPIES)}")
+        self.host_copy = host_copy
         self.captures = 0  # graphs captured so far (recaptures included)
         self._states: "OrderedDict[tuple[int, ...], _ShapeState]" = OrderedDict()
         if _backend is not None:
@@ -541,7 +552,10 @@ class CudaGraphPipeline:
         if frames.ndim == 3:
             frames = frames[None]
         if frames.__array_interface__["data"][0] != st.host_in_np.__array_interface__["data"][0]:
-            st.host_in.copy_(self._torch.from_numpy(np.ascontiguousarray(frames)))  # multi-threaded memcpy
+            if self.host_copy == "numpy":
+                np.copyto(st.host_in_np, frames)  # one thread: no wait for a descheduled pool thread
+            else:
+                st.host_in.copy_(self._torch.from_numpy(np.ascontiguousarray(frames)))  # torch's thread pool
         with self._torch.inference_mode():  # (eager backends run the forward here)
             st.graph.replay()
         self._backend.synchronize()  # the one host sync: map and score are in the pinned outputs
