@@ -26,8 +26,9 @@ the same frames (iadgpt.runtime.cuda_graph.PARITY states the tolerance).
 Batch 1: p50/p99/max over --frames calls, fps = 1000 / mean; the frame is an ordinary numpy array,
 copied into the pipeline's pinned buffer inside each timed call. "zero-copy" (graph variants): the
 frame already sits in `pipeline.input_buffer(shape)`, as when a camera driver writes into it; the
-write is outside the timing. Batch 16: --batch16-iters calls of 16 frames, fps = 16 * 1000 / mean. `--budget-s` skips optional work (batch 16, extra variants) once the
-time is spent and says so in the JSON.
+write is outside the timing. Batch 16: --batch16-iters calls of 16 frames, fps = 16 * 1000 / mean.
+`--budget-s` skips optional work (batch 16, extra variants) once the time is spent and says so in
+the JSON.
 """
 from __future__ import annotations
 
@@ -54,7 +55,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 PRESETS = ("clip-vit-l14-336", "clip-vit-h14", "efficientnet-lite0")
 VARIANTS = ("hf-eager", "graph-plain", "graph-fused", "graph-fused-fp8", "eager-fused", "graph-fused-antialias",
             "graph-fused-compile", "graph-fused-compile-npcopy", "onnxruntime")
-DEFAULT_VARIANTS = "hf-eager,graph-plain,graph-fused,graph-fused-compile,graph-fused-compile-npcopy,eager-fused,onnxruntime"
+DEFAULT_VARIANTS = ("hf-eager,graph-plain,graph-fused,graph-fused-compile,graph-fused-compile-npcopy,eager-fused,"
+                    "onnxruntime")
 THIS_PATH = ("graph-fused-compile", "graph-fused")  # the bars are checked on the first one measured
 # The issue's bars for "this path", batch 1, p99 in ms: (must, goal); and vs hf-eager.
 BARS = {"clip-vit-l14-336": (2.6, 2.0), "clip-vit-h14": (3.4, 2.5)}

@@ -169,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
               if args.fps else "back to back")
     print(f"{report['environment']['cpu']}, {report['environment']['cores']} cores; {args.frames} frames "
           f"{args.frame_size}x{args.frame_size} after {args.warmup} warm-up, {pacing}")
-    print("| bundle | backend | precision | p50 ms | p99 ms | max ms | capacity fps | stages p50/p99 ms |\n|---|---|---|---|---|---|---|---|")
+    print("| bundle | backend | precision | p50 ms | p99 ms | max ms | capacity fps | stages p50/p99 ms |\n"
+          "|---|---|---|---|---|---|---|---|")
     for r in runs:
         e = r["end_to_end"]
         st = ", ".join(f"{k} {v['p50_ms']:.1f}/{v['p99_ms']:.1f}" for k, v in r["stages"].items())

@@ -31,7 +31,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="coreset fraction of the new bank, e.g. 0.1 (default: the bundle's)")
     p.add_argument("--no-augment", dest="augment", action="store_false", default=None,
                    help="do not add rotations/flips of few (<= 8) shots to the bank")
-    p.add_argument("--backend", default="onnxruntime", help="backend the station runs: onnxruntime | tensorrt | torch | cuda-graph")
+    p.add_argument("--backend", default="onnxruntime",
+                   help="backend the station runs: onnxruntime | tensorrt | torch | cuda-graph")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--weights", type=Path, default=None,
                    help="CLIP weights folder for --backend torch / cuda-graph (default: the local Hugging Face cache)")

@@ -20,7 +20,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-augment", dest="augment", action="store_false", default=None,
                    help="do not add rotations/flips of few shots to the bank")
     p.add_argument("--bundle", type=Path, default=None, help="evaluate an exported bundle through an engine")
-    p.add_argument("--backend", default="onnxruntime", help="engine for --bundle: onnxruntime | torch | tensorrt | cuda-graph")
+    p.add_argument("--backend", default="onnxruntime",
+                   help="engine for --bundle: onnxruntime | torch | tensorrt | cuda-graph")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", type=Path, default=None, help="write the metrics as JSON here")
     p.add_argument("--plots", type=Path, default=None, help="write a ROC curve and hardest-case overlays here")
