@@ -38,23 +38,19 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def mask_arg_count(layer: nn.Module) -> int:
-    """Positional mask arguments a CLIPEncoderLayer takes after hidden_states: 2 in transformers 4.x
-    (attention_mask, causal_attention_mask), 1 in 5.x (attention_mask; the rest moved to kwargs)."""
-    return _mask_arg_count(type(layer))
-
-
 @lru_cache(maxsize=None)
-def _mask_arg_count(layer_type: type) -> int:  # once per class: forward calls it per layer
+def _mask_arg_count(layer_type: type) -> int:
+    """Positional mask arguments a CLIPEncoderLayer takes after hidden_states: 2 in transformers 4.x
+    (attention_mask, causal_attention_mask), 1 in 5.x (attention_mask; the rest moved to kwargs).
+    Cached per class: forward passes ask once per layer."""
     params = [p for p in inspect.signature(layer_type.forward).parameters.values()
               if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     return sum(1 for p in params[2:4] if "mask" in p.name)  # [0] is self, [1] hidden_states
 
 
-def run_encoder_layer(layer: nn.Module, x: torch.Tensor, n_masks: Optional[int] = None) -> torch.Tensor:
+def run_encoder_layer(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """One unmasked CLIPEncoderLayer call -> the residual stream (4.x returns a tuple, 5.x a tensor)."""
-    n = mask_arg_count(layer) if n_masks is None else n_masks
-    y = layer(x, *([None] * n))
+    y = layer(x, *([None] * _mask_arg_count(type(layer))))
     return y[0] if isinstance(y, (tuple, list)) else y
 
 

@@ -48,9 +48,9 @@ RESIZE_MODES = ("exact", "antialias", "area")
 # How a frame that is not already in the pinned input buffer gets there: "torch" (Tensor.copy_ on
 # torch's CPU thread pool; fastest on a quiet host, but a parallel copy waits for its slowest
 # thread, milliseconds when the host is busy) or "numpy" (np.copyto on the calling thread: a
-# bounded tail; on a 2-core box with one busy process p99 0.9 ms vs 8.4 ms for 6 MB, p50 0.72 vs
-# 0.43 ms quiet). "torch" is what the README's GPU numbers measured; "numpy" awaits a GPU run
-# (benchmarks/gpu_latency.py variant graph-fused-compile-npcopy).
+# bounded tail; `benchmarks/host_copy.py --busy 1` on a 2-core box, 6 MB: p99 1.1-1.3 ms vs
+# 8.1-8.4 ms; quiet p50 0.72-0.79 vs 0.41-0.44 ms). "torch" is what the README's GPU numbers
+# measured; "numpy" awaits a GPU run (benchmarks/gpu_latency.py variant graph-fused-compile-npcopy).
 HOST_COPIES = ("torch", "numpy")
 # torch.compile modes that do not capture CUDA graphs themselves (those cannot nest inside ours)
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
@@ -149,8 +149,8 @@ class FuseOptions:
     @classmethod
     def for_device(cls, device_type: str) -> "FuseOptions":
         """The defaults (`fuse=None`): the fastest options measured per device. On CUDA the fused
-        modules compiled with torch.compile("default") (NVIDIA H200, ViT-L/14@336 graph replay
-        2.21 -> 1.71 ms, ViT-H/14 2.45 -> 2.12 ms; 22-27 s of compilation once per process and
+        modules compiled with torch.compile("default") (NVIDIA H200, graph replay ViT-L/14@336
+        2.20 -> 1.79 ms, ViT-H/14 2.46 -> 2.21 ms; 20-24 s of compilation once per process and
         batch size); elsewhere uncompiled (CPU runs are for tests)."""
         return cls(compile="default") if device_type == "cuda" else cls()
 

@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import EngineError
-from ..models.clip import mask_arg_count, run_encoder_layer
+from ..models.clip import run_encoder_layer
 
 log = logging.getLogger(__name__)
 
@@ -230,14 +230,13 @@ class PlainCLIPVision(nn.Module):
         self.embeddings = copy.deepcopy(vm.embeddings)
         self.pre_ln = copy.deepcopy(vm.pre_layrnorm)
         self.layers = nn.ModuleList(copy.deepcopy(layer) for layer in vm.encoder.layers[: self.taps[-1]])
-        self.n_masks = mask_arg_count(self.layers[0]) if len(self.layers) else 0
         _frozen(self)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         h = self.pre_ln(self.embeddings(x))
         feats = []
         for i, layer in enumerate(self.layers, start=1):
-            h = run_encoder_layer(layer, h, self.n_masks)
+            h = run_encoder_layer(layer, h)
             if i in self.taps:
                 feats.append(h[:, 1:, :].transpose(1, 2).unflatten(2, (self.grid, self.grid)))
         return feats

@@ -1,0 +1,71 @@
+#!/usr/bin/env python3
+"""How long a camera frame takes to reach a pinned-style buffer, quiet and with busy neighbours.
+
+    python benchmarks/host_copy.py --busy 0
+    python benchmarks/host_copy.py --busy 1     # one process spinning on a core, as a loaded station
+
+Compares the two `CudaGraphPipeline(host_copy=...)` modes on the host side (no GPU needed):
+"torch" (Tensor.copy_ on torch's CPU thread pool) and "numpy" (np.copyto on the calling thread),
+over frames rotated so the source is not cache-hot. A parallel copy waits for its slowest thread,
+so its tail grows when another process takes a core; a one-thread copy does not wait for anyone.
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import time
+
+import numpy as np
+
+
+def _spin(stop: "mp.synchronize.Event") -> None:
+    while not stop.is_set():
+        pass
+
+
+def _time(fn, frames: list[np.ndarray], n: int) -> dict:
+    out = []
+    for i in range(n):
+        src = frames[i % len(frames)]
+        t0 = time.perf_counter()
+        fn(src)
+        out.append((time.perf_counter() - t0) * 1e3)
+    a = np.asarray(out)
+    return {"p50_ms": round(float(np.percentile(a, 50)), 3), "p99_ms": round(float(np.percentile(a, 99)), 3),
+            "max_ms": round(float(a.max()), 2)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--frame-size", default="1920x1080", help="WIDTHxHEIGHT of the RGB uint8 frame")
+    p.add_argument("--busy", type=int, default=0, help="processes spinning on a core during the timing")
+    p.add_argument("--calls", type=int, default=300)
+    args = p.parse_args(argv)
+    import torch
+
+    w, h = (int(v) for v in args.frame_size.lower().split("x"))
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (1, h, w, 3), dtype=np.uint8) for _ in range(8)]
+    dst = torch.empty((1, h, w, 3), dtype=torch.uint8)
+    dst_np = dst.numpy()
+    stop = mp.Event()
+    hogs = [mp.Process(target=_spin, args=(stop,), daemon=True) for _ in range(args.busy)]
+    for proc in hogs:
+        proc.start()
+    try:
+        time.sleep(0.3 if hogs else 0.0)
+        res = {"torch": _time(lambda s: dst.copy_(torch.from_numpy(s)), frames, args.calls),
+               "numpy": _time(lambda s: np.copyto(dst_np, s), frames, args.calls)}
+    finally:
+        stop.set()
+        for proc in hogs:
+            proc.join(timeout=5)
+    print(f"{w}x{h} RGB frame ({frames[0].nbytes / 1e6:.1f} MB), torch threads {torch.get_num_threads()}, "
+          f"{args.busy} busy process(es), {args.calls} calls")
+    for mode, r in res.items():
+        print(f"  host_copy={mode:6s} p50 {r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms  max {r['max_ms']:.2f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
