@@ -583,7 +583,7 @@ def test_gpu_graph_matches_eager_and_onnx_reference(kind, tiny, tiny_text, lite,
     if kind == "text":
         backbone, scorer, refs, flat = tiny, TextPromptScorer.from_backbone(tiny).eval(), [tiny_text], False
     else:
-        (scorer, bank), backbone, refs, flat = lite_bank, lite, [lite_bank[1]], True
+        (scorer, _), backbone, refs, flat = lite_bank, lite, [lite_bank[1]], True
     frames = _frames(3, size=400, start=2)
     ref_maps, ref_scores = _reference(backbone, scorer, refs, frames, flat)  # == ORT-CPU (tests above)
     graph = CudaGraphPipeline(backbone, scorer, refs, backbone.input_spec)  # CUDA defaults: fp16, fused, compiled

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from iadgpt.errors import ScorerError
+from iadgpt.errors import BundleError, ScorerError
 from iadgpt.models.fusion import WEIGHT_GRID
 from iadgpt.models.backbones import get_backbone
 from iadgpt.models.train import (CHECKPOINT_FORMAT, TrainConfig, build_pool, load_checkpoint, load_decoder,
@@ -186,6 +186,9 @@ def test_export_bundle_with_decoder(tmp_path, trained, images, shots, weight) ->
     with Detector(bundle, "onnxruntime", threshold=float("inf")) as det:
         maps, scores = det.score_batch(to_batch(images[4:6], bundle.input_spec))[:2]
     assert maps.shape == (2, SIZE, SIZE) and scores.shape == (2,) and np.isfinite(maps).all()
+    # the decoder's weights are in the ONNX only: the torch backend says so and names the way out
+    with pytest.raises(BundleError, match="--backend onnxruntime"):
+        Detector(bundle, "torch", threshold=float("inf"))
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -123,7 +123,7 @@ class FuseOptions:
                    Triton kernels fuse the norms, activations and residual adds around the cuBLAS
                    GEMMs; "max-autotune-no-cudagraphs" also autotunes GEMMs, minutes); None = no
                    compilation. The resize is not compiled, so a new frame size recaptures
-                   without recompiling; a new batch size recompiles (~25 s for ViT-L on an H200).
+                   without recompiling; a new batch size recompiles (20-25 s for ViT-L on an H200).
     fp8            FP8 (e4m3) GEMMs for the ViT linear layers (Hopper/Ada, compute capability >= 8.9),
                    per-tensor weight scales and static activation scales calibrated on
                    `calibration_frames`. Needs sdpa=True.
