@@ -178,8 +178,10 @@ def test_export_bundle_with_decoder(tmp_path, trained, images, shots, weight) ->
             val = {name for name, _defect in choice["images"]}
             shots = set(bundle.references["memory_bank"]["provenance"]["files"])
             assert not val & set(fusion["stats_images"]) and not val & shots
-            assert [w for w, _ in choice["grid"]] == list(WEIGHT_GRID) and 0.5 < max(a for _, a in choice["grid"]) <= 1
-            assert fusion["weight"] == max(choice["grid"], key=lambda r: r[1])[0]
+            weights, aurocs, errors = (list(col) for col in zip(*choice["grid"]))
+            assert weights == list(WEIGHT_GRID) and 0.5 < max(aurocs) <= 1 and min(errors) >= 0
+            best = int(np.argmax(aurocs))  # the one-SE rule: the smallest weight within one SE of the best
+            assert fusion["weight"] == next(w for w, a in zip(weights, aurocs) if a >= aurocs[best] - errors[best])
         else:
             assert fusion["weight"] == weight and choice == {"method": "given"} and len(fusion["stats_images"]) == 4
     assert bundle.scorer["decoder"]["step"] == CFG.steps

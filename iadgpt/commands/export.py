@@ -24,8 +24,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--decoder", type=Path, default=None,
                    help="trained decoder checkpoint (iadgpt train): alone, or fused with the --shots K bank")
     p.add_argument("--fusion-weight", default="auto",
-                   help="decoder+bank fusion weight of the decoder in [0, 1], or auto: the best pixel AUROC on "
-                        "held-out normal images with painted defects [auto]")
+                   help="decoder+bank fusion weight of the decoder in [0, 1], or auto: the smallest weight within one "
+                        "standard error of the best pixel AUROC on held-out normal images with painted defects [auto]")
     p.add_argument("--out", required=True, type=Path, help="bundle directory to write (replaced atomically)")
     p.set_defaults(run=run)
 
@@ -42,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
     if fusion:
         choice = fusion["weight_choice"]
         print(f"fusion weight {fusion['weight']:g} ({choice['method']})")
-        for w, auroc in choice.get("grid", []):
-            print(f"  w {w:<4g}  validation P-AUROC {100 * auroc:.2f}  ({len(choice['images'])} images)")
+        for w, auroc, *se in choice.get("grid", []):  # bundles before the one-SE rule have no standard error
+            spread = f" +- {100 * se[0]:.2f}" if se else ""
+            print(f"  w {w:<4g}  validation P-AUROC {100 * auroc:.2f}{spread}  ({len(choice['images'])} images)")
     return 0

@@ -21,23 +21,24 @@ The weight w is chosen at export time without the test set (`--fusion-weight aut
 the normal images of the train dir that are neither bank shots nor statistics images get one
 defect each painted on their foreground (the `runtime.synthetic` painters: scratch, crack, hole,
 stain, missing; a different generator from the NSA the decoder is trained on), and w is the
-`WEIGHT_GRID` entry with the best pixel AUROC on them. The bundle config records the grid with
-its validation P-AUROC and the image names (`fusion.weight_choice`).
+SMALLEST `WEIGHT_GRID` entry whose pixel AUROC on them is within one bootstrap standard error of
+the best (`pick_weight`, the one-standard-error rule). The bundle config records the grid with
+its validation P-AUROC and standard error, and the image names (`fusion.weight_choice`).
 
-Measured (efficientnet-lite0, 1-shot bank, seed 0; README table), test I-AUROC / P-AUROC / AUPRO:
-- bottle (40 validation images): validation P-AUROC 98.93 at w 0 (bank), 99.02 at 0.2 and 0.3,
-  98.67 at 1 (decoder); picks 0.3. Test: fused 100.00 / 98.87 / 95.29, bank 99.92 / 98.92 /
-  94.73, decoder 99.60 / 96.82 / 79.67: the image score and AUPRO gain, pixel AUROC does not;
-- metal_plate (26): validation 94.50 at w 0, 95.74 at 0.5, 90.11 at 1; picks 0.5. Test: fused
-  98.05 / 98.18 / 89.76, bank 98.97 / 98.44 / 89.78, decoder 59.21 / 63.93 / 23.16: worse.
-So with an honestly chosen weight the fusion does NOT beat the bank's pixel AUROC on either
-category. The painted defects (stark scratches, holes, stains) are found by the decoder almost
-as well as by the bank (on metal_plate 90 vs 95 while the real rust and dents give it 64), so
-they overrate the decoder, less than NSA does but still too much.
+Why the rule: the painted defects are synthetic and overrate the decoder (trained on synthetic
+defects: bottle validation P-AUROC 98.7-99.1 alone vs 96.82 on the real defects), and 40 images
+resolve ~0.15 points. Test I-AUROC / P-AUROC / AUPRO means over three 1-shot banks (README table;
+efficientnet-lite0): bottle bank 99.84 / 98.92 / 94.72, one-SE rule (w 0, 0.3, 0.3) 99.97 / 98.89 /
+95.12, best validation weight (w 0.3, 0.75, 0.75) 100.00 / 98.14 / 94.13; metal_plate bank 99.15 /
+98.31 / 89.12, one-SE (0.2, 0, 0.2) 98.97 / 98.36 / 89.49, best (0.5 x 3) 98.28 / 97.98 / 88.73.
+So the fusion does NOT beat the bank's pixel AUROC on bottle with an honestly chosen weight (it
+gains image AUROC and AUPRO); a fixed w = 0.1 does on all three shots (+0.02 to +0.04), but that
+weight was found by looking at the bottle test set, and the synthetic defects cannot single it out.
 
-History: a fixed w = 0.1 was first picked by looking at these test sets (bottle P-AUROC 98.95
-vs the bank's 98.92; an optimistic pick), and a weight chosen on NSA anomalies picks 0.75
-(P-AUROC 97.80 / 95.23 on bottle / metal_plate): the decoder was trained on that distribution.
+History (seed 0, under the best-weight rule): a fixed w = 0.1 was first picked by looking at these
+test sets (bottle P-AUROC 98.95 vs the bank's 98.92; an optimistic pick), and a weight chosen on
+NSA anomalies picks 0.75 (P-AUROC 97.80 / 95.23 on bottle / metal_plate): the decoder was trained
+on that distribution.
 Also tried: the decoder's softmax probability instead of its log-odds (it saturates at 0/1 and
 the mean loses to the bank, bottle 98.2-98.3), scaling by the 99.9th percentile of the normal
 maps instead of the std (no better); on bottle (same validation / test, P-AUROC; a one-off
@@ -73,11 +74,13 @@ from .scorers import QUERY_CHUNK, PatchEmbedder, nearest_distances
 log = logging.getLogger(__name__)
 
 __all__ = ["DecoderScorer", "FusedScorer", "fit_fusion", "choose_fusion_weight", "pick_weight", "validation_set",
-           "export_decoder_scorer", "DECODER_KIND", "FUSED_KIND", "WEIGHT_GRID"]
+           "export_decoder_scorer", "DECODER_KIND", "FUSED_KIND", "WEIGHT_GRID", "BOOTSTRAP_RESAMPLES"]
 
 DECODER_KIND = "decoder"
 FUSED_KIND = "decoder+memory_bank"
 WEIGHT_GRID = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0)  # fusion weights tried by --fusion-weight auto
+BOOTSTRAP_RESAMPLES = 100  # image resamples for the standard error of the validation AUROC (pick_weight)
+SE_STRIDE = 4  # the bootstrap reads every 4th pixel per axis: a noise estimate, 16x fewer pixels to rank
 
 
 class DecoderScorer(nn.Module):
@@ -162,29 +165,56 @@ def fit_fusion(fused: FusedScorer, normal_features: Sequence[torch.Tensor], bank
     return stats
 
 
-def pick_weight(zd: np.ndarray, zb: np.ndarray, masks: np.ndarray, grid: Sequence[float] = WEIGHT_GRID,
+def pick_weight(zd: np.ndarray, zb: np.ndarray, masks: np.ndarray, grid: Sequence[float] = WEIGHT_GRID, *,
+                resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0,
                 progress: bool = False) -> tuple[float, list[list[float]]]:
-    """The grid weight w whose map w * zd + (1 - w) * zb has the highest pixel AUROC against `masks`.
+    """The fusion weight by the one-standard-error rule: the SMALLEST grid weight (the closest to the
+    training-free bank) whose pixel AUROC of w * zd + (1 - w) * zb is within one standard error of
+    the best weight's.
 
-    zd, zb: (N, H, W) normalised (and smoothed) decoder and bank maps; masks (N, H, W) bool. Ties
-    go to the first weight in grid order. Returns (w, [[w, pixel AUROC], ...]).
+    Why not the best weight: the validation defects are synthetic, so they overrate the decoder
+    (trained on synthetic defects) by an unknown amount, and with a few dozen images neighbouring
+    weights differ by less than the noise (module docstring: the plain argmax picked 0.75 for two of
+    three bottle shots and cost 1.1 points of test P-AUROC). The standard error is a bootstrap over
+    the validation IMAGES (`resamples` draws, seeded), on every `SE_STRIDE`-th pixel: it measures
+    noise, so coarse pixels suffice; the AUROCs in the table are exact. resamples=0 gives the plain
+    best weight (ties to the smallest).
+
+    zd, zb: (N, H, W) normalised (and smoothed) decoder and bank maps; masks (N, H, W) bool.
+    Returns (w, [[w, pixel AUROC, standard error], ...]) in ascending w.
     """
     from ..metrics import pixel_auroc
 
-    weights = [float(w) for w in grid]
+    weights = sorted(float(w) for w in grid)
+    it = weights
     if progress:
         from tqdm import tqdm
-        weights = tqdm(weights, desc="fusion weight", unit="w", leave=False)
-    table = [[w, float(pixel_auroc(masks, w * zd + (1.0 - w) * zb))] for w in weights]
-    best = table[int(np.argmax([a for _, a in table]))][0]
-    return best, table
+        it = tqdm(weights, desc="fusion weight", unit="w", leave=False)
+    aurocs = np.array([float(pixel_auroc(masks, w * zd + (1.0 - w) * zb)) for w in it])
+    errors = np.zeros(len(weights))
+    n = len(masks)
+    if resamples > 0 and n > 1:
+        rng = np.random.default_rng(seed)
+        step = SE_STRIDE if masks[:, ::SE_STRIDE, ::SE_STRIDE].any() else 1  # defects thinner than the stride
+        sub = (slice(None), slice(None, None, step), slice(None, None, step))
+        d, b, m = zd[sub], zb[sub], masks[sub]
+        draws = np.empty((resamples, len(weights)))
+        for r in range(resamples):
+            idx = rng.integers(0, n, n)
+            if not m[idx].any():  # a draw of images without defect pixels has no AUROC
+                idx = np.arange(n)
+            draws[r] = [pixel_auroc(m[idx], w * d[idx] + (1.0 - w) * b[idx]) for w in weights]
+        errors = draws.std(axis=0)
+    best = int(np.argmax(aurocs))
+    pick = next(i for i in range(len(weights)) if aurocs[i] >= aurocs[best] - errors[best])
+    return weights[pick], [[w, float(a), float(e)] for w, a, e in zip(weights, aurocs, errors)]
 
 
 @torch.no_grad()
 def choose_fusion_weight(fused: FusedScorer, features: Sequence[torch.Tensor], masks: np.ndarray, bank: torch.Tensor,
-                         grid: Sequence[float] = WEIGHT_GRID, batch_size: int = 8,
-                         progress: bool = False) -> tuple[float, list[list[float]]]:
-    """Set `fused.weight` to the grid weight with the best pixel AUROC on labelled validation images.
+                         grid: Sequence[float] = WEIGHT_GRID, batch_size: int = 8, resamples: int = BOOTSTRAP_RESAMPLES,
+                         seed: int = 0, progress: bool = False) -> tuple[float, list[list[float]]]:
+    """Set `fused.weight` to the `pick_weight` choice on labelled validation images.
 
     Call after `fit_fusion` (the maps are normalised with its statistics). The smoothing is linear,
     so each map is normalised and smoothed once and every weight is a mix of the two.
@@ -195,11 +225,12 @@ def choose_fusion_weight(fused: FusedScorer, features: Sequence[torch.Tensor], m
         dmap, bmap = fused.raw_maps([f[i:i + batch_size].float() for f in features], bank)
         zd.append(fused.blur((dmap - s[0]) / s[1]).numpy())
         zb.append(fused.blur((bmap - s[2]) / s[3]).numpy())
-    best, table = pick_weight(np.concatenate(zd), np.concatenate(zb), masks, grid, progress)
-    fused.weight.fill_(best)
-    log.info("fusion weight %.2f chosen on %d validation images (pixel AUROC %s)", best, len(masks),
-             ", ".join(f"w {w:g}: {100 * a:.2f}" for w, a in table))
-    return best, table
+    pick, table = pick_weight(np.concatenate(zd), np.concatenate(zb), masks, grid, resamples=resamples, seed=seed,
+                              progress=progress)
+    fused.weight.fill_(pick)
+    log.info("fusion weight %.2f chosen on %d validation images (pixel AUROC +- standard error: %s)", pick, len(masks),
+             ", ".join(f"w {w:g}: {100 * a:.2f} +- {100 * e:.2f}" for w, a, e in table))
+    return pick, table
 
 
 def validation_set(paths: Sequence[Path], backbone: nn.Module, kind: str = "auto",
@@ -342,7 +373,7 @@ def decoder_scorer_for_bundle(checkpoint: Union[str, Path], backbone: nn.Module,
     shots None: the decoder alone (kind "decoder", no references). shots k (0 = all images of
     `train_dir`): the decoder fused with the k-shot memory bank (kind "decoder+memory_bank"); the
     fusion statistics come from up to `max_normals` images of `train_dir` that are NOT in the bank.
-    fusion_weight "auto": the weight is the `WEIGHT_GRID` entry with the best pixel AUROC on up to
+    fusion_weight "auto": the weight is the `pick_weight` choice (one-standard-error rule) on up to
     `max_validation` further held-out normal images (half the non-bank images at most) with painted
     defects (`validation_set`); a number in [0, 1] is used as given.
     Returns {"module", "bank" (None or (M, D)), "arrays": [(name, array, provenance)], "config",
@@ -405,9 +436,10 @@ def decoder_scorer_for_bundle(checkpoint: Union[str, Path], backbone: nn.Module,
         t0 = time.perf_counter()
         images, masks, painted = validation_set(val, backbone, meta.get("nsa_kind", "auto"), seed)
         weight, table = choose_fusion_weight(fused, encode(backbone, images), masks, torch.from_numpy(bank),
-                                            progress=progress)
-        choice = {"method": "grid search: pixel AUROC on held-out normals with painted defects",
-                  "grid": table, "images": painted,
+                                            seed=seed, progress=progress)
+        choice = {"method": "one-standard-error rule: the smallest grid weight whose pixel AUROC on held-out normals "
+                            "with painted defects is within one bootstrap standard error of the best",
+                  "grid": table, "resamples": BOOTSTRAP_RESAMPLES, "images": painted,
                   "seed": int(seed), "seconds": round(time.perf_counter() - t0, 1)}
     arrays = [("memory_bank", bank, {
         "images": image_hashes(picked), "files": [p.name for p in picked], "train_dir": str(Path(train_dir).absolute()),
