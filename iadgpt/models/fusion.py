@@ -60,7 +60,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -199,7 +199,11 @@ def pick_weight(zd: np.ndarray, zb: np.ndarray, masks: np.ndarray, grid: Sequenc
         sub = (slice(None), slice(None, None, step), slice(None, None, step))
         d, b, m = zd[sub], zb[sub], masks[sub]
         draws = np.empty((resamples, len(weights)))
-        for r in range(resamples):
+        rounds: Iterable[int] = range(resamples)
+        if progress:
+            from tqdm import tqdm
+            rounds = tqdm(rounds, desc="fusion weight: bootstrap", unit="draw", leave=False)
+        for r in rounds:
             idx = rng.integers(0, n, n)
             if not m[idx].any():  # a draw of images without defect pixels has no AUROC
                 idx = np.arange(n)
