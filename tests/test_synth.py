@@ -70,6 +70,32 @@ def test_patches_labels_and_placement(parts: NSASynthesizer) -> None:
     assert any(parts.sample(i, seed=0).mask.any() for i in range(12))
 
 
+def test_colour_changes_move_the_colour_not_the_texture() -> None:
+    """colour=1: every patch is a recoloured blob of the part itself, in place: the mean colour in
+    the box moves (what Poisson pastes never do), the labelled pixels are where it moved, nothing
+    outside the boxes changes; colour=0 draws exactly the plain NSA samples."""
+    images = _images()
+    plain = NSASynthesizer(images, config=config_for("object"))
+    assert config_for("object").colour == 0.0
+    same = NSASynthesizer(images, config=config_for("object", colour=0.0))
+    assert all(np.array_equal(plain.sample(i, 0).image, same.sample(i, 0).image) for i in range(4))
+    colour = NSASynthesizer(images, config=config_for("object", colour=1.0))
+    shifts = []
+    for i in range(8):
+        s = colour.sample(i, seed=0)
+        base = colour.images[s.target]
+        assert s.sources == [s.target] * len(s.boxes)  # recoloured in place, nothing pasted
+        inside = np.zeros(base.shape[:2], bool)
+        for x, y, w, h in s.boxes:
+            inside[y:y + h, x:x + w] = True
+        assert np.array_equal(s.image[~inside], base[~inside]) and not s.label[~inside].any()
+        if s.mask.any():
+            shifts.append(np.abs(s.image[s.mask].astype(float).mean(0) - base[s.mask].astype(float).mean(0)).max())
+    assert len(shifts) >= 4 and min(shifts) > 10  # grey levels of mean colour change under the mask
+    with pytest.raises(DataError, match="colour probability"):
+        config_for("object", colour=1.5)
+
+
 def test_logistic_intensity_label() -> None:
     before = np.full((20, 20, 3), 100, np.uint8)
     after = before.copy()

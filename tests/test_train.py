@@ -120,6 +120,9 @@ def test_refusals(tmp_path, backbone, images, pool, trained) -> None:
     with pytest.raises(ScorerError, match="same settings"):
         train_decoder(backbone, images, trained.checkpoint, replace(CFG, steps=30, embed_dim=32), pool=pool,
                       progress=False, resume=True)
+    with pytest.raises(ScorerError, match="same settings"):  # another anomaly mix is another run
+        train_decoder(backbone, images, trained.checkpoint, replace(CFG, steps=30, colour=0.5), pool=pool,
+                      progress=False, resume=True)
     with pytest.raises(ScorerError, match="larger --steps"):
         train_decoder(backbone, images, trained.checkpoint, replace(CFG, steps=10), pool=pool, progress=False,
                       resume=True)
@@ -139,10 +142,11 @@ def test_cli_train(tmp_path, monkeypatch) -> None:
     for i in range(3):
         cv2.imwrite(str(good / f"{i:03d}.png"), cv2.cvtColor(product.sample(i).image, cv2.COLOR_RGB2BGR))
     out = tmp_path / "dec.safetensors"
-    args = ["train", "--data", str(tmp_path / "data"), "--category", "part", "--resolution", str(SIZE), "--out",
+    args = ["train", "--nsa-colour", "0.5", "--data", str(tmp_path / "data"), "--category", "part",
+            "--resolution", str(SIZE), "--out",
             str(out), "--steps", "2", "--pool-size", "4", "--batch-size", "4"]
     assert main(args) == 0
-    assert load_checkpoint(out)[1]["step"] == 2
+    assert load_checkpoint(out)[1]["step"] == 2 and load_checkpoint(out)[1]["train_config"]["colour"] == 0.5
     assert main(args[:-6] + ["--steps", "3", "--pool-size", "4", "--batch-size", "4", "--resume"]) == 0
     assert load_checkpoint(out)[1]["step"] == 3
     assert main(args) == 2  # exists, no --resume: refused with a message

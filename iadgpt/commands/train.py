@@ -40,6 +40,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layers", default=None,
                    help="tapped layers the decoder reads, e.g. 1,2 [efficientnet-lite0: 1,2; others: all]")
     p.add_argument("--kind", choices=("auto", "object", "texture"), default=None, help="NSA product kind [auto]")
+    p.add_argument("--nsa-colour", dest="colour", type=float, default=None,
+                   help="[0] share of NSA patches that are colour changes in place (rust, stains) instead of pastes")
     p.add_argument("--seed", type=int, default=None, help="[0]")
     p.add_argument("--checkpoint-every", type=int, default=None, help="[500]")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -54,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from ..models.train import train
 
     names = ("steps", "batch_size", "lr", "weight_decay", "pool_size", "augment", "embed_dim", "hidden", "kind",
-             "seed", "checkpoint_every")
+             "colour", "seed", "checkpoint_every")
     config = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     if args.layers:
         try:

@@ -12,6 +12,11 @@ Objects (bottle, metal plate): patches land on the part's foreground, never on t
 (a patch of table pasted on table is not a defect), and are cut from the source's foreground.
 Textures (the whole frame is material): anywhere.
 
+Opt-in extension (``NSAConfig.colour``, ``iadgpt train --nsa-colour P``): a share of the patches
+is a colour change in place instead of a paste, because Poisson blending cannot make the
+discolourations (rust, stains) some products fail on. MPDD metal_plate decoder P-AUROC 63.9 ->
+81.2 with P = 0.5; bottle 96.8 -> 96.2 (README); off by default, as in the paper.
+
 Deterministic: sample ``index`` with ``seed`` draws from ``np.random.default_rng([seed, index])``.
 """
 from __future__ import annotations
@@ -56,6 +61,7 @@ class NSAConfig:
     logistic: tuple[float, float] = (1 / 12, 24.0)  # (k, x0): label = sigmoid(k * (change - x0)), change in grey levels
     min_label_area: float = 0.002  # a synthesized image whose binary mask covers less (x side^2) is redrawn
     tries: int = 20
+    colour: float = 0.0  # probability that a patch is a colour change in place instead of a paste (see below)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -67,6 +73,8 @@ class NSAConfig:
             a, b = getattr(self, name)
             if not 0 < a <= b:
                 raise DataError(f"NSA {name} bounds {(a, b)} must satisfy 0 < lo <= hi")
+        if not 0.0 <= self.colour <= 1.0:
+            raise DataError(f"NSA colour probability {self.colour} must be in [0, 1]")
         if self.width[1] >= 0.9:
             raise DataError(f"NSA width bound {self.width[1]} leaves no room to place a patch; keep it below 0.9")
 
@@ -255,6 +263,13 @@ class NSASynthesizer:
             dst = self._place(rng, t, w, h)
             if dst is None:
                 continue
+            if c.colour > 0 and rng.random() < c.colour:
+                x, y = dst
+                image = _colour_change(image, x, y, w, h, rng)
+                changed[y:y + h, x:x + w] = True
+                sources.append(t)
+                boxes.append((x, y, w, h))
+                continue
             scale = math.exp(rng.uniform(math.log(c.scale[0]), math.log(c.scale[1])))
             sw, sh = max(_MIN_SIDE, int(round(w * scale))), max(_MIN_SIDE, int(round(h * scale)))
             src = self._place(rng, s, sw, sh)
@@ -288,6 +303,23 @@ def _poisson_paste(dst: np.ndarray, patch: np.ndarray, x: int, y: int) -> np.nda
     # Centre of the non-zero box [1, w-2] x [1, h-2] in dst coordinates, as seamlessClone computes it.
     center = (x + 1 + (w - 2) // 2, y + 1 + (h - 2) // 2)
     return cv2.seamlessClone(np.ascontiguousarray(patch), dst, mask, center, cv2.NORMAL_CLONE)
+
+
+def _colour_change(image: np.ndarray, x: int, y: int, w: int, h: int, rng: np.random.Generator) -> np.ndarray:
+    """Recolour a soft elliptical blob inside the box (x, y, w, h): per-channel gain and offset
+    (rust, stains, discolouration). Poisson blending cannot make such defects: it keeps the pasted
+    gradients and takes its colour level from the surroundings, so a decoder trained on NSA alone
+    never sees a change of colour. The texture under the blob stays; only its colour moves."""
+    blob = np.zeros((h, w), np.float32)
+    axes = (max(2, int(w * rng.uniform(0.25, 0.5))), max(2, int(h * rng.uniform(0.25, 0.5))))
+    cv2.ellipse(blob, (w // 2, h // 2), axes, float(rng.uniform(0, 180)), 0, 360, 1.0, -1)
+    blob = cv2.GaussianBlur(blob, (0, 0), max(1.0, 0.12 * min(w, h)))
+    alpha = (blob / max(float(blob.max()), 1e-6) * rng.uniform(0.6, 1.0))[..., None]
+    region = image[y:y + h, x:x + w].astype(np.float32)
+    shifted = region * rng.uniform(0.55, 1.45, 3) + rng.uniform(-45.0, 45.0, 3)
+    out = image.copy()
+    out[y:y + h, x:x + w] = np.clip(region * (1.0 - alpha) + shifted * alpha, 0, 255).round().astype(np.uint8)
+    return out
 
 
 def intensity_label(before: np.ndarray, after: np.ndarray, region: np.ndarray,

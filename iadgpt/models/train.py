@@ -52,7 +52,7 @@ DEFAULT_LAYERS = {"efficientnet-lite0": [1, 2]}
 PathLike = Union[str, os.PathLike]
 # Settings that shape the pool or the model: a resumed run must use the same ones.
 _FIXED_ON_RESUME = ("batch_size", "pool_size", "augment", "embed_dim", "pool", "hidden", "layers", "loss_size", "kind",
-                    "seed", "lr", "weight_decay")
+                    "colour", "seed", "lr", "weight_decay")
 
 
 @dataclass
@@ -71,6 +71,7 @@ class TrainConfig:
     layers: Optional[list[int]] = None  # tapped layers the decoder reads; None = DEFAULT_LAYERS or all
     loss_size: int = 112
     kind: str = "auto"  # NSA product kind: object | texture | auto
+    colour: float = 0.0  # share of NSA patches that are colour changes in place instead of pastes (synth.py)
     seed: int = 0
     checkpoint_every: int = 500
     log_every: int = 100  # steps per loss-history entry
@@ -164,7 +165,7 @@ def build_pool(backbone: Backbone, images: Sequence[np.ndarray], cfg: TrainConfi
     t0 = time.perf_counter()
     device = torch.device(device)
     kind = guess_kind(images) if cfg.kind == "auto" else cfg.kind
-    synth = NSASynthesizer(images, config=config_for(kind))
+    synth = NSASynthesizer(images, config=config_for(kind, colour=cfg.colour))
     groups = 8 if cfg.augment else 1
     rng = np.random.default_rng([cfg.seed, 7])
     n = len(images)
