@@ -195,6 +195,11 @@ def test_export_bundle_with_decoder(tmp_path, trained, images, shots, weight) ->
     # the decoder's weights are in the ONNX only: the torch backend says so and names the way out
     with pytest.raises(BundleError, match="--backend onnxruntime"):
         Detector(bundle, "torch", threshold=float("inf"))
+    if shots is not None:  # a new bank needs new fusion statistics: calibrate says to re-export
+        from iadgpt.calibration.onboard import calibrate
+        from iadgpt.errors import CalibrationError
+        with pytest.raises(CalibrationError, match="re-export with `iadgpt export --decoder"):
+            calibrate(bundle.path, good, shots=1, progress=False)
 
 
 @pytest.fixture(scope="module", autouse=True)

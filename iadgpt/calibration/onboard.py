@@ -320,8 +320,12 @@ def calibrate(bundle_path: PathLike, normal_dir: PathLike, *, shots: int = 4, ho
     if shots < 0:
         raise CalibrationError(f"shots must be >= 0 (0 keeps the bundle's memory bank), got {shots}")
     if shots and cfg.get("kind") != "memory_bank":
-        raise CalibrationError(f"bundle {src.path} scores with {cfg.get('kind')!r}, not a memory bank: pass --shots 0 "
-                               "to fit thresholds only")
+        rebuild = ""
+        if cfg.get("kind") == "decoder+memory_bank":
+            rebuild = (" (its bank is fused with a decoder whose statistics were fitted to that bank: re-export with "
+                       "`iadgpt export --decoder CKPT --train-dir DIR --shots K` for a new bank)")
+        raise CalibrationError(f"bundle {src.path} scores with {cfg.get('kind')!r}, not a memory bank{rebuild}: pass "
+                               "--shots 0 to fit thresholds only")
     if int8 and backend not in ("onnxruntime", "tensorrt"):
         raise CalibrationError(f"--int8 makes a Q/DQ graph for onnxruntime or tensorrt, not {backend!r}")
 
