@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from iadgpt.errors import BundleError, ScorerError
+from iadgpt.errors import ScorerError
 from iadgpt.models.fusion import WEIGHT_GRID
 from iadgpt.models.backbones import get_backbone
 from iadgpt.models.train import (CHECKPOINT_FORMAT, TrainConfig, build_pool, load_checkpoint, load_decoder,
@@ -189,12 +189,38 @@ def test_export_bundle_with_decoder(tmp_path, trained, images, shots, weight) ->
         else:
             assert fusion["weight"] == weight and choice == {"method": "given"} and len(fusion["stats_images"]) == 4
     assert bundle.scorer["decoder"]["step"] == CFG.steps
+    batch = to_batch(images[4:6], bundle.input_spec)
     with Detector(bundle, "onnxruntime", threshold=float("inf")) as det:
-        maps, scores = det.score_batch(to_batch(images[4:6], bundle.input_spec))[:2]
+        maps, scores = det.score_batch(batch)[:2]
     assert maps.shape == (2, SIZE, SIZE) and scores.shape == (2,) and np.isfinite(maps).all()
-    # the decoder's weights are in the ONNX only: the torch backend says so and names the way out
-    with pytest.raises(BundleError, match="--backend onnxruntime"):
-        Detector(bundle, "torch", threshold=float("inf"))
+    # the bundle carries the decoder's weights: the torch backend and the GPU fast path (run eagerly
+    # on the CPU here; opening it checks it against the ONNX graphs) rebuild the same scorer
+    from iadgpt.runtime.cuda_graph import PARITY, map_parity
+    names = bundle.scorer["decoder"]["arrays"]
+    assert set(names) == set(trained.decoder.state_dict()) and all(bundle.array(a).size for a in names.values())
+    # compared on defective parts: on the nearly flat map of a training image, float32 rounding of the
+    # bank search is a visible share of the map's range (a relative bound would measure only that)
+    from iadgpt.runtime.synthetic import SyntheticProduct
+    broken = SyntheticProduct(kind="part", size=SIZE, seed=5, defect_rate=1.0)
+    batch = to_batch([broken.sample(i).image for i in range(3)], bundle.input_spec)
+    with Detector(bundle, "onnxruntime", threshold=float("inf")) as det:
+        maps, scores = det.score_batch(batch)[:2]
+    with Detector(bundle, "torch", threshold=float("inf")) as det:
+        tmaps, tscores = det.score_batch(batch)[:2]
+    report = map_parity(tmaps, maps, tscores, scores)
+    assert all(report[k] <= PARITY["fp32"][k] for k in PARITY["fp32"]), report
+    with Detector(bundle, "cuda-graph", device="cpu", threshold=float("inf")) as det:
+        gmaps, gscores = det.score_batch(batch)[:2]
+    report = map_parity(gmaps, maps, gscores, scores)
+    assert all(report[k] <= PARITY["fp32"][k] for k in PARITY["fp32"]), report
+    # a decoder bundle from before the weights travelled with it: the rebuild names the way out
+    from types import SimpleNamespace
+
+    from iadgpt.errors import BundleError
+    from iadgpt.models.fusion import scorer_from_bundle
+    old = SimpleNamespace(path=bundle.path, scorer={**bundle.scorer, "decoder": {"decoder_config": {}}})
+    with pytest.raises(BundleError, match="re-export it with `iadgpt export --decoder"):
+        scorer_from_bundle(old)
     if shots is not None:  # a new bank needs new fusion statistics: calibrate says to re-export
         from iadgpt.calibration.onboard import calibrate
         from iadgpt.errors import CalibrationError

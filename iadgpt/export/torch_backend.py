@@ -18,6 +18,7 @@ def torch_engines(bundle, threads: Optional[int] = None, weights: Optional[str] 
     from .bundle_export import build_backbone
     from .onnx_export import IMAGE_INPUT, SCORER_OUTPUTS, EncoderGraph, feature_names, scorer_graph
     from ..models.fusion import DECODER_KIND, FUSED_KIND
+    from ..models.fusion import scorer_from_bundle as decoder_scorer
     from ..models.scorers import MemoryBankScorer
     from ..models.text_scorer import TextPromptScorer
 
@@ -36,12 +37,13 @@ def torch_engines(bundle, threads: Optional[int] = None, weights: Optional[str] 
     elif cfg["kind"] == "text_prompts":
         module = TextPromptScorer.from_backbone(backbone, logit_scale=float(cfg.get("logit_scale", 100.0)),
                                                 sigma=float(cfg.get("sigma", 4.0)))
-    elif cfg["kind"] in (DECODER_KIND, FUSED_KIND):
-        raise BundleError(f"bundle {bundle.path}: its trained decoder's weights live in the scorer ONNX only, so the "
-                          "torch backend cannot rebuild it; use --backend onnxruntime (the export already checked "
-                          "that ONNX against torch: manifest extra.export.parity)")
+    elif cfg["kind"] in (DECODER_KIND, FUSED_KIND):  # flat modules: (feat0.., [bank]) -> (map, score)
+        names = feature_names(len(backbone.layers))
+        return (TorchEngine(EncoderGraph(backbone), [IMAGE_INPUT], names),
+                TorchEngine(decoder_scorer(bundle), names + list(cfg["references"]), list(SCORER_OUTPUTS)))
     else:
-        raise BundleError(f"bundle {bundle.path}: unknown scorer kind {cfg['kind']!r}; re-export it with `iadgpt export`")
+        raise BundleError(f"bundle {bundle.path}: unknown scorer kind {cfg['kind']!r}; "
+                          "re-export it with `iadgpt export`")
     graph, ref_name = scorer_graph(module)
     if list(cfg["references"]) != [ref_name]:
         raise BundleError(f"bundle {bundle.path}: scorer references {list(cfg['references'])} do not match the "

@@ -74,17 +74,21 @@ from .scorers import QUERY_CHUNK, PatchEmbedder, nearest_distances
 log = logging.getLogger(__name__)
 
 __all__ = ["DecoderScorer", "FusedScorer", "fit_fusion", "choose_fusion_weight", "pick_weight", "validation_set",
-           "export_decoder_scorer", "DECODER_KIND", "FUSED_KIND", "WEIGHT_GRID", "BOOTSTRAP_RESAMPLES"]
+           "export_decoder_scorer", "scorer_from_bundle", "DECODER_KIND", "FUSED_KIND", "WEIGHT_GRID",
+           "BOOTSTRAP_RESAMPLES"]
 
 DECODER_KIND = "decoder"
 FUSED_KIND = "decoder+memory_bank"
 WEIGHT_GRID = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0)  # fusion weights tried by --fusion-weight auto
+DECODER_ARRAY_PREFIX = "decoder."  # bundle arrays holding the decoder's weights (not scorer inputs)
 BOOTSTRAP_RESAMPLES = 100  # image resamples for the standard error of the validation AUROC (pick_weight)
 SE_STRIDE = 4  # the bootstrap reads every 4th pixel per axis: a noise estimate, 16x fewer pixels to rank
 
 
 class DecoderScorer(nn.Module):
     """The decoder alone as a scorer: forward(feat0.., featL-1) -> (anomaly_map, score)."""
+
+    reference_free = True  # no bank or text input: the GPU fast path feeds it the features only
 
     def __init__(self, decoder: VisualGuidedDecoder):
         super().__init__()
@@ -399,16 +403,19 @@ def decoder_scorer_for_bundle(checkpoint: Union[str, Path], backbone: nn.Module,
     if decoder.image_size != size or tuple(decoder.dims) != tuple(backbone.dims):
         raise ExportError(f"decoder {checkpoint} was trained at {decoder.image_size} px with layer widths "
                           f"{list(decoder.dims)}; export with --resolution {decoder.image_size}")
+    weights = [(f"{DECODER_ARRAY_PREFIX}{key}", value.detach().cpu().float().numpy(),
+                {"checkpoint": Path(checkpoint).name, "tensor": key}) for key, value in decoder.state_dict().items()]
     decoder_info = {"checkpoint": Path(checkpoint).name, "sha256": sha256_file(checkpoint),
                     "step": int(meta.get("step", 0)), "category": meta.get("category"),
-                    "train_config": meta.get("train_config"), "decoder_config": decoder.config()}
+                    "train_config": meta.get("train_config"), "decoder_config": decoder.config(),
+                    "arrays": {prov["tensor"]: name for name, _, prov in weights}}
     config = {"image_size": [size, size], "sigma": float(decoder.sigma), "decoder": decoder_info}
     paths = list_images(train_dir) if train_dir is not None else []
     probe = load_batch(paths[:2], backbone) if paths else None
     scorer_probe = _nsa_probe(paths[:8], backbone, meta.get("nsa_kind", "auto"), seed) if paths else None
     if shots is None:
         config.update({"kind": DECODER_KIND, "references": {}, "shots": 0, "coreset": None, "augment": False})
-        return {"module": DecoderScorer(decoder), "bank": None, "arrays": [], "config": config, "probe": probe,
+        return {"module": DecoderScorer(decoder), "bank": None, "arrays": weights, "config": config, "probe": probe,
                 "scorer_probe": scorer_probe, "images": 0}
 
     if train_dir is None:
@@ -447,13 +454,42 @@ def decoder_scorer_for_bundle(checkpoint: Union[str, Path], backbone: nn.Module,
                   "seed": int(seed), "seconds": round(time.perf_counter() - t0, 1)}
     arrays = [("memory_bank", bank, {
         "images": image_hashes(picked), "files": [p.name for p in picked], "train_dir": str(Path(train_dir).absolute()),
-        "shots": k, "seed": int(seed), "augment": do_augment, "coreset": coreset})]
+        "shots": k, "seed": int(seed), "augment": do_augment, "coreset": coreset})] + weights
     config.update({"kind": FUSED_KIND, "references": {"bank": "memory_bank"}, "shots": k, "coreset": coreset,
                    "augment": do_augment, "grid_stride": int(grid_stride),
                    "fusion": {"method": "normalised mean", "weight": weight, "stats": stats,
                               "stats_images": [p.name for p in held], "weight_choice": choice}})
     return {"module": fused, "bank": bank, "arrays": arrays, "config": config, "probe": batch[:2],
             "scorer_probe": scorer_probe, "images": len(picked)}
+
+
+def scorer_from_bundle(bundle) -> nn.Module:
+    """The decoder (or decoder + bank) scorer module of a decoder bundle, rebuilt from its config
+    and the decoder weights it carries (`scorer.decoder.arrays`): what the torch and cuda-graph
+    backends run. ONNX stays the source of truth; the cuda-graph backend checks the rebuild
+    against it when it opens the bundle."""
+    from ..errors import BundleError
+
+    cfg = bundle.scorer
+    info = cfg.get("decoder") or {}
+    names = info.get("arrays")
+    if not names:
+        raise BundleError(f"bundle {bundle.path} keeps its decoder's weights in the scorer ONNX only (exported "
+                          "before bundles carried them): re-export it with `iadgpt export --decoder CKPT ...` for the "
+                          "torch and cuda-graph backends, or run it with --backend onnxruntime")
+    state = {key: torch.from_numpy(np.array(bundle.array(name))) for key, name in names.items()}
+    kwargs = dict(info["decoder_config"])
+    learn = kwargs.pop("learn_references", True)
+    decoder = VisualGuidedDecoder(kwargs.pop("dims"), kwargs.pop("image_size"),
+                                  references=None if learn else state["references"], **kwargs)
+    decoder.load_state_dict(state)
+    decoder.eval()
+    if cfg.get("kind") == DECODER_KIND:
+        return DecoderScorer(decoder).eval()
+    fusion = cfg["fusion"]
+    return FusedScorer(decoder, bundle.backbone["strides"], grid_stride=int(cfg.get("grid_stride", 8)),
+                       sigma=float(cfg.get("sigma", decoder.sigma)), weight=float(fusion["weight"]),
+                       stats=fusion["stats"]).eval()
 
 
 def _weight(value: Union[str, float]) -> float:

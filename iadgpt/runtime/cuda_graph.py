@@ -317,7 +317,8 @@ class CudaGraphPipeline:
     backbone_module  an `iadgpt.models` Backbone (float NCHW RGB 0..255 in, per-layer maps out; CLIP
                      towers and EfficientNet-Lite0 get fused rebuilds, others run as they are)
     scorer_module    MemoryBankScorer or TextPromptScorer (or any module taking the features then the
-                     references, returning (map (B, h, w), score (B,)))
+                     references, returning (map (B, h, w), score (B,)); a decoder scorer
+                     (`reference_free`) takes no references)
     references       the scorer's reference inputs in order, e.g. {"text_embeddings": (2, D)} or
                      {"bank": (M, D)}; arrays or tensors
     input_spec       the bundle's InputSpec (size, mean/std in 0..255 units, resize)
@@ -422,7 +423,7 @@ class CudaGraphPipeline:
         else:
             arrays = list(references)
             names = [f"reference{i}" for i in range(len(arrays))]
-        if not arrays:
+        if not arrays and not getattr(self.scorer, "reference_free", False):
             raise EngineError("the scorer needs its references (text embeddings or a memory bank); got none. "
                               "Pass the bundle's scorer.references arrays")
         tensors = [torch.as_tensor(np.asarray(a) if not isinstance(a, torch.Tensor) else a) for a in arrays]

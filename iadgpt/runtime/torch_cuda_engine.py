@@ -334,6 +334,7 @@ class PlainScorer(nn.Module):
         self.scorer = _frozen(copy.deepcopy(scorer).to(device=device, dtype=torch.float32))
         params = list(inspect.signature(scorer.forward).parameters.values())
         self.flat = bool(params) and params[0].kind == inspect.Parameter.VAR_POSITIONAL
+        self.reference_free = bool(getattr(scorer, "reference_free", False))
         self.device = device
 
     def prepare_references(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -571,6 +572,8 @@ def random_text_embeddings(dim: int, seed: int = 0) -> np.ndarray:
 
 def scorer_from_bundle(bundle: Any, backbone: Any) -> nn.Module:
     """Rebuild the bundle's scorer module from `scorer.kind` (+ optional sigma/grid_stride/logit_scale)."""
+    from ..models.fusion import DECODER_KIND, FUSED_KIND
+    from ..models.fusion import scorer_from_bundle as decoder_scorer
     from ..models.scorers import MemoryBankScorer
     from ..models.text_scorer import TextPromptScorer
 
@@ -583,8 +586,10 @@ def scorer_from_bundle(bundle: Any, backbone: Any) -> nn.Module:
     if kind in ("text_prompts", "text", "text_prompt", "zero_shot"):
         return TextPromptScorer.from_backbone(backbone, logit_scale=float(cfg.get("logit_scale", 100.0)),
                                               sigma=float(cfg.get("sigma", 4.0))).eval()
-    raise EngineError(f"bundle {bundle.path}: scorer kind {kind!r} has no torch fast path (memory_bank and text do); "
-                      "use --backend onnxruntime for this bundle")
+    if kind in (DECODER_KIND, FUSED_KIND):  # trained decoder (+ bank): its weights travel in the bundle
+        return decoder_scorer(bundle)
+    raise EngineError(f"bundle {bundle.path}: scorer kind {kind!r} has no torch fast path (memory_bank, text and "
+                      "decoder do); use --backend onnxruntime for this bundle")
 
 
 def _taps_from_layers(layers: Sequence[Any]) -> Optional[tuple[int, ...]]:
@@ -661,7 +666,7 @@ def pipeline_from_bundle(bundle: Any, *, weights: Optional[str] = None, device: 
     backbone = backbone_from_bundle(bundle, weights, **dict(backbone_kwargs or {}))
     scorer = scorer_from_bundle(bundle, backbone)
     refs = {inp: bundle.array(arr) for inp, arr in bundle.scorer.get("references", {}).items()}
-    if not refs:
+    if not refs and not getattr(scorer, "reference_free", False):
         raise EngineError(f"bundle {bundle.path}: scorer.references is empty; re-export with `iadgpt export`")
     pipe = CudaGraphPipeline(backbone, scorer, refs, bundle.input_spec, tdtype, device, fuse=fuse, **pipeline_kwargs)
     if verify:
