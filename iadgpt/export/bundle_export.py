@@ -22,6 +22,7 @@ from ..bundle import Bundle, BundleWriter
 from ..data import IMAGE_EXTENSIONS
 from ..errors import BackboneError, ExportError
 from ..models.backbones import Backbone, get_backbone
+from ..models.fusion import DECODER_ARRAY_PREFIX
 from ..models.references import encode, image_hashes, load_batch, memory_bank
 from ..models.scorers import MemoryBankScorer
 from .onnx_export import OPSET, ParityReport, export_encoder, export_scorer, probe_images
@@ -54,7 +55,11 @@ class ExportReport:
 
     def lines(self) -> list[str]:
         out = [f"bundle {self.bundle}: {self.backbone}, {self.scorer} scorer, {self.seconds:.1f} s"]
-        out += [f"  reference {k} {tuple(v)}" for k, v in self.references.items()]
+        weights = [k for k in self.references if k.startswith(DECODER_ARRAY_PREFIX)]
+        out += [f"  reference {k} {tuple(v)}" for k, v in self.references.items() if k not in weights]
+        if weights:
+            size = sum(int(np.prod(self.references[k])) for k in weights)
+            out.append(f"  decoder weights: {len(weights)} arrays, {size} values ({DECODER_ARRAY_PREFIX}*)")
         if self.images:
             out.append(f"  from {self.images} reference images")
         for p in self.parity:
