@@ -45,6 +45,8 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _VERSION_PACKAGES = ("iadgpt", "numpy", "onnx", "onnxruntime", "onnxruntime-gpu", "torch",
                      "tensorrt", "opencv-python-headless")
 _REEXPORT = "re-export it with `iadgpt export`"
+# Reference arrays holding a trained decoder's tensors (rebuilt by the torch backends; never scorer inputs).
+DECODER_ARRAY_PREFIX = "decoder."
 _MUTABLE_SECTIONS = ("thresholds", "engines", "scorer", "extra")
 
 PathLike = Union[str, os.PathLike]

@@ -154,7 +154,7 @@ def test_cli_train(tmp_path, monkeypatch) -> None:
 
 @pytest.mark.parametrize("shots,weight", [(None, "auto"), (1, "auto"), (1, 0.3)],
                          ids=["decoder", "decoder+bank", "decoder+bank(w 0.3)"])
-def test_export_bundle_with_decoder(tmp_path, trained, images, shots, weight) -> None:
+def test_export_bundle_with_decoder(tmp_path, capsys, trained, images, shots, weight) -> None:
     """`export_bundle(decoder=...)`: decoder-only and fused scorer graphs, parity-checked, run by the Detector."""
     import cv2
 
@@ -198,6 +198,11 @@ def test_export_bundle_with_decoder(tmp_path, trained, images, shots, weight) ->
     from iadgpt.runtime.cuda_graph import PARITY, map_parity
     names = bundle.scorer["decoder"]["arrays"]
     assert set(names) == set(trained.decoder.state_dict()) and all(bundle.array(a).size for a in names.values())
+    from iadgpt.cli import main
+    capsys.readouterr()
+    assert main(["inspect", str(bundle.path)]) == 0  # the tensors are listed as one line, files intact
+    shown = capsys.readouterr().out
+    assert f"{len(names)} decoder tensors" in shown and "decoder.feat_mean0" not in shown
     # compared on defective parts: on the nearly flat map of a training image, float32 rounding of the
     # bank search is a visible share of the map's range (a relative bound would measure only that)
     from iadgpt.runtime.synthetic import SyntheticProduct

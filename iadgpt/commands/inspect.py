@@ -10,6 +10,8 @@ import argparse
 from pathlib import Path
 from typing import Any, Optional
 
+from ..bundle import DECODER_ARRAY_PREFIX
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("inspect", help="summary, integrity and 'can it run here' of a bundle")
@@ -121,10 +123,19 @@ def _summary(bundle: Any) -> list[str]:
         for t in g.get("outputs", []):
             lines.append(f"    out  {t['name']} {t['dtype']} {_shape(t['shape'])}")
     lines.append("references" if m["references"] else "references  none")
+    weights = {n: r for n, r in m["references"].items() if n.startswith(DECODER_ARRAY_PREFIX)}
     for name, r in sorted(m["references"].items()):
+        if name in weights:
+            continue
         size_b = _file_size(bundle, r["file"])
-        lines.append(f"  {name:<18}{r.get('dtype')} {tuple(r.get('shape', []))}  "
+        lines.append(f"  {name:<18} {r.get('dtype')} {tuple(r.get('shape', []))}  "
                      f"{_mb(size_b) if size_b is not None else 'MISSING'}  {_provenance(r.get('provenance') or {})}")
+    if weights:  # the trained decoder's tensors: one line, not one per tensor
+        sizes = [_file_size(bundle, r["file"]) for r in weights.values()]
+        total = _mb(sum(sizes)) if None not in sizes else "MISSING FILES"
+        source = {str((r.get("provenance") or {}).get("checkpoint", "?")) for r in weights.values()}
+        lines.append(f"  {DECODER_ARRAY_PREFIX + '*':<18} {len(weights)} decoder tensors  {total}  from "
+                     f"{', '.join(sorted(source))}")
     th = m.get("thresholds") or {}
     lines.append(f"thresholds  {th}" if th else f"thresholds  none (fit them with `iadgpt calibrate {bundle.path}`)")
     lines += _engine_lines(bundle)

@@ -18,11 +18,10 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
-from ..bundle import Bundle, BundleWriter
+from ..bundle import DECODER_ARRAY_PREFIX, Bundle, BundleWriter
 from ..data import IMAGE_EXTENSIONS
 from ..errors import BackboneError, ExportError
 from ..models.backbones import Backbone, get_backbone
-from ..models.fusion import DECODER_ARRAY_PREFIX
 from ..models.references import encode, image_hashes, load_batch, memory_bank
 from ..models.scorers import MemoryBankScorer
 from .onnx_export import OPSET, ParityReport, export_encoder, export_scorer, probe_images

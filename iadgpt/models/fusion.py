@@ -66,6 +66,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..bundle import DECODER_ARRAY_PREFIX
 from ..errors import ExportError, ScorerError
 from .heads import VisualGuidedDecoder
 from .postprocess import GaussianBlur, upsample_map
@@ -80,7 +81,6 @@ __all__ = ["DecoderScorer", "FusedScorer", "fit_fusion", "choose_fusion_weight",
 DECODER_KIND = "decoder"
 FUSED_KIND = "decoder+memory_bank"
 WEIGHT_GRID = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0)  # fusion weights tried by --fusion-weight auto
-DECODER_ARRAY_PREFIX = "decoder."  # bundle arrays holding the decoder's weights (not scorer inputs)
 BOOTSTRAP_RESAMPLES = 100  # image resamples for the standard error of the validation AUROC (pick_weight)
 SE_STRIDE = 4  # the bootstrap reads every 4th pixel per axis: a noise estimate, 16x fewer pixels to rank
 
