@@ -233,6 +233,37 @@ def test_export_bundle_with_decoder(tmp_path, capsys, trained, images, shots, we
             calibrate(bundle.path, good, shots=1, progress=False)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="no CUDA GPU here: a decoder+bank bundle on the GPU fast path is checked on a lent GPU "
+                           "(pytest -m gpu tests/test_train.py)")
+def test_decoder_bundle_on_the_gpu_fast_path(tmp_path, trained, images) -> None:
+    """fp16 + compile + graph replay of the rebuilt decoder+bank scorer, within the fp16 parity bounds
+    of the bundle's ONNX graphs (opening the backend checks it; checked again here on defective parts)."""
+    import cv2
+
+    from iadgpt.export.bundle_export import export_bundle
+    from iadgpt.runtime.cuda_graph import PARITY, map_parity
+    from iadgpt.runtime.detector import Detector
+    from iadgpt.runtime.preprocess import to_batch
+    from iadgpt.runtime.synthetic import SyntheticProduct
+    good = tmp_path / "good"
+    good.mkdir()
+    for i, img in enumerate(images[:5]):
+        cv2.imwrite(str(good / f"{i}.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    bundle, _ = export_bundle("efficientnet-lite0", good, tmp_path / "b", shots=1, resolution=SIZE,
+                              decoder=trained.checkpoint, fusion_weight=0.3, progress=False)
+    broken = SyntheticProduct(kind="part", size=SIZE, seed=5, defect_rate=1.0)
+    batch = to_batch([broken.sample(i).image for i in range(3)], bundle.input_spec)
+    with Detector(bundle, "onnxruntime", threshold=float("inf")) as det:
+        maps, scores = det.score_batch(batch)[:2]
+    with Detector(bundle, "cuda-graph", threshold=float("inf")) as det:
+        assert det.precision == "fp16"
+        gmaps, gscores = det.score_batch(batch)[:2]
+    report = map_parity(gmaps, maps, gscores, scores)
+    assert all(report[k] <= PARITY["fp16"][k] for k in PARITY["fp16"]), report
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread(torch_one_thread):
     """Keep these tests at seconds on a shared 2-core box (see conftest)."""
