@@ -8,7 +8,8 @@
 #   bash benchmarks/gpu_check.sh                        # from the repository root
 #   bash benchmarks/gpu_check.sh --variants graph-fused,graph-fused-compile,onnxruntime   # extra args -> gpu_latency.py
 # Where the time goes (stages, kernels, attention backends): benchmarks/gpu_profile.py (not run by this script).
-# Environment: GPU_CHECK_BUDGET_S (default 280: whole script), PYTHON (default python3).
+# Environment: GPU_CHECK_BUDGET_S (default 280: whole script), PYTHON (default python3), GPU_CHECK_DECODER=1
+# (also the decoder-bundle GPU test of tests/test_train.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
@@ -26,7 +27,11 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_dev
 } | tee "$OUT_DIR/gpu.txt"
 
 echo "== GPU tests"
-timeout 110 "$PY" -m pytest -m gpu -rs -q -p no:cacheprovider tests/test_cuda_graph.py 2>&1 | tee "$OUT_DIR/pytest_gpu.txt"
+GPU_TESTS=(tests/test_cuda_graph.py)
+# GPU_CHECK_DECODER=1 adds the decoder+bank bundle on the fast path (tests/test_train.py; ~1 min of the budget)
+[ "${GPU_CHECK_DECODER:-0}" = 1 ] && GPU_TESTS+=(tests/test_train.py)
+timeout $(( ${#GPU_TESTS[@]} > 1 ? 200 : 110 )) "$PY" -m pytest -m gpu -rs -q -p no:cacheprovider "${GPU_TESTS[@]}" 2>&1 \
+    | tee "$OUT_DIR/pytest_gpu.txt"
 RC_TESTS=${PIPESTATUS[0]}
 
 LEFT=$(( BUDGET_S - ($(date +%s) - START) ))
