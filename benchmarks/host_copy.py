@@ -16,6 +16,7 @@ import multiprocessing as mp
 import time
 
 import numpy as np
+from gpu_latency import stats, time_calls  # the timing helpers of the GPU benchmark (same folder)
 
 
 def _spin(stop: "mp.synchronize.Event") -> None:
@@ -24,15 +25,7 @@ def _spin(stop: "mp.synchronize.Event") -> None:
 
 
 def _time(fn, frames: list[np.ndarray], n: int) -> dict:
-    out = []
-    for i in range(n):
-        src = frames[i % len(frames)]
-        t0 = time.perf_counter()
-        fn(src)
-        out.append((time.perf_counter() - t0) * 1e3)
-    a = np.asarray(out)
-    return {"p50_ms": round(float(np.percentile(a, 50)), 3), "p99_ms": round(float(np.percentile(a, 99)), 3),
-            "max_ms": round(float(a.max()), 2)}
+    return stats(time_calls(fn, frames, n, warmup=0))
 
 
 def main(argv: list[str] | None = None) -> int:

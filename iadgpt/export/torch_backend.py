@@ -17,8 +17,7 @@ def torch_engines(bundle, threads: Optional[int] = None, weights: Optional[str] 
     from ..runtime.engines import TorchEngine
     from .bundle_export import build_backbone
     from .onnx_export import IMAGE_INPUT, SCORER_OUTPUTS, EncoderGraph, feature_names, scorer_graph
-    from ..models.fusion import DECODER_KIND, FUSED_KIND
-    from ..models.fusion import scorer_from_bundle as decoder_scorer
+    from ..models.fusion import DECODER_KIND, FUSED_KIND, scorer_from_bundle as decoder_scorer
     from ..models.scorers import MemoryBankScorer
     from ..models.text_scorer import TextPromptScorer
 

@@ -67,7 +67,7 @@ import torch
 from torch import nn
 
 from ..bundle import DECODER_ARRAY_PREFIX
-from ..errors import ExportError, ScorerError
+from ..errors import BundleError, ExportError, ScorerError
 from .heads import VisualGuidedDecoder
 from .postprocess import GaussianBlur, upsample_map
 from .scorers import QUERY_CHUNK, PatchEmbedder, nearest_distances
@@ -456,7 +456,7 @@ def decoder_scorer_for_bundle(checkpoint: Union[str, Path], backbone: nn.Module,
         "images": image_hashes(picked), "files": [p.name for p in picked], "train_dir": str(Path(train_dir).absolute()),
         "shots": k, "seed": int(seed), "augment": do_augment, "coreset": coreset})] + weights
     config.update({"kind": FUSED_KIND, "references": {"bank": "memory_bank"}, "shots": k, "coreset": coreset,
-                   "augment": do_augment, "grid_stride": int(grid_stride),
+                   "augment": do_augment, "grid_stride": int(grid_stride), "sigma": float(sigma),
                    "fusion": {"method": "normalised mean", "weight": weight, "stats": stats,
                               "stats_images": [p.name for p in held], "weight_choice": choice}})
     return {"module": fused, "bank": bank, "arrays": arrays, "config": config, "probe": batch[:2],
@@ -468,8 +468,6 @@ def scorer_from_bundle(bundle) -> nn.Module:
     and the decoder weights it carries (`scorer.decoder.arrays`): what the torch and cuda-graph
     backends run. ONNX stays the source of truth; the cuda-graph backend checks the rebuild
     against it when it opens the bundle."""
-    from ..errors import BundleError
-
     cfg = bundle.scorer
     info = cfg.get("decoder") or {}
     names = info.get("arrays")
@@ -478,18 +476,12 @@ def scorer_from_bundle(bundle) -> nn.Module:
                           "before bundles carried them): re-export it with `iadgpt export --decoder CKPT ...` for the "
                           "torch and cuda-graph backends, or run it with --backend onnxruntime")
     state = {key: torch.from_numpy(np.array(bundle.array(name))) for key, name in names.items()}
-    kwargs = dict(info["decoder_config"])
-    learn = kwargs.pop("learn_references", True)
-    decoder = VisualGuidedDecoder(kwargs.pop("dims"), kwargs.pop("image_size"),
-                                  references=None if learn else state["references"], **kwargs)
-    decoder.load_state_dict(state)
-    decoder.eval()
+    decoder = VisualGuidedDecoder.from_state(info["decoder_config"], state)
     if cfg.get("kind") == DECODER_KIND:
         return DecoderScorer(decoder).eval()
     fusion = cfg["fusion"]
-    return FusedScorer(decoder, bundle.backbone["strides"], grid_stride=int(cfg.get("grid_stride", 8)),
-                       sigma=float(cfg.get("sigma", decoder.sigma)), weight=float(fusion["weight"]),
-                       stats=fusion["stats"]).eval()
+    return FusedScorer(decoder, bundle.backbone["strides"], grid_stride=int(cfg["grid_stride"]),
+                       sigma=float(cfg["sigma"]), weight=float(fusion["weight"]), stats=fusion["stats"]).eval()
 
 
 def _weight(value: Union[str, float]) -> float:

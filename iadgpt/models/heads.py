@@ -102,6 +102,16 @@ class VisualGuidedDecoder(nn.Module):
                 "logit_scale": self.logit_scale, "sigma": self.sigma, "pool": self.pool, "hidden": self.hidden,
                 "layers": list(self.layers), "learn_references": self.learn_references}
 
+    @classmethod
+    def from_state(cls, config: dict, state: dict[str, torch.Tensor]) -> "VisualGuidedDecoder":
+        """The decoder `config()` and `state_dict()` describe, in eval mode (checkpoints, bundles)."""
+        kwargs = dict(config)
+        learn = kwargs.pop("learn_references", True)
+        decoder = cls(kwargs.pop("dims"), kwargs.pop("image_size"),
+                      references=None if learn else state["references"], **kwargs)
+        decoder.load_state_dict(state)
+        return decoder.eval()
+
     @torch.no_grad()
     def set_feature_stats(self, features: Optional[Sequence[torch.Tensor]] = None, *,
                           mean: Optional[Sequence[torch.Tensor]] = None,

@@ -258,14 +258,8 @@ def load_checkpoint(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, 
 def load_decoder(path: PathLike) -> tuple[VisualGuidedDecoder, dict[str, Any]]:
     """The trained decoder (eval mode) and the checkpoint's metadata."""
     tensors, meta = load_checkpoint(path)
-    cfg = dict(meta["decoder_config"])
-    learn = cfg.pop("learn_references", True)
     state = {k[len("decoder."):]: v for k, v in tensors.items() if k.startswith("decoder.")}
-    refs = None if learn else state["references"]
-    decoder = VisualGuidedDecoder(cfg.pop("dims"), cfg.pop("image_size"), references=refs, **cfg)
-    decoder.load_state_dict(state)
-    decoder.eval()
-    return decoder, meta
+    return VisualGuidedDecoder.from_state(meta["decoder_config"], state), meta
 
 
 def _optimizer_state(tensors: dict[str, torch.Tensor], groups: list) -> dict:

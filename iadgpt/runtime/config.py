@@ -19,11 +19,11 @@ from typing import Any, Optional, Union
 import yaml
 
 from iadgpt.errors import ConfigError
+from iadgpt.runtime.detector import BACKENDS
 from iadgpt.runtime.sinks import FSYNC_POLICIES, JsonlSink, MqttSink, OverlaySink, Sink
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("onnxruntime", "tensorrt", "torch", "cuda-graph")
 _STATION_ID = re.compile(r"^[A-Za-z0-9_.-]+$")
 _REQUIRED = object()
 

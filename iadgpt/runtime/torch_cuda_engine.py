@@ -572,8 +572,7 @@ def random_text_embeddings(dim: int, seed: int = 0) -> np.ndarray:
 
 def scorer_from_bundle(bundle: Any, backbone: Any) -> nn.Module:
     """Rebuild the bundle's scorer module from `scorer.kind` (+ optional sigma/grid_stride/logit_scale)."""
-    from ..models.fusion import DECODER_KIND, FUSED_KIND
-    from ..models.fusion import scorer_from_bundle as decoder_scorer
+    from ..models.fusion import DECODER_KIND, FUSED_KIND, scorer_from_bundle as decoder_scorer
     from ..models.scorers import MemoryBankScorer
     from ..models.text_scorer import TextPromptScorer
 
@@ -666,8 +665,6 @@ def pipeline_from_bundle(bundle: Any, *, weights: Optional[str] = None, device: 
     backbone = backbone_from_bundle(bundle, weights, **dict(backbone_kwargs or {}))
     scorer = scorer_from_bundle(bundle, backbone)
     refs = {inp: bundle.array(arr) for inp, arr in bundle.scorer.get("references", {}).items()}
-    if not refs and not getattr(scorer, "reference_free", False):
-        raise EngineError(f"bundle {bundle.path}: scorer.references is empty; re-export with `iadgpt export`")
     pipe = CudaGraphPipeline(backbone, scorer, refs, bundle.input_spec, tdtype, device, fuse=fuse, **pipeline_kwargs)
     if verify:
         frames = list(probe_frames) if probe_frames is not None else _probe_frames(bundle.input_spec.size)
@@ -703,7 +700,6 @@ def open_cuda_graph_engine(bundle: Any, *, weights: Optional[str] = None, device
     dtype = "fp32" if str(device).startswith("cpu") else "fp16"
     return CudaGraphEngine(pipeline_from_bundle(bundle, weights=weights, device=device, dtype=dtype, fuse=fuse,
                                                 threads=threads))
-
 
 
 class CudaGraphEngine:
