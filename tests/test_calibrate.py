@@ -140,6 +140,7 @@ def test_cli_int8_bundle_and_json(tiny_bundle_path, product_dirs, tmp_path, caps
     assert bundle.thresholds["image"]["precision"] == "int8"
     assert bundle.references["memory_bank"]["provenance"]["encoder"] == "int8"  # bank from the INT8 features
     assert min(bundle.extra["calibration"]["int8"]["cosine"].values()) > 0.9
+    assert bundle.extra["calibration"]["int8"]["stem"] == "float"  # the CPU default; --int8-keep-float none: all INT8
     with Detector(bundle, "onnxruntime", threads=2) as det:
         assert det.precision == "int8" and det.threshold == pytest.approx(data["threshold"])
     with pytest.raises(BundleError, match="iadgpt calibrate"):  # the INT8 thresholds do not fit the fp32 encoder

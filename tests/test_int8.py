@@ -58,12 +58,13 @@ def _ops(path):
     return [n.op_type for n in onnx.load(str(path)).graph.node]
 
 
-def _session(path, optimise=True):
+def _session(model, optimise=True):
     so = ort.SessionOptions()
     so.intra_op_num_threads = 2
     if not optimise:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), so,
+                                providers=["CPUExecutionProvider"])
 
 
 def test_cpu_preset_is_qdq_u8s8_and_close_to_fp32(cpu_int8):
@@ -74,7 +75,71 @@ def test_cpu_preset_is_qdq_u8s8_and_close_to_fp32(cpu_int8):
     assert report.calibration_images == 8 and report.cosine_images == 4
     assert set(report.cosine) == {"feat0", "feat1", "feat2"}
     # measured 0.996-0.997 with the stem stage in float (0.96-0.97 with only the stem conv in float)
-    assert report.min_cosine >= 0.99, report.cosine
+    assert report.stem == "float" and report.min_cosine >= 0.99, report.cosine
+
+
+@pytest.fixture(scope="module")
+def all_int8(encoder, images, tmp_path_factory):
+    """keep_float="none": every conv INT8, the stem reading integer pixels."""
+    out = tmp_path_factory.mktemp("int8") / "encoder_all_int8.onnx"
+    report = int8.quantize_encoder(encoder, out, images["calib"], threads=2, eval_batches=images["check"],
+                                   keep_float="none")
+    return out, report
+
+
+def test_all_int8_is_close_to_fp32(all_int8, images):
+    path, report = all_int8
+    assert report.stem == "integer-input" and report.excluded_nodes == []
+    # measured 0.95-0.97 here (bottle 224 px: 0.965 / 0.919 / 0.958)
+    assert report.min_cosine >= 0.9, report.cosine
+    x = images["check"][0]  # ORT's fused kernels (the stem's included) compute what the Q/DQ says
+    for a, b in zip(_session(path).run(None, {"image": x}), _session(path, optimise=False).run(None, {"image": x})):
+        assert int8.patch_cosine(a, b) > 0.999
+
+
+def test_all_int8_reads_the_pixels_as_integers(all_int8, images):
+    """The image is quantized with scale 1 (exact for whole pixel values), padded to 4 channels with
+    the zero point, and read by the stem as (x - 127) / 128: no float normalisation is left."""
+    model = onnx.load(str(all_int8[0]))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    readers = [n for n in model.graph.node if "image" in n.input]
+    assert [n.op_type for n in readers] == ["QuantizeLinear"]
+    assert float(inits[readers[0].input[1]]) == 1.0 and int(inits[readers[0].input[2]]) == 0
+    assert not {"Sub", "Div"} & set(_ops(all_int8[0]))
+    # simulate the Q/DQ arithmetic and read the tensor the stem conv sees
+    stem = next(n for n in model.graph.node if n.name == "/backbone/_conv_stem/Conv")
+    dq = next(n for n in model.graph.node if stem.input[0] in n.output)
+    assert dq.op_type == "DequantizeLinear"
+    assert float(inits[dq.input[1]]) == 1 / 128 and int(inits[dq.input[2]]) == 127
+    model.graph.output.append(onnx.helper.make_tensor_value_info(stem.input[0], onnx.TensorProto.FLOAT, None))
+    x = images["check"][0]
+    seen = _session(model.SerializeToString(), optimise=False).run([stem.input[0]], {"image": x})[0]
+    assert seen.shape == (x.shape[0], 4, *x.shape[2:])
+    np.testing.assert_array_equal(seen[:, :3], (x - 127) / 128)
+    assert not seen[:, 3].any()
+
+
+def test_all_int8_stem_bias_follows_the_exact_input_scale(all_int8, encoder):
+    """The stem's int32 bias is re-expressed in the new input scale: it still dequantizes to the fp32 bias."""
+    fp32 = onnx.load(str(encoder))
+    f_inits = {i.name: numpy_helper.to_array(i) for i in fp32.graph.initializer}
+    f_stem = next(n for n in fp32.graph.node if n.name == "/backbone/_conv_stem/Conv")
+    model = onnx.load(str(all_int8[0]))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    stem = next(n for n in model.graph.node if n.name == "/backbone/_conv_stem/Conv")
+    bias_dq, w_dq = (next(n for n in model.graph.node if t in n.output) for t in (stem.input[2], stem.input[1]))
+    bias = inits[bias_dq.input[0]] * inits[bias_dq.input[1]].astype(np.float64)
+    np.testing.assert_allclose(inits[bias_dq.input[1]], inits[w_dq.input[1]] / 128, rtol=1e-6)
+    np.testing.assert_allclose(bias, f_inits[f_stem.input[2]], atol=float(inits[bias_dq.input[1]].max()))
+
+
+def test_all_int8_runs_every_conv_in_integer_kernels(all_int8, tmp_path):
+    """What makes it faster: after ONNX Runtime's fusions no float Conv is left (the stem included)."""
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(all_int8[0]), so, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
+    assert ops.count("QLinearConv") >= 20 and "Conv" not in ops
 
 
 def test_cpu_preset_does_not_saturate(cpu_int8, images):
@@ -154,6 +219,51 @@ def test_cpu_preset_keeps_the_stem_stage_in_float(cpu_int8):
     assert first_q.input[0] == "/backbone/_blocks.0/_project_conv/Conv_output_0"
 
 
+def _normalising_graph(path, mean, std, stems=1):
+    """image -> (x - mean) / std -> `stems` 3x3 convs on it (enough for `_integer_input_plan`)."""
+    from onnx import TensorProto, helper
+    inits = [numpy_helper.from_array(np.asarray(mean, np.float32).reshape(1, -1, 1, 1), "mean"),
+             numpy_helper.from_array(np.asarray(std, np.float32).reshape(1, -1, 1, 1), "std")]
+    nodes = [helper.make_node("Sub", ["image", "mean"], ["centred"], name="sub"),
+             helper.make_node("Div", ["centred", "std"], ["norm"], name="div")]
+    outputs = []
+    for k in range(stems):
+        n, w = _conv(f"stem{k}", "norm", 3, 8)
+        nodes.append(n), inits.append(w), outputs.append(helper.make_tensor_value_info(n.output[0], TensorProto.FLOAT,
+                                                                                        ["batch", 8, 16, 16]))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("image", TensorProto.FLOAT,
+                                                                         ["batch", 3, 16, 16])],
+                              outputs, initializer=inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+@pytest.mark.parametrize("mean,std,stems,plan", [
+    (127.0, 128.0, 1, (127, 1 / 128)),                                  # EfficientNet-Lite
+    (0.0, 255.0, 1, (0, 1 / 255)),                                      # plain 0..1 scaling
+    ((122.77, 116.75, 104.09), (68.5, 66.6, 70.3), 1, None),           # CLIP: per-channel, not integers
+    (127.5, 127.5, 1, None),                                            # zero point between two integers
+    (127.0, 128.0, 2, None),                                            # two convs read the image
+])
+def test_integer_input_plan(tmp_path, mean, std, stems, plan):
+    got = int8._integer_input_plan(_normalising_graph(tmp_path / "g.onnx", mean, std, stems), "uint8", [])
+    if plan is None:
+        assert got is None
+    else:
+        assert (got["zero_point"], got["channels"], got["padded"]) == (plan[0], 3, 4)
+        assert got["scale"] == pytest.approx(plan[1], rel=1e-6)
+    assert int8._integer_input_plan(_normalising_graph(tmp_path / "h.onnx", 127.0, 128.0), "int8", []) is None
+
+
+def test_all_int8_quantizes_a_stem_that_cannot_read_integers_from_calibrated_ranges(tmp_path):
+    """A CLIP-like normalisation is no uint8 zero point: the stem is quantized like any conv, and the report says so."""
+    path = _normalising_graph(tmp_path / "g.onnx", (122.77, 116.75, 104.09), (68.5, 66.6, 70.3))
+    rng = np.random.default_rng(0)
+    batches = [rng.integers(0, 256, (4, 3, 16, 16)).astype(np.float32)]
+    report = int8.quantize_encoder(path, tmp_path / "q.onnx", batches, threads=1, keep_float="none")
+    assert report.stem == "calibrated" and report.excluded_nodes == []
+    assert "Sub" in _ops(tmp_path / "q.onnx")
+    assert int8.quantize_encoder(path, tmp_path / "f.onnx", batches, threads=1).stem == "float"
 def _conv(name, x, cin, cout, stride=1):
     from onnx import helper
     w = numpy_helper.from_array(np.ones((cout, cin, 3, 3), np.float32), name + "_w")

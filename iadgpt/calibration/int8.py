@@ -13,15 +13,25 @@ Presets (`PRESETS`), measured on this project's 2-core AVX2 CPU without VNNI (RE
   result depends on the CPU (VNNI CPUs do not saturate), so a bank or threshold fitted on one box
   would not hold on another. `reduce_range="auto"` therefore stores the weights of every
   non-depthwise Conv/MatMul in 7 bits (255 * 64 * 2 < 2^15, cannot saturate) and keeps depthwise
-  convs at 8 bits (their MLAS kernel widens to int32 first). The stem stage (`float_stem`: the
-  convs reading the 3-channel image, and the convs after them that neither widen nor stride,
-  EfficientNet's first block) stays in float. The stem's GEMM has only 27 inputs per output, too
-  few for the integer kernel to pay (0.99 ms INT8 vs 0.56 ms fp32 on the bottle encoder), and it
-  sees raw pixel ranges; the first block's depthwise conv on 112 x 112 x 32 was slower in INT8
-  (0.34 vs 0.24 ms), and its 16-channel output is half the size of the stem's, so the
-  float -> INT8 boundary costs half. Bottle encoder feature cosine: 0.965 / 0.920 / 0.961 with
-  everything INT8, 0.980 / 0.965 / 0.981 with the stem conv in float, 0.998 / 0.995 / 0.996 with
-  the stem stage in float (and 1.25-1.28x instead of 1.22-1.23x over fp32, README).
+  convs at 8 bits (their MLAS kernel widens to int32 first).
+  The stem stage stays in float (`keep_float="stem"`, the default: the convs reading the
+  3-channel image, and the convs after them that neither widen nor stride, EfficientNet's first
+  block). The stem's GEMM has only 27 inputs per output, too few for the integer kernel to pay
+  (0.99 ms INT8 vs 0.56 ms fp32 on the bottle encoder), and it sees raw pixel ranges; the first
+  block's depthwise conv on 112 x 112 x 32 was slower in INT8 (0.34 vs 0.24 ms), and its
+  16-channel output is half the size of the stem's, so the float -> INT8 boundary costs half.
+  Bottle encoder feature cosine 0.997 / 0.995 / 0.996 (stem conv only in float: 0.980 / 0.965 /
+  0.981). `keep_float="none"` quantizes the stem too and reads the pixels as integers
+  (`_integer_input_plan`): the station feeds whole pixel values, and EfficientNet-Lite's
+  normalisation (x - 127) / 128 IS a uint8 tensor with zero point 127 and scale 1/128, so the
+  graph quantizes the image exactly (scale 1), pads it to 4 channels (MLAS's symmetric conv kernel
+  takes channels in fours; with 3 the stem takes the slow generic kernel above) and has no float
+  normalisation and no float -> INT8 boundary. Per-node ORT profile of the bottle encoder: image
+  to the first block's output 1.1 ms vs 1.5 ms; in the station loop the encoder gained 0-6 % (README),
+  and feature cosine fell to 0.965 / 0.919 / 0.958 (the stem's 32-channel output shares one 8-bit
+  range), which the bank absorbs (AUROC within 0.1 of fp32) but a bridge trained on fp32 features
+  might not: opt-in. A graph whose normalisation is not one integer zero point and one scale
+  (CLIP's per-channel means) quantizes its stem from calibrated ranges there (`Int8Report.stem`).
   INT8 S8S8 has no AVX2 kernel and was slower than fp32; U8U8 was 8x slower.
 - "tensorrt": int8 activations and weights, both symmetric (zero point 0), the only Q/DQ form
   TensorRT accepts; 8-bit weights (GPUs accumulate in int32). Its cosine is measured with the
@@ -59,10 +69,12 @@ IMAGE_INPUT = "image"
 CALIBRATE_METHODS = ("minmax", "percentile", "entropy", "distribution")
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {"activation_type": "uint8", "weight_type": "int8", "symmetric": False, "reduce_range": "auto",
-            "float_stem": True, "simulate": False, "min_cosine": 0.90},
+            "keep_float": "stem", "simulate": False, "min_cosine": 0.90},
     "tensorrt": {"activation_type": "int8", "weight_type": "int8", "symmetric": True, "reduce_range": False,
-                 "float_stem": False, "simulate": True, "min_cosine": 0.97},
+                 "keep_float": "none", "simulate": True, "min_cosine": 0.97},
 }
+KEEP_FLOAT = ("none", "auto", "stem")
+STEM_MODES = ("integer-input", "float", "calibrated")  # Int8Report.stem
 MIN_CALIBRATION_IMAGES = 4
 
 
@@ -85,6 +97,7 @@ class Int8Report:
     qdq_nodes: int
     seconds: float
     image_hashes: list[str] = field(default_factory=list)
+    stem: str = "calibrated"  # one of STEM_MODES: how the convs reading the image are computed
 
     @property
     def min_cosine(self) -> float:
@@ -99,7 +112,8 @@ class Int8Report:
         head = (f"INT8 encoder {self.path.name}: {self.activation_type} activations / {self.weight_type} weights"
                 f"{' per-channel' if self.per_channel else ''}{' symmetric' if self.symmetric else ''}, "
                 f"{self.calibrate_method} ranges from {self.calibration_images} real normal images, "
-                f"{self.qdq_nodes} QuantizeLinear nodes, {len(self.excluded_nodes)} nodes kept in float")
+                f"{self.qdq_nodes} QuantizeLinear nodes, {len(self.excluded_nodes)} nodes kept in float, "
+                f"stem {self.stem}")
         return [head] + [f"  {k:<8} cosine vs fp32 {v:.4f} ({self.cosine_images} images, {self.cosine_on})"
                          for k, v in self.cosine.items()]
 
@@ -161,7 +175,7 @@ def quantize_encoder(fp32_onnx: PathLike, out_path: PathLike, calibration_batche
                      weight_type: Optional[str] = None, symmetric: Optional[bool] = None,
                      per_channel: bool = True, reduce_range: Union[bool, str, None] = None,
                      calibrate_method: str = "minmax",
-                     exclude_nodes: Sequence[str] = (), keep_float: str = "none",
+                     exclude_nodes: Sequence[str] = (), keep_float: Optional[str] = None,
                      min_cosine: Optional[float] = None, max_float_nodes: int = 4, preprocess: bool = True,
                      threads: Optional[int] = None, image_hashes: Sequence[str] = (),
                      eval_batches: Optional[Iterable[np.ndarray]] = None) -> Int8Report:
@@ -169,9 +183,12 @@ def quantize_encoder(fp32_onnx: PathLike, out_path: PathLike, calibration_batche
 
     `preset` sets activation/weight types, symmetry and `reduce_range` (explicit arguments override
     it); `reduce_range` True = 7-bit weights everywhere, "auto" = 7-bit except depthwise convs.
-    `keep_float="auto"` excludes the most damaging nodes until all outputs reach `min_cosine` (default:
-    the preset's, 0.90 on the CPU where 7-bit weights cost a few hundredths, 0.97 for TensorRT);
-    otherwise a result below `min_cosine` is only logged as a warning (the caller decides).
+    `keep_float` (default: the preset's): "stem" keeps the stem stage in float (`_stem_stage`; the
+    CPU default), "none" quantizes every conv (the stem reads the pixels as integers where that is
+    exact, `_integer_input_plan`), "auto" starts from the preset's choice and excludes the most
+    damaging nodes until all outputs reach `min_cosine` (default: the preset's, 0.90 on the CPU
+    where 7-bit weights cost a few hundredths, 0.97 for TensorRT); otherwise a result below
+    `min_cosine` is only logged as a warning (the caller decides).
     The cosine is measured on `eval_batches` (other real images) when given, else on the calibration set.
     """
     try:
@@ -201,8 +218,10 @@ def quantize_encoder(fp32_onnx: PathLike, out_path: PathLike, calibration_batche
     if calibrate_method not in methods:
         raise CalibrationError(f"unknown calibration method {calibrate_method!r}; choose one of "
                                f"{', '.join(CALIBRATE_METHODS)}")
-    if keep_float not in ("none", "auto"):
-        raise CalibrationError(f"keep_float must be 'none' or 'auto', got {keep_float!r}")
+    keep_float = keep_float or base["keep_float"]
+    if keep_float not in KEEP_FLOAT:
+        raise CalibrationError(f"keep_float must be one of {', '.join(KEEP_FLOAT)}, got {keep_float!r}")
+    float_stem = keep_float == "stem" or (keep_float == "auto" and base["keep_float"] == "stem")
     reader = ImageBatchReader(calibration_batches)
     check = [_check_batch(b) for b in eval_batches] if eval_batches is not None else reader.batches
     check = check or reader.batches
@@ -217,8 +236,15 @@ def quantize_encoder(fp32_onnx: PathLike, out_path: PathLike, calibration_batche
             from onnxruntime.quantization.shape_inference import quant_pre_process
             model_in = Path(tmp) / "pre.onnx"
             quant_pre_process(str(src), str(model_in), skip_symbolic_shape=False)
-        if base["float_stem"]:
+        stem_mode, pixels = "calibrated", None
+        if float_stem:
+            stem_mode = "float"
             excluded += [n for n in _stem_stage(model_in) if n not in excluded]
+        elif keep_float == "none":
+            pixels = _integer_input_plan(model_in, act, excluded)
+        if pixels is not None:
+            stem_mode = "integer-input"
+            model_in = _pad_stem_channels(model_in, Path(tmp) / "stem_padded.onnx", pixels["stem"])
         extra: dict[str, Any] = {"ActivationSymmetric": sym, "WeightSymmetric": True}
         if rr == "auto":
             seven_bit = _non_depthwise_weights(model_in)
@@ -232,6 +258,8 @@ def quantize_encoder(fp32_onnx: PathLike, out_path: PathLike, calibration_batche
                                 reduce_range=rr is True, activation_type=types[act], weight_type=types[wt],
                                 nodes_to_exclude=nodes or None, calibrate_method=methods[calibrate_method],
                                 extra_options=dict(extra))
+            if pixels is not None:
+                _read_pixels_as_integers(out, pixels)
 
         quantize(excluded)
         cosine = layer_cosine(src, out, check, threads=threads, simulate=base["simulate"])
@@ -255,7 +283,7 @@ def quantize_encoder(fp32_onnx: PathLike, out_path: PathLike, calibration_batche
                         cosine_images=int(sum(len(b) for b in check)), excluded_nodes=excluded, cosine=cosine,
                         cosine_on="qdq-simulated" if base["simulate"] else "onnxruntime-cpu",
                         qdq_nodes=count_quantize_nodes(out), seconds=time.perf_counter() - t0,
-                        image_hashes=list(image_hashes))
+                        image_hashes=list(image_hashes), stem=stem_mode)
     for line in report.lines():
         log.info("%s", line)
     return report
@@ -359,6 +387,168 @@ def _stem_stage(onnx_path: Path) -> list[str]:
                 break
             node = nxt
     return [n for n in dict.fromkeys(stage) if n]  # an empty name would exclude every unnamed node
+
+
+PIXEL_CHANNEL_MULTIPLE = 4  # MLAS's symmetric AVX2 conv kernel needs input channels in fours
+
+
+def _integer_input_plan(onnx_path: Path, activation_type: str, excluded: Sequence[str]) -> Optional[dict[str, Any]]:
+    """How the stem conv can read the pixels as integers, or None (it is quantized from calibrated ranges).
+
+    The station feeds whole pixel values 0..255, and the graph's normalisation (x - m) * a with one
+    integer m and one a for every channel (EfficientNet-Lite: m 127, a 1/128) is exactly a uint8
+    tensor with zero point m and scale a. So the INT8 graph quantizes the image with scale 1 (exact),
+    pads its channels to a multiple of 4 with m (0 after normalising) and hands it to the stem conv
+    as that tensor: no float normalisation, no float -> INT8 boundary after the stem, and the stem
+    runs in MLAS's symmetric integer kernel (3 channels fall back to a slower generic one).
+    Checked on probe images, never assumed from the backbone name.
+    """
+    import onnx
+
+    model = onnx.load(str(onnx_path))
+    stems = _stem_convs(model)
+    if activation_type != "uint8" or len(stems) != 1 or stems[0] in excluded:
+        log.info("INT8: the stem cannot read integer pixels (%s)", "excluded" if stems and stems[0] in excluded else
+                 f"{len(stems)} stem convs" if len(stems) != 1 else f"{activation_type} activations")
+        return None
+    stem = next(n for n in model.graph.node if n.name == stems[0])
+    inits = {i.name for i in model.graph.initializer}
+    images = [i for i in model.graph.input if i.name not in inits]
+    dims = [d.dim_value for d in images[0].type.tensor_type.shape.dim] if len(images) == 1 else []
+    if len(dims) != 4 or not all(dims[1:]) or sum(stem.input[1] in n.input for n in model.graph.node) != 1:
+        log.info("INT8: the stem cannot read integer pixels (needs one image input of fixed size, an unshared weight)")
+        return None
+    affine = _pixel_affine(model, images[0].name, stem.input[0], dims[1:])
+    if affine is None:
+        log.info("INT8: the stem cannot read integer pixels (the normalisation is not one integer zero point and scale)")
+        return None
+    channels = dims[1]
+    padded = -(-channels // PIXEL_CHANNEL_MULTIPLE) * PIXEL_CHANNEL_MULTIPLE
+    return {"stem": stem.name, "image": images[0].name, "zero_point": affine[0], "scale": affine[1],
+            "channels": channels, "padded": padded}
+
+
+def _pixel_affine(model: Any, image: str, tensor: str, chw: Sequence[int]) -> Optional[tuple[int, float]]:
+    """(m, a) if `tensor` == (image - m) * a on probe images (black, white, seeded random pixels)."""
+    import onnx
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.output[:]
+    probe.graph.output.append(onnx.helper.make_tensor_value_info(tensor, onnx.TensorProto.FLOAT, None))
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    session = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    x = np.stack([np.zeros(chw, np.float32), np.full(chw, 255.0, np.float32),
+                  np.random.default_rng(0).integers(0, 256, chw).astype(np.float32)])
+    y = np.concatenate([np.asarray(session.run(None, {image: p[None]})[0], np.float64) for p in x])  # batch 1: any graph
+    if y.shape != x.shape:
+        return None
+    a = float((y[1] - y[0]).mean() / 255.0)
+    m = -float(y[0].mean()) / a if a > 0 else float("nan")
+    if not (a > 0 and 0 <= round(m) <= 255 and abs(m - round(m)) < 1e-3):
+        return None
+    expected = (x - round(m)) * a
+    if float(np.abs(y - expected).max()) > 1e-5 * max(1.0, float(np.abs(expected).max())):
+        return None
+    return int(round(m)), a
+
+
+def _pad_stem_channels(src: Path, dst: Path, stem: str) -> Path:
+    """Float copy of the graph whose stem conv reads its input zero-padded to a multiple of 4
+    channels, with zero weights for the extra channels: the same function, in the shape the
+    integer kernel takes. Returns `src` when the channels already fit."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(src))
+    graph = model.graph
+    conv = next(n for n in graph.node if n.name == stem)
+    weight = next(i for i in graph.initializer if i.name == conv.input[1])
+    w = numpy_helper.to_array(weight)
+    extra = -w.shape[1] % PIXEL_CHANNEL_MULTIPLE
+    if extra == 0:
+        return src
+    weight.CopyFrom(numpy_helper.from_array(np.concatenate([w, np.zeros((w.shape[0], extra, *w.shape[2:]), w.dtype)], 1),
+                                            weight.name))
+    pads = numpy_helper.from_array(np.array([0, 0, 0, 0, 0, extra, 0, 0], np.int64), f"{stem}_channel_pads")
+    graph.initializer.append(pads)
+    padded = f"{conv.input[0]}_channel_padded"
+    graph.node.insert(list(graph.node).index(conv), helper.make_node(
+        "Pad", [conv.input[0], pads.name], [padded], name=f"{stem}_channel_pad", mode="constant"))
+    conv.input[0] = padded
+    onnx.save(model, str(dst))
+    return dst
+
+
+def _read_pixels_as_integers(path: Path, plan: dict[str, Any]) -> None:
+    """Rewrite a quantized graph's input so the stem conv reads the pixels as integers (see
+    `_integer_input_plan`): image -> QuantizeLinear(scale 1, zero point 0) -> channel Pad with m ->
+    the stem's DequantizeLinear, now with (a, m). The float normalisation and its Q/DQ become dead
+    and are removed; the stem's int32 bias is re-expressed in the new input scale."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    conv = next(n for n in graph.node if n.name == plan["stem"])
+    dq = producer.get(conv.input[0])
+    if dq is None or dq.op_type != "DequantizeLinear":
+        raise CalibrationError(f"INT8: the stem conv {plan['stem']} does not read a quantized tensor after "
+                               "quantization; keep it in float (--int8-keep-float stem)")
+    stem = plan["stem"]
+    m, a = int(plan["zero_point"]), float(plan["scale"])
+    w_scale = numpy_helper.to_array(inits[producer[conv.input[1]].input[1]]).astype(np.float64)
+    if len(conv.input) > 2 and conv.input[2]:
+        bias_dq = producer[conv.input[2]]
+        q, old = (numpy_helper.to_array(inits[t]).astype(np.float64) for t in bias_dq.input[:2])
+        new = (a * w_scale).astype(np.float32)
+        inits[bias_dq.input[0]].CopyFrom(numpy_helper.from_array(
+            np.round(q * old / new.astype(np.float64)).astype(np.int32), bias_dq.input[0]))
+        inits[bias_dq.input[1]].CopyFrom(numpy_helper.from_array(new, bias_dq.input[1]))
+    names = {k: f"{stem}_pixels_{k}" for k in ("one", "zero", "scale", "m", "u8", "u8_padded", "pads")}
+    graph.initializer.extend([
+        numpy_helper.from_array(np.array(1.0, np.float32), names["one"]),
+        numpy_helper.from_array(np.array(0, np.uint8), names["zero"]),
+        numpy_helper.from_array(np.array(a, np.float32), names["scale"]),
+        numpy_helper.from_array(np.array(m, np.uint8), names["m"])])
+    nodes = [helper.make_node("QuantizeLinear", [plan["image"], names["one"], names["zero"]], [names["u8"]],
+                              name=f"{stem}_pixels_to_uint8")]
+    pixels = names["u8"]
+    if plan["padded"] != plan["channels"]:
+        graph.initializer.append(numpy_helper.from_array(
+            np.array([0, 0, 0, 0, 0, plan["padded"] - plan["channels"], 0, 0], np.int64), names["pads"]))
+        nodes.append(helper.make_node("Pad", [pixels, names["pads"], names["m"]], [names["u8_padded"]],
+                                      name=f"{stem}_pixels_channel_pad", mode="constant"))
+        pixels = names["u8_padded"]
+    dq.input[:] = [pixels, names["scale"], names["m"]]
+    at = list(graph.node).index(dq)
+    for k, node in enumerate(nodes):
+        graph.node.insert(at + k, node)
+    _prune(graph)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def _prune(graph: Any) -> None:
+    """Drop nodes whose outputs nobody reads, then unused initializers and value infos."""
+    outputs = {o.name for o in graph.output}
+    while True:
+        read = {t for n in graph.node for t in n.input} | outputs
+        dead = [n for n in graph.node if not any(o in read for o in n.output)]
+        if not dead:
+            break
+        for n in dead:
+            graph.node.remove(n)
+    read = {t for n in graph.node for t in n.input}
+    for init in [i for i in graph.initializer if i.name not in read]:
+        graph.initializer.remove(init)
+    live = read | outputs | {o for n in graph.node for o in n.output}
+    for info in [v for v in graph.value_info if v.name not in live]:
+        graph.value_info.remove(info)
 
 
 def count_quantize_nodes(onnx_path: PathLike) -> int:

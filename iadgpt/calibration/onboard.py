@@ -99,7 +99,8 @@ class CalibrationReport:
         if self.int8:
             cos = ", ".join(f"{k} {v:.4f}" for k, v in self.int8["cosine"].items())
             kept = len(self.int8["excluded_nodes"])
-            out.append(f"  INT8 encoder: feature cosine vs fp32 {cos}; {kept} nodes kept in float")
+            stem = self.int8.get("stem", "?")
+            out.append(f"  INT8 encoder: feature cosine vs fp32 {cos}; stem {stem}; {kept} nodes kept in float")
         if self.histogram:
             out.append(f"  score histogram {self.histogram}")
         steps = ", ".join(f"{k} {v:.1f} s" for k, v in self.timings.items() if k != "histogram")
@@ -301,7 +302,7 @@ def calibrate(bundle_path: PathLike, normal_dir: PathLike, *, shots: int = 4, ho
               target_frr: float = 0.005, method: str = "quantile", target_recall: float = 0.95,
               pixel_quantile: float = th.PIXEL_QUANTILE, coreset: Optional[float] = None,
               augment: Optional[bool] = None, backend: str = "onnxruntime", threads: Optional[int] = None,
-              seed: int = 0, int8_keep_float: str = "none", histogram: Optional[PathLike] = None,
+              seed: int = 0, int8_keep_float: Optional[str] = None, histogram: Optional[PathLike] = None,
               progress: bool = True, weights: Optional[PathLike] = None) -> CalibrationReport:
     """Onboard a product: bank from `shots` normals, thresholds on the held-out rest (see module doc).
 
@@ -437,7 +438,8 @@ def calibrate(bundle_path: PathLike, normal_dir: PathLike, *, shots: int = 4, ho
 
 
 def quantize_on_normals(fp32_onnx: Path, out: Path, spec: Any, shot_batch: Optional[np.ndarray], augment: bool,
-                        split: Split, *, preset: str, keep_float: str, threads: Optional[int]) -> Any:
+                        split: Split, *, preset: str, keep_float: Optional[str],
+                        threads: Optional[int]) -> Any:
     """INT8 Q/DQ encoder calibrated on the (rotated) shots topped up with held-out normals; the
     feature cosine is reported on other held-out normals."""
     from .int8 import quantize_encoder, rebatch
