@@ -246,6 +246,17 @@ def test_bundle_pipeline_matches_onnxruntime(tmp_path, tiny, tiny_text):
     out = engine.run({"frame": np.stack(frames[:2])})
     np.testing.assert_allclose(out["anomaly_map"], maps[:2], atol=1e-5)
     assert engine.precision == "fp32" and engine.output_names == ["anomaly_map", "score"]
+    # the encoder outputs of that call (the bridge's input), as the bundle's ONNX encoder gives them
+    ort = pytest.importorskip("onnxruntime")
+    enc = ort.InferenceSession(str(bundle.graph_path("encoder")), providers=["CPUExecutionProvider"])
+    ref = enc.run(None, {"image": to_batch(frames[:2], bundle.input_spec)})
+    got = engine.last_features()
+    assert [f.shape for f in got] == [r.shape for r in ref]
+    for a, b in zip(got, ref):
+        assert np.abs(a - b).max() <= 1e-4 * max(1.0, float(np.abs(b).max()))
+    engine.close()
+    with pytest.raises(EngineError, match="closed"):
+        engine.last_features()
 
 
 def test_exported_bundle_runs_on_the_torch_path(tiny_bundle_path):
@@ -458,6 +469,24 @@ def test_cuda_graph_backend_sequence(monkeypatch):
                      "current waits side", "enter capture", "run", "exit capture"]
 
 
+def test_last_features_follow_the_last_replay(tiny, tiny_text):
+    """The features handed out are those of the LAST frame (the captured graph's buffers, refilled by
+    each replay), not the capture's; before any frame there are none."""
+    scorer = TextPromptScorer.from_backbone(tiny)
+    pipe = CudaGraphPipeline(tiny, scorer, [tiny_text], tiny.input_spec, torch.float32, "cpu", graphs=True,
+                             _backend=FakeBackend())
+    eager = CudaGraphPipeline(tiny, scorer, [tiny_text], tiny.input_spec, torch.float32, "cpu")
+    with pytest.raises(EngineError, match="no frame"):
+        pipe.last_features()
+    a, b = _frames(2, size=96)
+    pipe(a)
+    pipe(b)
+    eager(b)
+    for x, y in zip(pipe.last_features(), eager.last_features()):
+        np.testing.assert_allclose(x, y, atol=1e-6)
+    assert pipe.captures == 1
+
+
 def test_zero_copy_input_buffer(tiny, tiny_text):
     pipe = CudaGraphPipeline(tiny, TextPromptScorer.from_backbone(tiny), [tiny_text], tiny.input_spec,
                              torch.float32, "cpu", graphs=True, _backend=FakeBackend())
@@ -592,6 +621,8 @@ def test_gpu_graph_matches_eager_and_onnx_reference(kind, tiny, tiny_text, lite,
     maps, scores = _run(graph, frames)
     emaps, escores = _run(eager, frames)
     assert graph.captures == 1
+    for a, b in zip(graph.last_features(), eager.last_features()):  # the last frame's, from the graph's buffers
+        assert np.abs(a - b).max() <= 2e-2 * max(1.0, float(np.abs(b).max()))  # fp16 kernels round differently
     # same function; Triton-fused and cuBLAS kernels round differently: fp16-rounding-level differences only
     np.testing.assert_allclose(maps, emaps, atol=5e-3 * (ref_maps.max() - ref_maps.min()))
     report = map_parity(maps, ref_maps, scores, ref_scores)

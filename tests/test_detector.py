@@ -165,6 +165,23 @@ def test_cuda_graph_backend_flags_defects_where_they_are(graph_detector, detecto
     assert sum(v.anomalous for v in verdicts) <= 1
 
 
+def test_cuda_graph_backend_keeps_features_for_the_bridge(graph_detector, detector):
+    """Flagged frames carry the encoder features on the fast path too (copied from the graph's
+    buffers after the verdict), equal to the onnxruntime encoder's on the same frame."""
+    bad = defective_frames(1)[0].image
+    good = SyntheticProduct(kind="part", size=TINY_SIZE, seed=14, defect_rate=0.0).sample(0).image
+    graph_detector.keep_features = detector.keep_features = True
+    try:
+        v, ref, ok = graph_detector.detect(frame(bad)), detector.detect(frame(bad)), graph_detector.detect(frame(good))
+    finally:
+        graph_detector.keep_features = detector.keep_features = False
+    assert v.anomalous and ref.anomalous and not ok.anomalous and ok.features is None
+    assert len(v.features) == len(ref.features) >= 1
+    for a, b in zip(v.features, ref.features):
+        assert a.dtype == np.float32 and a.shape == b.shape
+        assert np.abs(a - b).max() <= 1e-4 * max(1.0, float(np.abs(b).max()))  # fp32 torch vs ORT
+
+
 def test_cuda_graph_backend_scores_batches_for_calibration(graph_detector, detector):
     from iadgpt.runtime.cuda_graph import PARITY, map_parity
     from iadgpt.runtime.preprocess import to_batch

@@ -305,10 +305,11 @@ class _CudaGraphBackend(_EagerBackend):
 class _ShapeState:
     """Static buffers and the graph of one input shape."""
 
-    __slots__ = ("shape", "host_in", "host_in_np", "dev_in", "host_map", "host_score", "graph", "taps")
+    __slots__ = ("shape", "host_in", "host_in_np", "dev_in", "host_map", "host_score", "graph", "taps", "feats")
 
     def __init__(self) -> None:
         self.graph: Any = None
+        self.feats: list[Any] = []  # the encoder outputs of the last replay (the graph's static tensors)
 
 
 class CudaGraphPipeline:
@@ -380,6 +381,7 @@ class CudaGraphPipeline:
             raise EngineError(f"unknown host_copy {host_copy!r}; choose one of {', '.join(HOST_COPIES)}")
         self.host_copy = host_copy
         self.captures = 0  # graphs captured so far (recaptures included)
+        self._last: Optional[_ShapeState] = None  # the state of the last run_batch (its features)
         self._states: "OrderedDict[tuple[int, ...], _ShapeState]" = OrderedDict()
         if _backend is not None:
             self._backend = _backend
@@ -470,14 +472,18 @@ class CudaGraphPipeline:
 
     def forward(self, frames: Any, taps: Optional[tuple[Any, Any, Any, Any]] = None) -> tuple[Any, Any]:
         """(B, H, W, 3) uint8 device tensor -> (map (B, h, w) float32, score (B,) float32). No host sync."""
+        amap, score, _ = self._forward(frames, taps)
+        return amap, score
+
+    def _forward(self, frames: Any, taps: Optional[tuple[Any, Any, Any, Any]]) -> tuple[Any, Any, list[Any]]:
         torch = self._torch
         x = (self.resize(frames, taps) - self._mean) * self._inv_std
         x = x.to(self.dtype)
         if self._channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        feats = self._encode(x)
-        amap, score = self._score(list(feats), *self._refs)
-        return amap.float(), score.float()
+        feats = list(self._encode(x))
+        amap, score = self._score(feats, *self._refs)
+        return amap.float(), score.float(), feats
 
     # -- per-shape state and capture
     def _taps(self, in_hw: tuple[int, int]) -> tuple[Any, Any, Any, Any]:
@@ -519,7 +525,7 @@ class CudaGraphPipeline:
     def _body(self, st: _ShapeState) -> None:
         blocking = self.device.type != "cuda"
         st.dev_in.copy_(st.host_in, non_blocking=not blocking)
-        amap, score = self.forward(st.dev_in, st.taps)
+        amap, score, st.feats = self._forward(st.dev_in, st.taps)
         st.host_map.copy_(amap, non_blocking=not blocking)
         st.host_score.copy_(score, non_blocking=not blocking)
 
@@ -560,7 +566,20 @@ class CudaGraphPipeline:
         with self._torch.inference_mode():  # (eager backends run the forward here)
             st.graph.replay()
         self._backend.synchronize()  # the one host sync: map and score are in the pinned outputs
+        self._last = st
         return st.host_map.numpy().copy(), st.host_score.numpy().copy()
+
+    def last_features(self) -> list[np.ndarray]:
+        """The encoder outputs of the last `run_batch` call as float32 (B, C, h, w) arrays, in the
+        bundle encoder's output order: what the describer's bridge reads for a flagged part.
+
+        Copied from the device only when asked (flagged frames), after the verdict; they are the
+        graph's own buffers, valid until the next call. At the pipeline's precision (fp16 on CUDA)."""
+        st = self._last
+        if st is None or not st.feats:
+            raise EngineError("no frame has been run yet: call the pipeline with a frame first")
+        with self._torch.inference_mode():
+            return [f.detach().float().contiguous().cpu().numpy() for f in st.feats]
 
     def __call__(self, frame: np.ndarray) -> tuple[np.ndarray, float]:
         if not isinstance(frame, np.ndarray) or frame.ndim != 3:
@@ -613,6 +632,7 @@ class CudaGraphPipeline:
 
     def close(self) -> None:
         self._states.clear()
+        self._last = None
 
     def __enter__(self) -> "CudaGraphPipeline":
         return self

@@ -140,7 +140,6 @@ class Detector:
         self.min_region_px = int(min_region_px)
         # keep a flagged frame's encoder features on its Verdict (the describer's bridge reads them)
         self.keep_features = False
-        self._said_no_features = False  # the cuda-graph backend keeps none: said once
 
     def _thresholds(self, override: Optional[float]) -> tuple[float, float]:
         th = self.bundle.thresholds
@@ -182,10 +181,6 @@ class Detector:
         assert self.fast_path is not None
         t0 = time.perf_counter()
         out = self.fast_path.run({"frame": frames})
-        if self.keep_features and not self._said_no_features:
-            self._said_no_features = True
-            log.warning("the cuda-graph backend returns maps and scores only: the describer's bridge gets no "
-                        "features (run the station on onnxruntime or tensorrt for the bridge)")
         return out["anomaly_map"], out["score"], {"fast_path": (time.perf_counter() - t0) * 1e3}, {}
 
     def detect(self, frame: Frame) -> Verdict:
@@ -206,12 +201,15 @@ class Detector:
         frame_hw = frame.image.shape[:2]
         regions = self.regions(amap, frame_hw) if anomalous else []
         full_map = cv2.resize(amap, (frame_hw[1], frame_hw[0]), interpolation=cv2.INTER_LINEAR) if anomalous else None
+        features = None
+        if anomalous and self.keep_features:  # the describer's bridge reads them; the fast path copies them now
+            features = list(feats.values()) if self.fast_path is None else self.fast_path.last_features()
         t3 = time.perf_counter()
         timings.update(preprocess=(t1 - t0) * 1e3, postprocess=(t3 - t2) * 1e3)
         return Verdict(frame_id=frame.frame_id, timestamp=frame.timestamp, score=score, threshold=self.threshold,
                        anomalous=anomalous, regions=regions, timings_ms=timings, source=frame.source,
                        frame_shape=tuple(frame.image.shape), anomaly_map=full_map,
-                       features=list(feats.values()) if anomalous and self.keep_features else None)
+                       features=features)
 
     def regions(self, amap: np.ndarray, frame_hw: tuple[int, int]) -> list[Region]:
         """Connected areas above the pixel threshold, largest first, in frame pixels."""

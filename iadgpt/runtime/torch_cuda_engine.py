@@ -739,6 +739,13 @@ class CudaGraphEngine:
         self.last_run_ms = (time.perf_counter() - t0) * 1e3
         return {"anomaly_map": maps, "score": scores}
 
+    def last_features(self) -> list[np.ndarray]:
+        """The encoder outputs of the last `run` (float32, the bundle encoder's order); see
+        `CudaGraphPipeline.last_features`. Only flagged frames need them (the describer's bridge)."""
+        if self._closed:
+            raise EngineError("torch CUDA-graph engine is closed; open a new one")
+        return self.pipeline.last_features()
+
     def close(self) -> None:
         self._closed = True
         self.pipeline.close()
