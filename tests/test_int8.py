@@ -244,6 +244,7 @@ def _normalising_graph(path, mean, std, stems=1):
     ((122.77, 116.75, 104.09), (68.5, 66.6, 70.3), 1, None),           # CLIP: per-channel, not integers
     (127.5, 127.5, 1, None),                                            # zero point between two integers
     (127.0, 128.0, 2, None),                                            # two convs read the image
+    (0.0, 1.0, 1, (0, 1.0)),                                            # raw pixels
 ])
 def test_integer_input_plan(tmp_path, mean, std, stems, plan):
     got = int8._integer_input_plan(_normalising_graph(tmp_path / "g.onnx", mean, std, stems), "uint8", [])

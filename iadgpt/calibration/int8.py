@@ -405,7 +405,7 @@ def _integer_input_plan(onnx_path: Path, activation_type: str, excluded: Sequenc
     """
     import onnx
 
-    model = onnx.load(str(onnx_path))
+    model = onnx.load(str(onnx_path), load_external_data=False)  # the probe loads the few tensors it needs
     stems = _stem_convs(model)
     if activation_type != "uint8" or len(stems) != 1 or stems[0] in excluded:
         log.info("INT8: the stem cannot read integer pixels (%s)", "excluded" if stems and stems[0] in excluded else
@@ -418,7 +418,7 @@ def _integer_input_plan(onnx_path: Path, activation_type: str, excluded: Sequenc
     if len(dims) != 4 or not all(dims[1:]) or sum(stem.input[1] in n.input for n in model.graph.node) != 1:
         log.info("INT8: the stem cannot read integer pixels (needs one image input of fixed size, an unshared weight)")
         return None
-    affine = _pixel_affine(model, images[0].name, stem.input[0], dims[1:])
+    affine = _pixel_affine(model, Path(onnx_path).parent, images[0].name, stem.input[0], dims[1:])
     if affine is None:
         log.info("INT8: the stem cannot read integer pixels (the normalisation is not one integer zero point and scale)")
         return None
@@ -428,15 +428,41 @@ def _integer_input_plan(onnx_path: Path, activation_type: str, excluded: Sequenc
             "channels": channels, "padded": padded}
 
 
-def _pixel_affine(model: Any, image: str, tensor: str, chw: Sequence[int]) -> Optional[tuple[int, float]]:
-    """(m, a) if `tensor` == (image - m) * a on probe images (black, white, seeded random pixels)."""
+def _pixel_affine(model: Any, base_dir: Path, image: str, tensor: str,
+                  chw: Sequence[int]) -> Optional[tuple[int, float]]:
+    """(m, a) if `tensor` == (image - m) * a on probe images (black, white, seeded random pixels).
+
+    Runs only the nodes `tensor` depends on (a few per-pixel ops), so a large encoder is not loaded."""
     import onnx
     import onnxruntime as ort
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
 
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    del probe.graph.output[:]
-    probe.graph.output.append(onnx.helper.make_tensor_value_info(tensor, onnx.TensorProto.FLOAT, None))
+    if tensor == image:  # the stem reads the raw pixels
+        return 0, 1.0
+    producer = {o: n for n in model.graph.node for o in n.output}
+    nodes, todo, seen = [], [tensor], set()
+    while todo:
+        name = todo.pop()
+        node = producer.get(name)
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        nodes.append(node)
+        todo.extend(node.input)
+    order = {id(n): k for k, n in enumerate(model.graph.node)}
+    nodes.sort(key=lambda n: order[id(n)])
+    needed = {t for n in nodes for t in n.input}
+    inits = []
+    for init in model.graph.initializer:
+        if init.name in needed:
+            init = onnx.TensorProto.FromString(init.SerializeToString())
+            if uses_external_data(init):
+                load_external_data_for_tensor(init, str(base_dir))
+            inits.append(init)
+    graph = onnx.helper.make_graph(nodes, "pixel_probe", [i for i in model.graph.input if i.name == image],
+                                   [onnx.helper.make_tensor_value_info(tensor, onnx.TensorProto.FLOAT, None)],
+                                   initializer=inits)
+    probe = onnx.helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
     so = ort.SessionOptions()
     so.log_severity_level = 3
     session = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
