@@ -573,8 +573,9 @@ class CudaGraphPipeline:
         """The encoder outputs of the last `run_batch` call as float32 (B, C, h, w) arrays, in the
         bundle encoder's output order: what the describer's bridge reads for a flagged part.
 
-        Copied from the device only when asked (flagged frames), after the verdict; they are the
-        graph's own buffers, valid until the next call. At the pipeline's precision (fp16 on CUDA)."""
+        Copied from the device only when asked (the Detector asks for flagged frames, once the score
+        has decided); they live in the graph's own buffers until the next call. At the pipeline's
+        precision (fp16 on CUDA)."""
         st = self._last
         if st is None or not st.feats:
             raise EngineError("no frame has been run yet: call the pipeline with a frame first")
