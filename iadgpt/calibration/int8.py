@@ -516,6 +516,8 @@ def _read_pixels_as_integers(path: Path, plan: dict[str, Any]) -> None:
     import onnx
     from onnx import helper, numpy_helper
 
+    from ..export.graph_passes import drop_dead_nodes
+
     model = onnx.load(str(path))
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
@@ -554,27 +556,9 @@ def _read_pixels_as_integers(path: Path, plan: dict[str, Any]) -> None:
     at = list(graph.node).index(dq)
     for k, node in enumerate(nodes):
         graph.node.insert(at + k, node)
-    _prune(graph)
+    drop_dead_nodes(graph)
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
-
-
-def _prune(graph: Any) -> None:
-    """Drop nodes whose outputs nobody reads, then unused initializers and value infos."""
-    outputs = {o.name for o in graph.output}
-    while True:
-        read = {t for n in graph.node for t in n.input} | outputs
-        dead = [n for n in graph.node if not any(o in read for o in n.output)]
-        if not dead:
-            break
-        for n in dead:
-            graph.node.remove(n)
-    read = {t for n in graph.node for t in n.input}
-    for init in [i for i in graph.initializer if i.name not in read]:
-        graph.initializer.remove(init)
-    live = read | outputs | {o for n in graph.node for o in n.output}
-    for info in [v for v in graph.value_info if v.name not in live]:
-        graph.value_info.remove(info)
 
 
 def count_quantize_nodes(onnx_path: PathLike) -> int:

@@ -17,7 +17,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-__all__ = ["fold_pads_into_convs"]
+__all__ = ["fold_pads_into_convs", "drop_dead_nodes"]
 
 
 def _constant_value(name: str, graph: Any, producers: dict[str, Any], inits: dict[str, Any],
@@ -109,15 +109,17 @@ def fold_pads_into_convs(model: Any) -> int:
     for pad in folded:
         graph.node.remove(pad)
     if folded:
-        _drop_dead_nodes(graph)
+        drop_dead_nodes(graph)
         log.info("folded %d zero Pad nodes into their Convs", len(folded))
     return len(folded)
 
 
-def _drop_dead_nodes(graph: Any) -> None:
-    """Remove nodes (the pad-amount shape chains) whose outputs nothing reads any more."""
+def drop_dead_nodes(graph: Any) -> None:
+    """Remove nodes whose outputs nothing reads any more (after a rewrite), then the initializers
+    and value infos they leave unused."""
+    outputs = {o.name for o in graph.output}
     while True:
-        read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+        read = {i for n in graph.node for i in n.input} | outputs
         dead = [n for n in graph.node if not any(o in read for o in n.output)]
         if not dead:
             break
@@ -126,3 +128,6 @@ def _drop_dead_nodes(graph: Any) -> None:
     read = {i for n in graph.node for i in n.input}
     for init in [i for i in graph.initializer if i.name not in read]:
         graph.initializer.remove(init)
+    live = read | outputs | {o for n in graph.node for o in n.output}
+    for info in [v for v in graph.value_info if v.name not in live]:
+        graph.value_info.remove(info)
