@@ -27,10 +27,10 @@ Presets (`PRESETS`), measured on this project's 2-core AVX2 CPU without VNNI (RE
   graph quantizes the image exactly (scale 1), pads it to 4 channels (MLAS's symmetric conv kernel
   takes channels in fours; with 3 the stem takes the slow generic kernel above) and has no float
   normalisation and no float -> INT8 boundary. Per-node ORT profile of the bottle encoder: image
-  to the first block's output 1.1 ms vs 1.5 ms; in the station loop the encoder gained 0-6 % (README),
-  and feature cosine fell to 0.965 / 0.919 / 0.958 (the stem's 32-channel output shares one 8-bit
-  range), which the bank absorbs (AUROC within 0.1 of fp32) but a bridge trained on fp32 features
-  might not: opt-in. A graph whose normalisation is not one integer zero point and one scale
+  to the first block's output 1.1 ms vs 1.5 ms; in the station loop at most a few percent, within
+  this VM's drift (README), while feature cosine fell to 0.965 / 0.919 / 0.958 (the stem's
+  32-channel output shares one 8-bit range), which the bank absorbs (AUROC within 0.1 of fp32) but
+  a bridge trained on fp32 features might not: opt-in. A graph whose normalisation is not one integer zero point and one scale
   (CLIP's per-channel means) quantizes its stem from calibrated ranges there (`Int8Report.stem`).
   INT8 S8S8 has no AVX2 kernel and was slower than fp32; U8U8 was 8x slower.
 - "tensorrt": int8 activations and weights, both symmetric (zero point 0), the only Q/DQ form
@@ -74,7 +74,6 @@ PRESETS: dict[str, dict[str, Any]] = {
                  "keep_float": "none", "simulate": True, "min_cosine": 0.97},
 }
 KEEP_FLOAT = ("none", "auto", "stem")
-STEM_MODES = ("integer-input", "float", "calibrated")  # Int8Report.stem
 MIN_CALIBRATION_IMAGES = 4
 
 
@@ -97,7 +96,7 @@ class Int8Report:
     qdq_nodes: int
     seconds: float
     image_hashes: list[str] = field(default_factory=list)
-    stem: str = "calibrated"  # one of STEM_MODES: how the convs reading the image are computed
+    stem: str = "calibrated"  # the convs reading the image: "integer-input", "float" or "calibrated" (Q/DQ)
 
     @property
     def min_cosine(self) -> float:
