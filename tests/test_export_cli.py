@@ -103,6 +103,17 @@ def test_inspect_ok(exported, capsys):
     assert "memory_bank" in text and "graphs/encoder.onnx" in text and "bank float32 (bank_size, 176)" in text
 
 
+def test_inspect_summarises_thresholds(tiny_bundle_path, capsys):
+    """One line per threshold (value, method, images, backend/precision), not the manifest's hash lists."""
+    import re
+
+    assert main(["inspect", str(tiny_bundle_path)]) == 0
+    text = capsys.readouterr().out
+    block = text.split("thresholds", 1)[1].split("engines", 1)[0]
+    assert re.search(r"image\s+\S+, max, 16 normal images, fitted on onnxruntime/fp32", block), block
+    assert not re.search(r"[0-9a-f]{64}", block) and len(block.strip().splitlines()) == 1
+
+
 def test_inspect_flags_a_flipped_byte(exported, tmp_path, capsys):
     out, _ = exported
     broken = tmp_path / "broken"

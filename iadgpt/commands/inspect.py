@@ -113,10 +113,11 @@ def _summary(bundle: Any) -> list[str]:
     else:
         lines.append("scorer      none")
     lines.append("graphs")
+    width = max((len(r) for r in m["graphs"]), default=0) + 2
     for role, g in sorted(m["graphs"].items()):
         size_b = _file_size(bundle, g["file"])
         ext = sum(_file_size(bundle, e["file"]) or 0 for e in g.get("external_data", []))
-        lines.append(f"  {role:<12}{g['file']}  {_mb(size_b) if size_b is not None else 'MISSING'}"
+        lines.append(f"  {role:<{width}}{g['file']}  {_mb(size_b) if size_b is not None else 'MISSING'}"
                      f"{f' + {_mb(ext)} external data' if ext else ''}  {g.get('precision', 'fp32')}")
         for t in g.get("inputs", []):
             lines.append(f"    in   {t['name']} {t['dtype']} {_shape(t['shape'])}")
@@ -136,9 +137,35 @@ def _summary(bundle: Any) -> list[str]:
         source = {str((r.get("provenance") or {}).get("checkpoint", "?")) for r in weights.values()}
         lines.append(f"  {DECODER_ARRAY_PREFIX + '*':<18} {len(weights)} decoder tensors  {total}  from "
                      f"{', '.join(sorted(source))}")
-    th = m.get("thresholds") or {}
-    lines.append(f"thresholds  {th}" if th else f"thresholds  none (fit them with `iadgpt calibrate {bundle.path}`)")
+    lines += _threshold_lines(m.get("thresholds") or {}, bundle.path)
     lines += _engine_lines(bundle)
+    return lines
+
+
+def _threshold_lines(th: dict, path: Path) -> list[str]:
+    """One line per fitted threshold: the value and how, on what, for which backend it was fitted
+    (the images' hashes stay in the manifest)."""
+    if not th:
+        return [f"thresholds  none (fit them with `iadgpt calibrate {path}`)"]
+    lines = ["thresholds"]
+    for kind, t in sorted(th.items()):
+        t = t if isinstance(t, dict) else {"value": t}
+        value = t.get("value")
+        parts = [f"{float(value):.5g}" if isinstance(value, (int, float)) else str(value), str(t.get("method", "?"))]
+        params = t.get("params") or {}
+        parts += [f"{key} {params[key]:g}" for key in ("target_frr", "quantile", "target_recall")
+                  if isinstance(params.get(key), (int, float))]
+        if t.get("n_images") is not None:
+            parts.append(f"{t['n_images']} normal images")
+        if t.get("n_defects"):
+            parts.append(f"{t['n_defects']} defective images")
+        ci = t.get("frr_ci")
+        if isinstance(t.get("frr_estimate"), (int, float)):
+            parts.append(f"expected FRR {100 * t['frr_estimate']:.2f}%"
+                         + (f" (CI {100 * ci[0]:.2f}-{100 * ci[1]:.2f}%)" if ci and len(ci) == 2 else ""))
+        if t.get("backend"):
+            parts.append(f"fitted on {t['backend']}/{t.get('precision', '?')}")
+        lines.append(f"  {kind:<7}{', '.join(parts)}")
     return lines
 
 
@@ -148,9 +175,9 @@ def _runs_here(bundle: Any) -> list[str]:
     from ..runtime.engines import OrtEngine
 
     problems = []
-    for role in sorted(bundle.graphs):
+    for role, g in sorted(bundle.graphs.items()):
         try:
-            with OrtEngine(bundle.graph_path(role), "cpu", 1):
+            with OrtEngine(bundle.graph_path(role), "cpu", 1, precision=g.get("precision", "fp32")):
                 pass
         except IadGptError as exc:
             problems.append(f"{role}: {exc}")
