@@ -26,7 +26,7 @@ Presets (`PRESETS`), measured on this project's 2-core AVX2 CPU without VNNI (RE
   normalisation (x - 127) / 128 IS a uint8 tensor with zero point 127 and scale 1/128, so the
   graph quantizes the image exactly (scale 1), pads it to 4 channels (MLAS's symmetric conv kernel
   takes channels in fours; with 3 the stem takes the slow generic kernel above) and has no float
-  normalisation and no float -> INT8 boundary. Per-node ORT profile of the bottle encoder: image
+  normalisation and no float -> INT8 boundary. One-off per-node ORT profile, bottle encoder: image
   to the first block's output 1.1 ms vs 1.5 ms; in the station loop at most a few percent, within
   this VM's drift (README), while feature cosine fell to 0.965 / 0.919 / 0.958 (the stem's
   32-channel output shares one 8-bit range), which the bank absorbs (AUROC within 0.1 of fp32) but
@@ -392,15 +392,9 @@ PIXEL_CHANNEL_MULTIPLE = 4  # MLAS's symmetric AVX2 conv kernel needs input chan
 
 
 def _integer_input_plan(onnx_path: Path, activation_type: str, excluded: Sequence[str]) -> Optional[dict[str, Any]]:
-    """How the stem conv can read the pixels as integers, or None (it is quantized from calibrated ranges).
-
-    The station feeds whole pixel values 0..255, and the graph's normalisation (x - m) * a with one
-    integer m and one a for every channel (EfficientNet-Lite: m 127, a 1/128) is exactly a uint8
-    tensor with zero point m and scale a. So the INT8 graph quantizes the image with scale 1 (exact),
-    pads its channels to a multiple of 4 with m (0 after normalising) and hands it to the stem conv
-    as that tensor: no float normalisation, no float -> INT8 boundary after the stem, and the stem
-    runs in MLAS's symmetric integer kernel (3 channels fall back to a slower generic one).
-    Checked on probe images, never assumed from the backbone name.
+    """How the stem conv can read the pixels as integers (module docstring), or None (it is then
+    quantized from calibrated ranges): when the graph's normalisation is (x - m) * a with one
+    integer m and one a for every channel, checked on probe images, never assumed from the backbone.
     """
     import onnx
 
