@@ -12,7 +12,7 @@ from onnx import numpy_helper  # noqa: E402
 from iadgpt.bundle import Bundle  # noqa: E402
 from iadgpt.calibration import int8  # noqa: E402
 from iadgpt.errors import CalibrationError  # noqa: E402
-from iadgpt.runtime.preprocess import to_batch  # noqa: E402
+from iadgpt.runtime.preprocess import batch_to_pixels, to_batch  # noqa: E402
 from iadgpt.runtime.synthetic import SyntheticProduct  # noqa: E402
 
 from conftest import TINY_SIZE  # noqa: E402
@@ -95,13 +95,15 @@ def test_all_int8_is_close_to_fp32(all_int8):
 
 
 def test_all_int8_reads_the_pixels_as_integers(all_int8, images):
-    """The image is quantized with scale 1 (exact for whole pixel values), padded to 4 channels with
-    the zero point, and read by the stem as (x - 127) / 128: no float normalisation is left."""
+    """The graph takes the uint8 (B, H, W, 4) pixels the station has (`to_pixels`), and the stem
+    reads them as (x - 127) / 128: no float normalisation, no quantization of the image, is left."""
     model = onnx.load(str(all_int8[0]))
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    image = model.graph.input[0]
+    assert image.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert [d.dim_value for d in image.type.tensor_type.shape.dim][1:] == [TINY_SIZE, TINY_SIZE, 4]
     readers = [n for n in model.graph.node if "image" in n.input]
-    assert [n.op_type for n in readers] == ["QuantizeLinear"]
-    assert float(inits[readers[0].input[1]]) == 1.0 and int(inits[readers[0].input[2]]) == 0
+    assert [(n.op_type, list(n.attribute[0].ints)) for n in readers] == [("Transpose", [0, 3, 1, 2])]
     assert not {"Sub", "Div"} & set(_ops(all_int8[0]))
     # simulate the Q/DQ arithmetic and read the tensor the stem conv sees
     stem = next(n for n in model.graph.node if n.name == "/backbone/_conv_stem/Conv")
@@ -110,10 +112,20 @@ def test_all_int8_reads_the_pixels_as_integers(all_int8, images):
     assert float(inits[dq.input[1]]) == 1 / 128 and int(inits[dq.input[2]]) == 127
     model.graph.output.append(onnx.helper.make_tensor_value_info(stem.input[0], onnx.TensorProto.FLOAT, None))
     x = images["check"][0]
-    seen = _session(model.SerializeToString(), optimise=False).run([stem.input[0]], {"image": x})[0]
+    seen = _session(model.SerializeToString(), optimise=False).run([stem.input[0]], {"image": batch_to_pixels(x, 4)})[0]
     assert seen.shape == (x.shape[0], 4, *x.shape[2:])
     np.testing.assert_array_equal(seen[:, :3], (x - 127) / 128)
-    assert not seen[:, 3].any()
+
+
+def test_all_int8_ignores_the_padding_channel(all_int8, images):
+    """The 4th channel's weights are zero: whatever it holds (zeros from `batch_to_pixels`, cv2's
+    alpha from `to_pixels`, noise), the features are the same, in the fused kernels too."""
+    x = batch_to_pixels(images["check"][0], 4)
+    noisy = x.copy()
+    noisy[..., 3] = np.random.default_rng(0).integers(0, 256, noisy.shape[:3], dtype=np.uint8)
+    session = _session(all_int8[0])
+    for a, b in zip(session.run(None, {"image": x}), session.run(None, {"image": noisy})):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_all_int8_stem_bias_follows_the_exact_input_scale(all_int8, encoder):
@@ -145,6 +157,7 @@ def test_fused_kernels_do_not_saturate(graph, images, request):
     says: results do not depend on the CPU."""
     path = request.getfixturevalue(graph)[0]
     x = images["check"][0]
+    x = batch_to_pixels(x, 4) if graph == "all_int8" else x
     fused = _session(path).run(None, {"image": x})
     exact = _session(path, optimise=False).run(None, {"image": x})
     for a, b in zip(fused, exact):

@@ -22,15 +22,15 @@ Presets (`PRESETS`), measured on this project's 2-core AVX2 CPU without VNNI (RE
   16-channel output is half the size of the stem's, so the float -> INT8 boundary costs half.
   Bottle encoder feature cosine 0.997 / 0.995 / 0.996 (stem conv only in float: 0.980 / 0.965 /
   0.981). `keep_float="none"` quantizes the stem too and reads the pixels as integers
-  (`_integer_input_plan`): the station feeds whole pixel values, and EfficientNet-Lite's
+  (`_integer_input_plan`): the station has whole pixel values, and EfficientNet-Lite's
   normalisation (x - 127) / 128 IS a uint8 tensor with zero point 127 and scale 1/128, so the
-  graph quantizes the image exactly (scale 1), pads it to 4 channels (MLAS's symmetric conv kernel
-  takes channels in fours; with 3 the stem takes the slow generic kernel above) and has no float
-  normalisation and no float -> INT8 boundary. One-off per-node ORT profile, bottle encoder: image
-  to the first block's output 1.1 ms vs 1.5 ms; in the station loop at most a few percent, within
-  this VM's drift (README), while feature cosine fell to 0.965 / 0.919 / 0.958 (the stem's
-  32-channel output shares one 8-bit range), which the bank absorbs (AUROC within 0.1 of fp32) but
-  a bridge trained on fp32 features might not: opt-in. A graph whose normalisation is not one integer zero point and one scale
+  graph takes the uint8 (B, H, W, 4) pixels themselves (`preprocess.to_pixels`; a 4th channel with
+  zero weights, because MLAS's symmetric conv kernel takes channels in fours and with 3 the stem
+  takes the slow generic kernel above) and has no float image, no normalisation and no float ->
+  INT8 boundary. Bottle encoder in the station loop: 1.33x fp32 (median of ten runs; the default
+  ~1.25-1.28x; README), while feature cosine falls to 0.965 / 0.919 / 0.958 (the stem's 32-channel
+  output shares one 8-bit range), which the bank absorbs (AUROC within 0.05 of fp32) but a bridge
+  trained on fp32 features might not: opt-in. A graph whose normalisation is not one integer zero point and one scale
   (CLIP's per-channel means) quantizes its stem from calibrated ranges there (`Int8Report.stem`).
   INT8 S8S8 has no AVX2 kernel and was slower than fp32; U8U8 was 8x slower.
 - "tensorrt": int8 activations and weights, both symmetric (zero point 0), the only Q/DQ form
@@ -503,11 +503,13 @@ def _pad_stem_channels(src: Path, dst: Path, stem: str) -> Path:
 
 def _read_pixels_as_integers(path: Path, plan: dict[str, Any]) -> None:
     """Rewrite a quantized graph's input so the stem conv reads the pixels as integers (see
-    `_integer_input_plan`): image -> QuantizeLinear(scale 1, zero point 0) -> channel Pad with m ->
-    the stem's DequantizeLinear, now with (a, m). The float normalisation and its Q/DQ become dead
-    and are removed; the stem's int32 bias is re-expressed in the new input scale."""
+    `_integer_input_plan`): the input becomes uint8 (B, H, W, C) pixels, C padded to the stem's
+    channels (`preprocess.to_pixels`), read by the stem's DequantizeLinear as (x - m) * a through a
+    Transpose that ONNX Runtime folds into its channels-last integer conv. The float normalisation
+    and its Q/DQ become dead and are removed; the stem's int32 bias is re-expressed in the new input
+    scale. The padded channels' weights are zero (`_pad_stem_channels`): their pixels are ignored."""
     import onnx
-    from onnx import helper, numpy_helper
+    from onnx import TensorProto, helper, numpy_helper
 
     from ..export.graph_passes import drop_dead_nodes
 
@@ -530,25 +532,17 @@ def _read_pixels_as_integers(path: Path, plan: dict[str, Any]) -> None:
         inits[bias_dq.input[0]].CopyFrom(numpy_helper.from_array(
             np.round(q * old / new.astype(np.float64)).astype(np.int32), bias_dq.input[0]))
         inits[bias_dq.input[1]].CopyFrom(numpy_helper.from_array(new, bias_dq.input[1]))
-    names = {k: f"{stem}_pixels_{k}" for k in ("one", "zero", "scale", "m", "u8", "u8_padded", "pads")}
-    graph.initializer.extend([
-        numpy_helper.from_array(np.array(1.0, np.float32), names["one"]),
-        numpy_helper.from_array(np.array(0, np.uint8), names["zero"]),
-        numpy_helper.from_array(np.array(a, np.float32), names["scale"]),
-        numpy_helper.from_array(np.array(m, np.uint8), names["m"])])
-    nodes = [helper.make_node("QuantizeLinear", [plan["image"], names["one"], names["zero"]], [names["u8"]],
-                              name=f"{stem}_pixels_to_uint8")]
-    pixels = names["u8"]
-    if plan["padded"] != plan["channels"]:
-        graph.initializer.append(numpy_helper.from_array(
-            np.array([0, 0, 0, 0, 0, plan["padded"] - plan["channels"], 0, 0], np.int64), names["pads"]))
-        nodes.append(helper.make_node("Pad", [pixels, names["pads"], names["m"]], [names["u8_padded"]],
-                                      name=f"{stem}_pixels_channel_pad", mode="constant"))
-        pixels = names["u8_padded"]
-    dq.input[:] = [pixels, names["scale"], names["m"]]
-    at = list(graph.node).index(dq)
-    for k, node in enumerate(nodes):
-        graph.node.insert(at + k, node)
+    image = next(i for i in graph.input if i.name == plan["image"])
+    dims = image.type.tensor_type.shape.dim
+    batch = dims[0].dim_param or dims[0].dim_value or "batch"
+    image.CopyFrom(helper.make_tensor_value_info(plan["image"], TensorProto.UINT8,
+                                                 [batch, dims[2].dim_value, dims[3].dim_value, plan["padded"]]))
+    names = {k: f"{stem}_pixels_{k}" for k in ("scale", "m", "nchw")}
+    graph.initializer.extend([numpy_helper.from_array(np.array(a, np.float32), names["scale"]),
+                              numpy_helper.from_array(np.array(m, np.uint8), names["m"])])
+    dq.input[:] = [names["nchw"], names["scale"], names["m"]]
+    graph.node.insert(list(graph.node).index(dq), helper.make_node(
+        "Transpose", [plan["image"]], [names["nchw"]], name=f"{stem}_pixels_to_nchw", perm=[0, 3, 1, 2]))
     drop_dead_nodes(graph)
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
@@ -574,6 +568,15 @@ def _session(path: PathLike, threads: Optional[int], simulate: bool = False) -> 
     return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
 
 
+def session_pixel_channels(session: Any) -> Optional[int]:
+    """Channels of an ONNX Runtime session's image input when it reads uint8 pixels (integer-input
+    INT8: feed `preprocess.batch_to_pixels` of a `to_batch` batch), else None (feed the batch)."""
+    from ..runtime.preprocess import pixel_channels
+
+    image = next(i for i in session.get_inputs() if i.name == IMAGE_INPUT)
+    return pixel_channels(np.uint8 if image.type == "tensor(uint8)" else None, image.shape)
+
+
 def patch_cosine(a: np.ndarray, b: np.ndarray) -> float:
     """Mean cosine of the per-location channel vectors of two (B, C, h, w) feature maps.
 
@@ -597,14 +600,17 @@ def layer_cosine(fp32_onnx: PathLike, int8_onnx: PathLike, batches: Iterable[np.
     `simulate` runs the Q/DQ graph without ONNX Runtime's CPU integer kernels (what TensorRT or
     any int32-accumulating device computes); otherwise it is what this CPU computes.
     """
+    from ..runtime.preprocess import batch_to_pixels
+
     ref, q = _session(fp32_onnx, threads), _session(int8_onnx, threads, simulate)
     names = [o.name for o in ref.get_outputs()]
+    channels = session_pixel_channels(q)
     sums = {n: 0.0 for n in names}
     count = 0
     for batch in batches:
         batch = _check_batch(batch)
         a = ref.run(names, {IMAGE_INPUT: batch})
-        b = q.run(names, {IMAGE_INPUT: batch})
+        b = q.run(names, {IMAGE_INPUT: batch_to_pixels(batch, channels) if channels else batch})
         for n, x, y in zip(names, a, b):
             sums[n] += patch_cosine(x, y) * len(batch)
         count += len(batch)

@@ -239,17 +239,23 @@ def split_images(src: Bundle, paths: list[Path], shots: int, holdout: Optional[i
 
 
 class GraphFeatures:
-    """Backbone-like callable over an ONNX encoder on ONNX Runtime CPU (for `references.memory_bank`)."""
+    """Backbone-like callable over an ONNX encoder on ONNX Runtime CPU (for `references.memory_bank`);
+    takes `to_batch` batches, handed to an integer-input INT8 encoder as its uint8 pixels."""
 
     def __init__(self, onnx_path: PathLike, threads: Optional[int] = None, precision: str = "fp32"):
         from ..runtime.engines import OrtEngine
+        from ..runtime.preprocess import pixel_channels
         self.engine = OrtEngine(onnx_path, "cpu", threads, precision=precision)
         self.names = sorted(self.engine.output_names, key=lambda n: (len(n), n))
+        self.pixel_channels = pixel_channels(self.engine.input_dtypes["image"], self.engine.input_shapes["image"])
 
     def __call__(self, images: Any) -> list[Any]:
         import torch
+
+        from ..runtime.preprocess import batch_to_pixels
         x = images.detach().cpu().numpy() if hasattr(images, "detach") else np.asarray(images)
-        out = self.engine.run({"image": np.ascontiguousarray(x, dtype=np.float32)})
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        out = self.engine.run({"image": batch_to_pixels(x, self.pixel_channels) if self.pixel_channels else x})
         return [torch.from_numpy(out[n]) for n in self.names]
 
     def close(self) -> None:

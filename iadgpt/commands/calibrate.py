@@ -21,7 +21,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--int8", action="store_true", help="write a static INT8 (Q/DQ) encoder calibrated on the normals")
     p.add_argument("--int8-keep-float", choices=("stem", "none", "auto"), default=None,
                    help="stem (CPU default): the layers reading the image stay float; none: every conv INT8, the "
-                        "pixels read as integers (faster stem, features further from fp32); auto: also keep the "
+                        "encoder takes the uint8 pixels (the fastest on a CPU; features further from fp32, so not for a "
+                        "describer bridge trained on fp32 features); auto: also keep the "
                         "layers that lose most accuracy in float")
     p.add_argument("--out", type=Path, default=None, help="write the calibrated bundle here instead of in place")
     p.add_argument("--target-frr", type=float, default=0.005, help="target false-reject rate (0.005 = 0.5%%)")

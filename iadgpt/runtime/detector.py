@@ -21,7 +21,7 @@ import numpy as np
 from ..bundle import Bundle
 from ..errors import BundleError, EngineError, SourceError
 from .engines import Engine, OrtEngine
-from .preprocess import to_batch, to_rgb
+from .preprocess import batch_to_pixels, pixel_channels, to_batch, to_pixels, to_rgb
 from .sources import Frame
 from .verdict import Region, Verdict
 
@@ -133,6 +133,9 @@ class Detector:
                                                             encoder_role=encoder_role, precision=precision,
                                                             weights=weights)
             self.precision = str(self.encoder.precision or bundle_precision(bundle, encoder_role))
+        # an integer-input INT8 encoder reads uint8 (B, H, W, C) pixels (preprocess.to_pixels)
+        self.pixel_channels = None if self.encoder is None else pixel_channels(
+            self.encoder.input_dtypes.get("image"), self.encoder.input_shapes.get("image"))
         # reference arrays fed next to the features (a memory bank, text embeddings; none for a decoder)
         self.references = {name: np.ascontiguousarray(bundle.array(array), dtype=np.float32)
                            for name, array in bundle.scorer.get("references", {}).items()}
@@ -160,15 +163,18 @@ class Detector:
         return value, min(pixel, value)
 
     def score_batch(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
-        """(maps (B, H, W), scores (B,), stage timings in ms) for an encoder-ready batch."""
+        """(maps (B, H, W), scores (B,), stage timings in ms) for a `to_batch` batch (or, for an
+        integer-input encoder, `to_pixels` pixels)."""
         maps, scores, timings, _ = self._score(batch)
         return maps, scores, timings
 
     def _score(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, float], dict[str, np.ndarray]]:
         if self.fast_path is not None:  # one frame per call, as on the line: same graph, same numerics
-            parts = [self._fast(f[None]) for f in _batch_as_frames(batch)]
+            parts = [self._fast(f[None]) for f in batch_to_pixels(batch)]
             return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
                     {"fast_path": sum(p[2]["fast_path"] for p in parts)}, {})
+        if self.pixel_channels and batch.dtype != np.uint8:  # a to_batch batch (evaluation, calibration)
+            batch = batch_to_pixels(batch, self.pixel_channels)
         t0 = time.perf_counter()
         feats = self.encoder.run({"image": batch})
         t1 = time.perf_counter()
@@ -192,7 +198,8 @@ class Detector:
             t1 = time.perf_counter()
             maps, scores, timings, feats = self._fast(batch)
         else:
-            batch = to_batch([frame.image], self.spec)
+            batch = (to_pixels([frame.image], self.spec, self.pixel_channels) if self.pixel_channels
+                     else to_batch([frame.image], self.spec))
             t1 = time.perf_counter()
             maps, scores, timings, feats = self._score(batch)
         t2 = time.perf_counter()
@@ -237,18 +244,3 @@ class Detector:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-
-def _batch_as_frames(batch: np.ndarray) -> np.ndarray:
-    """`to_batch` output (B, 3, H, W) float32, integer-valued 0..255, back to (B, H, W, 3) uint8 frames.
-
-    Lossless: the cuda-graph engine then sees the very pixels the ONNX encoder would, already at
-    the input size (it skips its resize), so calibration and evaluation score like the station."""
-    arr = np.asarray(batch)
-    if arr.ndim != 4 or arr.shape[1] != 3:
-        raise EngineError(f"score_batch takes a (B, 3, H, W) batch from preprocess.to_batch, got {arr.shape}")
-    pixels = np.rint(arr)
-    if not np.array_equal(pixels, arr) or pixels.min() < 0 or pixels.max() > 255:
-        raise EngineError("the cuda-graph backend scores uint8 pixels: pass preprocess.to_batch output "
-                          "(integer-valued 0..255), not normalised or interpolated floats")
-    return np.ascontiguousarray(pixels.astype(np.uint8).transpose(0, 2, 3, 1))

@@ -632,15 +632,17 @@ def onnx_reference(bundle: Any, frames: Sequence[np.ndarray],
                    threads: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
     """Maps and scores of the bundle's ONNX graphs on onnxruntime-CPU fp32: the parity reference."""
     from .engines import OrtEngine
-    from .preprocess import to_batch
+    from .preprocess import pixel_channels, to_batch, to_pixels
 
     refs = {inp: bundle.array(arr) for inp, arr in bundle.scorer.get("references", {}).items()}
     enc_in = bundle.graph_io("encoder")[0][0].name
     maps, scores = [], []
     with OrtEngine(bundle.graph_path("encoder"), threads=threads) as enc, \
             OrtEngine(bundle.graph_path("scorer"), threads=threads) as sc:
+        channels = pixel_channels(enc.input_dtypes[enc_in], enc.input_shapes[enc_in])
         for f in frames:
-            feats = enc.run({enc_in: to_batch([f], bundle.input_spec)})
+            batch = to_pixels([f], bundle.input_spec, channels) if channels else to_batch([f], bundle.input_spec)
+            feats = enc.run({enc_in: batch})
             out = sc.run({**feats, **refs})
             maps.append(out["anomaly_map"][0])
             scores.append(float(out["score"][0]))
@@ -726,6 +728,10 @@ class CudaGraphEngine:
     @property
     def input_shapes(self) -> dict[str, Any]:
         return {"frame": None}
+
+    @property
+    def input_dtypes(self) -> dict[str, Any]:
+        return {"frame": np.dtype(np.uint8)}
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         import time

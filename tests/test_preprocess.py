@@ -1,0 +1,41 @@
+"""Frame -> encoder input: the float batch and the uint8 pixels an integer-input encoder reads agree."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from iadgpt.bundle import InputSpec
+from iadgpt.errors import EngineError
+from iadgpt.runtime.preprocess import batch_to_pixels, pixel_channels, to_batch, to_pixels
+
+SPEC = InputSpec((32, 48), (127.0,) * 3, (128.0,) * 3)
+
+
+def frames() -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 256, (60, 90, 3), dtype=np.uint8), rng.integers(0, 256, (60, 90), dtype=np.uint8)]
+
+
+@pytest.mark.parametrize("channels", [3, 4, 8])
+def test_pixels_are_the_batch_in_the_frame_layout(channels):
+    batch = to_batch(frames(), SPEC)
+    pixels = to_pixels(frames(), SPEC, channels)
+    assert pixels.shape == (2, 32, 48, channels) and pixels.dtype == np.uint8
+    np.testing.assert_array_equal(pixels[..., :3].transpose(0, 3, 1, 2), batch)
+    again = batch_to_pixels(batch, channels)
+    np.testing.assert_array_equal(again[..., :3], pixels[..., :3])
+    assert not again[..., 3:].any()
+
+
+@pytest.mark.parametrize("bad", [lambda b: (b - 127) / 128, lambda b: b + 0.5, lambda b: b * 2,
+                                 lambda b: b.transpose(0, 2, 3, 1)])
+def test_only_whole_pixel_batches_become_pixels(bad):
+    with pytest.raises(EngineError, match="to_batch"):
+        batch_to_pixels(bad(to_batch(frames(), SPEC)), 4)
+
+
+def test_pixel_channels_only_for_uint8_channels_last():
+    assert pixel_channels(np.uint8, ("batch", 224, 224, 4)) == 4
+    assert pixel_channels(np.float32, ("batch", 3, 224, 224)) is None
+    assert pixel_channels(np.uint8, ("batch", 224, 224, "c")) is None
+    assert pixel_channels(None, None) is None
