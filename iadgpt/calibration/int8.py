@@ -568,7 +568,7 @@ def _session(path: PathLike, threads: Optional[int], simulate: bool = False) -> 
     return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
 
 
-def session_pixel_channels(session: Any) -> Optional[int]:
+def _session_pixel_channels(session: Any) -> Optional[int]:
     """Channels of an ONNX Runtime session's image input when it reads uint8 pixels (integer-input
     INT8: feed `preprocess.batch_to_pixels` of a `to_batch` batch), else None (feed the batch)."""
     from ..runtime.preprocess import pixel_channels
@@ -604,7 +604,7 @@ def layer_cosine(fp32_onnx: PathLike, int8_onnx: PathLike, batches: Iterable[np.
 
     ref, q = _session(fp32_onnx, threads), _session(int8_onnx, threads, simulate)
     names = [o.name for o in ref.get_outputs()]
-    channels = session_pixel_channels(q)
+    channels = _session_pixel_channels(q)
     sums = {n: 0.0 for n in names}
     count = 0
     for batch in batches:
