@@ -1,14 +1,15 @@
 """IAD-GPT bridge accuracy: yes/no over the whole test split, 3x3 position on the defective images.
 
     python benchmarks/bridge.py --data ../shared/data/mvtec_ad --category bottle [--decoder DEC.safetensors] \
-        [--checkpoint BRIDGE.safetensors] [--onnx] --json bridge.json
+        [--checkpoint BRIDGE.safetensors] [--onnx] [--encoder BUNDLE/graphs/encoder.onnx] --json bridge.json
 
 Trains the bridge first (`iadgpt train --stage bridge`, default configuration) when no --checkpoint
 is given, and the decoder before it (`iadgpt train`) when no --decoder is given either (22 min of
 training on 2 cores, measured). Routes: "torch" (float32 heads + float32 SmolLM2 through transformers) and, with --onnx,
 "onnx-int4" (the exported heads on ONNX Runtime + the int4 inputs_embeds LLM, `OnnxBridge`). Both
 routes read the same torch encoder features. Decodings (never sampling): "greedy" text, or "choice", the
-most likely of the ten template answers (No / Yes at each 3x3 cell). The position is parsed from the
+most likely of the ten template answers (No / Yes at each 3x3 cell). `--encoder` reads the features
+from an ONNX encoder instead (a bundle's INT8 graph: what the station's detector hands the bridge). The position is parsed from the
 text and compared with the 3x3 cell of the largest ground-truth region's centroid.
 """
 from __future__ import annotations
@@ -75,6 +76,9 @@ def main() -> int:
     ap.add_argument("--export-dir", type=Path, default=None, help="where the ONNX bridge goes [next to the checkpoint]")
     ap.add_argument("--decoding", choices=("greedy", "choice", "both"), default="both",
                     help="greedy text, or the most likely of the ten template answers (closed set) [both]")
+    ap.add_argument("--encoder", type=Path, default=None,
+                    help="read the features from this ONNX encoder (e.g. a bundle's graphs/encoder.onnx, INT8: what "
+                         "the station's detector hands the bridge) instead of the float torch backbone")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--examples", type=int, default=2, help="dialogues to print")
     ap.add_argument("--json", type=Path, required=True)
@@ -113,13 +117,18 @@ def main() -> int:
     images, labels, positions, names = test_set(args.data, args.category, size)
 
     t0 = time.perf_counter()
+    if args.encoder:  # the ONNX graph behind a backbone-like callable, as calibration builds banks with it
+        from iadgpt.calibration.onboard import GraphFeatures
+        encoder = GraphFeatures(args.encoder, args.threads)
+    else:
+        encoder = bb
     feats_all: list[list[torch.Tensor]] = []
     masks_all = {k: [] for k in MAP_KINDS}
     tge_in = []
     for i in range(0, len(images), 16):
         x = torch.from_numpy(np.stack(images[i:i + 16]).transpose(0, 3, 1, 2).astype(np.float32))
         with torch.inference_mode():
-            f = bb(x)
+            f = encoder(x)
         t, m = maker(f)
         feats_all.append(f)
         tge_in.append(t)

@@ -12,10 +12,11 @@ import pytest
 from iadgpt import cli
 from iadgpt.bundle import Bundle
 from iadgpt.calibration.onboard import calibrate, list_defect_images
-from iadgpt.errors import BundleError, CalibrationError
+from iadgpt.errors import BundleError, CalibrationError, ConfigError
 from iadgpt.runtime.detector import Detector
 from iadgpt.runtime.preprocess import to_batch
 from iadgpt.runtime.sources import Frame
+from iadgpt.runtime.station import BRIDGE_MIN_FEATURE_COSINE, Station
 from iadgpt.runtime.synthetic import SyntheticProduct
 
 from conftest import TINY_SIZE, write_parts
@@ -144,6 +145,8 @@ def test_cli_int8_bundle_and_json(tiny_bundle_path, product_dirs, tmp_path, caps
     assert bundle.extra["calibration"]["int8"]["stem"] == "float"  # the CPU default; --int8-keep-float none: all INT8
     with Detector(bundle, "onnxruntime", threads=2) as det:
         assert det.precision == "int8" and det.threshold == pytest.approx(data["threshold"])
+        Station(det, None, [], describer=_BridgeDescriber())  # close enough to fp32 for the describer's bridge
+        assert det.keep_features
     with pytest.raises(BundleError, match="iadgpt calibrate"):  # the INT8 thresholds do not fit the fp32 encoder
         Detector(bundle, "onnxruntime", encoder_role="encoder_fp32")
 
@@ -168,3 +171,13 @@ def test_all_int8_bundle_reads_frames_as_uint8_pixels(tiny_bundle_path, product_
     # measured: all 6 defects flagged (scores 0.76-1.12), both good parts pass (0.63 vs threshold 0.67)
     assert sum(v.anomalous for v in verdicts[:len(defects)]) >= len(defects) - 1
     assert not any(v.anomalous for v in verdicts[len(defects):])
+    # its features are too far from fp32 for a describer bridge trained on float features: refused at start
+    assert min(bundle.extra["calibration"]["int8"]["cosine"].values()) < BRIDGE_MIN_FEATURE_COSINE
+    with Detector(bundle, "onnxruntime", threads=2) as det:
+        with pytest.raises(ConfigError, match="int8-keep-float none"):
+            Station(det, None, [], describer=_BridgeDescriber())
+        assert not det.keep_features
+
+
+class _BridgeDescriber:
+    wants_features = True

@@ -29,8 +29,9 @@ Presets (`PRESETS`), measured on this project's 2-core AVX2 CPU without VNNI (RE
   takes the slow generic kernel above) and has no float image, no normalisation and no float ->
   INT8 boundary. Bottle encoder in the station loop: 1.33x fp32 (median of ten runs; the default
   ~1.25-1.28x; README), while feature cosine falls to 0.965 / 0.919 / 0.958 (the stem's 32-channel
-  output shares one 8-bit range), which the bank absorbs (AUROC within 0.05 of fp32) but a bridge
-  trained on fp32 features might not: opt-in. A graph whose normalisation is not one integer zero point and one scale
+  output shares one 8-bit range), which the bank absorbs (AUROC within 0.05 of fp32) but the
+  describer's bridge, trained on fp32 features, does not (yes/no 76 % instead of 93-99 %; the
+  station refuses that pair, README): opt-in. A graph whose normalisation is not one integer zero point and one scale
   (CLIP's per-channel means) quantizes its stem from calibrated ranges there (`Int8Report.stem`).
   INT8 S8S8 has no AVX2 kernel and was slower than fp32; U8U8 was 8x slower.
 - "tensorrt": int8 activations and weights, both symmetric (zero point 0), the only Q/DQ form

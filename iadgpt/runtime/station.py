@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 
 DROPPED_ERROR = "dropped: inference too slow"
 STOPPED_ERROR = "not judged: station stopped"
+# the describer's bridge reads the detector's encoder features but was trained on the float
+# backbone's; measured on bottle (README, INT8): its answers held with an INT8 encoder at feature
+# cosine 0.995 and broke at 0.92 (yes/no 76 % instead of 93-99 %)
+BRIDGE_MIN_FEATURE_COSINE = 0.98
 
 
 class Detector(Protocol):
@@ -132,6 +136,26 @@ def _sink_names(sinks: Sequence[Sink]) -> list[str]:
     return names
 
 
+def check_features_fit_the_bridge(detector: Any) -> None:
+    """Refuse, at start, an INT8 encoder whose features are too far from the float ones the bridge
+    was trained on (its answers would be wrong, not slow: nothing at run time would show it)."""
+    bundle = getattr(detector, "bundle", None)
+    if bundle is None or getattr(detector, "precision", None) != "int8":
+        return
+    cosine = ((bundle.extra.get("calibration") or {}).get("int8") or {}).get("cosine") or {}
+    if not cosine:
+        log.warning("the describer's bridge reads INT8 features whose distance from the float ones it was trained "
+                    "on is not recorded in %s; check its answers (`iadgpt calibrate --int8` records it)", bundle.path)
+        return
+    worst = min(float(c) for c in cosine.values())
+    if worst < BRIDGE_MIN_FEATURE_COSINE:
+        raise ConfigError(
+            f"the describer's bridge was trained on float encoder features, but the INT8 encoder of {bundle.path} keeps "
+            f"only cosine {worst:.3f} of them (the bridge needs >= {BRIDGE_MIN_FEATURE_COSINE}; at 0.92 its answers "
+            "broke): calibrate with the stem stage in float (`iadgpt calibrate BUNDLE --int8`, the default, not "
+            "--int8-keep-float none), run the fp32 bundle, or drop `bridge` from the describer settings")
+
+
 class Station:
     """Runs `detector` on `source` and writes one event per frame read to every sink.
 
@@ -150,6 +174,7 @@ class Station:
         self.detector, self.source, self.describer = detector, source, describer
         if getattr(describer, "wants_features", False):  # its bridge reads the flagged frames' features
             if hasattr(detector, "keep_features"):
+                check_features_fit_the_bridge(detector)
                 detector.keep_features = True
             else:
                 log.warning("the describer's bridge reads encoder features, but %s keeps none: flagged parts get "
