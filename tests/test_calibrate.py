@@ -173,10 +173,15 @@ def test_all_int8_bundle_reads_frames_as_uint8_pixels(tiny_bundle_path, product_
     assert not any(v.anomalous for v in verdicts[len(defects):])
     # its features are too far from fp32 for a describer bridge trained on float features: refused at start
     assert min(bundle.extra["calibration"]["int8"]["cosine"].values()) < BRIDGE_MIN_FEATURE_COSINE
-    with Detector(bundle, "onnxruntime", threads=2) as det:
-        with pytest.raises(ConfigError, match="int8-keep-float none"):
-            Station(det, None, [], describer=_BridgeDescriber())
-        assert not det.keep_features
+    # thresholds refitted later without --int8 keep the encoder, and with it the cosine the refusal reads
+    again = calibrate(bundle.path, product_dirs["normal"], shots=0, target_frr=TARGET, out=tmp_path / "again",
+                      threads=2, progress=False)
+    assert again.int8["carried"] and again.int8["cosine"] == bundle.extra["calibration"]["int8"]["cosine"]
+    for b in (bundle, Bundle.load(tmp_path / "again")):
+        with Detector(b, "onnxruntime", threads=2) as det:
+            with pytest.raises(ConfigError, match="int8-keep-float none"):
+                Station(det, None, [], describer=_BridgeDescriber())
+            assert not det.keep_features
 
 
 class _BridgeDescriber:

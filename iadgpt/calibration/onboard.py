@@ -100,7 +100,8 @@ class CalibrationReport:
             cos = ", ".join(f"{k} {v:.4f}" for k, v in self.int8["cosine"].items())
             kept = len(self.int8["excluded_nodes"])
             stem = self.int8.get("stem", "?")
-            out.append(f"  INT8 encoder: feature cosine vs fp32 {cos}; stem {stem}; {kept} nodes kept in float")
+            when = " (kept from its calibration)" if self.int8.get("carried") else ""
+            out.append(f"  INT8 encoder{when}: feature cosine vs fp32 {cos}; stem {stem}; {kept} nodes kept in float")
         if self.histogram:
             out.append(f"  score histogram {self.histogram}")
         steps = ", ".join(f"{k} {v:.1f} s" for k, v in self.timings.items() if k != "histogram")
@@ -425,13 +426,18 @@ def calibrate(bundle_path: PathLike, normal_dir: PathLike, *, shots: int = 4, ho
     bundle.update_manifest(thresholds={"image": image.to_manifest(), "pixel": pixel.to_manifest()})
     timings["fit"] = time.perf_counter() - t
 
+    int8_info = None if int8_report is None else {k: v for k, v in int8_report.to_dict().items() if k != "image_hashes"}
+    if int8_info is None and any(precision == "int8" for _, precision in graphs.values()):
+        # the INT8 encoder is kept, and so is its report (the station's bridge check reads its cosine)
+        earlier = (src.extra.get("calibration") or {}).get("int8")
+        int8_info = None if earlier is None else {**earlier, "carried": True}
     seconds = time.perf_counter() - t_start
     report = CalibrationReport(
         bundle=bundle.path, seconds=seconds, threshold=image.value, pixel_threshold=pixel.value, method=method,
         target_frr=float(target_frr), frr_estimate=float(image.frr_estimate or 0.0),
         frr_ci=image.frr_ci or (0.0, 1.0), backend=backend, precision=precision, shots=shots,
         holdout=len(pool), defects=len(defects), miss_estimate=image.miss_estimate, miss_ci=image.miss_ci,
-        int8=None if int8_report is None else {k: v for k, v in int8_report.to_dict().items() if k != "image_hashes"},
+        int8=int8_info,
         timings=timings, normal_scores=[float(s) for s in n_scores], defect_scores=[float(s) for s in d_scores])
     bundle.update_manifest(extra={"calibration": {k: v for k, v in report.to_json().items()
                                                   if k not in ("bundle", "histogram")}})
