@@ -28,8 +28,8 @@ Presets (`PRESETS`), measured on this project's 2-core AVX2 CPU without VNNI (RE
   zero weights, because MLAS's symmetric conv kernel takes channels in fours and with 3 the stem
   takes the slow generic kernel above) and has no float image, no normalisation and no float ->
   INT8 boundary. Bottle encoder in the station loop: 1.33x fp32 (median of ten runs; the default
-  ~1.25-1.28x; README), while feature cosine falls to 0.965 / 0.919 / 0.958 (the stem's 32-channel
-  output shares one 8-bit range), which the bank absorbs (AUROC within 0.05 of fp32) but the
+  ~1.25-1.28x; README), while feature cosine falls to 0.965 / 0.919 / 0.958 (mostly the stem stage's
+  7-bit weights; README), which the bank absorbs (AUROC within 0.05 of fp32) but the
   describer's bridge, trained on fp32 features, does not (yes/no 76 % instead of 93-99 %; the
   station refuses that pair, README): opt-in. A graph whose normalisation is not one integer zero point and one scale
   (CLIP's per-channel means) quantizes its stem from calibrated ranges there (`Int8Report.stem`).
