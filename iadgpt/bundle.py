@@ -570,6 +570,12 @@ class Bundle:
         return copy.deepcopy(self._manifest["graphs"])
 
     @property
+    def float_encoder_role(self) -> str:
+        """The encoder graph in float: "encoder", or "encoder_fp32" once `iadgpt calibrate --int8` made
+        "encoder" an INT8 graph (TensorRT fp16 builds and the torch rebuild's parity check read it)."""
+        return "encoder_fp32" if "encoder_fp32" in self._manifest["graphs"] else "encoder"
+
+    @property
     def references(self) -> dict[str, Any]:
         return copy.deepcopy(self._manifest["references"])
 

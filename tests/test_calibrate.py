@@ -137,6 +137,7 @@ def test_cli_int8_bundle_and_json(tiny_bundle_path, product_dirs, tmp_path, caps
     bundle = Bundle.load(out)
     graphs = bundle.graphs
     assert graphs["encoder"]["precision"] == "int8" and graphs["encoder_fp32"]["precision"] == "fp32"
+    assert bundle.float_encoder_role == "encoder_fp32" and Bundle.load(tiny_bundle_path).float_encoder_role == "encoder"
     import onnx
     assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(bundle.graph_path("encoder"))).graph.node)
     assert bundle.thresholds["image"]["precision"] == "int8"

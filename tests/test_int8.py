@@ -280,6 +280,8 @@ def test_all_int8_quantizes_a_stem_that_cannot_read_integers_from_calibrated_ran
     assert report.stem == "calibrated" and report.excluded_nodes == []
     assert "Sub" in _ops(tmp_path / "q.onnx")
     assert int8.quantize_encoder(path, tmp_path / "f.onnx", batches, threads=1).stem == "float"
+
+
 def _conv(name, x, cin, cout, stride=1):
     from onnx import helper
     w = numpy_helper.from_array(np.ones((cout, cin, 3, 3), np.float32), name + "_w")

@@ -6,7 +6,7 @@ import pytest
 
 from iadgpt.bundle import InputSpec
 from iadgpt.errors import EngineError
-from iadgpt.runtime.preprocess import batch_to_pixels, pixel_channels, to_batch, to_pixels
+from iadgpt.runtime.preprocess import batch_to_pixels, encoder_input, pixel_channels, to_batch, to_pixels
 
 SPEC = InputSpec((32, 48), (127.0,) * 3, (128.0,) * 3)
 
@@ -39,3 +39,11 @@ def test_pixel_channels_only_for_uint8_channels_last():
     assert pixel_channels(np.float32, ("batch", 3, 224, 224)) is None
     assert pixel_channels(np.uint8, ("batch", 224, 224, "c")) is None
     assert pixel_channels(None, None) is None
+
+
+def test_encoder_input_converts_only_for_a_pixel_encoder():
+    batch = to_batch(frames(), SPEC)
+    assert encoder_input(batch, None) is batch
+    np.testing.assert_array_equal(encoder_input(batch, 4), batch_to_pixels(batch, 4))
+    pixels = to_pixels(frames(), SPEC, 4)
+    assert encoder_input(pixels, 4) is pixels  # the station's frames are already pixels

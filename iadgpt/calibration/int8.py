@@ -601,7 +601,7 @@ def layer_cosine(fp32_onnx: PathLike, int8_onnx: PathLike, batches: Iterable[np.
     `simulate` runs the Q/DQ graph without ONNX Runtime's CPU integer kernels (what TensorRT or
     any int32-accumulating device computes); otherwise it is what this CPU computes.
     """
-    from ..runtime.preprocess import batch_to_pixels
+    from ..runtime.preprocess import encoder_input
 
     ref, q = _session(fp32_onnx, threads), _session(int8_onnx, threads, simulate)
     names = [o.name for o in ref.get_outputs()]
@@ -611,7 +611,7 @@ def layer_cosine(fp32_onnx: PathLike, int8_onnx: PathLike, batches: Iterable[np.
     for batch in batches:
         batch = _check_batch(batch)
         a = ref.run(names, {IMAGE_INPUT: batch})
-        b = q.run(names, {IMAGE_INPUT: batch_to_pixels(batch, channels) if channels else batch})
+        b = q.run(names, {IMAGE_INPUT: encoder_input(batch, channels)})
         for n, x, y in zip(names, a, b):
             sums[n] += patch_cosine(x, y) * len(batch)
         count += len(batch)

@@ -253,10 +253,9 @@ class GraphFeatures:
     def __call__(self, images: Any) -> list[Any]:
         import torch
 
-        from ..runtime.preprocess import batch_to_pixels
+        from ..runtime.preprocess import encoder_input
         x = images.detach().cpu().numpy() if hasattr(images, "detach") else np.asarray(images)
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        out = self.engine.run({"image": batch_to_pixels(x, self.pixel_channels) if self.pixel_channels else x})
+        out = self.engine.run({"image": encoder_input(np.ascontiguousarray(x, dtype=np.float32), self.pixel_channels)})
         return [torch.from_numpy(out[n]) for n in self.names]
 
     def close(self) -> None:
@@ -353,7 +352,7 @@ def calibrate(bundle_path: PathLike, normal_dir: PathLike, *, shots: int = 4, ho
     with tempfile.TemporaryDirectory(prefix=f".{dest.name}.calib-", dir=dest.parent) as tmp:
         tmp_dir = Path(tmp)
         graphs = {role: (src.graph_path(role), entry.get("precision", "fp32")) for role, entry in src.graphs.items()}
-        fp32_role = "encoder_fp32" if "encoder_fp32" in graphs else "encoder"
+        fp32_role = src.float_encoder_role
         if graphs[fp32_role][1] != "fp32" and int8:
             raise CalibrationError(f"bundle {src.path} has no fp32 encoder to quantize; re-export it with "
                                    "`iadgpt export`")

@@ -32,9 +32,7 @@ def run(args: argparse.Namespace) -> int:
                               f"`iadgpt calibrate --int8 {bundle.path}`, or build with --precision fp16")
         jobs = [("encoder", "encoder_int8", "int8"), ("scorer", "scorer", "fp16")]
     else:
-        # a CPU INT8 bundle's "encoder" is its integer graph (uint8 pixels in for --int8-keep-float none);
-        # an fp16 engine is built from the float graph it was quantized from
-        jobs = [("encoder", "encoder_fp32" if "encoder_fp32" in graphs else "encoder", "fp16"), ("scorer", "scorer", "fp16")]
+        jobs = [("encoder", bundle.float_encoder_role, "fp16"), ("scorer", "scorer", "fp16")]
     batch_range = (1, 1, int(args.max_batch))
     with tempfile.TemporaryDirectory(prefix=".build-", dir=bundle.path.parent) as tmp:
         for role, source, precision in jobs:

@@ -21,7 +21,7 @@ import numpy as np
 from ..bundle import Bundle
 from ..errors import BundleError, EngineError, SourceError
 from .engines import Engine, OrtEngine
-from .preprocess import batch_to_pixels, pixel_channels, to_batch, to_pixels, to_rgb
+from .preprocess import batch_to_pixels, encoder_input, pixel_channels, to_batch, to_pixels, to_rgb
 from .sources import Frame
 from .verdict import Region, Verdict
 
@@ -173,10 +173,8 @@ class Detector:
             parts = [self._fast(f[None]) for f in batch_to_pixels(batch)]
             return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
                     {"fast_path": sum(p[2]["fast_path"] for p in parts)}, {})
-        if self.pixel_channels and batch.dtype != np.uint8:  # a to_batch batch (evaluation, calibration)
-            batch = batch_to_pixels(batch, self.pixel_channels)
         t0 = time.perf_counter()
-        feats = self.encoder.run({"image": batch})
+        feats = self.encoder.run({"image": encoder_input(batch, self.pixel_channels)})
         t1 = time.perf_counter()
         out = self.scorer.run({**feats, **self.references})
         t2 = time.perf_counter()

@@ -79,6 +79,12 @@ def to_pixels(images: list[np.ndarray], spec: InputSpec, channels: int) -> np.nd
     return np.stack(rgb)
 
 
+def encoder_input(batch: np.ndarray, channels: Optional[int]) -> np.ndarray:
+    """A `to_batch` batch in the layout its encoder reads: as is, or as uint8 pixels
+    (`batch_to_pixels`) for an encoder that reads `channels` of them (`pixel_channels`)."""
+    return batch_to_pixels(batch, channels) if channels and batch.dtype != np.uint8 else batch
+
+
 def batch_to_pixels(batch: np.ndarray, channels: int = 3) -> np.ndarray:
     """`to_batch` output (B, 3, H, W) float32, integer-valued 0..255, as (B, H, W, channels) uint8.
 

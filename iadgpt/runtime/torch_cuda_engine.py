@@ -638,7 +638,7 @@ def onnx_reference(bundle: Any, frames: Sequence[np.ndarray],
     from .preprocess import to_batch
 
     refs = {inp: bundle.array(arr) for inp, arr in bundle.scorer.get("references", {}).items()}
-    role = "encoder_fp32" if "encoder_fp32" in bundle.graphs else "encoder"
+    role = bundle.float_encoder_role
     enc_in = bundle.graph_io(role)[0][0].name
     maps, scores = [], []
     with OrtEngine(bundle.graph_path(role), threads=threads) as enc, \
