@@ -10,7 +10,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import cv2
 import numpy as np
@@ -18,6 +18,9 @@ import numpy as np
 from . import metrics
 from .data import Sample, load_split, read_image, read_mask
 from .errors import IadGptError
+
+if TYPE_CHECKING:
+    from .bundle import Bundle
 
 log = logging.getLogger(__name__)
 
@@ -271,11 +274,38 @@ def evaluate_bundle(data, category: str, bundle_path, backend: str = "onnxruntim
     from the manifest's backbone name and the bundle's reference arrays; CLIP needs `weights`) or
     "tensorrt" (engines built into the bundle by `iadgpt build`; `precision` picks one when several).
     """
+    run = run_bundle(data, category, bundle_path, backend, threads, progress, weights=weights, precision=precision,
+                     batch_size=batch_size)
+    cfg = run.bundle.scorer
+    result = summarise([run.metrics], backbone=str(run.bundle.backbone.get("name", "?")),
+                       shots=int(cfg.get("shots") or 0), resolution=int(run.bundle.input_spec.size[0]),
+                       coreset=cfg.get("coreset"), seconds_per_image=run.seconds,
+                       extra={"backend": backend, "precision": run.precision, "bundle": str(run.bundle.path),
+                              "scorer": cfg["kind"]})
+    if plots:
+        write_plots(Path(plots), run.test, run.metrics)
+    return result
+
+
+@dataclass
+class BundleRun:
+    """A bundle scored on a test set, maps kept: what comparisons of two bundles need (benchmarks/fusion.py)."""
+
+    bundle: Bundle
+    test: TestSet
+    metrics: RunMetrics
+    seconds: float  # inference per image
+    precision: str
+
+
+def run_bundle(data, category: str, bundle_path, backend: str = "onnxruntime", threads: Optional[int] = None,
+               progress: bool = True, *, weights: Optional[str] = None, precision: Optional[str] = None,
+               batch_size: int = 8) -> BundleRun:
+    """Score the test set of `category` with the bundle as a station would (`evaluate_bundle`'s work)."""
     from .bundle import Bundle
     from .errors import BundleError
 
     bundle = Bundle.load(bundle_path, verify=True)
-    spec = bundle.input_spec
     cfg = bundle.scorer
     if not cfg.get("kind") or not isinstance(cfg.get("references"), dict):
         raise BundleError(f"bundle {bundle.path} has no scorer section (kind, references) in its manifest; "
@@ -284,15 +314,8 @@ def evaluate_bundle(data, category: str, bundle_path, backend: str = "onnxruntim
 
     with Detector(bundle, backend, threads=threads, threshold=float("inf"), weights=weights,
                   precision=precision) as detector:
-        test = TestSet.load(data, category, spec, progress)
+        test = TestSet.load(data, category, bundle.input_spec, progress)
         maps, scores, seconds = score_test_set(test, lambda b: detector.score_batch(b)[:2], batch_size, progress)
         engine_precision = detector.precision
-    run = compute_metrics(test, maps, scores)
-    result = summarise([run], backbone=str(bundle.backbone.get("name", "?")), shots=int(cfg.get("shots") or 0),
-                       resolution=int(spec.size[0]), coreset=cfg.get("coreset"), seconds_per_image=seconds,
-                       extra={"backend": backend, "precision": engine_precision, "bundle": str(bundle.path),
-                              "scorer": cfg["kind"]})
-    if plots:
-        write_plots(Path(plots), test, run)
-    return result
+    return BundleRun(bundle, test, compute_metrics(test, maps, scores), seconds, engine_precision)
 

@@ -8,6 +8,7 @@ Convention throughout: a higher score means "more anomalous", a sample is flagge
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Optional
 
 import cv2
@@ -18,7 +19,7 @@ from iadgpt.errors import DataError
 log = logging.getLogger(__name__)
 
 __all__ = ["image_auroc", "roc_curve", "f1_max", "f1_max_threshold", "pixel_auroc", "pro_curve",
-           "aupro"]
+           "aupro", "PairedGain", "pixel_auroc_gain"]
 
 
 # --------------------------------------------------------------------------- validation
@@ -137,6 +138,75 @@ def pixel_auroc(masks, maps) -> float:
     """
     m, a = _masks_maps(masks, maps)
     return _auroc(*_labels_scores(m, a, what="masks"))
+
+
+@dataclass(frozen=True)
+class PairedGain:
+    """Pixel AUROC of map set A minus that of map set B on the same images, with its bootstrap spread."""
+
+    gain: float  # exact, all pixels
+    se: float  # standard deviation over the image resamples
+    low: float  # 2.5th and 97.5th percentiles of the resampled gains: a 95 % interval
+    high: float
+    resamples: int
+
+
+def _image_pair_counts(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(U2, pos, neg): U2[i, j] = twice the Mann-Whitney count of image i's defect pixels against
+    image j's normal pixels (ties count one), pos / neg the per-image pixel counts.
+
+    The pixel AUROC of any multiset of images with multiplicities c is then c.U2.c / (2 c.pos c.neg),
+    so a bootstrap over images costs one (n x n) product per draw instead of a sort of every pixel."""
+    n = len(masks)
+    negatives = [np.sort(maps[j][~masks[j]]) for j in range(n)]
+    u2 = np.zeros((n, n), dtype=np.float64)
+    for i in range(n):
+        positives = np.sort(maps[i][masks[i]])
+        if positives.size == 0:
+            continue
+        for j, neg in enumerate(negatives):
+            if neg.size:
+                u2[i, j] = (int(np.searchsorted(neg, positives, side="left").sum(dtype=np.int64))
+                            + int(np.searchsorted(neg, positives, side="right").sum(dtype=np.int64)))
+    pos = masks.reshape(n, -1).sum(axis=1).astype(np.float64)
+    return u2, pos, masks[0].size - pos
+
+
+def pixel_auroc_gain(masks, maps_a, maps_b, resamples: int = 1000, seed: int = 0) -> PairedGain:
+    """pixel_auroc(masks, maps_a) - pixel_auroc(masks, maps_b), and how much it moves when the test
+    IMAGES are resampled with replacement (the same draw for both: a paired bootstrap).
+
+    Why: two scorers of one test set differ by hundredths of a point of pixel AUROC (the fusion
+    table in the README); whether such a gain is more than the luck of which images were in the test
+    set needs its spread over images, the unit the test set samples. Exact at full resolution
+    (`_image_pair_counts`); draws without a defect pixel are drawn again.
+    """
+    m, a = _masks_maps(masks, maps_a)
+    _, b = _masks_maps(masks, maps_b)
+    if a.shape != b.shape:
+        raise DataError(f"the two map sets must have the same shape, got {a.shape} and {b.shape}")
+    _labels_scores(m, a, what="masks")  # the checks pixel_auroc makes
+    _labels_scores(m, b, what="masks")
+    if resamples < 2:
+        raise DataError(f"resamples must be >= 2, got {resamples}")
+    ua, pos, neg = _image_pair_counts(m, a)
+    ub, _, _ = _image_pair_counts(m, b)
+
+    def gain(c: np.ndarray) -> float:
+        denominator = 2.0 * float(c @ pos) * float(c @ neg)
+        return float(c @ ua @ c - c @ ub @ c) / denominator
+
+    n = len(m)
+    rng = np.random.default_rng(seed)
+    draws = np.empty(resamples)
+    for r in range(resamples):
+        c = np.bincount(rng.integers(0, n, n), minlength=n).astype(np.float64)
+        while c @ pos == 0 or c @ neg == 0:
+            c = np.bincount(rng.integers(0, n, n), minlength=n).astype(np.float64)
+        draws[r] = gain(c)
+    low, high = np.percentile(draws, [2.5, 97.5])
+    return PairedGain(gain=gain(np.ones(n)), se=float(draws.std()), low=float(low), high=float(high),
+                      resamples=int(resamples))
 
 
 def _region_weights(masks: np.ndarray) -> tuple[np.ndarray, int]:

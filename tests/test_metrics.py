@@ -7,8 +7,9 @@ from skimage.measure import label as sk_label
 from sklearn import metrics as skm
 
 from iadgpt.errors import DataError, IadGptError
-from iadgpt.metrics import (aupro, f1_max, f1_max_threshold, image_auroc, pixel_auroc, pro_curve,
-                            roc_curve)
+from iadgpt.metrics import (aupro, f1_max, f1_max_threshold, image_auroc, pixel_auroc, pixel_auroc_gain,
+                            pro_curve, roc_curve)
+from iadgpt.metrics import _image_pair_counts
 
 TOL = 1e-9
 
@@ -72,6 +73,58 @@ def test_pixel_auroc_matches_sklearn_on_flattened(seed):
     expected = skm.roc_auc_score(masks.ravel(), maps.ravel())
     assert pixel_auroc(masks, maps) == pytest.approx(expected, abs=TOL)
     assert pixel_auroc(list(masks.astype(np.uint8)), list(maps)) == pytest.approx(expected, abs=TOL)
+
+
+# --------------------------------------------------------------------------- paired bootstrap of a pixel AUROC gain
+
+def _two_scorers(seed: int = 0, n: int = 24) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Masks on half the images; scorer A sees the defects more clearly than scorer B."""
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((n, 24, 24), dtype=bool)
+    for i in range(n // 2):
+        y, x = rng.integers(0, 16, 2)
+        masks[i, y:y + 6, x:x + 5] = True
+    noise = rng.random(masks.shape)
+    return masks, noise + masks * 0.6, noise + masks * 0.3
+
+
+def test_pair_counts_give_the_pixel_auroc_of_any_resample():
+    masks, maps, _ = _two_scorers()
+    maps[3, :4] = 0.5  # ties across images
+    maps[0, 10:12] = 0.5
+    u2, pos, neg = _image_pair_counts(masks, maps)
+    rng = np.random.default_rng(1)
+    for c in [np.ones(len(masks))] + [np.bincount(rng.integers(0, len(masks), len(masks)), minlength=len(masks))
+                                      for _ in range(5)]:
+        idx = np.repeat(np.arange(len(masks)), c.astype(int))  # the resampled test set, duplicates and all
+        expected = skm.roc_auc_score(masks[idx].ravel(), maps[idx].ravel())
+        assert c @ u2 @ c / (2 * (c @ pos) * (c @ neg)) == pytest.approx(expected, abs=TOL)
+
+
+def test_pixel_auroc_gain_separates_a_better_scorer_from_an_equal_one():
+    masks, better, worse = _two_scorers()
+    gain = pixel_auroc_gain(masks, better, worse, resamples=300)
+    assert gain.gain == pytest.approx(pixel_auroc(masks, better) - pixel_auroc(masks, worse), abs=TOL)
+    assert 0 < gain.low <= gain.gain <= gain.high and gain.se > 0  # clearly better: the interval excludes 0
+    same = pixel_auroc_gain(masks, better, better.copy(), resamples=50)
+    assert (same.gain, same.low, same.high, same.se) == (0.0, 0.0, 0.0, 0.0)
+    # A scorer differing from another by noise alone: the interval straddles 0.
+    rng = np.random.default_rng(5)
+    noisy = better + rng.normal(0, 0.05, better.shape)
+    tie = pixel_auroc_gain(masks, better, noisy, resamples=300)
+    assert tie.low < 0 < tie.high
+    again = pixel_auroc_gain(masks, better, noisy, resamples=300)
+    assert again == tie  # seeded
+
+
+def test_pixel_auroc_gain_rejects_bad_input():
+    masks, a, b = _two_scorers()
+    with pytest.raises(DataError, match="same shape"):
+        pixel_auroc_gain(masks, a, b[:, :5])
+    with pytest.raises(DataError, match="resamples"):
+        pixel_auroc_gain(masks, a, b, resamples=1)
+    with pytest.raises(DataError, match="NaN"):
+        pixel_auroc_gain(masks, a, np.full(b.shape, np.nan))
 
 
 # --------------------------------------------------------------------------- AUPRO
