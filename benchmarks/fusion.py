@@ -11,7 +11,7 @@ bootstrap over the test images (`metrics.pixel_auroc_gain`, `--resamples`): the 
 hundredths of a point, and the interval says whether the test set can tell them from zero.
 The decoders are `DIR/<category>.safetensors` (train them with `iadgpt train`, or pass --train to
 train missing ones here: 2-5 min each on 2 cores). One bank bundle + one fused bundle + their two
-evals take about a minute per seed on 2 cores.
+evals take about 30 s per seed on 2 cores (bottle, 2026-11-28).
 """
 from __future__ import annotations
 
