@@ -182,9 +182,7 @@ def pixel_auroc_gain(masks, maps_a, maps_b, resamples: int = 1000, seed: int = 0
     (`_image_pair_counts`); draws without a defect pixel are drawn again.
     """
     m, a = _masks_maps(masks, maps_a)
-    _, b = _masks_maps(masks, maps_b)
-    if a.shape != b.shape:
-        raise DataError(f"the two map sets must have the same shape, got {a.shape} and {b.shape}")
+    _, b = _masks_maps(masks, maps_b)  # both checked against the masks' shape
     _labels_scores(m, a, what="masks")  # the checks pixel_auroc makes
     _labels_scores(m, b, what="masks")
     if resamples < 2:
