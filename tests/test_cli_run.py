@@ -52,3 +52,9 @@ def test_config_errors_exit_non_zero_naming_the_key(tmp_path, tiny_bundle_path):
     proc = _run(["run", "--station", str(cfg)])
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 2 and "sinkz" in out
+
+
+def test_a_nan_threshold_is_refused_not_a_station_that_passes_every_part(tiny_bundle_path):
+    proc = _run(["run", str(tiny_bundle_path), "--source", "synthetic://part?count=3", "--threshold", "nan"])
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and "--threshold nan is not a finite number" in out

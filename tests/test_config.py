@@ -87,6 +87,8 @@ def test_example_file_is_valid() -> None:
     ("bundle: b\nsource: s\nsinks: [events]\n", "sinks", "mapping"),
     ("bundle: b\nsource: s\nbackend: tflite\n", "backend", "onnxruntime"),
     ("bundle: b\nsource: s\nthreshold: high\n", "threshold", "expected a number"),
+    ("bundle: b\nsource: s\nthreshold: .nan\n", "threshold", "not a finite number"),  # would pass every part
+    ("bundle: b\nsource: s\nthreshold: .inf\n", "threshold", "not a finite number"),
     ("bundle: b\nsource: s\nqueue_size: 0\n", "queue_size", "out of range"),
     ("bundle: b\nsource: s\nstats_interval_s: 0\n", "stats_interval_s", "> 0"),
     ("bundle: b\nsource: s\nstation_id: line 1/cam\n", "station_id", "letters, digits"),
@@ -110,6 +112,8 @@ def test_errors_name_the_file_and_dotted_key(tmp_path: Path, text: str, key: str
     ("bundle: [unclosed\n", "not valid YAML at line"),
     ("", "empty"),
     ("- a\n- b\n", "must be a mapping"),
+    ("bundle: b\nsource: s\nsource: t\n", "line 3.*'source' is given twice"),  # plain YAML keeps the last
+    ("bundle: b\nsource: s\nsinks: {events: {path: e, path: f}}\n", "'path' is given twice"),
 ])
 def test_unreadable_files(tmp_path: Path, text: str, words: str) -> None:
     with pytest.raises(ConfigError, match=words):

@@ -192,6 +192,50 @@ def test_killing_the_worker_mid_run_fails_that_part_and_the_loop_goes_on(tmp_pat
     assert d.worker_pid is None  # stopped at close
 
 
+def test_a_crashing_llm_fails_each_part_with_its_exit_code_and_restarts_back_off():
+    d = AsyncDescriber({"kind": "fake", "crash_on": "flange"}, product="flange", timeout_s=10, idle=False)
+    try:
+        parts = [_flagged(i) for i in range(3)]
+        for verdict, frame in parts:
+            d.submit(verdict, frame)
+        assert _wait(lambda: d.stats.failed == 3, 60)
+    finally:
+        d.close(drain_timeout_s=0)
+    errors = [d.results[v.event_id]["error"] for v, _ in parts]
+    assert all("died (exit code 3)" in e for e in errors), errors  # the real code, not None
+    assert d.stats.worker_deaths == 3 and d._restarts_in_row == 3  # next restart waits 2 s, then 4 s ...
+    assert d._backoff(d._restarts_in_row - 1) == 2.0
+
+
+def test_close_does_not_wait_for_a_worker_that_cannot_start():
+    d = AsyncDescriber({"kind": "onnx", "dir": "/nonexistent-llm", "threads": 1}, start_timeout_s=120)
+    parts = [_flagged(i) for i in range(2)]
+    for verdict, frame in parts:
+        d.submit(verdict, frame)
+    assert _wait(lambda: d._start_failures >= 1, 60)
+    t0 = time.monotonic()
+    d.close()  # the default drain would allow (2 + 1) x timeout + 120 s
+    assert time.monotonic() - t0 < 30
+    assert all(d.results[v.event_id]["status"] == "failed" for v, _ in parts)
+
+
+def test_abort_drain_fails_the_queued_parts_at_once():
+    d = AsyncDescriber({"kind": "fake", "delay_s": 30.0}, timeout_s=60, idle=False)
+    try:
+        assert d.wait_ready(60)
+        parts = [_flagged(i) for i in range(3)]
+        for verdict, frame in parts:
+            d.submit(verdict, frame)
+        assert _wait(lambda: d._busy is not None)
+        d.abort_drain()  # what a second SIGTERM does in `iadgpt run`
+        t0 = time.monotonic()
+    finally:
+        d.close()
+    assert time.monotonic() - t0 < 20  # not the 30 s the part in the worker would take
+    assert [d.results[v.event_id]["status"] for v, _ in parts] == ["failed"] * 3
+    assert all("stopped before" in d.results[v.event_id]["error"] for v, _ in parts)
+
+
 # ----------------------------------------------------------------------------- real SmolLM2
 
 
@@ -322,6 +366,15 @@ def test_from_options_checks_station_yaml_keys(tmp_path):
                                     start=False)
     assert d.llm_spec == {"kind": "fake"} and d.product == "flange" and d.timeout_s == 5.0 and d.queue_size == 2
     d.close(0)
+    for key, value, words in [("queue_size", "many", "an integer"), ("timeout_s", "soon", "a finite number"),
+                              ("budget_s", float("nan"), "a finite number"), ("idle", "yes", "true or false"),
+                              ("threads", 1.5, "an integer"), ("product", 3, "a non-empty string")]:
+        with pytest.raises(ConfigError, match=f"describer.{key}: expected {words}"):
+            AsyncDescriber.from_options({"llm": "fake", key: value}, start=False)
+    from iadgpt.errors import DescriberError
+
+    with pytest.raises(DescriberError, match="not a describer LLM folder"):  # at start, not in the worker
+        AsyncDescriber.from_options({"llm": str(tmp_path / "no-llm")}, start=False)
 
 
 # ----------------------------------------------------------------------------- pausing for the verdict loop

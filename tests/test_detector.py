@@ -1,6 +1,7 @@
 """The station's fast path on a real (tiny) bundle: verdicts mean what they say."""
 from __future__ import annotations
 
+import json
 import shutil
 
 import cv2
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 from iadgpt.bundle import Bundle
-from iadgpt.errors import BundleError, EngineError, SourceError
+from iadgpt.errors import BundleError, ConfigError, EngineError, SourceError
 from iadgpt.runtime.detector import Detector
 from iadgpt.runtime.sources import Frame
 from iadgpt.runtime.synthetic import SyntheticProduct
@@ -97,6 +98,26 @@ def test_missing_threshold_names_the_fix(tiny_bundle_path, tmp_path):
     Bundle.load(copy).update_manifest(thresholds={}, replace=True)
     with pytest.raises(BundleError, match="calibrate"):
         Detector(Bundle.load(copy), "onnxruntime")
+
+
+def test_a_nan_threshold_is_refused_not_a_station_that_passes_everything(tiny_bundle_path, tmp_path):
+    with pytest.raises(ConfigError, match="nan"):
+        Detector(Bundle.load(tiny_bundle_path), "onnxruntime", threshold=float("nan"))
+    copy = tmp_path / "b"
+    shutil.copytree(tiny_bundle_path, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["thresholds"] = {"image": {"value": "NaN"}}  # float("NaN") is nan: a hand-edited manifest
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="not finite.*calibrate"):
+        Detector(Bundle.load(copy), "onnxruntime")
+
+
+def test_region_boxes_stay_inside_odd_sized_frames(detector):
+    rgb = defective_frames(1)[0].image
+    for w, h in [(900, 900), (333, 257), (227, 229)]:  # scales whose products round past the edge
+        v = detector.detect(frame(cv2.resize(rgb, (w, h))))
+        assert v.anomalous and v.regions
+        assert all(0 <= r.box[0] < r.box[2] <= w and 0 <= r.box[1] < r.box[3] <= h for r in v.regions), v.regions
 
 
 def test_unknown_backend_is_an_error_not_a_fallback(tiny_bundle_path):

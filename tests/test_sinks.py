@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -21,7 +22,7 @@ import pytest
 
 from iadgpt.errors import ConfigError
 from iadgpt.runtime import sinks as sinks_mod
-from iadgpt.runtime.sinks import JsonlSink, MqttSink, OverlaySink, Sink, ThrottledLog, read_events
+from iadgpt.runtime.sinks import JsonlSink, MqttSink, OverlaySink, Sink, ThrottledLog, read_events, render_overlay
 from iadgpt.runtime.sources import Frame
 from iadgpt.runtime.verdict import Region, Verdict
 
@@ -171,6 +172,15 @@ def test_jsonl_backlog_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert [e["frame_id"] for e in _lines(path)] == [2, 3, 4]
 
 
+def test_jsonl_mends_a_line_an_earlier_run_left_half_written(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    path.write_text(sinks_mod.to_json(_verdict(0).to_dict()) + "\n" + '{"frame_id": 1, "scor')  # disk full mid-line
+    sink = JsonlSink(path, fsync="never")
+    sink.write(_verdict(2), None)
+    sink.close()
+    assert [e["frame_id"] for e in read_events(path)] == [0, 2]  # the new event is not glued onto the stump
+
+
 def test_jsonl_unwritable_folder_is_a_config_error(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
@@ -216,6 +226,23 @@ def test_overlay_all_frames_png_and_max_files(tmp_path: Path) -> None:
         sink.write(_verdict(i, bool(i % 2)), _frame(i))
     names = sorted(p.stem for p in tmp_path.iterdir())
     assert names == [_verdict(2).event_id, _verdict(3).event_id] and sink.written == 4
+
+
+def test_overlay_of_a_one_pixel_frame(tmp_path: Path) -> None:
+    v = _verdict(1, True)
+    v.anomaly_map = np.ones((1, 1), np.float32)
+    picture = render_overlay(v, np.zeros((1, 1, 3), np.uint8))
+    assert picture.shape == (1, 1, 3)
+
+
+def test_overlay_folder_that_cannot_be_written_is_a_config_error(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    def read_only(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)  # an existing folder on a read-only mount
+    with pytest.raises(ConfigError, match="Read-only file system.*writable folder"):
+        OverlaySink(tmp_path)
 
 
 def test_overlay_write_failure_is_counted_not_raised(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -111,6 +111,50 @@ def test_video_loop_wraps(video: Path) -> None:
         src.read()
 
 
+def _noise_video(path: Path, n: int = 10) -> list[int]:
+    """An MJPG AVI of `n` noise frames; returns where each frame's JPEG starts in the file."""
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (64, 48))
+    assert writer.isOpened()
+    rng = np.random.default_rng(0)
+    for _ in range(n):
+        writer.write(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))
+    writer.release()
+    data = path.read_bytes()
+    starts = [i for i in range(len(data) - 2) if data[i:i + 3] == b"\xff\xd8\xff"]
+    assert len(starts) == n
+    return starts
+
+
+def test_a_damaged_video_frame_is_an_error_frame_and_reading_goes_on(tmp_path: Path) -> None:
+    path = tmp_path / "damaged.avi"
+    starts = _noise_video(path)
+    data = bytearray(path.read_bytes())
+    data[starts[4]:starts[5] - 8] = b"\xff" * (starts[5] - 8 - starts[4])  # frame 4's JPEG wiped
+    path.write_bytes(bytes(data))
+    with open_source(path) as src:
+        frames = list(src)
+        assert [f.meta["pos"] for f in frames] == list(range(10))  # frames 5-9 are not lost
+        assert [f.image is None for f in frames] == [i == 4 for i in range(10)]
+        assert "cannot decode frame 4" in frames[4].meta["error"] and src.errors == 1
+
+
+def test_a_truncated_video_ends_early_with_an_error_not_silently(tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "cut.avi"
+    starts = _noise_video(path)
+    path.write_bytes(path.read_bytes()[:starts[6] + 50])  # cut inside frame 6
+    with open_source(path) as src:
+        frames = list(src)
+    assert [f.image is not None for f in frames[:6]] == [True] * 6
+    assert len(frames) <= 7 and all(f.image is None for f in frames[6:])
+    assert src.errors >= 1 and "header announces" in caplog.text
+
+
+def test_files_are_not_live_devices_are(folder: Path, video: Path) -> None:
+    assert open_source(folder).live is False and open_source(video).live is False
+    assert open_source("synthetic://part?count=1").live is True
+
+
 def test_unreadable_video(tmp_path: Path) -> None:
     bad = tmp_path / "broken.mp4"
     bad.write_bytes(b"\x00" * 64)

@@ -117,6 +117,74 @@ def test_slow_detector_drops_oldest_but_every_frame_gets_an_event(caplog: pytest
     assert any(r.getMessage().startswith("station: frames") for r in caplog.records)  # periodic stats
 
 
+def test_files_are_not_dropped_every_frame_is_judged(tmp_path: Path) -> None:
+    for i in range(12):
+        assert cv2.imwrite(str(tmp_path / f"{i:02d}.png"), np.full((16, 16, 3), i, np.uint8))
+    rec = RecordingSink()
+    with open_source(tmp_path) as src:  # a folder is not live: the capture thread waits for room
+        stats = Station(FakeDetector(delay=0.03), src, [rec], queue_size=1).run()
+    _consistent(stats, rec)
+    assert (stats.frames, stats.judged, stats.dropped) == (12, 12, 0)
+    assert sorted(v.extra["path"] for v, _ in rec.got) == sorted(str(p) for p in tmp_path.glob("*.png"))
+
+
+class _LiveStub:
+    """A live source of `n` frames without pause; every odd frame came without pixels."""
+
+    uri, reconnects, errors, ended, live = "stub://", 0, 0, False, True
+
+    def __init__(self, n: int) -> None:
+        self.n, self.i = n, 0
+
+    def read(self, timeout: Optional[float] = None) -> Optional[Frame]:
+        if self.i >= self.n:
+            self.ended = True
+            return None
+        i, self.i = self.i, self.i + 1
+        image = None if i % 2 else np.full((8, 8, 3), 2 * i, np.uint8)
+        return Frame(image=image, frame_id=i, timestamp=time.time(), source=self.uri,
+                     meta={} if image is not None else {"error": f"cannot decode frame {i}"})
+
+
+def test_a_frame_without_pixels_keeps_its_own_error_even_when_frames_are_dropped() -> None:
+    rec = RecordingSink()
+    stats = Station(FakeDetector(delay=0.02), _LiveStub(40), [rec], queue_size=1).run()
+    _consistent(stats, rec)
+    by_id = {v.frame_id: v for v, _ in rec.got}
+    assert all(by_id[i].error == f"cannot decode frame {i}" for i in range(1, 40, 2))
+    assert stats.errors == 20 and stats.dropped > 0  # the good frames were dropped, not the broken ones
+    assert all(by_id[i].error in (None, DROPPED_ERROR) for i in range(0, 40, 2))
+
+
+class _HungSource(_LiveStub):
+    """Gives one frame, then its read blocks like a hung camera driver (until released)."""
+
+    def __init__(self) -> None:
+        super().__init__(1)
+        self.release = threading.Event()
+
+    def read(self, timeout: Optional[float] = None) -> Optional[Frame]:
+        if self.i >= 1:
+            self.release.wait(30.0)
+            return None
+        return super().read(timeout)
+
+
+def test_stop_returns_even_when_the_source_read_hangs() -> None:
+    rec = RecordingSink()
+    source = _HungSource()
+    station = Station(FakeDetector(), source, [rec], join_timeout_s=0.5)
+    threading.Timer(0.3, station.stop).start()
+    t0 = time.monotonic()
+    try:
+        stats = station.run()
+    finally:
+        source.release.set()
+    assert time.monotonic() - t0 < 5.0  # stop + join_timeout_s twice at most, not the 30 s read
+    assert stats.stop_reason == "stop" and stats.frames == 1
+    _consistent(stats, rec)
+
+
 def test_second_signal_skips_inference_but_still_writes_events() -> None:
     rec = RecordingSink()
 

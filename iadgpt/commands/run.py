@@ -2,7 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import math
+import signal
 from pathlib import Path
+from typing import Any
+
+# after a signal stopped the station, the parts still queued for the describer get this long
+# (a service manager kills a process that takes too long to stop: systemd's default is 90 s)
+SIGNAL_DRAIN_S = 10.0
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -32,6 +39,9 @@ def run(args: argparse.Namespace) -> int:
     from ..runtime.sources import open_source
     from ..runtime.station import Station
 
+    if args.threshold is not None and not math.isfinite(args.threshold):
+        raise ConfigError(f"--threshold {args.threshold} is not a finite number: give the score above which a "
+                          "part is NG, or leave it out to use the bundle's calibrated one")
     if args.station:
         cfg = load_station_config(args.station)
     elif args.bundle and args.source:
@@ -48,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
         from ..runtime.describer import AsyncDescriber
         describer = AsyncDescriber.from_options(cfg.describer.options, bundle)
         sinks = describer.share(sinks)
+    stats = None
     try:
         with Detector(bundle, cfg.backend, threads=cfg.threads, threshold=cfg.threshold,
                       weights=str(cfg.weights) if cfg.weights else None) as det, \
@@ -56,9 +67,29 @@ def run(args: argparse.Namespace) -> int:
                             describer=describer).run(max_frames=args.max_frames)
     finally:
         if describer is not None:
-            print(f"describer: {describer.close()}")
+            hurry = stats is None or stats.stop_reason == "signal"
+            print(f"describer: {close_describer(describer, SIGNAL_DRAIN_S if hurry else None).to_dict()}")
     print(stats.summary())
     return 0
+
+
+def close_describer(describer: Any, drain_timeout_s: Any) -> Any:
+    """`describer.close` with SIGINT/SIGTERM caught: a signal while it drains stops the waiting,
+    and every part still queued gets a "failed" record instead of none; the exit status stays 0."""
+    def on_signal(_signum: int, _frame: Any) -> None:
+        describer.abort_drain()
+
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, on_signal)
+        except ValueError:  # not the main thread: leave the handlers alone
+            pass
+    try:
+        return describer.close(drain_timeout_s=drain_timeout_s)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 class _PrintSink:

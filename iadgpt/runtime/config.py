@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,6 +140,8 @@ class _Section:
             return value
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise self.error(self.dotted(key), f"expected a number, got {_kind(value)}")
+        if not math.isfinite(value):  # `score >= nan` is never true: a NaN threshold would pass every part
+            raise self.error(self.dotted(key), f"{value} is not a finite number")
         if positive and value <= 0:
             raise self.error(self.dotted(key), f"{value} must be > 0")
         return float(value)
@@ -153,6 +156,20 @@ class _Section:
         if self.data.get(key) is None:
             return None
         return _Section(self.data[key], self.dotted(key), self.file, known)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice in one mapping; keep one", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def _kind(value: Any) -> str:
@@ -185,7 +202,7 @@ def load_station_config(path: Union[str, Path]) -> StationConfig:
         raise ConfigError(f"cannot read station config {file}: {exc.strerror or exc}; "
                           "pass the path to station.yaml (see examples/station.yaml)") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -274,5 +291,7 @@ def build_sinks(config: StationConfig) -> list[Sink]:
     except ConfigError as exc:
         for sink in sinks:
             sink.close()
+        if config.path is None:  # built from command-line flags: no file to name
+            raise
         raise ConfigError(f"{config.path}: {exc}") from None
     return sinks

@@ -47,7 +47,7 @@ import numpy as np
 from iadgpt.errors import ConfigError, DescriberError
 from iadgpt.runtime.facts import (UNKNOWN, DefectFacts, ExampleTypeClassifier, PromptTypeRetriever,
                                   TypeResolver, compute_facts)
-from iadgpt.runtime.llm_runtime import Generation, Message, chatml
+from iadgpt.runtime.llm_runtime import Generation, Message, chatml, read_llm_config
 from iadgpt.runtime.sinks import ThrottledLog
 from iadgpt.runtime.wording import (CHAT_SYSTEM_PROMPT, MAX_WORDS, REMARK_PREFIX, SENTENCE_END, SYSTEM_PROMPT,
                                     build_messages, clip_words, complete_remark, compose, contradictions,
@@ -124,7 +124,14 @@ def llm_spec_for(llm: Union[None, str, os.PathLike, LLMSpec], bundle: Any = None
     if llm is not None:
         if str(llm) in ("none", "fake"):
             return {"kind": str(llm)}
-        return {"kind": "onnx", "dir": str(Path(llm).absolute()), "threads": threads}
+        path = Path(llm).absolute()
+        # checked here, in the station's process: a wrong folder is a start-up error, not a worker
+        # that fails to start again and again
+        missing = [rel for rel in read_llm_config(path).get("files", {}) if not (path / rel).is_file()]
+        if missing:
+            raise DescriberError(f"describer LLM {path} is incomplete: {missing[0]} is missing; rebuild it with "
+                                 "`iadgpt quantize-llm --out DIR`")
+        return {"kind": "onnx", "dir": str(path), "threads": threads}
     entry = (bundle.extra if bundle is not None else {}).get("llm")
     if entry:
         path = Path(entry["path"])
@@ -351,18 +358,22 @@ def _gated(llm: Any, loop_idle: Any) -> Any:
     return llm
 
 
-def _lower_priority(nice: Optional[int], idle: bool) -> None:
+def _lower_priority(nice: Optional[int], idle: bool, pid: int = 0) -> None:
     """Let the verdict loop win every contended core: SCHED_IDLE (Linux) runs the worker only on
-    otherwise idle CPU time; else (or as well) a higher nice value."""
+    otherwise idle CPU time; else (or as well) a higher nice value. `pid` 0 is this process; the
+    station also applies it to a new worker right away, before the worker's imports cost CPU."""
     if idle and hasattr(os, "SCHED_IDLE"):
         try:
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0))
         except (OSError, AttributeError) as exc:
             log.debug("SCHED_IDLE not available: %s", exc)
     if nice:
-        try:
-            os.nice(int(nice))
-        except OSError:
+        try:  # `nice` above the station's own niceness; the same target from either side, so applied once
+            station = os.getpid() if pid else os.getppid()
+            target = min(19, os.getpriority(os.PRIO_PROCESS, station) + int(nice))
+            worker = pid or os.getpid()
+            os.setpriority(os.PRIO_PROCESS, worker, max(target, os.getpriority(os.PRIO_PROCESS, worker)))
+        except (OSError, AttributeError):
             pass
 
 
@@ -378,6 +389,32 @@ def _rss_mb() -> Optional[float]:
 
 
 # ----------------------------------------------------------------------------- the async describer
+
+_INT_OPTIONS = ("threads", "queue_size", "max_new_tokens", "nice")
+_NUMBER_OPTIONS = ("timeout_s", "budget_s", "pixel_threshold")
+_TEXT_OPTIONS = ("llm", "product", "examples", "bridge", "bridge_llm", "bridge_map", "bridge_decoding")
+
+
+def _check_option_types(options: dict[str, Any]) -> None:
+    """Wrong types in station.yaml's ``describer:`` are a ConfigError naming the key, at start."""
+    for key, value in options.items():
+        if value is None:
+            continue
+        if key == "llm" and isinstance(value, dict):  # a spec such as {kind: fake}: llm_spec_for reads it
+            continue
+        if key in _INT_OPTIONS:
+            ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
+        elif key in _NUMBER_OPTIONS:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+            want = "a finite number"
+        elif key in _TEXT_OPTIONS:
+            ok, want = isinstance(value, str) and bool(value.strip()), "a non-empty string"
+        elif key == "idle":
+            ok, want = isinstance(value, bool), "true or false"
+        else:
+            continue
+        if not ok:
+            raise ConfigError(f"describer.{key}: expected {want}, got {value!r} ({type(value).__name__})")
 
 
 class _SharedSink:
@@ -478,6 +515,9 @@ class AsyncDescriber:
         self._station_closed: set[int] = set()
         self._warn = ThrottledLog(log)
         self._thread: Optional[threading.Thread] = None
+        self._start_failures = 0  # worker starts that failed in a row
+        self._restarts_in_row = 0  # workers killed or dead since the last description
+        self._abort_drain = False  # set by `abort_drain` (e.g. a second signal): `close` stops waiting
         if start:
             self.start()
 
@@ -502,6 +542,7 @@ class AsyncDescriber:
         unknown = sorted(set(options) - set(cls.OPTIONS))
         if unknown:
             raise ConfigError(f"describer: unknown key(s) {', '.join(unknown)}; known: {', '.join(cls.OPTIONS)}")
+        _check_option_types(options)
         opts = dict(options)
         threads = int(opts.get("threads", 1))
         spec = llm_spec_for(opts.pop("llm", None), bundle, threads=threads)
@@ -549,9 +590,15 @@ class AsyncDescriber:
             out.append(_SharedSink(sink, self))
         return out
 
+    def abort_drain(self) -> None:
+        """Make a running (or the next) `close` stop describing at once and fail what is left.
+        Only sets a flag, so a signal handler may call it."""
+        self._abort_drain = True
+
     def close(self, drain_timeout_s: Optional[float] = None) -> DescriberStats:
         """Stop accepting, describe what is queued (at most `drain_timeout_s`, default
-        queue length x timeout), fail what is left, stop the worker, close the shared sinks."""
+        queue length x timeout; not at all while no worker can start, or after `abort_drain`),
+        fail what is left, stop the worker, close the shared sinks."""
         with self._cond:
             if self._closing and self._thread is None:
                 return self.stats
@@ -560,9 +607,13 @@ class AsyncDescriber:
             self._cond.notify_all()
         limit = drain_timeout_s if drain_timeout_s is not None else (waiting + 1) * self.timeout_s + self.start_timeout_s
         deadline = time.monotonic() + limit
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not self._abort_drain:
             with self._cond:
                 if not self._pending and self._busy is None:
+                    break
+                if self._start_failures and not self._ready.is_set():
+                    log.warning("describer: no worker could start (%s); not waiting for the %d queued part(s)",
+                                self.worker_info.get("error", "?"), len(self._pending))
                     break
             time.sleep(0.02)
         with self._cond:
@@ -617,25 +668,41 @@ class AsyncDescriber:
 
     # -- dispatcher thread
 
+    def _pause(self, delay: float) -> bool:
+        """Wait `delay` s (submits do not cut it short); False when stopped meanwhile."""
+        deadline = time.monotonic() + delay
+        with self._cond:
+            while not self._stop:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return True
+                self._cond.wait(left)
+        return False
+
+    def _backoff(self, failures: int) -> float:
+        return min(self.max_restart_delay_s, 0.5 * 2 ** min(failures, 8))
+
     def _dispatch(self) -> None:
-        failures = 0
         while True:
             with self._cond:
                 if self._stop:
                     return
             if self._proc is None or not self._proc.is_alive():
+                if self._restarts_in_row:  # an LLM that crashes on every part: each new worker's start-up
+                    # costs CPU the verdict loop needs, so restarts back off like failed starts
+                    if not self._pause(self._backoff(self._restarts_in_row - 1)):
+                        return
                 if not self._start_worker():
                     with self._cond:
                         if self._stop:  # closed while a worker was loading: not a failure
                             return
-                    failures += 1
-                    delay = min(self.max_restart_delay_s, 0.5 * 2 ** min(failures, 8))
+                    self._start_failures += 1
+                    delay = self._backoff(self._start_failures)
                     self._warn("start", logging.ERROR, "describer worker failed to start (%s); retrying in %.1f s",
                                self.worker_info.get("error", "?"), delay)
-                    with self._cond:
-                        self._cond.wait(delay)
+                    self._pause(delay)
                     continue
-                failures = 0
+                self._start_failures = 0
             with self._cond:
                 while not self._pending and not self._stop:
                     self._cond.wait(0.5)
@@ -664,8 +731,13 @@ class AsyncDescriber:
         deadline = t_sent + self.timeout_s
         while True:
             left = deadline - time.monotonic()
+            if self._abort_drain:
+                self._kill_worker()
+                self._fail(req, "describer stopped before this part was described")
+                return
             if left <= 0:
                 self.stats.timeouts += 1
+                self._restarts_in_row += 1
                 self._kill_worker()
                 self._fail(req, f"timeout: no description within {self.timeout_s:.1f} s; the describer worker "
                                 "was restarted")
@@ -686,6 +758,7 @@ class AsyncDescriber:
             latency = time.time() - req.submitted
             record["latency_s"] = round(latency, 4)
             record["worker_s"] = round(time.monotonic() - t_sent, 4)
+            self._restarts_in_row = 0
             self.stats.described += 1
             self.stats.latencies_s.append(latency)
             self._deliver(req.event_id, record)
@@ -695,8 +768,12 @@ class AsyncDescriber:
             self._fail(req, f"unexpected answer from the describer worker: {status!r}")
 
     def _on_worker_death(self, req: DescribeRequest, why: str) -> None:
-        code = self._proc.exitcode if self._proc is not None else None
+        proc = self._proc
+        if proc is not None:
+            proc.join(1.0)  # the pipe closes before the process is reaped: wait for its exit code
+        code = proc.exitcode if proc is not None else None
         self.stats.worker_deaths += 1
+        self._restarts_in_row += 1
         self._kill_worker()
         self._warn("death", logging.ERROR, "%s (exit code %s) while describing event %s; restarting it", why, code,
                    req.event_id)
@@ -712,6 +789,7 @@ class AsyncDescriber:
         proc = self._ctx.Process(target=_worker_main, args=(child, self.llm_spec, self.options, self._loop_idle),
                                  name="iadgpt-describer-worker", daemon=True)
         proc.start()
+        _lower_priority(self.options.get("nice"), bool(self.options.get("idle")), pid=proc.pid)
         child.close()
         self._proc, self._conn = proc, parent
         deadline = time.monotonic() + self.start_timeout_s

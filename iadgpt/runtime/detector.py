@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 
 from ..bundle import Bundle
-from ..errors import BundleError, EngineError, SourceError
+from ..errors import BundleError, ConfigError, EngineError, SourceError
 from .engines import Engine, OrtEngine
 from .preprocess import batch_to_pixels, encoder_input, pixel_channels, to_batch, to_pixels, to_rgb
 from .sources import Frame
@@ -147,8 +147,12 @@ class Detector:
     def _thresholds(self, override: Optional[float]) -> tuple[float, float]:
         th = self.bundle.thresholds
         if override is not None:
-            pixel = th.get("pixel", {}).get("value", override)
-            return float(override), float(min(pixel, override))
+            if np.isnan(override):  # `score >= nan` is never true: every part would pass
+                raise ConfigError("threshold nan is not a number: give the score above which a part is NG, "
+                                  "or leave it out to use the bundle's calibrated one")
+            # +inf judges nothing NG: evaluation and calibration score frames that way, on purpose
+            pixel = float(th.get("pixel", {}).get("value", override))
+            return float(override), min(pixel, float(override))
         image = th.get("image")
         if not image:
             raise BundleError(f"bundle {self.bundle.path} has no threshold yet: run `iadgpt calibrate "
@@ -160,6 +164,9 @@ class Detector:
                               f"{self.bundle.path} --backend {self.backend}` (scores differ across backends and precisions)")
         value = float(image["value"])
         pixel = float(th.get("pixel", {}).get("value", value))
+        if not (np.isfinite(value) and np.isfinite(pixel)):  # a NaN threshold would pass every part
+            raise BundleError(f"the thresholds in {self.bundle.path} are not finite (image {value}, pixel {pixel}): "
+                              f"run `iadgpt calibrate {self.bundle.path} --normal DIR` again")
         return value, min(pixel, value)
 
     def score_batch(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
@@ -227,7 +234,9 @@ class Detector:
             if area < self.min_region_px:
                 continue
             peak = float(amap[labels == i].max())
-            out.append(Region(box=(int(x * sx), int(y * sy), int(np.ceil((x + w) * sx)), int(np.ceil((y + h) * sy))),
+            x1 = min(int(np.ceil((x + w) * sx)), frame_hw[1])  # float scale can overshoot the edge by one
+            y1 = min(int(np.ceil((y + h) * sy)), frame_hw[0])
+            out.append(Region(box=(int(x * sx), int(y * sy), x1, y1),
                               area_px=int(round(area * sx * sy)), peak=peak,
                               centroid=(float(centroids[i][0] * sx), float(centroids[i][1] * sy))))
         return sorted(out, key=lambda r: -r.area_px)

@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import re
+import tempfile
 import threading
 import time
 import uuid
@@ -185,6 +186,17 @@ class JsonlSink:
     def _open(self) -> None:
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self._size = os.fstat(self._fd).st_size
+        # a line cut off by a full disk or a power cut in an earlier run: end it first, or the next
+        # event would be glued onto it and both lost to readers
+        self._newline_owed = self._size > 0 and not self._ends_with_newline()
+
+    def _ends_with_newline(self) -> bool:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                return f.read(1) == b"\n"
+        except OSError:
+            return True  # unreadable (write-only): nothing to mend from here
 
     # -- public API
 
@@ -240,6 +252,9 @@ class JsonlSink:
                     and self._size + len(data) > self.max_bytes:
                 self._rotate()
             try:
+                if self._newline_owed:
+                    self._size += os.write(self._fd, b"\n")
+                    self._newline_owed = False
                 while self._head_done < len(data):
                     n = os.write(self._fd, memoryview(data)[self._head_done:])
                     self._head_done += n
@@ -349,7 +364,7 @@ def render_overlay(verdict: Verdict, image: np.ndarray, alpha: float = 0.45) -> 
     h, w = bgr.shape[:2]
     amap = verdict.anomaly_map
     if amap is not None and np.size(amap):
-        amap = np.nan_to_num(np.asarray(amap, np.float32).squeeze())
+        amap = np.atleast_2d(np.nan_to_num(np.asarray(amap, np.float32).squeeze()))  # a 1x1 map squeezes to 0-d
         if amap.shape != (h, w):
             amap = cv2.resize(amap, (w, h), interpolation=cv2.INTER_LINEAR)
         lo, hi = float(amap.min()), float(amap.max())
@@ -401,8 +416,9 @@ class OverlaySink:
         self._params = [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality)] if self.ext != ".png" else []
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=self.directory).close()  # an existing but read-only folder fails here
         except OSError as exc:
-            raise ConfigError(f"cannot create the overlay folder {self.directory}: {exc.strerror or exc}; "
+            raise ConfigError(f"cannot write to the overlay folder {self.directory}: {exc.strerror or exc}; "
                               "point sinks.overlays.dir at a writable folder") from None
         self._files: deque[Path] = deque()
         if self.max_files is not None:
@@ -428,8 +444,9 @@ class OverlaySink:
             os.replace(tmp, path)  # readers never see half an image
         except OSError as exc:
             self.errors += 1
-            self._warn("write", logging.ERROR, "cannot write overlay %s: %s; free disk space or set "
-                       "sinks.overlays.max_files", path, exc.strerror or exc)
+            hint = "free disk space or set sinks.overlays.max_files" if exc.errno == errno.ENOSPC else \
+                "check the folder's permissions and file system"
+            self._warn("write", logging.ERROR, "cannot write overlay %s: %s; %s", path, exc.strerror or exc, hint)
             try:
                 tmp.unlink()
             except OSError:

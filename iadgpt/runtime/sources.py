@@ -65,9 +65,11 @@ class Frame:
 @runtime_checkable
 class FrameSource(Protocol):
     """What the station reads from. `read` returns None on timeout and at the end of a finite
-    stream (then `ended` is True); it raises SourceError only when the source cannot go on."""
+    stream (then `ended` is True); it raises SourceError only when the source cannot go on.
+    `live` is False for files: the station then waits for inference instead of dropping frames."""
 
     uri: str
+    live: bool
     reconnects: int
     errors: int
     ended: bool
@@ -94,6 +96,8 @@ def _to_rgb(img: np.ndarray) -> np.ndarray:
 
 class _BaseSource:
     """Shared bookkeeping: ids, counters, iteration, context manager, close-once."""
+
+    live = True  # frames arrive whether or not they are read (cameras, streams, paced synthetic parts)
 
     def __init__(self, uri: str, timeout: float) -> None:
         self.uri = uri
@@ -145,6 +149,8 @@ class _BaseSource:
 class ImageFolderSource(_BaseSource):
     """Image files in name order. A file that cannot be decoded yields an error frame, not a stop."""
 
+    live = False
+
     def __init__(self, uri: str, paths: list[str], *, loop: bool = False, timeout: float = 1.0) -> None:
         super().__init__(uri, timeout)
         if not paths:
@@ -172,17 +178,28 @@ class ImageFolderSource(_BaseSource):
 
 
 class VideoFileSource(_BaseSource):
-    """A video file read to its end (or round and round with loop=True)."""
+    """A video file read to its end (or round and round with loop=True).
+
+    A frame that will not decode before the end the container announces (a damaged stretch of
+    the file) yields an error frame and reading goes on past it. A failed read that does not move
+    the decoder on (a truncated file), or `MAX_BAD_FRAMES` failures in a row, end it early: that
+    is logged and counted as a source error.
+    """
+
+    live = False
+    MAX_BAD_FRAMES = 25
 
     def __init__(self, uri: str, path: str, *, loop: bool = False, timeout: float = 1.0,
-                 api: int = cv2.CAP_ANY) -> None:
+                 api: int = cv2.CAP_ANY, params: Optional[list[int]] = None) -> None:
         super().__init__(uri, timeout)
-        self.path, self.loop, self._api = path, loop, api
+        self.path, self.loop, self._api, self._params = path, loop, api, list(params or [])
         self._cap = self._open()
         self._pos = 0
+        self._bad_run = 0  # failed reads in a row
+        self._bad_at: Optional[float] = None  # the decoder's position at the last failed read
 
     def _open(self) -> Any:
-        cap = cv2.VideoCapture(self.path, self._api)
+        cap = cv2.VideoCapture(self.path, self._api, self._params)
         if not cap.isOpened():
             cap.release()
             if "://" in self.path:
@@ -193,12 +210,37 @@ class VideoFileSource(_BaseSource):
                               "or extract frames to an image folder")
         return cap
 
+    def _announced(self) -> int:
+        """Frames the container says it holds (0 when it does not say)."""
+        count = self._cap.get(cv2.CAP_PROP_FRAME_COUNT)
+        return int(count) if np.isfinite(count) and count > 0 else 0
+
+    def _can_skip(self) -> bool:
+        """After a failed read: is there more to read (the decoder moved on since the last failure)?"""
+        at = self._cap.get(cv2.CAP_PROP_POS_FRAMES)
+        stuck = self._bad_run > 0 and at == self._bad_at
+        self._bad_at = at
+        return not stuck and self._pos < self._announced() and self._bad_run < self.MAX_BAD_FRAMES
+
     def read(self, timeout: Optional[float] = None) -> Optional[Frame]:
         self._check_open()
         if self.ended:
             return None
         ok, img = self._cap.read()
+        if (not ok or img is None) and self._can_skip():
+            self._bad_run += 1  # a damaged frame before the announced end: report it, read on
+            self.errors += 1
+            self._pos += 1
+            log.warning("video %s: frame %d will not decode; emitting an error frame and going on",
+                        self.path, self._pos - 1)
+            return self._frame(None, path=self.path, pos=self._pos - 1,
+                               error=f"cannot decode frame {self._pos - 1} of {self.path}")
         if not ok or img is None:
+            announced = self._announced()
+            if 0 < self._pos < announced:  # damaged to the end, or truncated: the rest is lost
+                self.errors += 1
+                log.warning("video %s ended after %d of the %d frames its header announces (truncated or "
+                            "damaged file); the rest cannot be read", self.path, self._pos, announced)
             if not self.loop or self._pos == 0:  # finished, or a file with no readable frame at all
                 self.ended = True
                 if self._pos == 0:
@@ -211,6 +253,7 @@ class VideoFileSource(_BaseSource):
             if not ok or img is None:
                 self.ended = True
                 return None
+        self._bad_run, self._bad_at = 0, None
         self._pos += 1
         return self._frame(_to_rgb(img), path=self.path, pos=self._pos - 1)
 
@@ -468,9 +511,13 @@ def _open_camera(spec: Union[int, str], common: dict[str, Any], kw: dict[str, An
     return CaptureSource(str(spec), _camera_opener(index, device, opts), open_hint=hint, **common)
 
 
-def _stream_opener(url: str, timeout: float) -> Callable[[], Any]:
+def _timeout_params(timeout: float) -> list[int]:
     ms = int(max(0.1, timeout) * 1000)
-    params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, ms]
+    return [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, ms]
+
+
+def _stream_opener(url: str, timeout: float) -> Callable[[], Any]:
+    params = _timeout_params(timeout)
     return lambda: cv2.VideoCapture(url, cv2.CAP_FFMPEG, params)
 
 
@@ -538,8 +585,9 @@ def open_source(uri: Union[str, int, Path], *, loop: bool = False, timeout: floa
     if scheme in STREAM_SCHEMES:
         _take(kw, (), "stream")
         path = urlsplit(text).path.lower()
-        if scheme in ("http", "https") and path.endswith(VIDEO_EXTS):
-            return VideoFileSource(text, text, loop=loop, timeout=timeout, api=cv2.CAP_FFMPEG)
+        if scheme in ("http", "https") and path.endswith(VIDEO_EXTS):  # a stalled server must not hang the read
+            return VideoFileSource(text, text, loop=loop, timeout=timeout, api=cv2.CAP_FFMPEG,
+                                   params=_timeout_params(timeout))
         return CaptureSource(text, _stream_opener(text, timeout), open_hint=(
             f"check the URL, credentials and that the stream is up (ffprobe '{text}'); "
             "raise timeout= for slow networks"), **common)

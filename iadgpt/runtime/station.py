@@ -4,13 +4,16 @@ Why a capture thread with a small drop-oldest queue: a camera delivers frames wh
 inference keeps up. Reading in its own thread keeps the driver's buffer from filling with stale
 frames, and dropping the *oldest* queued frame keeps the verdicts current. Every frame read
 still yields exactly one event (a dropped frame gets one with ``error="dropped: ..."``), so
-the event log can be reconciled with a part counter on the line.
+the event log can be reconciled with a part counter on the line. Files (video, image folders)
+are not live (``source.live`` is False): nothing is lost by waiting, so the capture thread waits
+for room in the queue instead and every frame is judged.
 
 Nothing but a configuration error stops the station: a corrupt frame or a detector error
 becomes an error event, a failing sink or describer is counted and logged (throttled), a
 source that gives up (`SourceError`) ends the run cleanly. SIGINT/SIGTERM stop reading, finish
 the frame in flight, judge the frames already queued (a second signal skips judging them, they
-still get events), close the sinks and return the stats.
+still get events), close the sinks and return the stats, also when the source's read hangs
+(the capture thread is then left behind after ``join_timeout_s``).
 """
 from __future__ import annotations
 
@@ -92,7 +95,7 @@ class _Queued:
 
 
 class _DropOldestQueue:
-    """A bounded FIFO whose `put` evicts (and returns) the oldest item when full."""
+    """A bounded FIFO whose `put` evicts (and returns) the oldest item when full; `put_wait` waits."""
 
     def __init__(self, size: int) -> None:
         self.size = size
@@ -104,15 +107,30 @@ class _DropOldestQueue:
         with self._cond:
             evicted = self._items.popleft() if len(self._items) >= self.size else None
             self._items.append(item)
-            self._cond.notify()
+            self._cond.notify_all()
             return evicted
+
+    def put_wait(self, item: _Queued, stop: threading.Event) -> None:
+        """Wait for room, then queue; once `stop` is set, queue at once (a frame read gets its event)."""
+        with self._cond:
+            while len(self._items) >= self.size and not stop.is_set():
+                self._cond.wait(0.1)
+            self._items.append(item)
+            self._cond.notify_all()
 
     def get(self, timeout: float) -> Optional[_Queued]:
         """The oldest item, or None after `timeout` s or at once when closed and empty."""
         with self._cond:
             if not self._items and not self.closed:
                 self._cond.wait(timeout)
-            return self._items.popleft() if self._items else None
+            if not self._items:
+                return None
+            self._cond.notify_all()  # a waiting `put_wait` has room now
+            return self._items.popleft()
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._items)
 
     def close(self) -> None:
         with self._cond:
@@ -196,6 +214,8 @@ class Station:
         self._warn = ThrottledLog(log)
         self._ran = False
         self._t0 = 0.0
+        self._stopped_at: Optional[float] = None  # when the loop first saw a stop with an empty queue
+        self._abandoned = False  # the loop has returned; the capture thread must not count more frames
 
     # -- control
 
@@ -261,7 +281,8 @@ class Station:
         return self.stats
 
     def _capture(self, max_frames: Optional[int]) -> None:
-        """Capture thread: read, stamp, queue (drop-oldest); never writes to sinks."""
+        """Capture thread: read, stamp, queue (drop-oldest when live); never writes to sinks."""
+        live = bool(getattr(self.source, "live", True))
         try:
             while not self._stop.is_set():
                 if max_frames is not None and self.stats.frames >= max_frames:
@@ -279,13 +300,23 @@ class Station:
                     self._stop_reason = self._stop_reason or "source_error"
                     log.exception("reading the source failed unexpectedly; ending the run")
                     return
+                if self._abandoned:
+                    return
                 if frame is None:
                     if getattr(self.source, "ended", False):
                         self._stop_reason = self._stop_reason or "end"
                         return
                     continue
                 self.stats.frames += 1
-                evicted = self._queue.put(_Queued(frame, time.monotonic()))
+                if frame.image is None:  # nothing to judge: its error event goes straight out, never dropped
+                    self._drops.append((self._error(frame, str(frame.meta.get("error") or "frame has no image")),
+                                        frame))
+                    continue
+                item = _Queued(frame, time.monotonic())
+                if not live:
+                    self._queue.put_wait(item, self._stop)
+                    continue
+                evicted = self._queue.put(item)
                 if evicted is not None:
                     self._drops.append(self._dropped(evicted))
         finally:
@@ -306,12 +337,22 @@ class Station:
                 log.info("station: %s", self.stats.summary())
             item = self._queue.get(timeout=0.1)
             if item is None:
-                if self._queue.drained:
+                if self._queue.drained or self._capture_hung():
+                    self._abandoned = True  # a read that returns after this is not counted
                     self._write_drops()
                     return
                 continue
             verdict = self._judge(item)
             self._emit(verdict, item.frame)
+
+    def _capture_hung(self) -> bool:
+        """Stopped, nothing queued, and the capture thread still inside the source's read after
+        `join_timeout_s` (a hung camera driver or pipeline): stop waiting for it."""
+        if not self._stop.is_set() or len(self._queue):
+            return False
+        if self._stopped_at is None:
+            self._stopped_at = time.monotonic()
+        return time.monotonic() - self._stopped_at > self.join_timeout_s
 
     # -- judging
 
@@ -367,12 +408,19 @@ class Station:
     # -- output
 
     def _write_drops(self) -> None:
+        """Events the capture thread made: dropped frames and frames that came without pixels."""
         while self._drops:
             verdict, frame = self._drops.popleft()
-            self.stats.dropped += 1
+            if verdict.error == DROPPED_ERROR:
+                self.stats.dropped += 1
+            else:
+                self.stats.errors += 1
             self._emit(verdict, frame)
 
     def _emit(self, verdict: Verdict, frame: Frame) -> None:
+        for key in ("path", "pos"):  # which file (and video frame) the event is about
+            if key in frame.meta:
+                verdict.extra.setdefault(key, frame.meta[key])
         for name, sink in zip(self.sink_names, self.sinks):
             try:
                 sink.write(verdict, frame)
