@@ -19,6 +19,8 @@ import hashlib
 import importlib.metadata
 import json
 import logging
+import math
+import numbers
 import os
 import re
 import shutil
@@ -94,8 +96,11 @@ class InputSpec:
     def from_dict(cls, data: Mapping[str, Any]) -> "InputSpec":
         size = data["size"]
         hw = (int(size), int(size)) if isinstance(size, (int, float)) else (int(size[0]), int(size[1]))
-        return cls(hw, tuple(float(m) for m in data["mean"]), tuple(float(s) for s in data["std"]),
-                   str(data.get("resize", "area")), str(data.get("color", "rgb")))
+        mean, std = tuple(float(m) for m in data["mean"]), tuple(float(s) for s in data["std"])
+        if min(hw) < 1 or not all(math.isfinite(v) for v in mean + std) or 0.0 in std:
+            raise ValueError(f"size {list(hw)} must be positive, mean {list(mean)} and std {list(std)} finite, "
+                             "std not 0")
+        return cls(hw, mean, std, str(data.get("resize", "area")), str(data.get("color", "rgb")))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -186,11 +191,24 @@ def _dump_manifest(manifest: Mapping[str, Any]) -> bytes:
     return (text + "\n").encode("utf-8")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def shareable(path: PathLike, directory: bool = False) -> None:
+    """Give a file made by `tempfile` (always 0600/0700) the modes the umask allows, as open() and
+    mkdir() would: a station service running as another user must be able to read the bundle."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 def write_atomic(path: Path, data: Any) -> None:
     """Write `data` (bytes or any buffer) via temp file + fsync + os.replace, so readers (and a power
     cut) see the old or the new file, never half of one."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        shareable(tmp)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -324,6 +342,7 @@ class BundleWriter:
         self._check_target()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp_dir = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
+        shareable(self.tmp_dir, directory=True)
         self._files: set[str] = set()
         self._done = False
         self.bundle: Optional[Bundle] = None
@@ -339,16 +358,7 @@ class BundleWriter:
             self.abort()
 
     def _check_target(self) -> None:
-        p = self.path
-        if not p.exists():
-            return
-        if not p.is_dir():
-            raise BundleError(f"{p} exists and is not a directory; choose another bundle path")
-        if not self.overwrite:
-            raise BundleError(f"bundle {p} already exists; remove it or pass overwrite=True")
-        if not (p / MANIFEST_NAME).is_file() and any(p.iterdir()):
-            raise BundleError(f"{p} exists, is not empty and is not a bundle (no {MANIFEST_NAME}); "
-                              "refusing to replace it: choose another path or remove it yourself")
+        check_bundle_target(self.path, self.overwrite)
 
     def _require_open(self) -> None:
         if self._done:
@@ -442,6 +452,9 @@ class BundleWriter:
         if arr.dtype.hasobject:
             raise BundleError(f"reference {name!r} has dtype object, which would need pickle; "
                               "convert it to a numeric array")
+        if arr.size == 0:
+            raise BundleError(f"reference {name!r} is empty (shape {arr.shape}): a bank needs at least one "
+                              "normal patch; check the images it was built from")
         rel = f"{REFERENCES_DIR}/{name}.npy"
         dst = self._claim(rel)
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -485,20 +498,43 @@ class BundleWriter:
         return self.bundle
 
     def _swap_into_place(self) -> None:
-        target = self.path
         self._check_target()
-        if not target.exists():
-            os.rename(self.tmp_dir, target)
-        else:
-            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(target, old)
-            try:
-                os.rename(self.tmp_dir, target)
-            except BaseException:
-                os.rename(old, target)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        _fsync_dir(target.parent)
+        swap_into_place(self.tmp_dir, self.path)
+
+
+def check_bundle_target(path: PathLike, overwrite: bool = True) -> None:
+    """Refuse, before any work, a bundle path that can never be written: a file, a folder that is
+    not a bundle, an existing bundle without `overwrite`, or a parent this user cannot write."""
+    p = Path(path).absolute()
+    if p.exists():
+        if not p.is_dir():
+            raise BundleError(f"{p} exists and is not a directory; choose another bundle path")
+        if not overwrite:
+            raise BundleError(f"bundle {p} already exists; remove it or pass overwrite=True")
+        if not (p / MANIFEST_NAME).is_file() and any(p.iterdir()):
+            raise BundleError(f"{p} exists, is not empty and is not a bundle (no {MANIFEST_NAME}); "
+                              "refusing to replace it: choose another path or remove it yourself")
+    parent = next((a for a in p.parents if a.exists()), None)
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise BundleError(f"cannot write bundle {p}: {parent} is not a folder this user can write to; "
+                          "choose another path")
+
+
+def swap_into_place(staged: Path, target: Path) -> None:
+    """Rename the finished folder `staged` to `target` (same file system), replacing what is there:
+    readers see the old bundle or the new one, and a failure puts the old one back."""
+    if not target.exists():
+        os.rename(staged, target)
+    else:
+        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(target, old)
+        try:
+            os.rename(staged, target)
+        except BaseException:
+            os.rename(old, target)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(target.parent)
 
 
 # --------------------------------------------------------------------------- reader
@@ -692,6 +728,11 @@ class Bundle:
                     isinstance(e, dict) and isinstance(e.get("file"), str) and isinstance(e.get("sha256"), str)
                     for e in exts):
                 raise BundleError(f"{where}: graphs.{role}.external_data must list {{file, sha256}}; {_REEXPORT}")
+        for key, entry in m["thresholds"].items():
+            value = entry.get("value") if isinstance(entry, dict) else None
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise BundleError(f"{where}: thresholds.{key} needs a finite number `value`, got {entry!r}; "
+                                  "re-fit it with `iadgpt calibrate BUNDLE --normal DIR`")
 
     # -- later steps (calibration, engine builds)
     def update_manifest(self, *, thresholds: Optional[Mapping[str, Any]] = None,
@@ -828,3 +869,5 @@ def _check_array_meta(dtype: np.dtype, shape: tuple[int, ...], entry: Mapping[st
     if want_shape is not None and tuple(want_shape) != tuple(shape):
         raise BundleError(f"bundle {root}: {path.name} has shape {tuple(shape)}, manifest says "
                           f"{tuple(want_shape)}; {_REEXPORT}")
+    if 0 in shape:  # an empty memory bank scores every frame as infinitely far from normal
+        raise BundleError(f"bundle {root}: {path.name} is empty (shape {tuple(shape)}); {_REEXPORT}")

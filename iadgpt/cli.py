@@ -28,6 +28,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     except IadGptError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a path this user cannot write, a full disk, a folder where a file belongs
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"error: {exc.strerror or exc}{where}; check the path, its permissions and the free space",
+              file=sys.stderr)
+        if args.verbose:
+            raise
+        return 2
     except KeyboardInterrupt:
         return 130
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from . import __version__
 from .bundle import Bundle
-from .errors import BundleError
+from .errors import BundleError, ConfigError
 from .runtime.synthetic import SyntheticProduct
 
 log = logging.getLogger(__name__)
@@ -140,8 +140,18 @@ def run_demo(out: Path, frames: int = 200, fps: float = 20.0, backend: str = "on
     from .runtime.sources import open_source
     from .runtime.station import Station
 
+    # Checked before the bundle is built (minutes on a fresh cache): 0 frames would write a summary
+    # with NaN latencies, and a file in the way of `out` would fail only then.
+    if isinstance(frames, bool) or not isinstance(frames, (int, np.integer)) or frames < 1:
+        raise ConfigError(f"--frames {frames!r}: give the number of synthetic parts to inspect, an integer >= 1")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; the demo writes a folder (events, overlays, summary.json): "
+                          "give a new or existing folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--out {out}: cannot create the folder ({exc.strerror or exc}); give a writable path") from exc
     bundle = demo_bundle(backend, threads, rebuild=rebuild)
     truth = GroundTruthSink(on_flag=on_flag)
     sinks = [OverlaySink(out / "overlays"), JsonlSink(out / "events.jsonl"), truth]
@@ -151,13 +161,14 @@ def run_demo(out: Path, frames: int = 200, fps: float = 20.0, backend: str = "on
     with Detector(bundle, backend, threads=threads) as detector, open_source(uri) as source:
         stats = Station(detector, source, sinks, stats_interval_s=30.0, describer=describer).run()
     described = describer.close().to_dict() if describer is not None else None
-    lat = np.array(truth.judged_latency_ms or [np.nan])
+    lat = np.array(truth.judged_latency_ms)
+    p50, p99 = (float(np.percentile(lat, 50)), float(np.percentile(lat, 99))) if lat.size else (None, None)  # no NaN in JSON
     summary = {
         "frames": stats.frames, "judged": stats.judged, "flagged": truth.flagged,
         "recall": truth.tp / max(truth.tp + truth.fn, 1),
         "false_alarm_rate": truth.fp / max(truth.fp + truth.tn, 1),
         "defective": truth.tp + truth.fn, "good": truth.fp + truth.tn, "dropped": stats.dropped, "errors": stats.errors,
-        "latency_ms": {"p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99))},
+        "latency_ms": {"p50": p50, "p99": p99},
         "capture_to_verdict_ms": {"p50": stats.latency_p50_ms, "p99": stats.latency_p99_ms},
         "fps": stats.fps, "backend": backend, "threshold": bundle.thresholds["image"]["value"],
         "bundle": str(bundle.path), "events": str(out / "events.jsonl"), "overlays": str(out / "overlays"),

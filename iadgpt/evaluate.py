@@ -130,14 +130,15 @@ def evaluate_torch(data, category: str, backbone_name: str = "efficientnet-lite0
 
     from .models.backbones import get_backbone
     from .models.references import encode, load_batch, memory_bank
-    from .models.scorers import MemoryBankScorer
+    from .models.scorers import MemoryBankScorer, check_bank_options
 
     # Fail fast: these errors used to surface only after the whole test set was loaded and encoded.
     if scorer not in ("bank", "text"):
         raise IadGptError(f"unknown scorer {scorer!r}; use 'bank' (memory bank) or 'text' (CLIP prompts)")
     if shots < 0 or seeds < 1:
         raise IadGptError(f"--shots must be >= 0 (0 = all train images) and --seeds >= 1; got {shots} and {seeds}")
-    kwargs = {"size": resolution} if resolution else {}
+    check_bank_options(coreset, 0)
+    kwargs = {"size": resolution} if resolution is not None else {}
     backbone = get_backbone(backbone_name, weights=weights, **kwargs)
     spec = backbone.input_spec
     if scorer == "text":
@@ -253,7 +254,9 @@ def format_table(result: EvalResult) -> str:
 
 
 def write_json(result: EvalResult, path: Path) -> None:
-    Path(path).write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result.to_json(), indent=2) + "\n")
 
 
 def _progress(items, enabled: bool, desc: str):

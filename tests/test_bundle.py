@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +22,7 @@ from iadgpt.bundle import (  # noqa: E402
     BundleWriter,
     InputSpec,
     TensorInfo,
+    check_bundle_target,
     sha256_file,
 )
 from iadgpt.errors import BundleError  # noqa: E402
@@ -60,7 +63,7 @@ def write_bundle(path: Path, onnx_file: Path, bank: np.ndarray | None = None, **
         w.add_graph("encoder", onnx_file)
         w.add_array("memory_bank", np.arange(20, dtype=np.float32).reshape(5, 4) if bank is None else bank,
                     provenance={"images_sha256": ["ab" * 32], "prompt_yaml_sha256": "cd" * 32})
-        w.set_thresholds({"image": 0.5})
+        w.set_thresholds({"image": {"value": 0.5}})
         w.set_extra(extra)
     assert w.bundle is not None
     return w.bundle
@@ -76,7 +79,7 @@ def test_round_trip(tmp_path: Path, onnx_file: Path) -> None:
     assert m["versions"]["numpy"] == np.__version__
     assert m["created"]
     assert m["scorer"] == {"kind": "memory_bank", "k": 1}
-    assert m["thresholds"] == {"image": 0.5} and m["extra"] == {"note": "hello"}
+    assert m["thresholds"] == {"image": {"value": 0.5}} and m["extra"] == {"note": "hello"}
     g = m["graphs"]["encoder"]
     assert g["sha256"] == sha256_file(onnx_file) and g["precision"] == "fp32"
     assert g["inputs"] == [{"name": "x", "dtype": "float32", "shape": ["batch", 4]}]
@@ -282,13 +285,16 @@ def test_loading_never_unpickles(tmp_path: Path, onnx_file: Path, monkeypatch) -
 def test_update_manifest_and_engines(tmp_path: Path, onnx_file: Path) -> None:
     out = tmp_path / "bundle"
     b = write_bundle(out, onnx_file)
-    b.update_manifest(thresholds={"pixel": np.float32(0.25)})
-    assert Bundle.load(out).thresholds == {"image": 0.5, "pixel": 0.25}
-    b.update_manifest(thresholds={"image": 0.7}, replace=True)
-    assert Bundle.load(out).thresholds == {"image": 0.7}
+    b.update_manifest(thresholds={"pixel": {"value": np.float32(0.25)}})
+    assert Bundle.load(out).thresholds == {"image": {"value": 0.5}, "pixel": {"value": 0.25}}
+    b.update_manifest(thresholds={"image": {"value": 0.7}}, replace=True)
+    assert Bundle.load(out).thresholds == {"image": {"value": 0.7}}
     with pytest.raises(BundleError, match="strict JSON"):
-        b.update_manifest(thresholds={"image": float("nan")})
-    assert Bundle.load(out).thresholds == {"image": 0.7}
+        b.update_manifest(extra={"note": float("nan")})
+    for bad in ("high", 0.7, {"value": "NaN"}, {"value": float("nan")}, {"method": "quantile"}):  # hand edits a Detector would trip on
+        with pytest.raises(BundleError, match=r"thresholds.image needs a finite number `value`.*iadgpt calibrate"):
+            b.update_manifest(thresholds={"image": bad})
+    assert Bundle.load(out).thresholds == {"image": {"value": 0.7}}
 
     eng = tmp_path / "encoder.fp16.trt10.3.0.sm89.engine"
     eng.write_bytes(b"\x00engine")
@@ -307,3 +313,48 @@ def test_bundle_module_does_not_import_torch() -> None:
             "bad = [m for m in ('torch', 'onnxruntime', 'tensorrt', 'onnx') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_bundle_files_follow_the_umask_so_another_user_can_read_them(tmp_path: Path, onnx_file: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        b = write_bundle(tmp_path / "bundle", onnx_file)
+        b.update_manifest(extra={"note": "x"})  # rewrites manifest.json through a temp file
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "bundle").stat().st_mode) == 0o755  # not mkdtemp's 0700
+    assert stat.S_IMODE((tmp_path / "bundle" / "manifest.json").stat().st_mode) == 0o644  # not mkstemp's 0600
+
+
+def test_empty_arrays_and_bad_input_specs_are_refused(tmp_path: Path, onnx_file: Path) -> None:
+    with pytest.raises(BundleError, match="'memory_bank' is empty"):
+        write_bundle(tmp_path / "empty", onnx_file, bank=np.zeros((0, 4), np.float32))
+    b = write_bundle(tmp_path / "b", onnx_file)
+    bank = b.path / "references" / "memory_bank.npy"  # an empty bank made by hand, hashes kept consistent
+    np.save(bank, np.zeros((0, 4), np.float32))
+    manifest = json.loads((b.path / "manifest.json").read_text())
+    manifest["references"]["memory_bank"].update(sha256=sha256_file(bank), shape=[0, 4])
+    (b.path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="memory_bank.npy is empty"):
+        Bundle.load(b.path)
+    b = write_bundle(tmp_path / "b2", onnx_file)
+    manifest = json.loads((b.path / "manifest.json").read_text())
+    for spec in ({"size": [0, 0], "mean": [0, 0, 0], "std": [1, 1, 1]},
+                 {"size": [8, 8], "mean": [0, 0, 0], "std": [1, 0, 1]}):
+        manifest["backbone"]["input_spec"] = spec
+        (b.path / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(BundleError, match="input_spec is malformed"):
+            Bundle.load(b.path).input_spec
+
+
+def test_check_bundle_target_before_any_work(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("x")
+    with pytest.raises(BundleError, match="not a directory"):
+        check_bundle_target(tmp_path / "file")
+    with pytest.raises(BundleError, match="not a bundle"):
+        check_bundle_target(tmp_path / "other")
+    with pytest.raises(BundleError, match="not a folder this user can write"):
+        check_bundle_target(tmp_path / "file" / "below")
+    check_bundle_target(tmp_path / "new" / "deeper")  # parents are made later: fine

@@ -111,6 +111,53 @@ def test_too_few_held_out_images_says_how_many(tiny_bundle_path, product_dirs, t
     assert not (tmp_path / "b").exists()
 
 
+def test_histogram_path_without_a_suffix_is_the_png_written(calibrated, tmp_path):
+    from iadgpt.calibration.onboard import write_histogram
+
+    path = write_histogram(calibrated[0], tmp_path / "hist")
+    assert path == tmp_path / "hist.png" and path.read_bytes()[:4] == b"\x89PNG"
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("shots", [SHOTS, 0])
+def test_a_calibration_that_fails_half_way_leaves_the_bundle_as_it_was(calibrated, product_dirs, tmp_path,
+                                                                        monkeypatch, shots):
+    bundle = tmp_path / "b"
+    shutil.copytree(calibrated[1].path, bundle)
+    before = _snapshot(bundle)
+    from iadgpt.calibration import onboard
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C while the held-out normals are scored, after the new bank is built
+
+    monkeypatch.setattr(onboard, "_score", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(bundle, product_dirs["normal"], shots=shots, target_frr=TARGET, threads=2, progress=False)
+    assert _snapshot(bundle) == before and sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # no leftovers
+    monkeypatch.undo()
+    for bad, match in [({"backend": "bogus"}, "unknown backend"), ({"method": "f1", "target_frr": 2}, "fraction"),
+                       ({"method": "f1"}, "needs at least"), ({"defects_dir": tmp_path / "nope"}, "does not exist")]:
+        with pytest.raises(CalibrationError, match=match):
+            calibrate(bundle, product_dirs["normal"], **{"shots": SHOTS, "target_frr": TARGET, "threads": 2,
+                                                          "progress": False, **bad})
+        assert _snapshot(bundle) == before
+
+
+def test_tensorrt_calibration_without_tensorrt_is_refused_before_quantizing(calibrated, product_dirs, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # as on every machine here
+    from iadgpt.calibration import onboard
+
+    monkeypatch.setattr(onboard, "quantize_on_normals", lambda *a, **k: pytest.fail("quantized first"))
+    with pytest.raises(CalibrationError, match="TensorRT is not installed here.*--backend onnxruntime"):
+        calibrate(calibrated[1].path, product_dirs["normal"], shots=0, int8=True, backend="tensorrt",
+                  target_frr=TARGET, progress=False)
+
+
 def test_shots_zero_keeps_the_bank_and_leaves_its_images_out(calibrated, product_dirs, tmp_path):
     _, bundle = calibrated
     report = calibrate(bundle.path, product_dirs["normal"], shots=0, target_frr=TARGET, out=tmp_path / "b",

@@ -333,6 +333,31 @@ def test_chat_answers_with_history_and_guards_the_facts(tmp_path, monkeypatch, c
     assert [u["kind"] for u in updates] == ["description", "chat", "chat"]
 
 
+def test_chat_on_a_bad_event_log_says_what_is_wrong(tmp_path, capsys, caplog):
+    from iadgpt.cli import main
+
+    def chat(path, event="a1"):
+        rc = main(["chat", str(path), "--event", event, "--llm", "none", "-q", "hi"])
+        return rc, capsys.readouterr().err
+
+    rc, err = chat(tmp_path / "nonexistent.jsonl")
+    assert rc == 2 and "no such event log" in err and "no event" not in err
+    rc, err = chat(tmp_path)  # a folder
+    assert rc == 2 and "is a folder, not an event log" in err
+    log = tmp_path / "events.jsonl"
+    log.write_text('{"event_id": "a1"}\n[1, 2]\n"text"\n{"event_id": "a2"}\n')
+    with caplog.at_level("WARNING", logger="iadgpt.runtime.sinks"):
+        assert [e["event_id"] for e in read_events(log)] == ["a1", "a2"]
+    assert sum("not a JSON object" in r.getMessage() for r in caplog.records) == 2
+    rc, err = chat(log)
+    assert rc == 2 and "no description to talk about" in err
+    log.write_text('{"event_id": "a3", "updates": [{"kind": "description", "status": "ok"}]}\n'
+                   '{"event_id": "a4", "updates": "garbage"}\n')
+    for event in ("a3", "a4"):  # an ok update without its text, updates that are not a list
+        rc, err = chat(log, event)
+        assert rc == 2 and "no description to talk about" in err
+
+
 def test_runtime_modules_do_not_import_torch():
     import subprocess
     import sys

@@ -108,7 +108,7 @@ def test_a_nan_threshold_is_refused_not_a_station_that_passes_everything(tiny_bu
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["thresholds"] = {"image": {"value": "NaN"}}  # float("NaN") is nan: a hand-edited manifest
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(BundleError, match="not finite.*calibrate"):
+    with pytest.raises(BundleError, match="finite number `value`.*calibrate"):  # refused when loaded
         Detector(Bundle.load(copy), "onnxruntime")
 
 

@@ -127,6 +127,23 @@ def test_inspect_flags_a_flipped_byte(exported, tmp_path, capsys):
     assert "graphs/encoder.onnx" in text and "FAILED" in text
 
 
+@pytest.mark.parametrize("edit, words", [
+    (lambda m: m["graphs"].pop("encoder"), "has no graph 'encoder'"),
+    (lambda m: m["references"].pop("memory_bank"), "no reference array 'memory_bank'"),
+    (lambda m: m["graphs"].update(encoder=m["graphs"]["scorer"], scorer=m["graphs"]["encoder"]), "missing input"),
+    (lambda m: m["backbone"].update(layers=5), "MALFORMED"),
+])
+def test_inspect_says_no_when_the_bundle_cannot_score_a_frame(exported, tmp_path, capsys, edit, words):
+    out, _ = exported
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    edit(manifest)  # every listed file still matches its hash: only a real frame shows the problem
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["inspect", str(broken)]) == 2
+    assert words in capsys.readouterr().out
+
+
 def test_evaluate_bundle_matches_torch(dataset, exported):
     out, _ = exported
     ort = evaluate_bundle(dataset, CATEGORY, out, backend="onnxruntime", threads=2, progress=False)
@@ -153,7 +170,17 @@ def test_build_without_tensorrt_fails_clearly(exported, capsys):
 def test_build_int8_needs_a_calibrated_graph(exported, capsys):
     out, _ = exported
     assert main(["build", str(out), "--precision", "int8"]) != 0
-    assert "iadgpt calibrate --int8" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # the advice must run as written: --normal is required, and only the tensorrt preset writes encoder_int8
+    assert f"iadgpt calibrate {out} --normal GOOD_IMAGES_DIR --shots 0 --int8 --backend tensorrt" in err
+    import argparse
+
+    from iadgpt.commands.calibrate import add_parser
+    sub = argparse.ArgumentParser().add_subparsers()
+    add_parser(sub)
+    advice = err.split("`")[1].split()  # iadgpt calibrate BUNDLE --normal ...
+    args = sub.choices["calibrate"].parse_args(advice[2:])
+    assert args.int8 and args.backend == "tensorrt" and args.shots == 0
 
 
 def test_evaluate_bundle_tensorrt_missing(dataset, exported):
@@ -197,3 +224,72 @@ def test_build_records_engines(exported, tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert main(["inspect", str(bundle)]) == 0  # engines for another host do not stop ONNX Runtime
     assert "encoder.fp16.trt10.3.0.sm87" in capsys.readouterr().out
+
+
+def test_bad_outputs_and_flags_are_refused_before_any_work(dataset, tmp_path, monkeypatch, capsys):
+    from iadgpt.export import bundle_export
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the backbone was built before the arguments were checked")
+
+    monkeypatch.setattr(bundle_export, "build_backbone", no_work)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    train = str(dataset / CATEGORY / "train" / "good")
+    for extra, words in [(["--out", str(afile)], "is not a directory"),
+                         (["--out", str(tmp_path / "b"), "--coreset", "2"], "(0, 1]"),
+                         (["--out", str(tmp_path / "b"), "--seed", "-1"], "--seed -1")]:
+        assert main(["export", "--backbone", "efficientnet-lite0", "--train-dir", train, *extra]) == 2
+        assert words in capsys.readouterr().err
+    monkeypatch.undo()
+    assert main(["export", "--backbone", "efficientnet-lite0", "--train-dir", train, "--resolution", "0",
+                 "--out", str(tmp_path / "b")]) == 2  # 0 used to mean "the default" silently
+    assert ">= 32" in capsys.readouterr().err
+
+
+def test_eval_with_a_bundle_refuses_model_flags_and_passes_weights(dataset, exported, tmp_path, monkeypatch, capsys):
+    out, _ = exported
+    assert main(["eval", "--data", str(dataset), "--category", CATEGORY, "--bundle", str(out), "--shots", "4"]) == 2
+    assert "--shots describe the torch model" in capsys.readouterr().err
+    from iadgpt import evaluate
+
+    seen = {}
+
+    def fake(*args, **kwargs):
+        seen.update(kwargs)
+        raise KeyboardInterrupt  # stop here: only the call matters
+
+    monkeypatch.setattr(evaluate, "evaluate_bundle", fake)
+    assert main(["eval", "--data", str(dataset), "--category", CATEGORY, "--bundle", str(out),
+                 "--weights", "clip-dir"]) == 130
+    assert seen["weights"] == "clip-dir"
+    assert main(["eval", "--data", str(dataset), "--category", CATEGORY, "--bundle", str(out),
+                 "--json", str(afile_dir(tmp_path))]) == 2  # a folder where the file belongs: before scoring
+    assert "cannot write a file there" in capsys.readouterr().err
+
+
+def test_eval_json_goes_into_a_new_folder(tmp_path):
+    from iadgpt.evaluate import EvalResult, write_json
+
+    result = EvalResult.__new__(EvalResult)
+    result.to_json = lambda: {"i_auroc": 99.0}  # type: ignore[method-assign]
+    write_json(result, tmp_path / "new" / "metrics.json")
+    assert json.loads((tmp_path / "new" / "metrics.json").read_text()) == {"i_auroc": 99.0}
+
+
+def afile_dir(tmp_path: Path) -> Path:
+    (tmp_path / "adir").mkdir(exist_ok=True)
+    return tmp_path / "adir"
+
+
+def test_os_errors_are_one_line_errors_not_tracebacks(monkeypatch, capsys):
+    import errno
+
+    from iadgpt.commands import inspect as inspect_cmd
+
+    def read_only(args):
+        raise OSError(errno.EROFS, "Read-only file system", "/mnt/ro/bundle")
+
+    monkeypatch.setattr(inspect_cmd, "run", read_only)
+    assert main(["inspect", "x"]) == 2
+    assert capsys.readouterr().err.startswith("error: Read-only file system: /mnt/ro/bundle; check the path")

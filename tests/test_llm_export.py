@@ -89,6 +89,31 @@ def test_resolve_source_errors_name_the_fix(tmp_path):
         resolve_source(tmp_path / "nothing-here")
 
 
+@pytest.mark.parametrize("block", [0, -32, 8, 24])
+def test_quantize_llm_refuses_bad_block_size_before_work(tmp_path, monkeypatch, block):
+    from iadgpt.export import llm
+    monkeypatch.setattr(llm, "resolve_source", lambda src: pytest.fail("went on to read the source"))
+    with pytest.raises(ExportError, match=f"--block-size {block}: MatMulNBits needs a power of two >= 16"):
+        llm.quantize_llm(tmp_path / "hf", tmp_path / "out", block_size=block)
+
+
+def test_quantize_llm_cli_checks_bundle_and_out_first(tmp_path, monkeypatch, capsys):
+    from iadgpt.cli import main
+    from iadgpt.export import llm
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    monkeypatch.setattr(llm, "gguf_to_hf", lambda *a: pytest.fail("dequantized"))
+    monkeypatch.setattr(llm, "_model_facts", lambda *a: pytest.fail("read the model"))
+    (tmp_path / "afile").write_text("x")
+    assert main(["quantize-llm", str(hf), "--out", str(tmp_path / "afile")]) == 2
+    assert "is a file" in capsys.readouterr().err
+    monkeypatch.setattr(llm, "quantize_llm", lambda *a, **k: pytest.fail("quantized before checking --bundle"))
+    assert main(["quantize-llm", str(hf), "--out", str(tmp_path / "q"), "--bundle", str(tmp_path / "nope")]) == 2
+    assert "nope" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()
+
+
 # ----------------------------------------------------------------------------- tiny llama, end to end
 
 

@@ -133,3 +133,21 @@ def test_grid_and_cli(tmp_path, parts: NSASynthesizer) -> None:
     assert main(["synth", "--train-dir", str(train), "--n", "4", "--size", "64", "--out", str(out)]) == 0
     img = cv2.imread(str(out))
     assert img is not None and img.shape == (66, 4 * 130, 3)  # one row of 4 cells, image + label each
+
+
+@pytest.mark.parametrize("flags,match", [(["--cols", "0"], "--cols 0"), (["--size", "0"], "--size 0"),
+                                         (["--size", "-3"], "--size -3"),
+                                         (["--out", "grid_without_extension"], "end the name in one of"),
+                                         (["--out", "grid.txt"], "end the name in one of")])
+def test_cli_refuses_nonsense_flags_before_synthesis(tmp_path, monkeypatch, capsys, flags, match) -> None:
+    from iadgpt.cli import main
+    from iadgpt.models import synth as synth_module
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(synth_module, "synth_grid", lambda *a, **k: pytest.fail("synthesized"))
+    train = tmp_path / "good"
+    train.mkdir()
+    cv2.imwrite(str(train / "0.png"), np.zeros((8, 8, 3), np.uint8))
+    args = ["synth", "--train-dir", str(train), "--n", "2", "--out", "grid.png"]
+    assert main(args + flags) == 2  # the later --out wins
+    assert match in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["good"]  # nothing written

@@ -69,6 +69,23 @@ def test_read_engine_info_sidecar_and_name(tmp_path: Path) -> None:
         read_engine_info(p)
 
 
+def test_int8_advice_names_commands_that_exist(linear_onnx: Path, tmp_path: Path) -> None:
+    import argparse
+
+    from iadgpt.commands import build, calibrate
+    with pytest.raises(ExportError) as err:
+        build_trt_engine(linear_onnx, tmp_path, precision="int8")
+    commands = str(err.value).split("`")[1::2]  # the quoted commands
+    assert commands and all(c.startswith("iadgpt ") for c in commands)
+    sub = argparse.ArgumentParser().add_subparsers()
+    for module in (build, calibrate):
+        module.add_parser(sub)
+    for command in commands:  # each parses as written (with its placeholders); `iadgpt export --int8` did not
+        words = command.split()
+        sub.choices[words[1]].parse_args(words[2:])
+    assert any("--int8" in c and "--backend tensorrt" in c for c in commands)
+
+
 def test_int8_build_needs_qdq_and_missing_tensorrt(linear_onnx: Path, tmp_path: Path, monkeypatch) -> None:
     assert not has_qdq_nodes(linear_onnx)
     with pytest.raises(ExportError, match="no QuantizeLinear nodes.*explicitly quantized"):

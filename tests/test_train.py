@@ -152,6 +152,35 @@ def test_cli_train(tmp_path, monkeypatch) -> None:
     assert main(args) == 2  # exists, no --resume: refused with a message
 
 
+@pytest.mark.parametrize("field,value,flag", [("steps", 0, "--steps"), ("steps", -5, "--steps"),
+                                              ("batch_size", 0, "--batch-size"), ("pool_size", 0, "--pool-size"),
+                                              ("checkpoint_every", 0, "--checkpoint-every"), ("lr", -1.0, "--lr"),
+                                              ("lr", float("nan"), "--lr"), ("colour", 1.5, "--nsa-colour"),
+                                              ("seed", -1, "--seed")])
+def test_config_refuses_nonsense_numbers(field, value, flag) -> None:
+    with pytest.raises(ScorerError, match=f"^{flag} "):
+        TrainConfig(**{field: value})
+    assert TrainConfig(steps=np.int64(3), lr=np.float32(0.5)).to_dict()["steps"] == 3  # numpy numbers are fine
+
+
+@pytest.mark.parametrize("flags,flag", [(["--steps", "0"], "--steps"), (["--pool-size", "0"], "--pool-size"),
+                                        (["--checkpoint-every", "0"], "--checkpoint-every"), (["--lr", "-1"], "--lr"),
+                                        (["--batch-size", "0"], "--batch-size"), (["--threads", "0"], "--threads"),
+                                        (["--stage", "bridge", "--decoder", "d.safetensors", "--stage-steps", "1,-1,1"],
+                                         "--stage-steps"),
+                                        (["--stage", "bridge", "--decoder", "d.safetensors", "--pool-size", "0"],
+                                         "--pool-size"),
+                                        (["--stage", "bridge", "--decoder", "d.safetensors", "--lr", "0"], "--lr")])
+def test_cli_train_refuses_nonsense_numbers_before_work(tmp_path, monkeypatch, capsys, flags, flag) -> None:
+    from iadgpt.cli import main
+    from iadgpt.models import train as train_module
+    monkeypatch.setattr(train_module, "get_backbone", lambda *a, **k: pytest.fail("built a backbone"))
+    out = tmp_path / "dec.safetensors"  # the data folder does not even exist: the flags are checked first
+    assert main(["train", "--data", str(tmp_path / "nope"), "--category", "part", "--out", str(out)] + flags) == 2
+    assert f"error: {flag} " in capsys.readouterr().err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("shots,weight", [(None, "auto"), (1, "auto"), (1, 0.3)],
                          ids=["decoder", "decoder+bank", "decoder+bank(w 0.3)"])
 def test_export_bundle_with_decoder(tmp_path, capsys, trained, images, shots, weight) -> None:

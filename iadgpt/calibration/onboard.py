@@ -10,8 +10,8 @@ judges that product:
    are left out of the hold-out set).
 2. Optionally (`int8=True`) the encoder is quantized to a static INT8 Q/DQ graph calibrated on
    the real normal images; on ONNX Runtime it becomes the bundle's "encoder" (precision int8, the
-   fp32 graph is kept as "encoder_fp32"); for TensorRT it is stored as "encoder_int8", which
-   `iadgpt build --precision int8` compiles.
+   fp32 graph is kept as "encoder_fp32"); for TensorRT it is stored as "encoder_int8" and
+   compiled here (the engines `iadgpt build --precision int8` makes), so that step 3 scores with it.
 3. The held-out normals (never in the bank) are scored by `Detector.score_batch` on the
    production backend and precision; image and region thresholds are fitted on those scores
    (`thresholds.py`) and written to the manifest with their provenance.
@@ -33,7 +33,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
-from ..bundle import Bundle, BundleWriter, sha256_file
+from ..bundle import Bundle, BundleWriter, check_bundle_target, sha256_file, swap_into_place
 from ..data import IMAGE_EXTENSIONS, read_image, read_mask
 from ..errors import CalibrationError
 from . import thresholds as th
@@ -335,6 +335,31 @@ def calibrate(bundle_path: PathLike, normal_dir: PathLike, *, shots: int = 4, ho
                                "--shots 0 to fit thresholds only")
     if int8 and backend not in ("onnxruntime", "tensorrt"):
         raise CalibrationError(f"--int8 makes a Q/DQ graph for onnxruntime or tensorrt, not {backend!r}")
+    # everything that can be refused is refused before any work: a failure later leaves the bundle as it was
+    from ..runtime.detector import BACKENDS, Detector
+
+    if backend not in BACKENDS:
+        raise CalibrationError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    th.check_rate("target_frr", target_frr)
+    if method == "recall":
+        th.check_rate("target_recall", target_recall)
+    if coreset is not None and not 0.0 < coreset <= 1.0:
+        raise CalibrationError(f"--coreset {coreset} is not a fraction of the bank in (0, 1], e.g. 0.1")
+    if seed < 0:
+        raise CalibrationError(f"--seed {seed} must be >= 0")
+    defects = list_defect_images(defects_dir) if defects_dir is not None else []
+    if method in ("f1", "recall") and len(defects) < th.MIN_DEFECT_IMAGES:
+        raise CalibrationError(f"method {method!r} needs at least {th.MIN_DEFECT_IMAGES} defective images (got "
+                               f"{len(defects)}): pass --defects DIR, or use --method quantile")
+    if out is not None:
+        check_bundle_target(dest)
+    if backend == "tensorrt":  # thresholds are fitted on this station's engines: TensorRT must be here
+        try:
+            import tensorrt  # noqa: F401
+        except ImportError:
+            raise CalibrationError("--backend tensorrt fits thresholds on TensorRT engines, but TensorRT is not "
+                                   "installed here: calibrate on the station (`pip install iadgpt[trt]`), or "
+                                   "pass --backend onnxruntime") from None
 
     t = time.perf_counter()
     split = split_images(src, list_normal_images(normal_dir), shots, holdout, seed)
@@ -349,6 +374,8 @@ def calibrate(bundle_path: PathLike, normal_dir: PathLike, *, shots: int = 4, ho
 
     spec = src.input_spec
     dest.parent.mkdir(parents=True, exist_ok=True)
+    # a new bank or graph is staged inside `tmp`, scored and given its thresholds there, and only then
+    # swapped in for `dest`: an error or Ctrl-C at any step leaves the bundle on disk as it was
     with tempfile.TemporaryDirectory(prefix=f".{dest.name}.calib-", dir=dest.parent) as tmp:
         tmp_dir = Path(tmp)
         graphs = {role: (src.graph_path(role), entry.get("precision", "fp32")) for role, entry in src.graphs.items()}
@@ -390,56 +417,65 @@ def calibrate(bundle_path: PathLike, normal_dir: PathLike, *, shots: int = 4, ho
                      bank.shape[1], shots, graphs["encoder"][1])
             timings["bank"] = time.perf_counter() - t
 
-        # -- write the bundle (graphs, references, scorer config), carrying still-valid engines
+        # -- write the new bundle (graphs, references, scorer config) to the staging folder, with
+        # the still-valid engines
         t = time.perf_counter()
-        if shots or int8 or dest != src.path:
-            bundle = _rewrite(src, dest, graphs, new_cfg, bank, {
+        staged = shots or int8 or dest != src.path
+        if staged:
+            bundle = _rewrite(src, tmp_dir / "bundle", graphs, new_cfg, bank, {
                 "images": shot_hashes, "files": [p.name for p in shot_paths],
                 "normal_dir": str(Path(normal_dir).absolute()), "shots": shots, "seed": int(seed),
                 "augment": do_augment, "coreset": new_cfg.get("coreset"), "encoder": graphs["encoder"][1]}, tmp_dir)
         else:
-            bundle = src  # thresholds only: the manifest is updated in place below
+            bundle = src  # thresholds only: one manifest update at the end
+        engine_precision = None
+        if int8 and backend == "tensorrt":  # the new Q/DQ graph has no engine yet: build it (and the scorer's)
+            from ..runtime.tensorrt_engine import build_bundle_engines
+
+            build_bundle_engines(bundle, "int8")
+            engine_precision = "int8"
         timings["write"] = time.perf_counter() - t
 
-    # -- score the held-out normals (and defects) on the production backend/precision
-    from ..runtime.detector import Detector
+        # -- score the held-out normals (and defects) on the production backend/precision
+        t = time.perf_counter()
+        with Detector(bundle, backend, threads=threads, threshold=float("inf"), precision=engine_precision,
+                      weights=str(weights) if weights is not None else None) as det:
+            precision = det.precision
+            n_scores, n_maps = _score(det, pool, spec, progress, "scoring held-out normals")
+            d_scores, d_maps = _score(det, [p for p, _ in defects], spec, progress, "scoring defects")
+        timings["score"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    defects = list_defect_images(defects_dir) if defects_dir is not None else []
-    role = "encoder_int8" if int8 and backend == "tensorrt" else "encoder"
-    with Detector(bundle, backend, threads=threads, threshold=float("inf"), encoder_role=role,
-                  weights=str(weights) if weights is not None else None) as det:
-        precision = det.precision
-        n_scores, n_maps = _score(det, pool, spec, progress, "scoring held-out normals")
-        d_scores, d_maps = _score(det, [p for p, _ in defects], spec, progress, "scoring defects")
-    timings["score"] = time.perf_counter() - t
+        t = time.perf_counter()
+        image, pixel = _fit(n_scores, n_maps, d_scores, d_maps, [m for _, m in defects], target_frr=target_frr,
+                            method=method, target_recall=target_recall, pixel_quantile=pixel_quantile, seed=seed)
+        for rec in (image, pixel):
+            rec.backend, rec.precision = backend, precision
+            rec.images = list(pool_hashes)
+        image.defect_images = [sha256_file(p) for p, _ in defects]
+        image.params.update(normal_dir=str(Path(normal_dir).absolute()), shots=shots, seed=int(seed))
+        timings["fit"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    image, pixel = _fit(n_scores, n_maps, d_scores, d_maps, [m for _, m in defects], target_frr=target_frr,
-                        method=method, target_recall=target_recall, pixel_quantile=pixel_quantile, seed=seed)
-    for rec in (image, pixel):
-        rec.backend, rec.precision = backend, precision
-        rec.images = list(pool_hashes)
-    image.defect_images = [sha256_file(p) for p, _ in defects]
-    image.params.update(normal_dir=str(Path(normal_dir).absolute()), shots=shots, seed=int(seed))
-    bundle.update_manifest(thresholds={"image": image.to_manifest(), "pixel": pixel.to_manifest()})
-    timings["fit"] = time.perf_counter() - t
-
-    int8_info = None if int8_report is None else {k: v for k, v in int8_report.to_dict().items() if k != "image_hashes"}
-    if int8_info is None and any(precision == "int8" for _, precision in graphs.values()):
-        # the INT8 encoder is kept, and so is its report (the station's bridge check reads its cosine)
-        earlier = (src.extra.get("calibration") or {}).get("int8")
-        int8_info = None if earlier is None else {**earlier, "carried": True}
-    seconds = time.perf_counter() - t_start
-    report = CalibrationReport(
-        bundle=bundle.path, seconds=seconds, threshold=image.value, pixel_threshold=pixel.value, method=method,
-        target_frr=float(target_frr), frr_estimate=float(image.frr_estimate or 0.0),
-        frr_ci=image.frr_ci or (0.0, 1.0), backend=backend, precision=precision, shots=shots,
-        holdout=len(pool), defects=len(defects), miss_estimate=image.miss_estimate, miss_ci=image.miss_ci,
-        int8=int8_info,
-        timings=timings, normal_scores=[float(s) for s in n_scores], defect_scores=[float(s) for s in d_scores])
-    bundle.update_manifest(extra={"calibration": {k: v for k, v in report.to_json().items()
-                                                  if k not in ("bundle", "histogram")}})
+        int8_info = None if int8_report is None else {k: v for k, v in int8_report.to_dict().items()
+                                                      if k != "image_hashes"}
+        if int8_info is None and any(precision == "int8" for _, precision in graphs.values()):
+            # the INT8 encoder is kept, and so is its report (the station's bridge check reads its cosine)
+            earlier = (src.extra.get("calibration") or {}).get("int8")
+            int8_info = None if earlier is None else {**earlier, "carried": True}
+        seconds = time.perf_counter() - t_start
+        report = CalibrationReport(
+            bundle=dest, seconds=seconds, threshold=image.value, pixel_threshold=pixel.value, method=method,
+            target_frr=float(target_frr), frr_estimate=float(image.frr_estimate or 0.0),
+            frr_ci=image.frr_ci or (0.0, 1.0), backend=backend, precision=precision, shots=shots,
+            holdout=len(pool), defects=len(defects), miss_estimate=image.miss_estimate, miss_ci=image.miss_ci,
+            int8=int8_info, timings=timings, normal_scores=[float(s) for s in n_scores],
+            defect_scores=[float(s) for s in d_scores])
+        bundle.update_manifest(thresholds={"image": image.to_manifest(), "pixel": pixel.to_manifest()},
+                               extra={"calibration": {k: v for k, v in report.to_json().items()
+                                                      if k not in ("bundle", "histogram")}})
+        if staged:
+            check_bundle_target(dest)  # still a bundle (or nothing) after the minutes this took
+            swap_into_place(bundle.path, dest)
+            bundle = Bundle.load(dest, verify=False)
     t = time.perf_counter()  # the figure is drawn after the bundle is ready; not part of `seconds`
     report.histogram = write_histogram(report, Path(histogram) if histogram else
                                        bundle.path.parent / f"{bundle.path.name}.calibration.png")
@@ -567,6 +603,8 @@ def write_histogram(report: CalibrationReport, path: Path) -> Path:
     ax.set_ylabel("images")
     ax.legend(fontsize=8)
     fig.tight_layout()
+    if not path.suffix:  # matplotlib would add .png itself: report the file that exists
+        path = path.with_name(path.name + ".png")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)

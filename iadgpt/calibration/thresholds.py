@@ -148,7 +148,7 @@ def order_statistic_frr(n: int, k: int, confidence: float = CONFIDENCE) -> tuple
 
 def min_images_for(target_frr: float, method: str = "quantile") -> int:
     """Held-out normal images needed to promise `target_frr` (see the module docstring)."""
-    _check_rate("target_frr", target_frr)
+    check_rate("target_frr", target_frr)
     if method == "tail":
         return MIN_TAIL_IMAGES
     return max(1, math.ceil(1.0 / target_frr - 1.0 - 1e-9))
@@ -164,7 +164,7 @@ def fit_image_threshold(normal_scores: Sequence[float], target_frr: float = 0.00
     """Image-score threshold from held-out normal scores (and defect scores for f1/recall)."""
     normal = _scores("normal_scores", normal_scores)
     defects = None if defect_scores is None or len(defect_scores) == 0 else _scores("defect_scores", defect_scores)
-    _check_rate("target_frr", target_frr)
+    check_rate("target_frr", target_frr)
     n = len(normal)
     params: dict[str, Any] = {"target_frr": float(target_frr)}
     if method == "quantile":
@@ -192,7 +192,7 @@ def fit_image_threshold(normal_scores: Sequence[float], target_frr: float = 0.00
         if method == "f1":
             value = _f1_threshold(normal, defects)
         else:
-            _check_rate("target_recall", target_recall)
+            check_rate("target_recall", target_recall)
             value = _recall_threshold(defects, target_recall)
             params["target_recall"] = float(target_recall)
         rejects = int(np.count_nonzero(normal >= value))
@@ -307,7 +307,7 @@ def fit_pixel_threshold(normal_maps: np.ndarray, *, defect_maps: Optional[np.nda
         value, f1 = _best_f1(scores, labels)
         method, params = "f1", {"pixel_f1": f1, "sampled_pixels": int(len(scores))}
     else:
-        _check_rate("quantile", 1.0 - quantile)
+        check_rate("quantile", 1.0 - quantile)
         value = float(np.quantile(maps, quantile, method="higher"))
         method, params = "quantile", {"quantile": float(quantile)}
     if image_threshold is not None and value > image_threshold:
@@ -332,6 +332,6 @@ def _scores(name: str, values: Sequence[float]) -> np.ndarray:
     return x
 
 
-def _check_rate(name: str, value: float) -> None:
+def check_rate(name: str, value: float) -> None:
     if not 0.0 < float(value) < 1.0:
         raise CalibrationError(f"{name} must be a fraction in (0, 1), got {value} (e.g. 0.005 for 0.5%)")

@@ -25,14 +25,21 @@ def run(args: argparse.Namespace) -> int:
     from ..runtime.describer import Describer, llm_spec_for, make_llm
     from ..runtime.sinks import JsonlSink, read_events
 
+    if not args.events.exists():  # read_events reads a missing log as empty: say so instead of "no event"
+        raise ConfigError(f"{args.events}: no such event log; give the JSONL file the station writes "
+                          "(sinks.events.path in station.yaml)")
     events = [e for e in read_events(args.events) if str(e.get("event_id")) == args.event]
     if not events:
         raise ConfigError(f"no event {args.event!r} in {args.events}; list ids with: grep -o '\"event_id\":\"[^\"]*\"' "
                           f"{args.events}")
     event = events[-1]
-    described = [u for u in event.get("updates", []) if u.get("kind") == "description" and u.get("status") == "ok"]
+    # Hand-edited or foreign logs: keep only well-formed updates, and descriptions that carry their text.
+    updates = event.get("updates")
+    updates = [u for u in updates if isinstance(u, dict)] if isinstance(updates, list) else []
+    described = [u for u in updates if u.get("kind") == "description" and u.get("status") == "ok"
+                 and isinstance(u.get("description"), str)]
     if not described:
-        why = [u.get("error") for u in event.get("updates", []) if u.get("status") == "failed"]
+        why = [u.get("error") for u in updates if u.get("status") == "failed"]
         raise ConfigError(f"event {args.event} has no description to talk about"
                           + (f" (the describer failed: {why[-1]})" if why else "")
                           + "; run the station with the describer on, or `iadgpt describe IMAGE --bundle B`")
@@ -41,15 +48,20 @@ def run(args: argparse.Namespace) -> int:
     if args.llm is None and args.bundle is not None:
         from ..bundle import Bundle
         bundle = Bundle.load(args.bundle)
-    describer = Describer(make_llm(llm_spec_for(args.llm, bundle, threads=args.threads)), desc.get("product", "part"))
+    product = desc.get("product") if isinstance(desc.get("product"), str) else "part"
+    facts = desc.get("facts") if isinstance(desc.get("facts"), dict) else {}
+    regions = facts.get("regions")
+    facts = {**facts, "regions": [r for r in regions if isinstance(r, dict)] if isinstance(regions, list) else []}
+    lines = desc.get("facts_text")
+    lines = [str(x) for x in lines] if isinstance(lines, list) else []
+    describer = Describer(make_llm(llm_spec_for(args.llm, bundle, threads=args.threads)), product)
     print(f"event {args.event}: {desc['description']}")
     history: list[dict[str, str]] = []
     sink = JsonlSink(args.events) if args.record else None
     questions = iter(args.question) if args.question else _stdin_questions()
     try:
         for question in questions:
-            answer, gen, rejected = describer.answer(desc.get("facts", {}), desc.get("facts_text", []), question,
-                                                     history)
+            answer, gen, rejected = describer.answer(facts, lines, question, history)
             print(f"> {question}\n{answer}")
             if rejected:
                 print(f"  (the model's answer contradicted the measurements: {'; '.join(rejected)})")

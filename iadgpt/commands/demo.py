@@ -23,7 +23,8 @@ def run(args: argparse.Namespace) -> int:
                  on_flag=print, rebuild=args.rebuild)
     print(f"\n{s['frames']} frames, {s['flagged']} flagged: recall {100 * s['recall']:.1f}% of {s['defective']} "
           f"defective parts, false alarms {100 * s['false_alarm_rate']:.1f}% of {s['good']} good parts")
-    print(f"latency per frame p50 {s['latency_ms']['p50']:.1f} ms, p99 {s['latency_ms']['p99']:.1f} ms "
-          f"({s['backend']}); dropped {s['dropped']}, errors {s['errors']}")
+    lat = s["latency_ms"]  # None when no frame was judged
+    lat = "-" if lat["p50"] is None else f"p50 {lat['p50']:.1f} ms, p99 {lat['p99']:.1f} ms"
+    print(f"latency per frame {lat} ({s['backend']}); dropped {s['dropped']}, errors {s['errors']}")
     print(f"events {s['events']}\noverlays {s['overlays']}\nbundle {s['bundle']}\nsummary {args.out / 'summary.json'}")
     return 0

@@ -9,12 +9,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="image/pixel AUROC, AUPRO and F1-max on an MVTec-layout category")
     p.add_argument("--data", required=True, type=Path, help="dataset root holding <category>/train, test, ground_truth")
     p.add_argument("--category", required=True)
-    p.add_argument("--backbone", default="efficientnet-lite0")
+    p.add_argument("--backbone", default=None, help="torch model (default efficientnet-lite0)")
     p.add_argument("--weights", default=None, help="local weights directory (CLIP) or file")
-    p.add_argument("--scorer", choices=("bank", "text"), default="bank",
+    p.add_argument("--scorer", choices=("bank", "text"), default=None,
                    help="bank: k-shot memory bank; text: CLIP zero-shot prompts (CLIP backbones only)")
-    p.add_argument("--shots", type=int, default=0, help="normal images in the memory bank; 0 = all train images")
-    p.add_argument("--seeds", type=int, default=1, help="repeat with this many random shot draws")
+    p.add_argument("--shots", type=int, default=None, help="normal images in the memory bank; 0 (default) = all train images")
+    p.add_argument("--seeds", type=int, default=None, help="repeat with this many random shot draws (default 1)")
     p.add_argument("--coreset", type=float, default=None, help="greedy coreset fraction of the bank, e.g. 0.1")
     p.add_argument("--resolution", type=int, default=None, help="input size in px (default: the backbone's)")
     p.add_argument("--no-augment", dest="augment", action="store_false", default=None,
@@ -28,16 +28,34 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from .. import evaluate
+# flags of the torch model; a bundle carries its own (flag -> attribute)
+MODEL_FLAGS = {"--backbone": "backbone", "--scorer": "scorer", "--shots": "shots", "--seeds": "seeds",
+               "--coreset": "coreset", "--resolution": "resolution", "--no-augment": "augment"}
 
+
+def run(args: argparse.Namespace) -> int:
+    import os
+
+    from .. import evaluate
+    from ..errors import ConfigError
+
+    if args.json is not None:  # found out now, not after the whole test set was scored
+        parent = next((a for a in args.json.absolute().parents if a.exists()), None)
+        if args.json.is_dir() or parent is None or not os.access(parent, os.W_OK | os.X_OK):
+            raise ConfigError(f"--json {args.json}: cannot write a file there; give a writable file path")
     if args.bundle:
+        given = [flag for flag, name in MODEL_FLAGS.items() if getattr(args, name) is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)} describe the torch model, but --bundle scores with the bundle's own "
+                              "model and bank: drop them (re-export, or `iadgpt calibrate BUNDLE --shots K`, to change "
+                              "the bundle)")
         result = evaluate.evaluate_bundle(args.data, args.category, args.bundle, backend=args.backend,
-                                          threads=args.threads, plots=args.plots)
+                                          threads=args.threads, plots=args.plots, weights=args.weights)
     else:
-        result = evaluate.evaluate_torch(args.data, args.category, args.backbone, shots=args.shots, seeds=args.seeds,
+        result = evaluate.evaluate_torch(args.data, args.category, args.backbone or "efficientnet-lite0",
+                                         shots=args.shots or 0, seeds=1 if args.seeds is None else args.seeds,
                                          coreset=args.coreset, resolution=args.resolution, weights=args.weights,
-                                         scorer=args.scorer, augment=args.augment, plots=args.plots)
+                                         scorer=args.scorer or "bank", augment=args.augment, plots=args.plots)
     print(evaluate.format_table(result))
     if args.json:
         evaluate.write_json(result, args.json)

@@ -170,9 +170,14 @@ def _threshold_lines(th: dict, path: Path) -> list[str]:
 
 
 def _runs_here(bundle: Any) -> list[str]:
-    """Problems loading each graph in an ONNX Runtime CPU session (empty: all load)."""
+    """Problems loading each graph in an ONNX Runtime CPU session, then scoring one blank frame
+    the way a station does (encoder -> scorer with the references); empty: it runs."""
+    import numpy as np
+
     from ..errors import IadGptError
+    from ..runtime.detector import Detector
     from ..runtime.engines import OrtEngine
+    from ..runtime.sources import Frame
 
     problems = []
     for role, g in sorted(bundle.graphs.items()):
@@ -181,6 +186,18 @@ def _runs_here(bundle: Any) -> list[str]:
                 pass
         except IadGptError as exc:
             problems.append(f"{role}: {exc}")
+    if problems:
+        return problems
+    try:  # the graphs load one by one; do they fit each other, the references and the input spec?
+        with Detector(bundle, "onnxruntime", threads=1, threshold=float("inf")) as det:
+            h, w = bundle.input_spec.size
+            verdict = det.detect(Frame(np.zeros((h, w, 3), np.uint8), 0, 0.0, "inspect"))
+        if not np.isfinite(verdict.score):
+            problems.append(f"a blank frame scores {verdict.score}: the scorer output is broken; re-export the bundle")
+    except IadGptError as exc:
+        problems.append(f"scoring a frame: {exc}")
+    except Exception as exc:  # noqa: BLE001 - ONNX Runtime's own errors: the graphs do not fit together
+        problems.append(f"scoring a frame: {type(exc).__name__}: {exc}; re-export the bundle")
     return problems
 
 
@@ -189,8 +206,12 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import BundleError
 
     bundle = Bundle.load(args.bundle, verify=False)  # a bad manifest raises BundleError -> exit 2
-    print("\n".join(_summary(bundle)))
     failed = False
+    try:
+        print("\n".join(_summary(bundle)))
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError) as exc:  # a hand-edited field
+        failed = True
+        print(f"manifest    MALFORMED ({type(exc).__name__}: {exc}): a field has the wrong type; re-export the bundle")
     try:
         bundle.verify()
         print(f"integrity   OK: {len(bundle.listed_files())} files match their sha256")
@@ -207,5 +228,6 @@ def run(args: argparse.Namespace) -> int:
         failed = True
         print(f"runs here   NO (onnxruntime {onnxruntime.__version__}): " + " | ".join(problems))
     else:
-        print(f"runs here   yes: onnxruntime {onnxruntime.__version__} loads {', '.join(sorted(bundle.graphs))} on CPU")
+        print(f"runs here   yes: onnxruntime {onnxruntime.__version__} loads {', '.join(sorted(bundle.graphs))} "
+              "on CPU and scores a frame with them")
     return 2 if failed else 0

@@ -28,6 +28,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..export.llm import quantize_llm, record_in_bundle
 
+    bundle = None
+    if args.bundle is not None:  # a wrong --bundle must not cost the quantization (half a minute or more) first
+        from ..bundle import Bundle
+        bundle = Bundle.load(args.bundle)
     cfg = quantize_llm(args.src, args.out, args.bits, route=args.route, block_size=args.block_size,
                        accuracy_level=args.accuracy_level, exact=not args.rtn, embeds=args.embeds)
     q = cfg["quantization"]
@@ -36,9 +40,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"  {q['matmuls']} MatMul -> MatMulNBits, {q['exact_blocks']} blocks re-encoded exactly, {q['rtn_blocks']} "
           f"rounded; 8-bit: {', '.join(q['mixed_8bit']) or 'none'}; {size:.1f} MB")
     print(f"  source {cfg['source']['path']} ({cfg['source']['kind']}); timings {cfg['timings']}")
-    if args.bundle is not None:
-        from ..bundle import Bundle
-
-        entry = record_in_bundle(Bundle.load(args.bundle), args.out)
+    if bundle is not None:
+        entry = record_in_bundle(bundle, args.out)
         print(f"  recorded in {args.bundle}/manifest.json extra.llm ({len(entry['files'])} files with sha256)")
     return 0

@@ -4,6 +4,7 @@ the default) or of the IAD-GPT bridge (TGE + MMF in front of the frozen LLM) on 
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 
@@ -51,6 +52,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.threads is not None and args.threads < 1:
+        from ..errors import ScorerError
+        raise ScorerError(f"--threads {args.threads}: give an integer >= 1 (or leave it out: one per core)")
     if args.stage == "bridge":
         return _run_bridge(args)
     from ..models.train import train
@@ -88,8 +92,9 @@ def _run_bridge(args: argparse.Namespace) -> int:
             config["stage_steps"] = [int(x) for x in args.stage_steps.split(",")]
         except ValueError:
             raise ScorerError(f"--stage-steps {args.stage_steps!r}: give three integers, e.g. 30,300,60") from None
-        if len(config["stage_steps"]) != 3:
-            raise ScorerError(f"--stage-steps {args.stage_steps!r}: give three integers (TGE, MMF, TGE+MMF)")
+        if len(config["stage_steps"]) != 3 or min(config["stage_steps"]) < 0:
+            raise ScorerError(f"--stage-steps {args.stage_steps!r}: give three integers >= 0 (TGE, MMF, TGE+MMF)")
+    _check_bridge_numbers(config)
     res = train_bridge(args.data, args.category, args.out, args.decoder, backbone=args.backbone,
                        threads=args.threads, init=args.init, **config)
     last = res["history"][-1][2] if res["history"] else float("nan")
@@ -98,3 +103,15 @@ def _run_bridge(args: argparse.Namespace) -> int:
     print(f"evaluate: python benchmarks/bridge.py --data {args.data} --category {args.category} "
           f"--checkpoint {res['checkpoint']} --json bridge.json")
     return 0
+
+
+def _check_bridge_numbers(config: dict) -> None:
+    """Refuse nonsense bridge flags before the decoder, pool and LLM load (BridgeConfig does not check them)."""
+    from ..errors import ScorerError
+    for key, low in (("batch_size", 1), ("pool_size", 1), ("seed", 0)):
+        if key in config and config[key] < low:
+            raise ScorerError(f"--{key.replace('_', '-')} {config[key]}: give an integer >= {low}")
+    for key, positive in (("lr", True), ("weight_decay", False), ("answer_position_weight", False)):
+        value = config.get(key)
+        if value is not None and not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
+            raise ScorerError(f"--{key.replace('_', '-')} {value}: give a finite number {'>' if positive else '>='} 0")

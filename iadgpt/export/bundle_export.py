@@ -18,12 +18,12 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
-from ..bundle import DECODER_ARRAY_PREFIX, Bundle, BundleWriter
+from ..bundle import DECODER_ARRAY_PREFIX, Bundle, BundleWriter, check_bundle_target
 from ..data import IMAGE_EXTENSIONS
 from ..errors import BackboneError, ExportError
 from ..models.backbones import Backbone, get_backbone
 from ..models.references import encode, image_hashes, load_batch, memory_bank
-from ..models.scorers import MemoryBankScorer
+from ..models.scorers import MemoryBankScorer, check_bank_options
 from .onnx_export import OPSET, ParityReport, export_encoder, export_scorer, probe_images
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ class ExportReport:
 
 def build_backbone(name: str, weights: Optional[PathLike] = None, resolution: Optional[int] = None) -> Backbone:
     """get_backbone with an optional square input size; fixed-size towers refuse a different one."""
-    if not resolution:
+    if resolution is None:
         return get_backbone(name, weights=weights)
     try:
         return get_backbone(name, weights=weights, size=int(resolution))
@@ -155,6 +155,8 @@ def export_bundle(backbone_name: str, train_dir: Optional[PathLike], out: PathLi
     """
     t0 = time.perf_counter()
     out = Path(out)
+    check_bundle_target(out)  # before minutes of bank building and parity checks, not after
+    check_bank_options(coreset, seed)
     backbone = build_backbone(backbone_name, weights, resolution)
     if decoder is not None and scorer != "auto":
         raise ExportError(f"--decoder sets the scorer (decoder, or decoder+memory_bank with --shots); drop --scorer {scorer}")

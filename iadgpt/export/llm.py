@@ -52,7 +52,7 @@ from typing import Any, Iterator, Optional, Union
 
 import numpy as np
 
-from ..bundle import sha256_file
+from ..bundle import sha256_file, shareable
 from ..errors import ExportError
 
 log = logging.getLogger(__name__)
@@ -494,12 +494,22 @@ def quantize_llm(src: Optional[PathLike], out: PathLike, bits: int = 4, *, route
         raise ExportError(f"--bits {bits}: choose 4 (int4 MatMulNBits) or 8 (int8 MatMulNBits)")
     if route not in ROUTES:
         raise ExportError(f"unknown export route {route!r}; choose one of {', '.join(ROUTES)}")
+    # Checked here, not in quantize_matrix: that runs only after the dequantize and float export (~30 s).
+    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 16 \
+            or block_size & (block_size - 1):
+        raise ExportError(f"--block-size {block_size!r}: MatMulNBits needs a power of two >= 16 (16, 32, 64, 128, 256; "
+                          f"default {BLOCK_SIZE}, as GGUF)")
     t0 = time.perf_counter()
     path, kind = resolve_source(src)
     out = Path(out).absolute()
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out} is a file; the quantized LLM is a folder: choose a new folder name")
     if out.exists() and any(out.iterdir()) and not (out / LLM_CONFIG).is_file():
         raise ExportError(f"{out} exists, is not empty and is not a quantized LLM folder; choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ExportError(f"--out {out}: cannot create its parent folder ({exc}); choose a writable path") from exc
     source = {"path": str(path), "kind": kind, "sha256": sha256_file(path) if path.is_file() else None}
     if kind == "gguf" and path == default_gguf():
         source.update(package=DEFAULT_PACKAGE, package_version=importlib.metadata.version(DEFAULT_PACKAGE))
@@ -545,6 +555,8 @@ def quantize_llm(src: Optional[PathLike], out: PathLike, bits: int = 4, *, route
         }
         config["files"] = llm_files(stage)
         (stage / LLM_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        for made in [stage, *stage.rglob("*")]:  # some writers leave 0600: the station's user must read them
+            shareable(made, directory=made.is_dir())
         if out.exists():
             shutil.rmtree(out)
         shutil.move(str(stage), str(out))

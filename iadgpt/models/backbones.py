@@ -59,11 +59,18 @@ def available_backbones() -> list[str]:
     return sorted(_REGISTRY)
 
 
+MIN_INPUT_SIZE = 32  # the deepest tapped stride is 16 (EfficientNet) or the ViT patch: a few cells at least
+
+
 def get_backbone(name: str, weights: Optional[str | Path] = None, **kwargs) -> Backbone:
     """Build a registered backbone in eval mode with frozen weights."""
     _load_plugins()
     if name not in _REGISTRY:
         raise BackboneError(f"unknown backbone {name!r}; choose one of: {', '.join(sorted(_REGISTRY))}")
+    size = kwargs.get("size")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < MIN_INPUT_SIZE):
+        raise BackboneError(f"input size {size!r} px is too small for any backbone's feature map: use "
+                            f">= {MIN_INPUT_SIZE} (or leave --resolution out for the backbone's own)")
     model = _REGISTRY[name](weights=weights, **kwargs)
     model.eval()
     for p in model.parameters():

@@ -109,6 +109,15 @@ class MemoryBankScorer(nn.Module):
         return amap, amap.flatten(1).max(dim=1).values
 
 
+def check_bank_options(coreset: Optional[float], seed: int) -> None:
+    """Refuse, before any work, a coreset fraction outside (0, 1] or a negative seed (numpy's
+    generators would fail on it only once the bank is being built)."""
+    if coreset is not None and not 0.0 < float(coreset) <= 1.0:
+        raise ScorerError(f"--coreset {coreset} is not a fraction of the bank in (0, 1], e.g. 0.1 (1 keeps it all)")
+    if int(seed) < 0:
+        raise ScorerError(f"--seed {seed} must be >= 0")
+
+
 def greedy_coreset(patches: np.ndarray, fraction: float, seed: int = 0, projection_dim: int = 32,
                    min_patches: int = MIN_CORESET_PATCHES, progress: bool = False) -> np.ndarray:
     """Indices of a greedy k-center coreset (PatchCore) of `patches` (N, D).

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import numbers
 import os
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -55,6 +56,18 @@ _FIXED_ON_RESUME = ("batch_size", "pool_size", "augment", "embed_dim", "pool", "
                     "colour", "seed", "lr", "weight_decay")
 
 
+# Smallest valid value of TrainConfig's integer settings and the ranges of its float ones (low, high, low excluded).
+_INT_MINIMA = {"steps": 1, "batch_size": 1, "pool_size": 1, "embed_dim": 1, "pool": 1, "hidden": 0, "loss_size": 1,
+               "seed": 0, "checkpoint_every": 1, "log_every": 1}
+_FLOAT_RANGES = {"lr": (0.0, None, True), "weight_decay": (0.0, None, False), "colour": (0.0, 1.0, False)}
+_FLAGS = {"colour": "--nsa-colour", "pool": "TrainConfig.pool", "loss_size": "TrainConfig.loss_size",
+          "log_every": "TrainConfig.log_every"}  # fields whose CLI flag is not --<field> (or that have none)
+
+
+def _flag(name: str) -> str:
+    return _FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a training run (the CLI flags mirror these)."""
@@ -77,6 +90,22 @@ class TrainConfig:
     log_every: int = 100  # steps per loss-history entry
 
     def __post_init__(self) -> None:
+        # Refuse nonsense here, before the backbone and the pool (minutes) are built: 0 steps would
+        # write an untrained checkpoint, 0 pool samples or checkpoint_every 0 crash only after the pool.
+        for name, low in _INT_MINIMA.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+                raise ScorerError(f"{_flag(name)} {value!r}: give an integer >= {low}")
+            setattr(self, name, int(value))  # numpy integers would not survive json.dumps in the checkpoint
+        for name, (low, high, low_open) in _FLOAT_RANGES.items():
+            value = getattr(self, name)
+            ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+            if not ok or value < low or (low_open and value == low) or (high is not None and value > high):
+                where = f"{'>' if low_open else '>='} {low:g}" + (f" and <= {high:g}" if high is not None else "")
+                raise ScorerError(f"{_flag(name)} {value!r}: give a finite number {where}")
+            setattr(self, name, float(value))
+        if self.kind not in ("auto", "object", "texture"):
+            raise ScorerError(f"--kind {self.kind!r}: use auto, object or texture")
         if self.layers is not None:
             self.layers = sorted({int(i) for i in self.layers})  # JSON-stable, for the resume check
 

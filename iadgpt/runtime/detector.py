@@ -50,8 +50,8 @@ def open_bundle_engines(bundle: Bundle, backend: str = "onnxruntime", *, provide
             return encoder, OrtEngine(bundle.graph_path("scorer"), provider=provider, threads=threads)
     if name in ("tensorrt", "trt"):
         encoder = _trt_engine(bundle, encoder_role, precision)
-        with _closing_on_error(encoder):
-            return encoder, _trt_engine(bundle, "scorer", precision)
+        with _closing_on_error(encoder):  # `precision` is the encoder's; scorer engines are fp16
+            return encoder, _trt_engine(bundle, "scorer", None)
     if name == "torch":
         from ..export.torch_backend import torch_engines  # torch only when asked for
         return torch_engines(bundle, threads, weights)
@@ -163,10 +163,7 @@ class Detector:
                               f"station runs {self.backend}/{self.precision}: run `iadgpt calibrate "
                               f"{self.bundle.path} --backend {self.backend}` (scores differ across backends and precisions)")
         value = float(image["value"])
-        pixel = float(th.get("pixel", {}).get("value", value))
-        if not (np.isfinite(value) and np.isfinite(pixel)):  # a NaN threshold would pass every part
-            raise BundleError(f"the thresholds in {self.bundle.path} are not finite (image {value}, pixel {pixel}): "
-                              f"run `iadgpt calibrate {self.bundle.path} --normal DIR` again")
+        pixel = float(th.get("pixel", {}).get("value", value))  # finite: Bundle.load checks
         return value, min(pixel, value)
 
     def score_batch(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:

@@ -310,9 +310,13 @@ def read_events(path: PathLike, include_rotated: bool = True) -> list[dict[str, 
 
     Each ``"update": true`` line is appended to the ``"updates"`` list of the event with its
     ``event_id`` (an update whose event was rotated away becomes an event of its own with only
-    ``event_id`` and ``updates``). Undecodable lines (a power cut mid-line) are skipped.
+    ``event_id`` and ``updates``). Undecodable lines (a power cut mid-line) and lines that are not
+    JSON objects are skipped with a warning. A missing file reads as no events.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder, not an event log; give the JSONL file the station writes "
+                          "(sinks.events.path in station.yaml)")
     files = []
     if include_rotated:
         rotated = [p for p in path.parent.glob(path.name + ".*") if p.suffix[1:].isdigit()]
@@ -322,12 +326,19 @@ def read_events(path: PathLike, include_rotated: bool = True) -> list[dict[str, 
     events: list[dict[str, Any]] = []
     by_id: dict[str, dict[str, Any]] = {}
     for file in files:
-        with open(file, encoding="utf-8", errors="replace") as fh:
+        try:
+            fh = open(file, encoding="utf-8", errors="replace")
+        except OSError as exc:
+            raise ConfigError(f"cannot read the event log {file}: {exc.strerror or exc}") from exc
+        with fh:
             for line in fh:
                 try:
                     record = json.loads(line)
                 except ValueError:
                     log.warning("skipping an undecodable line in %s", file)
+                    continue
+                if not isinstance(record, dict):  # valid JSON, but not an event (`[1, 2]`, a bare string)
+                    log.warning("skipping a line that is not a JSON object in %s", file)
                     continue
                 if record.pop("update", False):
                     target = by_id.get(record.get("event_id"))

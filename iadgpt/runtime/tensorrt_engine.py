@@ -343,8 +343,9 @@ def build_trt_engine(onnx_path: PathLike, out_dir: PathLike, precision: str = "f
         raise ExportError(f"ONNX graph {onnx_path} does not exist; export it with `iadgpt export`")
     if precision == "int8" and not has_qdq_nodes(onnx_path):
         raise ExportError(f"{onnx_path.name} has no QuantizeLinear nodes: INT8 engines are built from an "
-                          "explicitly quantized (Q/DQ) ONNX; quantize the graph first (e.g. with "
-                          "`iadgpt export --int8`) or build with --precision fp16")
+                          "explicitly quantized (Q/DQ) ONNX; quantize the graph first (for a bundle: "
+                          "`iadgpt calibrate BUNDLE --normal GOOD_IMAGES_DIR --shots 0 --int8 --backend tensorrt`, "
+                          "which also builds its engines) or build with --precision fp16")
     trt = _import_tensorrt()
     from iadgpt.bundle import sha256_file  # torch-free
 
@@ -531,6 +532,52 @@ class TensorRTEngine(_EngineBase):
         self._engine = None
         self._runtime = None
         self._cuda.close()
+
+
+BANK_MAX_ROWS = 65536  # largest memory bank a built scorer engine accepts (swap banks without a rebuild)
+
+
+def build_bundle_engines(bundle: Any, precision: str = "fp16", *, workspace_gb: float = 4.0,
+                         max_batch: int = 8) -> list[str]:
+    """Build the encoder (in `precision`) and scorer (fp16) engines of `bundle` for this GPU and
+    list them in its manifest; returns their keys. int8 compiles the "encoder_int8" Q/DQ graph
+    that `iadgpt calibrate --int8 --backend tensorrt` writes."""
+    import tempfile
+
+    graphs = bundle.graphs
+    if precision == "int8":
+        if "encoder_int8" not in graphs:
+            # Only calibrate's tensorrt preset (symmetric int8) writes "encoder_int8"; its default onnxruntime
+            # backend replaces "encoder" with a uint8-activation CPU graph that TensorRT cannot build.
+            raise ExportError(f"bundle {bundle.path} has no INT8 (Q/DQ) encoder graph for TensorRT (encoder_int8); "
+                              f"make one with `iadgpt calibrate {bundle.path} --normal GOOD_IMAGES_DIR --shots 0 "
+                              "--int8 --backend tensorrt` on this station (--shots 0 keeps the memory bank; it "
+                              "builds the engines and fits the thresholds on them), or build with --precision fp16")
+        jobs = [("encoder", "encoder_int8", "int8"), ("scorer", "scorer", "fp16")]
+    else:
+        jobs = [("encoder", bundle.float_encoder_role, "fp16"), ("scorer", "scorer", "fp16")]
+    keys = []
+    with tempfile.TemporaryDirectory(prefix=".build-", dir=bundle.path.parent) as tmp:
+        for role, source, engine_precision in jobs:
+            shapes = None
+            inputs, _ = bundle.graph_io(source)
+            bank = next((t for t in inputs if t.name == "bank"), None)
+            if bank is not None:
+                rows = int(bundle.array(bundle.scorer["references"]["bank"], mmap=True).shape[0])
+                dim = int(bank.shape[1])
+                shapes = {"bank": ((1, dim), (rows, dim), (max(rows, BANK_MAX_ROWS), dim))}
+            log.info("building the %s engine (%s) from %s", role, engine_precision, graphs[source]["file"])
+            path = build_trt_engine(bundle.graph_path(source), tmp, engine_precision, workspace_gb=workspace_gb,
+                                    batch_range=(1, 1, int(max_batch)), input_shapes=shapes,
+                                    timing_cache=bundle.path / "engines" / "timing.cache")
+            info = read_engine_info(path)[0]
+            cc = f"{info.compute_capability[0]}.{info.compute_capability[1]}"
+            key = path.name[: -len(".engine")]
+            bundle.add_engine(key, path, precision=engine_precision, trt_version=info.trt_version,
+                              compute_capability=cc, role=role, source_graph=source,
+                              source_sha256=graphs[source]["sha256"])
+            keys.append(key)
+    return keys
 
 
 def open_trt_engine(path: Path, **opts: Any) -> TensorRTEngine:
