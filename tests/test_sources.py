@@ -145,9 +145,13 @@ def test_a_truncated_video_ends_early_with_an_error_not_silently(tmp_path: Path,
     path.write_bytes(path.read_bytes()[:starts[6] + 50])  # cut inside frame 6
     with open_source(path) as src:
         frames = list(src)
-    assert [f.image is not None for f in frames[:6]] == [True] * 6
-    assert len(frames) <= 7 and all(f.image is None for f in frames[6:])
-    assert src.errors >= 1 and "header announces" in caplog.text
+    assert len(frames) == 6 and all(f.image is not None for f in frames)  # no error frames for frames never there
+    assert src.errors == 1 and "ended after 6 of the 10 frames its header announces" in caplog.text
+
+
+def test_a_complete_video_ends_without_errors(video: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with open_source(video) as src:
+        assert len(list(src)) == 8 and src.errors == 0 and "will not decode" not in caplog.text
 
 
 def test_files_are_not_live_devices_are(folder: Path, video: Path) -> None:

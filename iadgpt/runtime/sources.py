@@ -180,10 +180,10 @@ class ImageFolderSource(_BaseSource):
 class VideoFileSource(_BaseSource):
     """A video file read to its end (or round and round with loop=True).
 
-    A frame that will not decode before the end the container announces (a damaged stretch of
-    the file) yields an error frame and reading goes on past it. A failed read that does not move
-    the decoder on (a truncated file), or `MAX_BAD_FRAMES` failures in a row, end it early: that
-    is logged and counted as a source error.
+    A read that fails is followed by up to `MAX_BAD_FRAMES` more: if one of them decodes, the
+    failed ones were a damaged stretch of the file and each yields an error frame, then reading
+    goes on; if none does, the file has ended. Ending before the frame count its header announces
+    (a truncated file) is logged and counted as a source error.
     """
 
     live = False
@@ -195,8 +195,8 @@ class VideoFileSource(_BaseSource):
         self.path, self.loop, self._api, self._params = path, loop, api, list(params or [])
         self._cap = self._open()
         self._pos = 0
-        self._bad_run = 0  # failed reads in a row
-        self._bad_at: Optional[float] = None  # the decoder's position at the last failed read
+        self._bad_ahead = 0  # damaged frames found by reading ahead, not yet reported
+        self._ahead: Optional[np.ndarray] = None  # the good frame found after them
 
     def _open(self) -> Any:
         cap = cv2.VideoCapture(self.path, self._api, self._params)
@@ -210,34 +210,37 @@ class VideoFileSource(_BaseSource):
                               "or extract frames to an image folder")
         return cap
 
-    def _announced(self) -> int:
-        """Frames the container says it holds (0 when it does not say)."""
-        count = self._cap.get(cv2.CAP_PROP_FRAME_COUNT)
-        return int(count) if np.isfinite(count) and count > 0 else 0
+    def _next_image(self) -> Optional[np.ndarray]:
+        """The next decodable image; damaged frames on the way are counted in `_bad_ahead`."""
+        for failed in range(self.MAX_BAD_FRAMES + 1):
+            ok, img = self._cap.read()
+            if ok and img is not None:
+                self._bad_ahead = failed
+                return img
+        self._bad_ahead = 0
+        return None
 
-    def _can_skip(self) -> bool:
-        """After a failed read: is there more to read (the decoder moved on since the last failure)?"""
-        at = self._cap.get(cv2.CAP_PROP_POS_FRAMES)
-        stuck = self._bad_run > 0 and at == self._bad_at
-        self._bad_at = at
-        return not stuck and self._pos < self._announced() and self._bad_run < self.MAX_BAD_FRAMES
+    def _error_frame(self) -> Frame:
+        self._bad_ahead -= 1
+        self.errors += 1
+        self._pos += 1
+        log.warning("video %s: frame %d will not decode; emitting an error frame and going on", self.path, self._pos - 1)
+        return self._frame(None, path=self.path, pos=self._pos - 1,
+                           error=f"cannot decode frame {self._pos - 1} of {self.path}")
 
     def read(self, timeout: Optional[float] = None) -> Optional[Frame]:
         self._check_open()
         if self.ended:
             return None
-        ok, img = self._cap.read()
-        if (not ok or img is None) and self._can_skip():
-            self._bad_run += 1  # a damaged frame before the announced end: report it, read on
-            self.errors += 1
-            self._pos += 1
-            log.warning("video %s: frame %d will not decode; emitting an error frame and going on",
-                        self.path, self._pos - 1)
-            return self._frame(None, path=self.path, pos=self._pos - 1,
-                               error=f"cannot decode frame {self._pos - 1} of {self.path}")
-        if not ok or img is None:
-            announced = self._announced()
-            if 0 < self._pos < announced:  # damaged to the end, or truncated: the rest is lost
+        if self._ahead is None:
+            self._ahead = self._next_image()
+        if self._ahead is not None and self._bad_ahead:
+            return self._error_frame()
+        img, self._ahead = self._ahead, None
+        if img is None:
+            count = self._cap.get(cv2.CAP_PROP_FRAME_COUNT)
+            announced = int(count) if np.isfinite(count) and count > 0 else 0
+            if 0 < self._pos < announced:  # truncated, or damaged to the end: the rest is lost
                 self.errors += 1
                 log.warning("video %s ended after %d of the %d frames its header announces (truncated or "
                             "damaged file); the rest cannot be read", self.path, self._pos, announced)
@@ -249,11 +252,13 @@ class VideoFileSource(_BaseSource):
             self._cap.release()
             self._cap = self._open()  # seeking to 0 is unreliable across codecs: reopen
             self._pos = 0
-            ok, img = self._cap.read()
-            if not ok or img is None:
+            img = self._next_image()
+            if img is None:
                 self.ended = True
                 return None
-        self._bad_run, self._bad_at = 0, None
+            if self._bad_ahead:
+                self._ahead = img
+                return self._error_frame()
         self._pos += 1
         return self._frame(_to_rgb(img), path=self.path, pos=self._pos - 1)
 
