@@ -15,6 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from iadgpt.cli import run_reporting_errors, writable_output  # noqa: E402
+
 from iadgpt.evaluate import evaluate_torch  # noqa: E402
 
 DATASETS = [("mvtec_ad", "bottle"), ("mpdd", "metal_plate")]
@@ -28,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resolution", type=int, default=None)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
+    writable_output(args.json)
 
     rows = []
     for dataset, category in DATASETS:
@@ -48,4 +51,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_reporting_errors(main))

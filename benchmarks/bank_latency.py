@@ -14,11 +14,16 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from iadgpt.cli import run_reporting_errors, writable_output  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -36,6 +41,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    writable_output(args.json)
     import onnxruntime
     import torch
 
@@ -98,4 +104,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_reporting_errors(main))

@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from iadgpt.cli import run_reporting_errors, writable_output  # noqa: E402
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -83,6 +85,11 @@ def main() -> int:
     ap.add_argument("--examples", type=int, default=2, help="dialogues to print")
     ap.add_argument("--json", type=Path, required=True)
     args = ap.parse_args()
+    writable_output(args.json)
+    if args.checkpoint is None and args.out.exists():  # train_bridge refuses it too, but after the decoder's minutes
+        ap.error(f"--out {args.out} exists: pass it as --checkpoint to evaluate it, or choose another --out")
+    if args.checkpoint is not None and not args.checkpoint.is_file():
+        ap.error(f"--checkpoint {args.checkpoint} does not exist; train one (drop --checkpoint) or fix the path")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     import numpy as np
@@ -207,4 +214,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_reporting_errors(main))

@@ -31,8 +31,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from iadgpt.cli import run_reporting_errors, writable_output  # noqa: E402
+
 from iadgpt.demo import DEMO_KIND, DEMO_SIZE, STREAM_SEED, demo_bundle  # noqa: E402
-from iadgpt.runtime.describer import AsyncDescriber  # noqa: E402
+from iadgpt.runtime.describer import AsyncDescriber, llm_spec_for  # noqa: E402
 from iadgpt.runtime.detector import Detector  # noqa: E402
 from iadgpt.runtime.facts import ExampleTypeClassifier, compute_facts, grid_position  # noqa: E402
 from iadgpt.runtime.sinks import JsonlSink, read_events  # noqa: E402
@@ -142,16 +144,15 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="describer worker on SCHED_IDLE (default) or only at nice 19")
     ap.add_argument("--out", type=Path, default=None, help="keep the event logs here")
     args = ap.parse_args(argv)
+    writable_output(args.json)
 
     t_start = time.perf_counter()
-    bundle = demo_bundle("onnxruntime", args.threads, progress=False)
     if args.llm is None:
         from iadgpt.export.llm import ensure_default_llm
         llm: Any = {"kind": "onnx", "dir": str(ensure_default_llm(args.bits)), "threads": args.llm_threads}
-    elif args.llm in ("none", "fake"):
-        llm = {"kind": args.llm}
-    else:
-        llm = {"kind": "onnx", "dir": str(Path(args.llm).absolute()), "threads": args.llm_threads}
+    else:  # a wrong folder fails here, at once, not as a worker that never starts
+        llm = llm_spec_for(args.llm, threads=args.llm_threads)
+    bundle = demo_bundle("onnxruntime", args.threads, progress=False)
     with Detector(bundle, "onnxruntime", threads=args.threads) as det:
         pixel_threshold = det.pixel_threshold
         examples = labelled_examples(det, args.examples) if args.examples else None
@@ -236,4 +237,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_reporting_errors(main))

@@ -24,6 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from iadgpt.cli import run_reporting_errors, writable_output  # noqa: E402
+
 from iadgpt.evaluate import run_bundle  # noqa: E402
 from iadgpt.export.bundle_export import export_bundle  # noqa: E402
 from iadgpt.metrics import pixel_auroc_gain  # noqa: E402
@@ -57,18 +59,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap draws of the test images for the gain's interval")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
+    writable_output(args.json)
 
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    rows = []
-    for category in [c.strip() for c in args.categories.split(",") if c.strip()]:
+    categories = [c.strip() for c in args.categories.split(",") if c.strip()]
+    for category in categories:  # every category's inputs before the first one's minutes of work
         if category not in DATASETS:
             p.error(f"unknown category {category!r}; choose from {', '.join(DATASETS)}")
+        ckpt = args.decoders / f"{category}.safetensors"
+        if not ckpt.is_file() and not args.train:
+            p.error(f"{ckpt} does not exist: train it (`iadgpt train --data {args.data_root / DATASETS[category]} "
+                    f"--category {category} --out {ckpt}`) or pass --train")
+    rows = []
+    for category in categories:
         data = args.data_root / DATASETS[category]
         ckpt = args.decoders / f"{category}.safetensors"
         if not ckpt.is_file():
-            if not args.train:
-                p.error(f"{ckpt} does not exist: train it (`iadgpt train --data {data} --category {category} "
-                        f"--out {ckpt}`) or pass --train")
             from iadgpt.models.train import train
             t0 = time.perf_counter()
             train(data, category, ckpt, "efficientnet-lite0", threads=args.threads)
@@ -107,4 +113,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_reporting_errors(main))

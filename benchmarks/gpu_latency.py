@@ -52,6 +52,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from iadgpt.cli import run_reporting_errors, writable_output  # noqa: E402
+
 PRESETS = ("clip-vit-l14-336", "clip-vit-h14", "efficientnet-lite0")
 VARIANTS = ("hf-eager", "graph-plain", "graph-fused", "graph-fused-fp8", "eager-fused", "graph-fused-antialias",
             "graph-fused-compile", "graph-fused-compile-npcopy", "onnxruntime")
@@ -508,6 +510,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
+    writable_output(args.json)
 
     if not args.random_weights:
         p.error("only --random-weights is implemented here (latency does not depend on weight values); "
@@ -524,6 +527,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("no CUDA GPU visible to torch: run this on the GPU machine (benchmarks/gpu_check.sh), or pass "
               "--device cpu for a smoke run", file=sys.stderr)
         return 2
+    from iadgpt.runtime.torch_cuda_engine import RANDOM_CLIP_PRESETS
+
+    presets = [s.strip() for s in args.presets.split(",") if s.strip()]
+    known = {*RANDOM_CLIP_PRESETS, "efficientnet-lite0", "clip-tiny"}
+    if not presets or set(presets) - known:
+        p.error(f"--presets {args.presets!r}: choose from {', '.join(sorted(known))}")
     if args.device.startswith("cuda"):
         torch.backends.cudnn.benchmark = True
     budget = Budget(args.budget_s)
@@ -534,7 +543,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from iadgpt.runtime.cuda_graph import PARITY
     report["parity_limits"] = PARITY
     print(json.dumps(report["environment"]), flush=True)
-    for name in [s.strip() for s in args.presets.split(",") if s.strip()]:
+    for name in presets:
         try:
             report["presets"].append(bench_preset(name, args, torch, budget))
         except Exception as exc:  # noqa: BLE001
@@ -549,8 +558,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.json}")
+    failed = [r["preset"] for r in report["presets"] if "error" in r]
+    if failed:  # gpu_check.sh reads the exit status: a crashed preset is not a measurement
+        print(f"failed presets: {', '.join(failed)} (tracebacks above)", file=sys.stderr)
+        return 1
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_reporting_errors(main))

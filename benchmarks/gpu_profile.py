@@ -27,6 +27,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from iadgpt.cli import run_reporting_errors, writable_output  # noqa: E402
+
 KERNEL_CLASSES = (  # first match wins; names of cuBLAS/cuDNN/flash/Triton/ATen kernels
     ("gemm", r"gemm|sm90_xmma|cutlass|cublas|matmul|s16816|h16816|wgmma|nvjet"),
     ("attention", r"flash|fmha|attention|sdpa|cudnn.*mha"),
@@ -171,6 +173,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--frame-size", default="1920x1080")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
+    writable_output(args.json)
     import torch
 
     if not torch.cuda.is_available():
@@ -220,4 +223,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_reporting_errors(main))

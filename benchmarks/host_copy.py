@@ -13,10 +13,16 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 from gpu_latency import stats, time_calls  # the timing helpers of the GPU benchmark (same folder)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from iadgpt.cli import run_reporting_errors  # noqa: E402
 
 
 def _spin(stop: "mp.synchronize.Event") -> None:
@@ -61,4 +67,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(run_reporting_errors(main))

@@ -27,6 +27,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from iadgpt.cli import run_reporting_errors, writable_output  # noqa: E402
+
 from iadgpt.bundle import Bundle  # noqa: E402
 from iadgpt.runtime.detector import Detector  # noqa: E402
 from iadgpt.runtime.sources import Frame  # noqa: E402
@@ -78,7 +80,15 @@ def bench(targets: list[tuple[Bundle, str]], frames: list[Frame], warmup: int, t
     with contextlib.ExitStack() as stack:
         dets = []
         for bundle, backend in targets:
-            th = threshold if threshold is not None or bundle.thresholds.get("image") else float("inf")
+            th, image = threshold, bundle.thresholds.get("image")
+            if th is None and not image:
+                th = float("inf")
+                print(f"note: {bundle.path} has no threshold, so no frame is NG and postprocess (regions, "
+                      "overlay map) is not timed; calibrate it or pass --threshold", file=sys.stderr)
+            elif th is None and image.get("backend") not in (None, backend):
+                th = float(image["value"])  # timing does not depend on where it was fitted
+                print(f"note: timing {backend} with the threshold {th:.4g} fitted on {image['backend']}",
+                      file=sys.stderr)
             dets.append(stack.enter_context(Detector(bundle, backend, threads=threads, threshold=th)))
         for f in frames[:warmup]:
             for det in dets:
@@ -86,6 +96,7 @@ def bench(targets: list[tuple[Bundle, str]], frames: list[Frame], warmup: int, t
         totals: list[list[float]] = [[] for _ in dets]
         stages: list[dict[str, list[float]]] = [{} for _ in dets]
         late = [0 for _ in dets]
+        flagged = [0 for _ in dets]
         slot = 0
         start = time.perf_counter()
         for f in frames:
@@ -101,10 +112,11 @@ def bench(targets: list[tuple[Bundle, str]], frames: list[Frame], warmup: int, t
                 t0 = time.perf_counter()
                 v = det.detect(f)
                 totals[i].append((time.perf_counter() - t0) * 1e3)
+                flagged[i] += bool(v.anomalous)
                 for k, ms in v.timings_ms.items():
                     stages[i].setdefault(k, []).append(ms)
     reports = []
-    for (bundle, backend), det, total, stage, n_late in zip(targets, dets, totals, stages, late):
+    for (bundle, backend), det, total, stage, n_late, n_ng in zip(targets, dets, totals, stages, late, flagged):
         e2e = percentiles(total)
         e2e["fps"] = 1000.0 / float(np.mean(total))
         reports.append({
@@ -112,6 +124,7 @@ def bench(targets: list[tuple[Bundle, str]], frames: list[Frame], warmup: int, t
             "paced_fps": fps, "late_frames": n_late if fps else None,
             "precision": det.precision, "backbone": bundle.backbone.get("name"),  # what ran (cuda-graph: fp16)
             "frames": len(frames), "frame_size": list(frames[0].image.shape), "end_to_end": e2e,
+            "threshold": det.threshold if np.isfinite(det.threshold) else None, "ng_frames": n_ng,
             "stages": {k: {kk: vv for kk, vv in percentiles(v).items() if kk != "max_ms"} for k, v in stage.items()}})
     return reports
 
@@ -152,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                         "default: back to back")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
+    writable_output(args.json)
 
     backends = args.compare.split(",") if args.compare else [args.backend]
     frames = make_frames(args.frames, args.frame_size, args.seed)
@@ -186,4 +200,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_reporting_errors(main))

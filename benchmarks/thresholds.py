@@ -23,6 +23,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from iadgpt.cli import run_reporting_errors, writable_output  # noqa: E402
+
 from iadgpt.bundle import Bundle  # noqa: E402
 from iadgpt.calibration.onboard import calibrate  # noqa: E402
 from iadgpt.calibration.thresholds import clopper_pearson  # noqa: E402
@@ -97,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=Path("bench-thresholds"), help="bundles are written (and reused) here")
     p.add_argument("--category", action="append", default=None, help="only these categories (default: all)")
     args = p.parse_args(argv)
+    writable_output(args.json)
+    unknown = sorted(set(args.category or ()) - {cat for _, cat in CATEGORIES})
+    if unknown:
+        p.error(f"unknown category {', '.join(unknown)}; choose from {', '.join(cat for _, cat in CATEGORIES)}")
     logging.basicConfig(level=logging.WARNING)
     args.work.mkdir(parents=True, exist_ok=True)
 
@@ -123,4 +129,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_reporting_errors(main))

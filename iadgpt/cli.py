@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
-from typing import Optional
+from pathlib import Path
+from typing import Any, Callable, Optional
 
 from .commands import load_commands
-from .errors import IadGptError
+from .errors import ConfigError, IadGptError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,20 +25,45 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run_reporting_errors(lambda: args.run(args), verbose=args.verbose)
+
+
+def run_reporting_errors(run: Callable[[], Any], verbose: bool = False) -> int:
+    """Exit status of `run()`, with the package's errors and OS errors as one `error:` line on
+    stderr and status 2 (a traceback only with `verbose`), Ctrl-C as 130. Shared by the CLI and
+    the benchmark scripts, so both fail the same way."""
     try:
-        return int(args.run(args) or 0)
+        return int(run() or 0)
     except IadGptError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        if verbose:
+            raise
         return 2
     except OSError as exc:  # a path this user cannot write, a full disk, a folder where a file belongs
         where = f": {exc.filename}" if exc.filename else ""
         print(f"error: {exc.strerror or exc}{where}; check the path, its permissions and the free space",
               file=sys.stderr)
-        if args.verbose:
+        if verbose:
             raise
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def writable_output(path: Optional[Path]) -> None:
+    """Make the folder of an output file and check it can be written, before minutes of work
+    whose results would otherwise be lost at the end."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder; give a file name for the results")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot make the folder of {path}: {exc.strerror or exc}") from None
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write {path}: its folder is not writable by this user")
 
 
 if __name__ == "__main__":
