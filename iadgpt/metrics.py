@@ -196,12 +196,15 @@ def pixel_auroc_gain(masks, maps_a, maps_b, resamples: int = 1000, seed: int = 0
 
     n = len(m)
     rng = np.random.default_rng(seed)
-    draws = np.empty(resamples)
-    for r in range(resamples):
-        c = np.bincount(rng.integers(0, n, n), minlength=n).astype(np.float64)
-        while c @ pos == 0 or c @ neg == 0:
+
+    def draw() -> np.ndarray:
+        """Image multiplicities of one resample with both defect and normal pixels."""
+        while True:
             c = np.bincount(rng.integers(0, n, n), minlength=n).astype(np.float64)
-        draws[r] = gain(c)
+            if c @ pos and c @ neg:
+                return c
+
+    draws = np.array([gain(draw()) for _ in range(resamples)])
     low, high = np.percentile(draws, [2.5, 97.5])
     return PairedGain(gain=gain(np.ones(n)), se=float(draws.std()), low=float(low), high=float(high),
                       resamples=int(resamples))

@@ -265,7 +265,7 @@ def test_eval_with_a_bundle_refuses_model_flags_and_passes_weights(dataset, expo
     assert seen["weights"] == "clip-dir"
     assert main(["eval", "--data", str(dataset), "--category", CATEGORY, "--bundle", str(out),
                  "--json", str(afile_dir(tmp_path))]) == 2  # a folder where the file belongs: before scoring
-    assert "cannot write a file there" in capsys.readouterr().err
+    assert "is a folder; give a file name" in capsys.readouterr().err
 
 
 def test_eval_json_goes_into_a_new_folder(tmp_path):

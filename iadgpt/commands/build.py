@@ -24,5 +24,5 @@ def run(args: argparse.Namespace) -> int:
     bundle = Bundle.load(args.bundle, verify=True)
     for key in tensorrt_engine.build_bundle_engines(bundle, args.precision, workspace_gb=args.workspace_gb,
                                                     max_batch=args.max_batch):
-        print(f"  engines/{bundle.engines[key]['file'].split('/')[-1]}  ({bundle.engines[key]['role']})")
+        print(f"  {bundle.engines[key]['file']}  ({bundle.engines[key]['role']})")
     return 0

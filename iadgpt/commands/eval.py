@@ -34,15 +34,11 @@ MODEL_FLAGS = {"--backbone": "backbone", "--scorer": "scorer", "--shots": "shots
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
-
     from .. import evaluate
+    from ..cli import writable_output
     from ..errors import ConfigError
 
-    if args.json is not None:  # found out now, not after the whole test set was scored
-        parent = next((a for a in args.json.absolute().parents if a.exists()), None)
-        if args.json.is_dir() or parent is None or not os.access(parent, os.W_OK | os.X_OK):
-            raise ConfigError(f"--json {args.json}: cannot write a file there; give a writable file path")
+    writable_output(args.json)  # found out now, not after the whole test set was scored
     if args.bundle:
         given = [flag for flag, name in MODEL_FLAGS.items() if getattr(args, name) is not None]
         if given:

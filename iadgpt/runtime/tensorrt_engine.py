@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -542,8 +543,6 @@ def build_bundle_engines(bundle: Any, precision: str = "fp16", *, workspace_gb: 
     """Build the encoder (in `precision`) and scorer (fp16) engines of `bundle` for this GPU and
     list them in its manifest; returns their keys. int8 compiles the "encoder_int8" Q/DQ graph
     that `iadgpt calibrate --int8 --backend tensorrt` writes."""
-    import tempfile
-
     graphs = bundle.graphs
     if precision == "int8":
         if "encoder_int8" not in graphs:
