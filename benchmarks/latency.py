@@ -183,13 +183,13 @@ def main(argv: list[str] | None = None) -> int:
               if args.fps else "back to back")
     print(f"{report['environment']['cpu']}, {report['environment']['cores']} cores; {args.frames} frames "
           f"{args.frame_size}x{args.frame_size} after {args.warmup} warm-up, {pacing}")
-    print("| bundle | backend | precision | p50 ms | p99 ms | max ms | capacity fps | stages p50/p99 ms |\n"
-          "|---|---|---|---|---|---|---|---|")
+    print("| bundle | backend | precision | p50 ms | p99 ms | max ms | capacity fps | NG frames | stages p50/p99 ms |\n"
+          "|---|---|---|---|---|---|---|---|---|")
     for r in runs:
         e = r["end_to_end"]
         st = ", ".join(f"{k} {v['p50_ms']:.1f}/{v['p99_ms']:.1f}" for k, v in r["stages"].items())
         print(f"| {Path(r['bundle']).name} | {r['backend']} | {r['precision']} | {e['p50_ms']:.1f} | {e['p99_ms']:.1f} "
-              f"| {e['max_ms']:.1f} | {e['fps']:.1f} | {st} |")
+              f"| {e['max_ms']:.1f} | {e['fps']:.1f} | {r['ng_frames']} of {r['frames']} | {st} |")
     for row in report.get("speedup_p50_vs_first", [])[1:]:
         print(f"{Path(row['bundle']).name} ({row['backend']}) vs {Path(runs[0]['bundle']).name}: p50 speed-up "
               + ", ".join(f"{k} {v:.2f}x" for k, v in row.items() if k not in ("bundle", "backend")))

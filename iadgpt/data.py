@@ -235,6 +235,10 @@ def read_mask(sample_or_path: Union[Sample, PathLike], shape: tuple[int, ...],
         path = sample_or_path
         threshold = 128 if threshold is None else threshold
     mask = _decode(path, cv2.IMREAD_GRAYSCALE)
+    top = int(mask.max())
+    if 0 < top < threshold:  # e.g. 0/1 masks read against the 0/255 convention: every defect would vanish
+        raise DataError(f"{path}: mask values are 0..{top}, all below the defect threshold {threshold}; masks "
+                        f"mark defects with 255 (write 0/1 masks as 0/255)")
     if mask.shape != (h, w):
         log.debug("%s: mask %s resized to image %s", path, mask.shape, (h, w))
         mask = cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST)

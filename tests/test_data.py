@@ -98,6 +98,15 @@ def test_read_mask_binarises_at_128_and_resizes(tmp_path):
     assert read_mask(path, (1, 4), threshold=1).tolist() == [[False, True, True, True]]
 
 
+def test_a_0_1_mask_is_refused_naming_the_file_and_the_convention(tmp_path):
+    # Read against the 0/255 convention every defect of a 0/1 mask would vanish, and the metric would
+    # later fail with "no anomalous entries" without saying which file or why.
+    path = _png(tmp_path / "m_mask.png", np.array([[0, 1, 1, 0]], dtype=np.uint8))
+    with pytest.raises(DataError, match=r"m_mask.png: mask values are 0..1, .*0/255"):
+        read_mask(Sample(tmp_path / "m.png", 1, "crack", path), (1, 4))
+    assert read_mask(path, (1, 4), threshold=1).tolist() == [[False, True, True, False]]  # a 0/1 layout (VisA)
+
+
 def test_read_mask_normal_sample_is_all_false(tmp_path):
     mask = read_mask(Sample(tmp_path / "x.png", 0, "good", None), (6, 9, 3))
     assert mask.shape == (6, 9) and mask.dtype == bool and not mask.any()

@@ -238,7 +238,14 @@ def test_bad_outputs_and_flags_are_refused_before_any_work(dataset, tmp_path, mo
     train = str(dataset / CATEGORY / "train" / "good")
     for extra, words in [(["--out", str(afile)], "is not a directory"),
                          (["--out", str(tmp_path / "b"), "--coreset", "2"], "(0, 1]"),
-                         (["--out", str(tmp_path / "b"), "--seed", "-1"], "--seed -1")]:
+                         (["--out", str(tmp_path / "b"), "--seed", "-1"], "--seed -1"),
+                         # a weight where nothing is fused was ignored silently; a bad one came after the bank
+                         (["--out", str(tmp_path / "b"), "--shots", "1", "--fusion-weight", "0.3"],
+                          "needs --decoder CKPT and --shots K"),
+                         (["--out", str(tmp_path / "b"), "--decoder", str(afile), "--fusion-weight", "0.3"],
+                          "needs --decoder CKPT and --shots K"),
+                         (["--out", str(tmp_path / "b"), "--decoder", str(afile), "--shots", "1",
+                           "--fusion-weight", "1.5"], "out of range")]:
         assert main(["export", "--backbone", "efficientnet-lite0", "--train-dir", train, *extra]) == 2
         assert words in capsys.readouterr().err
     monkeypatch.undo()

@@ -181,7 +181,7 @@ def test_cli_train_refuses_nonsense_numbers_before_work(tmp_path, monkeypatch, c
     assert not out.exists()
 
 
-@pytest.mark.parametrize("shots,weight", [(None, "auto"), (1, "auto"), (1, 0.3)],
+@pytest.mark.parametrize("shots,weight", [(None, None), (1, "auto"), (1, 0.3)],
                          ids=["decoder", "decoder+bank", "decoder+bank(w 0.3)"])
 def test_export_bundle_with_decoder(tmp_path, capsys, trained, images, shots, weight) -> None:
     """`export_bundle(decoder=...)`: decoder-only and fused scorer graphs, parity-checked, run by the Detector."""

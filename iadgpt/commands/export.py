@@ -23,7 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resolution", type=int, default=None, help="input size in px (default: the backbone's)")
     p.add_argument("--decoder", type=Path, default=None,
                    help="trained decoder checkpoint (iadgpt train): alone, or fused with the --shots K bank")
-    p.add_argument("--fusion-weight", default="auto",
+    p.add_argument("--fusion-weight", default=None,
                    help="decoder+bank fusion weight of the decoder in [0, 1], or auto: the smallest weight within one "
                         "standard error of the best pixel AUROC on held-out normal images with painted defects [auto]")
     p.add_argument("--out", required=True, type=Path, help="bundle directory to write (replaced atomically)")

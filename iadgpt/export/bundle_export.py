@@ -135,12 +135,24 @@ def _progress(items: list, enabled: bool, desc: str) -> Any:
     return tqdm(items, desc=desc, unit="img", leave=False)
 
 
+def _check_fusion_weight(fusion_weight, decoder, shots) -> None:
+    """A weight given where nothing is fused would be recorded nowhere and silently ignored."""
+    if fusion_weight is None:
+        return
+    if decoder is None or shots is None:
+        raise ExportError(f"--fusion-weight {fusion_weight} weighs a decoder fused with a memory bank; it needs "
+                          "--decoder CKPT and --shots K, or drop it")
+    if str(fusion_weight).strip().lower() != "auto":
+        from ..models.fusion import check_weight
+        check_weight(fusion_weight)  # before the bank is built, not after
+
+
 def export_bundle(backbone_name: str, train_dir: Optional[PathLike], out: PathLike, *,
                   weights: Optional[PathLike] = None, shots: Optional[int] = 0, coreset: Optional[float] = None,
                   seed: int = 0, augment: Optional[bool] = None, scorer: str = "auto",
                   prompts: Optional[PathLike] = None, resolution: Optional[int] = None,
                   opset: int = OPSET, progress: bool = True,
-                  decoder: Optional[PathLike] = None, fusion_weight: Union[str, float] = "auto"
+                  decoder: Optional[PathLike] = None, fusion_weight: Union[str, float, None] = None
                   ) -> tuple[Bundle, ExportReport]:
     """Export a station bundle; returns the written (loaded) bundle and the export report.
 
@@ -151,12 +163,13 @@ def export_bundle(backbone_name: str, train_dir: Optional[PathLike], out: PathLi
     decoder (a checkpoint of `iadgpt train`): with shots=None the trained decoder alone (scorer kind
     "decoder", weights inside the graph, no references); with shots k (0 = all) the decoder fused
     with the k-shot bank of `train_dir` (kind "decoder+memory_bank", see models/fusion.py), fused
-    with `fusion_weight` ("auto": chosen on held-out normal images with painted defects).
+    with `fusion_weight` (None or "auto": chosen on held-out normal images with painted defects).
     """
     t0 = time.perf_counter()
     out = Path(out)
     check_bundle_target(out)  # before minutes of bank building and parity checks, not after
     check_bank_options(coreset, seed)
+    _check_fusion_weight(fusion_weight, decoder, shots)
     backbone = build_backbone(backbone_name, weights, resolution)
     if decoder is not None and scorer != "auto":
         raise ExportError(f"--decoder sets the scorer (decoder, or decoder+memory_bank with --shots); drop --scorer {scorer}")
@@ -171,7 +184,8 @@ def export_bundle(backbone_name: str, train_dir: Optional[PathLike], out: PathLi
         from ..models.fusion import decoder_scorer_for_bundle
         d = decoder_scorer_for_bundle(decoder, backbone, train_dir=train_dir, shots=shots, seed=seed, augment=augment,
                                       coreset=coreset, grid_stride=GRID_STRIDE, sigma=SIGMA,
-                                      fusion_weight=fusion_weight, progress=progress)
+                                      fusion_weight="auto" if fusion_weight is None else fusion_weight,
+                                      progress=progress)
         module, reference, arrays, config, probe, n_images = (d["module"], d["bank"], d["arrays"], d["config"],
                                                               d["probe"], d["images"])
     elif kind == "bank":

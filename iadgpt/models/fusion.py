@@ -76,8 +76,8 @@ from .scorers import QUERY_CHUNK, PatchEmbedder, nearest_distances
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DecoderScorer", "FusedScorer", "fit_fusion", "choose_fusion_weight", "pick_weight", "validation_set",
-           "export_decoder_scorer", "scorer_from_bundle", "DECODER_KIND", "FUSED_KIND", "WEIGHT_GRID",
+__all__ = ["DecoderScorer", "FusedScorer", "check_weight", "fit_fusion", "choose_fusion_weight", "pick_weight",
+           "validation_set", "export_decoder_scorer", "scorer_from_bundle", "DECODER_KIND", "FUSED_KIND", "WEIGHT_GRID",
            "BOOTSTRAP_RESAMPLES"]
 
 DECODER_KIND = "decoder"
@@ -441,7 +441,7 @@ def decoder_scorer_for_bundle(checkpoint: Union[str, Path], backbone: nn.Module,
     bank_scorer = MemoryBankScorer(backbone.strides, size, grid_stride=grid_stride, sigma=sigma)
     batch = load_batch(picked, backbone)
     bank = memory_bank(backbone, bank_scorer, batch, augment=do_augment, coreset=coreset, seed=seed, progress=progress)
-    weight = 0.0 if auto else _weight(fusion_weight)
+    weight = 0.0 if auto else check_weight(fusion_weight)
     fused = FusedScorer(decoder, backbone.strides, grid_stride=grid_stride, sigma=sigma, weight=weight)
     stats = fit_fusion(fused, encode(backbone, load_batch(held, backbone)), torch.from_numpy(bank))
     choice: dict = {"method": "given"}
@@ -486,7 +486,7 @@ def scorer_from_bundle(bundle) -> nn.Module:
                        sigma=float(cfg["sigma"]), weight=float(fusion["weight"]), stats=fusion["stats"]).eval()
 
 
-def _weight(value: Union[str, float]) -> float:
+def check_weight(value: Union[str, float]) -> float:
     try:
         w = float(value)
     except ValueError:
