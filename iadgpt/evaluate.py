@@ -148,6 +148,12 @@ def evaluate_torch(data, category: str, backbone_name: str = "efficientnet-lite0
         train = load_split(data, category, "train")
         if shots > len(train):
             raise IadGptError(f"--shots {shots} but {category} has only {len(train)} train images")
+    if seeds > 1 and coreset is None and (scorer == "text" or shots in (0, len(train))):
+        # every seed would build the same bank (or none): N identical runs and a spread of 0 that means nothing
+        what = "the text scorer has no shots to draw" if scorer == "text" else \
+            f"--shots {shots or 'all'} takes every one of the {len(train)} train images"
+        raise IadGptError(f"--seeds {seeds} would repeat one evaluation: {what}; use --seeds 1, or fewer --shots "
+                          "(a seed draws them) or a --coreset (a seed starts it)")
     test = TestSet.load(data, category, spec, progress)
     t0 = time.perf_counter()
     test_feats = encode(backbone, test.batch)

@@ -74,6 +74,7 @@ def test_thresholds_are_fitted_on_held_out_normals_and_recorded(calibrated):
     assert len(bank_images) == SHOTS and len(set(image["images"])) == N_NORMAL - SHOTS
     assert not set(bank_images) & set(image["images"])  # bank images never set a threshold
     assert pixel["method"] == "f1" and pixel["value"] <= image["value"]  # masks found -> pixel F1
+    assert report.pixel_method == "f1" and "region threshold" in report.lines()[1] and "(f1)" in report.lines()[1]
     assert bundle.scorer["shots"] == SHOTS and bundle.scorer["augment"] is True
     assert report.histogram.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert report.seconds > 0 and "score" in report.timings
@@ -144,6 +145,23 @@ def test_a_calibration_that_fails_half_way_leaves_the_bundle_as_it_was(calibrate
             calibrate(bundle, product_dirs["normal"], **{"shots": SHOTS, "target_frr": TARGET, "threads": 2,
                                                           "progress": False, **bad})
         assert _snapshot(bundle) == before
+
+
+def test_defects_with_some_masks_missing_are_refused_before_scoring(tiny_bundle_path, product_dirs, tmp_path,
+                                                                   monkeypatch):
+    # One lost mask used to switch the region threshold from pixel F1 to a normal-pixel quantile, said nowhere.
+    import shutil
+
+    from iadgpt.calibration import onboard
+    root = tmp_path / "defects"
+    shutil.copytree(product_dirs["root"], root, ignore=shutil.ignore_patterns("good"))
+    lost = sorted((root / "ground_truth").rglob("*_mask.png"))[0]
+    lost.unlink()
+    monkeypatch.setattr(onboard, "_score", lambda *a, **k: pytest.fail("scored before the masks were checked"))
+    with pytest.raises(CalibrationError, match=rf"1 of the {N_DEFECTS} defect images have no mask \(first: .*"
+                                               rf"{lost.name[:-len('_mask.png')]}"):
+        calibrate(tiny_bundle_path, product_dirs["normal"], shots=SHOTS, defects_dir=root / "test", method="f1",
+                  target_frr=TARGET, out=tmp_path / "out", progress=False)
 
 
 def test_tensorrt_calibration_without_tensorrt_is_refused_before_quantizing(calibrated, product_dirs, monkeypatch):

@@ -166,6 +166,20 @@ def test_shots_more_than_train_images(dataset, capsys, monkeypatch):
     assert f"--shots {N_TRAIN + 1}" in err and f"only {N_TRAIN} train images" in err
 
 
+@pytest.mark.parametrize("flags,words", [
+    (["--shots", "0", "--seeds", "3"], "--seeds 3 would repeat one evaluation: --shots all takes every one"),
+    (["--shots", str(N_TRAIN), "--seeds", "2"], f"--shots {N_TRAIN} takes every one of the {N_TRAIN}"),
+    # an engine flag without --bundle: the torch model ran on the CPU and the flag was ignored
+    (["--backend", "tensorrt"], "--backend choose the engine that runs --bundle"),
+    (["--threads", "0"], "--threads choose the engine"),
+], ids=["all-shots", "every-train-image", "backend", "threads"])
+def test_flags_the_torch_evaluation_cannot_honour_are_refused(dataset, capsys, monkeypatch, flags, words):
+    root, _ = dataset
+    _forbid_test_loading(monkeypatch)
+    assert main(["eval", "--data", str(root), "--category", CATEGORY, "--resolution", str(SIZE), *flags]) == 2
+    assert words in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------ text prompts
 
 

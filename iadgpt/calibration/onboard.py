@@ -64,6 +64,7 @@ class CalibrationReport:
     shots: int
     holdout: int
     defects: int = 0
+    pixel_method: str = "quantile"  # "f1" when fitted on masked defects: the summary says which
     miss_estimate: Optional[float] = None
     miss_ci: Optional[tuple[float, float]] = None
     confidence: float = th.CONFIDENCE
@@ -78,6 +79,7 @@ class CalibrationReport:
              "frr_estimate": self.frr_estimate, "frr_ci": list(self.frr_ci), "backend": self.backend,
              "precision": self.precision, "shots": self.shots, "holdout": self.holdout, "method": self.method,
              "target_frr": self.target_frr, "confidence": self.confidence, "defects": self.defects,
+             "pixel_method": self.pixel_method,
              "miss_estimate": self.miss_estimate, "miss_ci": None if self.miss_ci is None else list(self.miss_ci),
              "bundle": str(self.bundle), "histogram": None if self.histogram is None else str(self.histogram),
              "timings_s": dict(self.timings), "int8": self.int8}
@@ -88,7 +90,8 @@ class CalibrationReport:
         out = [f"bundle {self.bundle}: {self.backend}/{self.precision}, bank from {self.shots or 'the bundle'}"
                f"{' shots' if self.shots else ''}, thresholds from {self.holdout} held-out normal images "
                f"({self.method}, target false-reject rate {100 * self.target_frr:g}%)",
-               f"  image threshold {self.threshold:.5g}   region threshold {self.pixel_threshold:.5g}",
+               f"  image threshold {self.threshold:.5g}   region threshold {self.pixel_threshold:.5g} "
+               f"({self.pixel_method})",
                f"  expected false-reject rate {100 * self.frr_estimate:.2f}% "
                f"({pct:g}% CI {100 * self.frr_ci[0]:.2f}-{100 * self.frr_ci[1]:.2f}%)"]
         if self.miss_estimate is not None and self.miss_ci is not None:
@@ -351,6 +354,12 @@ def calibrate(bundle_path: PathLike, normal_dir: PathLike, *, shots: int = 4, ho
     if method in ("f1", "recall") and len(defects) < th.MIN_DEFECT_IMAGES:
         raise CalibrationError(f"method {method!r} needs at least {th.MIN_DEFECT_IMAGES} defective images (got "
                                f"{len(defects)}): pass --defects DIR, or use --method quantile")
+    unmasked = [image for image, mask in defects if mask is None]
+    if unmasked and len(unmasked) < len(defects):  # the region threshold would fall back to a quantile unseen
+        raise CalibrationError(f"{len(unmasked)} of the {len(defects)} defect images have no mask (first: "
+                               f"{unmasked[0]}, looked up as <folder>/../ground_truth/<defect>/<stem>_mask.png); the "
+                               "region threshold is fitted on masks of every defect image: add the missing masks or "
+                               "remove those images")
     if out is not None:
         check_bundle_target(dest)
     if backend == "tensorrt":  # thresholds are fitted on this station's engines: TensorRT must be here
@@ -466,8 +475,8 @@ def calibrate(bundle_path: PathLike, normal_dir: PathLike, *, shots: int = 4, ho
             bundle=dest, seconds=seconds, threshold=image.value, pixel_threshold=pixel.value, method=method,
             target_frr=float(target_frr), frr_estimate=float(image.frr_estimate or 0.0),
             frr_ci=image.frr_ci or (0.0, 1.0), backend=backend, precision=precision, shots=shots,
-            holdout=len(pool), defects=len(defects), miss_estimate=image.miss_estimate, miss_ci=image.miss_ci,
-            int8=int8_info, timings=timings, normal_scores=[float(s) for s in n_scores],
+            holdout=len(pool), defects=len(defects), pixel_method=pixel.method, miss_estimate=image.miss_estimate,
+            miss_ci=image.miss_ci, int8=int8_info, timings=timings, normal_scores=[float(s) for s in n_scores],
             defect_scores=[float(s) for s in d_scores])
         bundle.update_manifest(thresholds={"image": image.to_manifest(), "pixel": pixel.to_manifest()},
                                extra={"calibration": {k: v for k, v in report.to_json().items()

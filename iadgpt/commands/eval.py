@@ -20,9 +20,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-augment", dest="augment", action="store_false", default=None,
                    help="do not add rotations/flips of few shots to the bank")
     p.add_argument("--bundle", type=Path, default=None, help="evaluate an exported bundle through an engine")
-    p.add_argument("--backend", default="onnxruntime",
-                   help="engine for --bundle: onnxruntime | torch | tensorrt | cuda-graph")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--backend", default=None,
+                   help="engine for --bundle: onnxruntime (default) | torch | tensorrt | cuda-graph")
+    p.add_argument("--threads", type=int, default=None, help="engine threads for --bundle")
     p.add_argument("--json", type=Path, default=None, help="write the metrics as JSON here")
     p.add_argument("--plots", type=Path, default=None, help="write a ROC curve and hardest-case overlays here")
     p.set_defaults(run=run)
@@ -45,9 +45,13 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"{', '.join(given)} describe the torch model, but --bundle scores with the bundle's own "
                               "model and bank: drop them (re-export, or `iadgpt calibrate BUNDLE --shots K`, to change "
                               "the bundle)")
-        result = evaluate.evaluate_bundle(args.data, args.category, args.bundle, backend=args.backend,
+        result = evaluate.evaluate_bundle(args.data, args.category, args.bundle, backend=args.backend or "onnxruntime",
                                           threads=args.threads, plots=args.plots, weights=args.weights)
     else:
+        given = [flag for flag in ("--backend", "--threads") if getattr(args, flag[2:]) is not None]
+        if given:  # the torch model runs here as it is; an engine flag it cannot honour was ignored silently
+            raise ConfigError(f"{', '.join(given)} choose the engine that runs --bundle; without --bundle the torch "
+                              "reference model is evaluated: export a bundle and pass --bundle, or drop them")
         result = evaluate.evaluate_torch(args.data, args.category, args.backbone or "efficientnet-lite0",
                                          shots=args.shots or 0, seeds=1 if args.seeds is None else args.seeds,
                                          coreset=args.coreset, resolution=args.resolution, weights=args.weights,
