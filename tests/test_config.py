@@ -23,7 +23,7 @@ stats_interval_s: 5
 sinks:
   events: {path: out/events.jsonl, fsync: always, max_bytes: 1000000}
   overlays: {dir: out/overlays, only_anomalous: false}
-  mqtt: {host: 127.0.0.1, port: 1884, topic: "factory/{station}/ev", qos: 0}
+  mqtt: {host: 127.0.0.1, port: 1884, topic: "factory/{station}/ev", qos: 0, username: cam1, password: "s3cret"}
 describer:
   enabled: true
   model: qwen2-vl-2b
@@ -51,6 +51,7 @@ def test_good_file_loads_with_paths_resolved(tmp_path: Path) -> None:
     assert ev.path == base / "out/events.jsonl" and ev.fsync == "always" and ev.max_bytes == 1_000_000
     assert ev.backups == 5 and ov.dir == base / "out/overlays" and ov.only_anomalous is False
     assert (mq.host, mq.port, mq.topic, mq.qos, mq.buffer_max) == ("127.0.0.1", 1884, "factory/{station}/ev", 0, 10_000)
+    assert (mq.username, mq.password) == ("cam1", "s3cret")  # brokers with a login (was refused as unknown keys)
     assert cfg.describer.enabled and cfg.describer.options == {"model": "qwen2-vl-2b", "max_queue": 8}
 
 
@@ -99,6 +100,7 @@ def test_example_file_is_valid() -> None:
     ("bundle: b\n", "source", "missing required key"),
     ("bundle: b\nsource: s\nsinks: {events: {fsync: never}}\n", "sinks.events.path", "missing required key"),
     ("bundle: b\nsource: s\nsinks: {mqtt: {port: 1883}}\n", "sinks.mqtt.host", "missing required key"),
+    ("bundle: b\nsource: s\nsinks: {mqtt: {host: h, password: pw}}\n", "sinks.mqtt.password", "without a username"),
 ])
 def test_errors_name_the_file_and_dotted_key(tmp_path: Path, text: str, key: str, words: str) -> None:
     path = _write(tmp_path, text)
@@ -132,6 +134,14 @@ def test_build_sinks_puts_overlays_first(tmp_path: Path) -> None:
     finally:
         for s in sinks:
             s.close()
+
+
+def test_build_sinks_gives_the_broker_login(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from iadgpt.runtime import config as config_mod
+    seen = {}
+    monkeypatch.setattr(config_mod, "MqttSink", lambda *a, **k: seen.update(k) or object())
+    build_sinks(load_station_config(_write(tmp_path, GOOD)))
+    assert (seen["username"], seen["password"], seen["station_id"]) == ("cam1", "s3cret", "line1-cam1")
 
 
 def test_build_sinks_without_paho_names_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -181,6 +181,33 @@ def test_jsonl_mends_a_line_an_earlier_run_left_half_written(tmp_path: Path) -> 
     assert [e["frame_id"] for e in read_events(path)] == [0, 2]  # the new event is not glued onto the stump
 
 
+def test_jsonl_starts_a_new_file_when_its_log_is_deleted_or_moved_under_it(tmp_path: Path) -> None:
+    # The open descriptor kept writing into the unlinked file: every later line lost, no error counted.
+    import shutil
+    path = tmp_path / "out" / "events.jsonl"
+    sink = JsonlSink(path, fsync="never")
+    sink.write(_verdict(0), None)
+    shutil.rmtree(tmp_path / "out")  # an operator's rm -rf of the output folder
+    sink.write(_verdict(1), None)
+    path.rename(tmp_path / "out" / "moved.jsonl")  # an outside log rotation
+    sink.write(_verdict(2), None)
+    sink.close()
+    assert [e["frame_id"] for e in read_events(path)] == [2]
+    assert [e["frame_id"] for e in _lines(tmp_path / "out" / "moved.jsonl")] == [1]
+    assert sink.reopened == 2 and sink.errors == 0 and sink.written == 3
+
+
+def test_jsonl_to_a_device_is_neither_synced_nor_rotated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # --events /dev/null counted an fsync error per second, and at max_bytes would have renamed /dev/null
+    renamed = []
+    monkeypatch.setattr(sinks_mod.os, "replace", lambda *a: renamed.append(a))
+    sink = JsonlSink("/dev/null", fsync="always", max_bytes=100, backups=1)
+    for i in range(5):
+        sink.write(_verdict(i), None)
+    sink.close()
+    assert sink.written == 5 and sink.errors == 0 and sink.rotations == 0 and not renamed
+
+
 def test_jsonl_unwritable_folder_is_a_config_error(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
@@ -218,6 +245,16 @@ def test_overlay_for_ng_frames_only(tmp_path: Path) -> None:
     img = cv2.imread(str(files[0]))
     assert img.shape == (48, 64, 3)
     assert img[14, 20, 2] > img[14, 20, 0]  # inside the region: hot (red) heat map over the grey part
+
+
+def test_overlay_folder_deleted_mid_run_is_made_again(tmp_path: Path) -> None:
+    import shutil
+    sink = OverlaySink(tmp_path / "ov")
+    sink.write(_verdict(1, True), _frame(1))
+    shutil.rmtree(tmp_path / "ov")
+    v = _verdict(2, True)
+    sink.write(v, _frame(2))
+    assert sink.errors == 0 and Path(v.extra["overlay"]).is_file()
 
 
 def test_overlay_all_frames_png_and_max_files(tmp_path: Path) -> None:

@@ -263,6 +263,27 @@ def test_failing_sink_and_describer_are_counted_not_fatal() -> None:
     assert Describer.calls == stats.flagged == stats.describer_errors > 0
 
 
+def test_lost_sink_events_and_failed_descriptions_are_in_the_stats() -> None:
+    # A broker down long enough overflows the MQTT buffer, and a describer whose queue is full records
+    # the part as failed: both were missing from the station's counters (errors 3, describer errors 0).
+    from types import SimpleNamespace
+
+    class LossySink(RecordingSink):
+        dropped = 35
+
+    class QueueFullDescriber:
+        stats = SimpleNamespace(failed=0)
+
+        def submit(self, verdict: Verdict, frame: Frame) -> None:
+            QueueFullDescriber.stats.failed += 1  # recorded as "failed: queue full", not raised
+
+    rec = LossySink()
+    with open_source(URI) as src:
+        stats = Station(FakeDetector(), src, [rec], describer=QueueFullDescriber(), queue_size=64).run()
+    assert stats.sink_lost == {"rec": 35} and "sink lost rec=35" in stats.summary()
+    assert stats.describer_errors == stats.flagged > 0
+
+
 def test_disk_full_during_a_run_loses_no_event(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "events.jsonl"
     sink = JsonlSink(path, fsync="never")

@@ -52,6 +52,8 @@ class MqttConfig:
     qos: int = 1
     client_id: Optional[str] = None
     buffer_max: int = 10_000
+    username: Optional[str] = None  # brokers that require a login
+    password: Optional[str] = None
 
 
 @dataclass
@@ -258,7 +260,10 @@ def load_station_config(path: Union[str, Path]) -> StationConfig:
             cfg.sinks.mqtt = MqttConfig(
                 host=mq.text("host"), port=mq.integer("port", 1883, lo=1, hi=65535), topic=topic,
                 qos=mq.integer("qos", 1, lo=0, hi=2), client_id=mq.text("client_id", None),
-                buffer_max=mq.integer("buffer_max", 10_000, lo=1))
+                buffer_max=mq.integer("buffer_max", 10_000, lo=1), username=mq.text("username", None),
+                password=mq.text("password", None))
+            if cfg.sinks.mqtt.password is not None and cfg.sinks.mqtt.username is None:
+                raise mq.error(mq.dotted("password"), "a password without a username; add sinks.mqtt.username")
     if not (cfg.sinks.events or cfg.sinks.overlays or cfg.sinks.mqtt):
         log.warning("%s: no sinks configured: verdicts will only be counted, not recorded", file)
 
@@ -289,7 +294,8 @@ def build_sinks(config: StationConfig) -> list[Sink]:
                                    backups=s.events.backups))
         if s.mqtt is not None:
             sinks.append(MqttSink(s.mqtt.host, s.mqtt.port, topic=s.mqtt.topic, client_id=s.mqtt.client_id,
-                                  qos=s.mqtt.qos, buffer_max=s.mqtt.buffer_max, station_id=config.station_id))
+                                  qos=s.mqtt.qos, buffer_max=s.mqtt.buffer_max, station_id=config.station_id,
+                                  username=s.mqtt.username, password=s.mqtt.password))
     except ConfigError as exc:
         for sink in sinks:
             sink.close()

@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import re
+import stat
 import tempfile
 import threading
 import time
@@ -164,6 +165,7 @@ class JsonlSink:
         self.written = 0  # lines completely written
         self.dropped = 0  # lines lost because the backlog overflowed
         self.rotations = 0
+        self.reopened = 0  # times the file was found deleted or moved away and started again
         self._backlog: deque[bytes] = deque()
         self._head_done = 0  # bytes of _backlog[0] already in the file
         self._lock = threading.Lock()
@@ -185,7 +187,11 @@ class JsonlSink:
 
     def _open(self) -> None:
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        self._size = os.fstat(self._fd).st_size
+        st = os.fstat(self._fd)
+        self._size = st.st_size
+        # a device or pipe (events to /dev/null, a FIFO): neither synced nor rotated (renaming
+        # /dev/null away as root would break the machine)
+        self._regular = stat.S_ISREG(st.st_mode)
         # a line cut off by a full disk or a power cut in an earlier run: end it first, or the next
         # event would be glued onto it and both lost to readers
         self._newline_owed = self._size > 0 and not self._ends_with_newline()
@@ -245,10 +251,38 @@ class JsonlSink:
                                           and time.monotonic() - self._last_sync >= self.fsync_interval_s):
                 self._sync()
 
+    def _in_place(self) -> bool:
+        """Is the open file still the one at `path`? If it was deleted or moved away (an operator's
+        rm -rf, an outside log rotation), start a new one there: writing on into the unlinked file
+        would lose every later line without an error. False (lines stay in the backlog) if that fails."""
+        try:
+            held = os.fstat(self._fd)
+            here = os.stat(self.path)
+            if (here.st_ino, here.st_dev) == (held.st_ino, held.st_dev):
+                return True
+        except FileNotFoundError:
+            pass
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            old = self._fd
+            self._open()
+            os.close(old)
+        except OSError as exc:
+            self.errors += 1
+            self._warn("reopen", logging.ERROR, "%s: the event log was deleted or moved and cannot be made again "
+                       "(%s); keeping %d line(s) in memory", self.path, exc.strerror or exc, len(self._backlog))
+            return False
+        self.reopened += 1
+        log.warning("%s was deleted or moved away while the station ran; writing on in a new file there",
+                    self.path)
+        return True
+
     def _drain(self) -> None:
+        if self._backlog and not self._in_place():
+            return
         while self._backlog:
             data = self._backlog[0]
-            if self._head_done == 0 and self.max_bytes is not None and self._size > 0 \
+            if self._head_done == 0 and self.max_bytes is not None and self._regular and self._size > 0 \
                     and self._size + len(data) > self.max_bytes:
                 self._rotate()
             try:
@@ -272,6 +306,9 @@ class JsonlSink:
             self.written += 1
 
     def _sync(self) -> None:
+        if not self._regular:
+            self._dirty = False
+            return
         try:
             os.fsync(self._fd)
             self._dirty = False
@@ -451,6 +488,9 @@ class OverlaySink:
             raise RuntimeError(f"OpenCV cannot encode a {picture.shape} overlay as {self.ext}")
         tmp = path.with_name(path.name + ".part")
         try:
+            if not self.directory.is_dir():  # deleted under the running station (a cleanup script, rm -rf)
+                self.directory.mkdir(parents=True, exist_ok=True)
+                self._warn("gone", logging.WARNING, "overlay folder %s had disappeared; made it again", self.directory)
             tmp.write_bytes(buf.tobytes())
             os.replace(tmp, path)  # readers never see half an image
         except OSError as exc:

@@ -65,7 +65,8 @@ class StationStats:
     errors: int = 0  # frames that could not be judged (corrupt, detector error, stopped)
     dropped: int = 0  # frames dropped because inference fell behind
     sink_errors: dict[str, int] = field(default_factory=dict)  # per sink: absorbed + raised
-    describer_errors: int = 0
+    sink_lost: dict[str, int] = field(default_factory=dict)  # per sink: events its bounded buffer gave up
+    describer_errors: int = 0  # flagged parts left undescribed: submit raised, or the describer's failed records
     fps: float = 0.0  # judged frames per second over the run
     latency_p50_ms: Optional[float] = None  # capture-to-verdict, recent judged frames
     latency_p99_ms: Optional[float] = None
@@ -83,9 +84,11 @@ class StationStats:
         lat = ("-" if self.latency_p50_ms is None
                else f"{self.latency_p50_ms:.1f}/{self.latency_p99_ms:.1f} ms")
         sinks = ", ".join(f"{k}={v}" for k, v in self.sink_errors.items() if v) or "none"
+        lost = ", ".join(f"{k}={v}" for k, v in self.sink_lost.items() if v)
         return (f"frames {self.frames}, judged {self.judged}, NG {self.flagged}, errors {self.errors}, "
                 f"dropped {self.dropped}, {self.fps:.1f} fps, latency p50/p99 {lat}, "
-                f"reconnects {self.reconnects}, sink errors {sinks}, describer errors {self.describer_errors}")
+                f"reconnects {self.reconnects}, sink errors {sinks}" + (f", sink lost {lost}" if lost else "")
+                + f", describer errors {self.describer_errors}")
 
 
 @dataclass
@@ -210,6 +213,7 @@ class Station:
         self._signals: list[int] = []
         self._stop_reason = ""
         self._raised = {n: 0 for n in self.sink_names}
+        self._describer_raised = 0
         self._latencies: deque[float] = deque(maxlen=4096)
         self._warn = ThrottledLog(log)
         self._ran = False
@@ -434,7 +438,7 @@ class Station:
             try:
                 self.describer.submit(verdict, frame)
             except Exception as exc:  # noqa: BLE001
-                self.stats.describer_errors += 1
+                self._describer_raised += 1
                 self._warn("describer", logging.ERROR, "describer failed: %s: %s", type(exc).__name__, exc)
 
     def _close_sinks(self) -> None:
@@ -456,6 +460,11 @@ class Station:
         s.source_errors = int(getattr(self.source, "errors", 0) or 0)
         s.sink_errors = {name: self._raised[name] + int(getattr(sink, "errors", 0) or 0)
                          for name, sink in zip(self.sink_names, self.sinks)}
+        # a broker down for long enough overflows MQTT's buffer: those events never arrive, and a
+        # connection error count alone (one per attempt) does not say how many
+        s.sink_lost = {name: int(getattr(sink, "dropped", 0) or 0) for name, sink in zip(self.sink_names, self.sinks)}
+        described = getattr(self.describer, "stats", None)  # queue full, timeouts, crashes: failed records
+        s.describer_errors = self._describer_raised + int(getattr(described, "failed", 0) or 0)
         if final:
             s.stop_reason = self._stop_reason or "end"
             s.ended = time.time()
