@@ -77,6 +77,9 @@ class TensorInfo:
         return cls(str(value["name"]), dtype, tuple(value.get("shape") or ()))
 
 
+RESIZE_MODES = ("area", "bilinear", "bicubic", "nearest")  # what runtime/preprocess.py implements
+
+
 @dataclass(frozen=True)
 class InputSpec:
     """How frames are turned into the backbone's input; `size` is (height, width).
@@ -100,7 +103,12 @@ class InputSpec:
         if min(hw) < 1 or not all(math.isfinite(v) for v in mean + std) or 0.0 in std:
             raise ValueError(f"size {list(hw)} must be positive, mean {list(mean)} and std {list(std)} finite, "
                              "std not 0")
-        return cls(hw, mean, std, str(data.get("resize", "area")), str(data.get("color", "rgb")))
+        resize, color = data.get("resize", "area"), data.get("color", "rgb")
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"resize {resize!r} is not one of {', '.join(RESIZE_MODES)}")
+        if color != "rgb":  # every frame is made RGB before the encoder: another order would be ignored
+            raise ValueError(f"color {color!r}: this runtime feeds encoders RGB only")
+        return cls(hw, mean, std, resize, color)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -108,6 +116,39 @@ class InputSpec:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _check_scorer(scorer: Mapping[str, Any], references: Mapping[str, Any], where: str) -> None:
+    """The scorer fields engines rebuild the scorer from: a hand-edited value is refused here, at load,
+    rather than as a traceback in one backend and silently accepted by another."""
+    def fail(key: str, want: str) -> None:
+        raise BundleError(f"{where}: scorer.{key} must be {want}, got {scorer[key]!r}; {_REEXPORT}")
+
+    def number(value: Any) -> bool:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+    def whole(value: Any, lo: int) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= lo
+
+    if "kind" in scorer and not isinstance(scorer["kind"], str):
+        fail("kind", "a string")
+    if scorer.get("shots") is not None and not whole(scorer["shots"], 0):
+        fail("shots", "a whole number >= 0 (0 = all images)")
+    if scorer.get("coreset") is not None and not (number(scorer["coreset"]) and 0 < scorer["coreset"] <= 1):
+        fail("coreset", "null or a fraction in (0, 1]")
+    if "grid_stride" in scorer and not whole(scorer["grid_stride"], 1):
+        fail("grid_stride", "a whole number >= 1")
+    for key in ("sigma", "logit_scale"):
+        if key in scorer and not (number(scorer[key]) and scorer[key] >= 0):
+            fail(key, "a finite number >= 0")
+    if "image_size" in scorer:
+        size = scorer["image_size"]
+        if not (isinstance(size, list) and len(size) == 2 and all(whole(v, 1) for v in size)):
+            fail("image_size", "[height, width] in pixels")
+    refs = scorer.get("references", {})
+    if not isinstance(refs, dict) or not all(isinstance(v, str) and v in references for v in refs.values()):
+        raise BundleError(f"{where}: scorer.references must map scorer inputs to arrays listed under "
+                          f"`references` ({sorted(references)}), got {refs!r}; {_REEXPORT}")
 
 
 def sha256_file(path: PathLike, chunk_size: int = _CHUNK) -> str:
@@ -728,6 +769,7 @@ class Bundle:
                     isinstance(e, dict) and isinstance(e.get("file"), str) and isinstance(e.get("sha256"), str)
                     for e in exts):
                 raise BundleError(f"{where}: graphs.{role}.external_data must list {{file, sha256}}; {_REEXPORT}")
+        _check_scorer(m["scorer"], m["references"], where)
         for key, entry in m["thresholds"].items():
             value = entry.get("value") if isinstance(entry, dict) else None
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):

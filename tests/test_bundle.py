@@ -340,11 +340,27 @@ def test_empty_arrays_and_bad_input_specs_are_refused(tmp_path: Path, onnx_file:
     b = write_bundle(tmp_path / "b2", onnx_file)
     manifest = json.loads((b.path / "manifest.json").read_text())
     for spec in ({"size": [0, 0], "mean": [0, 0, 0], "std": [1, 1, 1]},
-                 {"size": [8, 8], "mean": [0, 0, 0], "std": [1, 0, 1]}):
+                 {"size": [8, 8], "mean": [0, 0, 0], "std": [1, 0, 1]},
+                 # a resize the runtime lacks passed `inspect` (its probe frame needed none); "bgr" was ignored
+                 {"size": [8, 8], "mean": [0, 0, 0], "std": [1, 1, 1], "resize": "magic"},
+                 {"size": [8, 8], "mean": [0, 0, 0], "std": [1, 1, 1], "color": "bgr"}):
         manifest["backbone"]["input_spec"] = spec
         (b.path / "manifest.json").write_text(json.dumps(manifest))
         with pytest.raises(BundleError, match="input_spec is malformed"):
             Bundle.load(b.path).input_spec
+
+
+@pytest.mark.parametrize("key, value", [("shots", "many"), ("shots", -1), ("coreset", 2), ("sigma", "four"),
+                                        ("sigma", -4), ("grid_stride", 0), ("image_size", [999]), ("kind", 3),
+                                        ("references", {"bank": "no_such_array"})])
+def test_hand_edited_scorer_fields_are_refused_at_load(tmp_path: Path, onnx_file: Path, key, value) -> None:
+    # These ended `iadgpt eval` / the torch backend in a ValueError traceback, or were used as given
+    b = write_bundle(tmp_path / "b", onnx_file)
+    manifest = json.loads((b.path / "manifest.json").read_text())
+    manifest["scorer"][key] = value
+    (b.path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=rf"scorer\.{key} must .*iadgpt export"):
+        Bundle.load(b.path)
 
 
 def test_check_bundle_target_before_any_work(tmp_path: Path) -> None:
