@@ -12,6 +12,8 @@ from iadgpt.errors import DescriberError, ScorerError
 from iadgpt.runtime.bridge_runtime import NO_ANSWER, answer_choices, answer_text, parse_answer
 from iadgpt.runtime.facts import POSITION_WORDS
 
+from conftest import skip_unless_the_default_llm_builds
+
 
 def _decoder():
     from iadgpt.models.heads import VisualGuidedDecoder
@@ -316,6 +318,7 @@ def test_cli_bridge_stage_needs_a_decoder(tmp_path, capsys):
 def test_embeds_llm_matches_the_input_ids_llm():
     """The inputs_embeds int4 build (+ embed_tokens.npy) starts its answer as the input_ids build. Not all
     tokens: the saved table is float16 (the in-graph one float32), so greedy paths may part later on."""
+    skip_unless_the_default_llm_builds()
     from iadgpt.export.llm import ensure_default_llm
     from iadgpt.runtime.llm_runtime import OnnxLLM
     ids_llm = OnnxLLM(ensure_default_llm(4), threads=2)

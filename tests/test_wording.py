@@ -39,3 +39,28 @@ def test_compose_drops_a_contradicting_remark_and_keeps_60_words():
     long_remark = " ".join(["handling"] * 100)
     text, info = compose(facts, "flange", long_remark)
     assert info["remark_used"] and len(text.split()) <= 60
+
+
+@pytest.mark.parametrize("remark", [
+    "The defect is 7.5mm long.",  # a physical unit, but the facts have no physical scale
+    "A 12 mm deep gouge from the tool.",
+    "It covers half of the part.",  # the facts say ~2.6 %
+    "It covers 40% of the part.",
+    "A bright white blister.",  # the region is darker and dark grey
+    "A large burn mark.",
+    "A red mark from the tool.",
+])
+def test_contradictions_catch_unsupported_units_sizes_and_colours(remark):
+    facts = _facts(defect_type="scratch")
+    assert contradictions(remark, facts), remark
+
+
+@pytest.mark.parametrize("remark", ["It covers about 3% of the part.", "A black mark from the tool; check the gripper.",
+                                    "A dark grey scratch; check the gripper.", "Reject 1 in 10 parts."])
+def test_contradictions_accept_what_the_facts_support(remark):
+    assert contradictions(remark, _facts(defect_type="scratch")) == []
+
+
+def test_facts_sentence_words_the_size_with_its_precision():
+    text = facts_sentence(_facts(defect_type="scratch"), "flange")
+    assert "about 2.6% of the part (~240 px; the coarse anomaly map marks 2.6%)" in text

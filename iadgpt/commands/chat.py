@@ -23,6 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..errors import ConfigError
     from ..runtime.describer import Describer, llm_spec_for, make_llm
+    from ..runtime.llm_runtime import ContextOverflow
     from ..runtime.sinks import JsonlSink, read_events
 
     if not args.events.exists():  # read_events reads a missing log as empty: say so instead of "no event"
@@ -39,10 +40,7 @@ def run(args: argparse.Namespace) -> int:
     described = [u for u in updates if u.get("kind") == "description" and u.get("status") == "ok"
                  and isinstance(u.get("description"), str)]
     if not described:
-        why = [u.get("error") for u in updates if u.get("status") == "failed"]
-        raise ConfigError(f"event {args.event} has no description to talk about"
-                          + (f" (the describer failed: {why[-1]})" if why else "")
-                          + "; run the station with the describer on, or `iadgpt describe IMAGE --bundle B`")
+        raise ConfigError(_no_description(args.event, event, updates))
     desc = described[-1]
     bundle = None
     if args.llm is None and args.bundle is not None:
@@ -61,7 +59,11 @@ def run(args: argparse.Namespace) -> int:
     questions = iter(args.question) if args.question else _stdin_questions()
     try:
         for question in questions:
-            answer, gen, rejected = describer.answer(facts, lines, question, history)
+            try:
+                answer, gen, rejected = describer.answer(facts, lines, question, history)
+            except ContextOverflow as exc:  # that one question is refused; the session goes on
+                print(f"> {question[:80]}{'...' if len(question) > 80 else ''}\nnot asked: {exc}", file=sys.stderr)
+                continue
             print(f"> {question}\n{answer}")
             if rejected:
                 print(f"  (the model's answer contradicted the measurements: {'; '.join(rejected)})")
@@ -73,6 +75,22 @@ def run(args: argparse.Namespace) -> int:
         if sink is not None:
             sink.close()
     return 0
+
+
+def _no_description(event_id: str, event: dict, updates: list) -> str:
+    """Why an event has no description to talk about, and what to do."""
+    failed = [u.get("error") for u in updates if u.get("kind") == "description" and u.get("status") == "failed"]
+    if failed:
+        return (f"event {event_id} has no description to talk about (the describer failed: {failed[-1]}); "
+                "describe its image with `iadgpt describe IMAGE --bundle B`")
+    if event.get("anomalous") is False:
+        return f"event {event_id} was judged OK: there is no defect to describe or talk about"
+    if event.get("anomalous") is True:
+        return (f"event {event_id} has no description yet: the describer writes it after the verdict (it may still "
+                "be queued); try again shortly. If the station ran without the describer, use "
+                "`iadgpt describe IMAGE --bundle B`")
+    return (f"event {event_id} has no description to talk about; run the station with the describer on, or "
+            "`iadgpt describe IMAGE --bundle B`")
 
 
 def _stdin_questions():

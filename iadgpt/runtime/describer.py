@@ -47,7 +47,7 @@ import numpy as np
 from iadgpt.errors import ConfigError, DescriberError
 from iadgpt.runtime.facts import (UNKNOWN, DefectFacts, ExampleTypeClassifier, PromptTypeRetriever,
                                   TypeResolver, compute_facts)
-from iadgpt.runtime.llm_runtime import Generation, Message, chatml, read_llm_config
+from iadgpt.runtime.llm_runtime import ContextOverflow, Generation, Message, chatml, read_llm_config
 from iadgpt.runtime.sinks import ThrottledLog
 from iadgpt.runtime.wording import (CHAT_SYSTEM_PROMPT, MAX_WORDS, REMARK_PREFIX, SENTENCE_END, SYSTEM_PROMPT,
                                     build_messages, clip_words, complete_remark, compose, contradictions,
@@ -196,6 +196,8 @@ class Describer:
         # is then recorded as an error) so the facts description is returned, never lost with it.
         self.bridge, self.bridge_map, self.bridge_budget_s = bridge, bridge_map, bridge_budget_s
         self.max_new_tokens, self.budget_s, self.max_words = int(max_new_tokens), budget_s, int(max_words)
+        # the LLM's recent time to first token (prefill), to skip it when the budget left cannot cover it
+        self.prefill_s: Optional[float] = None
 
     def facts(self, req: DescribeRequest) -> DefectFacts:
         return compute_facts(req.image, req.anomaly_map, [_Box(r) for r in req.regions], threshold=req.threshold,
@@ -208,13 +210,27 @@ class Describer:
         t1 = time.perf_counter()
         gen: Optional[Generation] = None
         remark = ""
+        skipped = None
         if self.llm is not None:
-            deadline = None if self.budget_s is None else time.monotonic() + max(0.05, self.budget_s - (t1 - t0))
-            prefix = "" if req.question else REMARK_PREFIX
-            prompt = self.llm.format_chat(build_messages(facts, self.product, req.question), True) + prefix
-            gen = self.llm.generate(prompt, self.max_new_tokens, stop_texts=SENTENCE_END, deadline=deadline)
-            remark = complete_remark(f"{prefix} {gen.text}".strip() if prefix else gen.text, gen.stop)
+            left = None if self.budget_s is None else self.budget_s - (t1 - t0)
+            if left is not None and (left <= 0.05 or (self.prefill_s is not None and left < self.prefill_s)):
+                # the remark would be cut before its first word: do not spend the CPU on it
+                skipped = (f"budget: {max(0.0, left):.2f} s of budget_s {self.budget_s:.2f} s left after the facts "
+                           f"({t1 - t0:.2f} s); the LLM's prompt takes ~{self.prefill_s or 0.0:.2f} s")
+                log.info("no LLM remark for %s: %s", req.event_id, skipped)
+                if self.prefill_s is not None:  # one slow (cold) prompt must not silence the LLM for good:
+                    self.prefill_s *= 0.5       # the estimate decays on each skip until it is tried again
+            else:
+                deadline = None if left is None else time.monotonic() + left
+                prefix = "" if req.question else REMARK_PREFIX
+                prompt = self.llm.format_chat(build_messages(facts, self.product, req.question), True) + prefix
+                gen = self.llm.generate(prompt, self.max_new_tokens, stop_texts=SENTENCE_END, deadline=deadline)
+                ttft = float(getattr(gen, "ttft_s", 0.0) or 0.0)
+                self.prefill_s = ttft if self.prefill_s is None else 0.5 * (self.prefill_s + ttft)
+                remark = complete_remark(f"{prefix} {gen.text}".strip() if prefix else gen.text, gen.stop)
         description, info = compose(facts, self.product, remark, self.max_words)
+        if skipped:
+            info["skipped"] = skipped
         bridge = self._bridge(req, facts, None if self.bridge_budget_s is None else started + self.bridge_budget_s)
         if bridge is not None and bridge["agrees_with_facts"]:
             description = f"{description} {bridge['text']}".strip()
@@ -246,15 +262,33 @@ class Describer:
         """A follow-up answer in a conversation about a described part (``iadgpt chat``).
 
         `facts` is the record's ``facts`` dict; an answer that contradicts it (position, type,
-        brightness) is replaced by the measured facts. Returns (answer, generation, rejected)."""
+        brightness, colour, size or units) is replaced by the measured facts. When the conversation
+        outgrows the model's context the oldest question/answer turns are left out (logged); a
+        question that does not fit even alone raises `ContextOverflow`, before any compute.
+        Returns (answer, generation, rejected)."""
         if self.llm is None:
             return "No LLM is loaded; the measured facts are: " + " ".join(facts_lines), None, []
         first = f"Part: {self.product}.\n" + "\n".join(facts_lines)
-        messages: list[Message] = [{"role": "system", "content": CHAT_SYSTEM_PROMPT}]
-        turns = [dict(m) for m in history] + [{"role": "user", "content": question}]
-        turns[0] = {"role": "user", "content": f"{first}\n{turns[0]['content']}"}
-        messages += turns
-        gen = self.llm.generate(messages, max_new_tokens, stop_texts=("\n\n",))
+        past = [dict(m) for m in history]
+        dropped = 0
+        while True:
+            turns = past + [{"role": "user", "content": question}]
+            turns[0] = {"role": "user", "content": f"{first}\n{turns[0]['content']}"}
+            messages: list[Message] = [{"role": "system", "content": CHAT_SYSTEM_PROMPT}, *turns]
+            try:
+                gen = self.llm.generate(messages, max_new_tokens, stop_texts=("\n\n",))
+                break
+            except ContextOverflow as exc:
+                if not past:
+                    raise ContextOverflow(f"the question is too long for the model: {exc.prompt_tokens} tokens with "
+                                          f"the facts, + {exc.new_tokens} for the answer, but the context holds "
+                                          f"{exc.context}; ask a shorter question", exc.prompt_tokens, exc.new_tokens,
+                                          exc.context) from None
+                cut = 2 if len(past) >= 2 and past[1].get("role") == "assistant" else 1
+                past, dropped = past[cut:], dropped + cut
+        if dropped:
+            log.warning("chat history trimmed: left out the %d oldest message(s) of %d to fit the model's context",
+                        dropped, len(history))
         text = clip_words(dedupe_clauses(gen.text.strip()), self.max_words)
         issues = contradictions(text, facts_view(facts))
         if issues or not text:
@@ -262,13 +296,25 @@ class Describer:
         return clip_words(text, self.max_words), gen, issues
 
 
+def bundle_pixel_threshold(bundle: Any) -> Optional[float]:
+    """The bundle's calibrated pixel (region) threshold, ``thresholds.pixel.value`` (None without one)."""
+    value = ((getattr(bundle, "thresholds", None) or {}).get("pixel") or {}).get("value")
+    return None if value is None else float(value)
+
+
 def facts_view(facts: dict[str, Any]) -> DefectFacts:
     """A `DefectFacts` rebuilt from a record's ``facts`` dict (enough for `contradictions`)."""
     from types import SimpleNamespace
 
     regions = [SimpleNamespace(position=r.get("position"), defect_type=r.get("defect_type", UNKNOWN),
-                               tone=r.get("tone")) for r in facts.get("regions", [])]
-    return SimpleNamespace(regions=regions)  # type: ignore[return-value]
+                               tone=r.get("tone"), colour=r.get("colour"), surround_colour=r.get("surround_colour"),
+                               area_pct=_number(r.get("area_pct")), map_area_pct=_number(r.get("map_area_pct")))
+               for r in facts.get("regions", [])]
+    return SimpleNamespace(regions=regions, mm_per_px=facts.get("mm_per_px"))  # type: ignore[return-value]
+
+
+def _number(value: Any) -> Optional[float]:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 # ----------------------------------------------------------------------------- the worker process
@@ -466,7 +512,11 @@ class AsyncDescriber:
     the worker is killed and restarted); `budget_s` is the LLM's soft deadline inside the worker
     (the remark is cut short rather than the request failed); the bridge, when set, gives up at
     `BRIDGE_BUDGET_SHARE` of `timeout_s` (its answer recorded as an error, the description kept).
-    `pixel_threshold`: the detector's pixel threshold (else the verdict's threshold) for the region masks.
+    `pixel_threshold`: the map value above which a pixel is anomalous, for the region masks (as given:
+    an explicit setting). `bundle_pixel_threshold`: the bundle's calibrated pixel threshold
+    (``thresholds.pixel.value``; `from_options` reads it from the bundle); each part then uses it
+    capped at the verdict's threshold, exactly as the `Detector` (and so `iadgpt describe`) does.
+    Without either, the verdict's ``extra["pixel_threshold"]``, else its image threshold.
     """
 
     def __init__(self, llm: Union[None, str, os.PathLike, LLMSpec] = None, *, product: str = "part",
@@ -478,12 +528,13 @@ class AsyncDescriber:
                  keep_results: int = 10_000, on_result: Optional[Callable[[str, dict[str, Any]], None]] = None,
                  bridge: Optional[Union[str, os.PathLike]] = None, bridge_llm: Optional[Union[str, os.PathLike]] = None,
                  bridge_map: str = "decoder", bridge_decoding: str = "choice", threads: int = 1,
-                 start: bool = True) -> None:
+                 start: bool = True, bundle_pixel_threshold: Optional[float] = None) -> None:
         if int(queue_size) < 1 or float(timeout_s) <= 0:
             raise ConfigError(f"describer queue_size={queue_size} must be >= 1 and timeout_s={timeout_s} > 0")
         self.llm_spec = llm_spec_for(llm) if llm is not None else {"kind": "none"}
         self.product, self.queue_size, self.timeout_s = product, int(queue_size), float(timeout_s)
         self.pixel_threshold = pixel_threshold
+        self.bundle_pixel_threshold = None if bundle_pixel_threshold is None else float(bundle_pixel_threshold)
         self.start_timeout_s, self.max_restart_delay_s = float(start_timeout_s), float(max_restart_delay_s)
         self.options: dict[str, Any] = {
             "product": product, "max_new_tokens": int(max_new_tokens), "budget_s": budget_s, "nice": int(nice),
@@ -548,6 +599,8 @@ class AsyncDescriber:
         spec = llm_spec_for(opts.pop("llm", None), bundle, threads=threads)
         examples = opts.pop("examples", None)
         product = opts.pop("product", None) or (bundle.scorer.get("object") if bundle is not None else None) or "part"
+        if bundle is not None and "bundle_pixel_threshold" not in kwargs:
+            kwargs["bundle_pixel_threshold"] = bundle_pixel_threshold(bundle)
         return cls(spec, product=product,
                    examples=ExampleTypeClassifier.load(examples) if examples else None,
                    prompt_types=PromptTypeRetriever.from_bundle(bundle) if bundle is not None else None,
@@ -643,12 +696,25 @@ class AsyncDescriber:
 
     # -- station side
 
+    def region_threshold(self, verdict: Any) -> Optional[float]:
+        """The pixel threshold for `verdict`'s region masks: the explicit `pixel_threshold`, else the
+        verdict's own, else the bundle's capped at the verdict's threshold (as `Detector` computes it)."""
+        if self.pixel_threshold is not None:
+            return float(self.pixel_threshold)
+        own = (verdict.extra or {}).get("pixel_threshold")
+        if own is not None or self.bundle_pixel_threshold is None:
+            return own
+        image = getattr(verdict, "threshold", None)
+        if image is None or not np.isfinite(image):
+            return self.bundle_pixel_threshold
+        return min(self.bundle_pixel_threshold, float(image))
+
     def submit(self, verdict: Any, frame: Any, question: Optional[str] = None) -> None:
         """Queue a flagged frame for description; returns at once (never blocks on the worker)."""
         image = getattr(frame, "image", None)
         if image is None:
             return
-        req = DescribeRequest.from_verdict(verdict, image, self.pixel_threshold, question)
+        req = DescribeRequest.from_verdict(verdict, image, self.region_threshold(verdict), question)
         req.request_id = next(self._ids)
         with self._cond:
             self.stats.submitted += 1

@@ -32,6 +32,15 @@ PathLike = Union[str, "os.PathLike[str]"]
 Message = dict[str, str]
 
 
+class ContextOverflow(DescriberError):
+    """A prompt (plus its new tokens) longer than the model's context; raised before any compute,
+    so a caller can shorten the prompt (drop old turns) and try again."""
+
+    def __init__(self, message: str, prompt_tokens: int = 0, new_tokens: int = 0, context: int = 0) -> None:
+        super().__init__(message)
+        self.prompt_tokens, self.new_tokens, self.context = int(prompt_tokens), int(new_tokens), int(context)
+
+
 @dataclass
 class Generation:
     """One completion: text, token ids and timings."""
@@ -319,8 +328,9 @@ class OnnxLLM:
         t0 = time.perf_counter()
         ids = self.encode(text)
         if len(ids) + max_new_tokens > self.max_context:
-            raise DescriberError(f"prompt of {len(ids)} tokens + {max_new_tokens} new exceeds the model's context "
-                                 f"({self.max_context}); shorten the conversation")
+            raise ContextOverflow(f"prompt of {len(ids)} tokens + {max_new_tokens} new exceeds the model's context "
+                                  f"({self.max_context}); shorten the conversation", len(ids), max_new_tokens,
+                                  self.max_context)
         past, todo, cached = self._empty_past(), ids, 0
         if self._prefix is not None:
             pre_ids, pre_past = self._prefix

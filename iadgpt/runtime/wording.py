@@ -24,11 +24,31 @@ SYSTEM_PROMPT = ("You are an experienced quality engineer. Typical causes: scrat
                  "facts about a defect, answer with the likely cause and one thing to check, in one short sentence, "
                  "without repeating the facts.")
 CHAT_SYSTEM_PROMPT = ("You assist a quality inspector on a production line. Use only the measured facts you are "
-                      "given; if they do not answer the question, say so. Answer in at most two short sentences.")
+                      "given; if they do not answer the question, say so. Sizes are known only in % of the part "
+                      "and in pixels, never in millimetres. Answer in at most two short sentences.")
 REMARK_PREFIX = "Likely cause:"  # starts the assistant's turn: no preamble tokens, straight to the point
 SENTENCE_END = (". ", ".\n", "!", "?", "\n")
 DEFECT_WORDS = ("scratch", "crack", "hole", "stain", "missing", "dent", "rust", "chip", "contamination", "burr",
-                "tear", "deformation")
+                "tear", "deformation", "burn", "gouge", "blister", "bubble", "pit", "scorch", "corrosion")
+# physical units: a frame has no physical scale unless the facts carry one (``mm_per_px``)
+_UNIT = (r"(?:mm|cm|µm|μm|um|nm|inch(?:es)?|millimet(?:er|re)s?|centimet(?:er|re)s?|micro(?:n|met(?:er|re))s?"
+         r"|met(?:er|re)s?)")
+_NUMBER_UNIT = re.compile(rf"\d+(?:[.,]\d+)?\s*{_UNIT}\b|\b(?:millimet|centimet|micron|micromet|inch)\w*")
+_PERCENT = re.compile(r"(\d+(?:\.\d+)?)\s*(?:%|percent|per cent)")
+_FRACTIONS = {"half": 50.0, "a third": 33.0, "one third": 33.0, "a quarter": 25.0, "one quarter": 25.0,
+              "two thirds": 67.0, "three quarters": 75.0, "most of": 60.0, "the whole": 100.0, "the entire": 100.0,
+              "all of the part": 100.0, "all over": 100.0}
+# size adjectives: 'large' needs the main region to cover >= LARGE_PCT of the part, 'small' < SMALL_PCT
+LARGE_PCT, SMALL_PCT = 10.0, 2.0
+_LARGE = re.compile(r"\b(?:large|big|huge|massive|extensive|major|deep|severe)\b")
+_SMALL = re.compile(r"\b(?:small|tiny|minor|minute|pinhole|speck|slight)\b")
+_LIGHT = re.compile(r"\b(?:lighter|brighter|bright|pale|shiny|glossy)\b")
+_DARK = re.compile(r"\b(?:darker|dark|darkened|blackened)\b")
+COLOUR_WORDS = ("white", "black", "grey", "gray", "red", "orange", "yellow", "green", "cyan", "blue", "purple",
+                "pink", "brown")
+# measured colour word -> words also allowed for it (colour names are coarse: dark grey ~ black)
+_NEAR_COLOURS = {"dark": {"black"}, "black": {"dark", "grey", "gray"}, "grey": {"gray"},
+                 "brown": {"orange", "red", "yellow"}, "orange": {"brown"}, "red": {"brown"}, "yellow": {"brown"}}
 
 
 def _word_forms(word: str) -> str:
@@ -52,11 +72,17 @@ def _position_mentions(text: str) -> list[str]:
 
 
 def contradictions(text: str, facts: DefectFacts, vocabulary: Sequence[str] = DEFECT_WORDS) -> list[str]:
-    """What in `text` conflicts with `facts`: positions, defect types or brightness not measured.
+    """What in `text` conflicts with `facts`: positions, defect types, brightness, colours or sizes
+    not measured.
 
     A position word is allowed only if some region is there (the whole 3x3 cell name or its row/
     column word: "top" fits "top left"); a defect word only if it is a region's type (a region of
-    unknown type allows none); "darker"/"lighter" only if a region has that tone.
+    unknown type allows none); "darker"/"dark" or "lighter"/"bright"/"pale" only if a region has that
+    tone; a colour word only if it is a region's or its surroundings' measured colour (or a near
+    one: black ~ dark grey); a physical unit (mm, cm, inch, µm) only when the facts carry a physical
+    scale; a percentage or fraction ("half of the part") only within 1.5x of a region's measured
+    share (between its visible area and the map's extent); "large"/"deep" only from `LARGE_PCT`,
+    "small"/"tiny" only below `SMALL_PCT`.
     """
     issues = []
     positions = {r.position for r in facts.regions}
@@ -74,11 +100,64 @@ def contradictions(text: str, facts: DefectFacts, vocabulary: Sequence[str] = DE
         if re.search(_word_forms(word), low):
             issues.append(f"type '{word}' (measured: {', '.join(sorted(types)) or 'unknown'})")
     tones = {r.tone for r in facts.regions}
-    if re.search(r"\b(darker|dark spot)\b", low) and "darker" not in tones:
-        issues.append(f"'darker' (measured: {', '.join(sorted(tones))})")
-    if re.search(r"\b(lighter|brighter)\b", low) and "lighter" not in tones:
-        issues.append(f"'lighter' (measured: {', '.join(sorted(tones))})")
+    colours = {w for r in facts.regions for c in (getattr(r, "colour", None), getattr(r, "surround_colour", None))
+               if c for w in str(c).split()}
+    if _LIGHT.search(low) and "lighter" not in tones:
+        issues.append(f"'{_LIGHT.search(low).group(0)}' (measured: {', '.join(sorted(tones))})")
+    dark = _DARK.search(re.sub(r"\bdark (?=grey|gray)", " ", low) if "dark" in colours else low)
+    if dark and "darker" not in tones:
+        issues.append(f"'{dark.group(0)}' (measured: {', '.join(sorted(tones))})")
+    issues += _colour_issues(low, colours)
+    issues += _size_issues(low, facts)
     return issues
+
+
+def _colour_issues(low: str, colours: set[str]) -> list[str]:
+    """Colour words that are neither the region's nor its surroundings' measured colour (nor a near one)."""
+    if not colours:  # facts without colours (an old record): nothing to check against
+        return []
+    allowed = set(colours) | {n for c in colours for n in _NEAR_COLOURS.get(c, ())}
+    return [f"colour '{c}' (measured: {' / '.join(sorted(colours))})" for c in COLOUR_WORDS
+            if c not in allowed and re.search(rf"\b{c}(?:ish)?\b", low)]
+
+
+def _size_issues(low: str, facts: DefectFacts) -> list[str]:
+    """Physical units without a physical scale, and sizes that disagree with the measured share of the part."""
+    issues = []
+    if getattr(facts, "mm_per_px", None) is None:
+        unit = _NUMBER_UNIT.search(low)
+        if unit:
+            issues.append(f"size '{unit.group(0).strip()}' (measured only in % of the part and px: no physical scale)")
+    # a region's share of the part lies between its visible area and the coarse map's extent
+    spans = [(min(a, b), max(a, b)) for r in facts.regions
+             for a, b in [(float(getattr(r, "area_pct", 0.0) or 0.0),
+                           float(getattr(r, "map_area_pct", 0.0) or getattr(r, "area_pct", 0.0) or 0.0))]]
+    if not spans:
+        return issues
+
+    def fits(pct: float) -> bool:  # within a factor 1.5 (or 1 point) of a region's measured span
+        return any(lo / 1.5 - 1.0 <= pct <= hi * 1.5 + 1.0 for lo, hi in spans)
+
+    total = sum(lo for lo, _ in spans), sum(hi for _, hi in spans)
+    for m in _PERCENT.finditer(low):
+        pct = float(m.group(1))
+        if not fits(pct) and not (total[0] / 1.5 - 1.0 <= pct <= total[1] * 1.5 + 1.0):
+            issues.append(f"size '{m.group(0)}' (measured: {_spans_text(spans)} of the part)")
+    for phrase, pct in _FRACTIONS.items():
+        if re.search(rf"\b{phrase}\b", low) and not fits(pct):
+            issues.append(f"size '{phrase}' (~{pct:.0f}%; measured: {_spans_text(spans)} of the part)")
+    main_hi = spans[0][1]
+    large, small = _LARGE.search(low), _SMALL.search(low)
+    if large and main_hi < LARGE_PCT:
+        issues.append(f"size '{large.group(0)}' (measured: {_spans_text(spans[:1])} of the part; "
+                      f"'large' needs >= {LARGE_PCT:.0f}%, and depth is not measured)")
+    if small and spans[0][0] >= SMALL_PCT:
+        issues.append(f"size '{small.group(0)}' (measured: {_spans_text(spans[:1])} of the part)")
+    return issues
+
+
+def _spans_text(spans: Sequence[tuple[float, float]]) -> str:
+    return ", ".join(f"{lo:.1f}%" if abs(hi - lo) < 0.05 else f"{lo:.1f}-{hi:.1f}%" for lo, hi in spans)
 
 
 _STOP_WORDS = frozenset("a an the of and or to in on at by is it its this that with from for be was as likely "
@@ -149,7 +228,7 @@ def facts_sentence(facts: DefectFacts, product: str = "part") -> str:
     tone = "similar in brightness to its surroundings" if r.tone == "similar brightness" else \
         f"{r.tone} than its surroundings"
     orient = "" if r.orientation == "none" else f" {r.orientation}"
-    text = (f"{what} {where} of the {product}: {r.area_pct:.1f}% of the part ({r.area_px} px), "
+    text = (f"{what} {where} of the {product}: {r.size_text()}, "
             f"{r.shape}{orient}, {tone}, {r.colour}.")
     if facts.n_regions > 1:
         others = ", ".join(o.position for o in facts.regions[1:4])
