@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from iadgpt.cli import run_reporting_errors, writable_output  # noqa: E402
 
 from iadgpt.bundle import Bundle  # noqa: E402
+from iadgpt.errors import ConfigError  # noqa: E402
 from iadgpt.runtime.detector import Detector  # noqa: E402
 from iadgpt.runtime.sources import Frame  # noqa: E402
 from iadgpt.runtime.synthetic import SyntheticProduct  # noqa: E402
@@ -165,6 +166,10 @@ def main(argv: list[str] | None = None) -> int:
                         "default: back to back")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
+    if args.frames < 1:  # the report's percentiles need at least one timed frame
+        raise ConfigError(f"--frames {args.frames} must be at least 1: the number of frames to time")
+    if args.warmup < 0:
+        raise ConfigError(f"--warmup {args.warmup} must be 0 or more: the frames judged before timing starts")
     writable_output(args.json)
 
     backends = args.compare.split(",") if args.compare else [args.backend]

@@ -482,6 +482,26 @@ class BundleWriter:
         log.debug("bundle %s: added graph %s (%s)", self.path, role, entry["file"])
         return copy.deepcopy(entry)
 
+    def copy_graph(self, role: str, src: "Bundle", src_role: str, precision: str) -> dict[str, Any]:
+        """Copy graph `src_role` of another (verified) bundle in as `role`, with the inputs, outputs and
+        external data its manifest lists: no `onnx` needed, so a station install can rewrite a bundle."""
+        self._require_open()
+        _check_name("graph role", role)
+        if role in self.manifest["graphs"]:
+            raise BundleError(f"graph role {role!r} added twice to bundle {self.path}")
+        known = src.graphs[src_role]
+        entry: dict[str, Any] = {"file": f"{GRAPHS_DIR}/{_check_name('graph file', f'{role}.onnx')}",
+                                 "precision": str(precision)}
+        entry["sha256"] = _copy_and_hash(src.path / known["file"], self._claim(entry["file"]))
+        externals = []
+        for ext in known.get("external_data", []):  # their names are inside the graph: keep them
+            externals.append({"file": ext["file"],
+                              "sha256": _copy_and_hash(src.path / ext["file"], self._claim(ext["file"]))})
+        entry.update(external_data=externals, inputs=copy.deepcopy(known["inputs"]),
+                     outputs=copy.deepcopy(known["outputs"]))
+        self.manifest["graphs"][role] = entry
+        return copy.deepcopy(entry)
+
     def add_array(self, name: str, array: np.ndarray, *,
                   provenance: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
         """Save a reference array as `references/<name>.npy` (never pickled)."""
@@ -773,7 +793,8 @@ class Bundle:
         for key, entry in m["thresholds"].items():
             value = entry.get("value") if isinstance(entry, dict) else None
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-                raise BundleError(f"{where}: thresholds.{key} needs a finite number `value`, got {entry!r}; "
+                shown = entry.get("value", "no value") if isinstance(entry, dict) else entry  # not its image hashes
+                raise BundleError(f"{where}: thresholds.{key} needs a finite number `value`, got {shown!r}; "
                                   "re-fit it with `iadgpt calibrate BUNDLE --normal DIR`")
 
     # -- later steps (calibration, engine builds)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -24,10 +25,18 @@ from iadgpt.errors import DataError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Sample", "IMAGE_EXTENSIONS", "mvtec_train", "mvtec_test", "visa_split", "load_split",
-           "read_image", "read_mask"]
+__all__ = ["Sample", "IMAGE_EXTENSIONS", "MIN_REFERENCE_SIDE", "mvtec_train", "mvtec_test", "visa_split",
+           "load_split", "is_image_name", "check_link", "image_files", "read_image", "read_reference_image",
+           "read_mask"]
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+# what every image listing takes (export, calibrate, eval and the station's folder source), so a
+# file judged on the line can also be a reference image; all of them OpenCV decodes
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pnm"})
+# Shorter side, px, below which an image is refused as a reference (export's bank, calibration's
+# normals and defects). The coarsest feature cell of every backbone is 14-16 px (EfficientNet's
+# stride 16, a ViT patch): a smaller picture holds less than one cell, and stretched to the input it
+# is a flat blur, not a part (a stray 1x1 PNG moved a calibrated threshold from 0.93 to 1.0).
+MIN_REFERENCE_SIDE = 16
 GOOD = "good"
 MVTEC_LAYOUT = ("the MVTec AD layout <category>/train/good/*.png, <category>/test/<defect>/*.png, "
                 "<category>/ground_truth/<defect>/<name>_mask.png")
@@ -52,11 +61,29 @@ class Sample:
 
 # --------------------------------------------------------------------------- listing
 
-def _images_in(folder: Path) -> list[Path]:
-    """Image files directly in ``folder``, sorted by name; hidden files are ignored."""
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and not p.name.startswith(".")
-                  and p.suffix.lower() in IMAGE_EXTENSIONS)
+def is_image_name(name: str) -> bool:
+    """An image extension, and not hidden (``.DS_Store``, macOS's ``._x.png`` resource forks)."""
+    return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def check_link(path: Path) -> None:
+    """DataError for a symlink whose target is gone: skipping it would quietly use fewer images
+    than the folder shows."""
+    if path.is_symlink() and not path.exists():
+        raise DataError(f"{path} is a broken link to {os.readlink(path)}: the image it points to is missing; "
+                        "restore it or remove the link")
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Image files directly in ``folder``, sorted by name; hidden files are ignored, a broken link
+    is a DataError."""
+    out = []
+    for p in sorted(Path(folder).iterdir()):
+        if is_image_name(p.name):
+            check_link(p)
+            if p.is_file():  # not a folder named x.png
+                out.append(p)
+    return out
 
 
 def _subfolders(folder: Path) -> list[Path]:
@@ -83,7 +110,7 @@ def _require_dir(folder: Path, what: str) -> Path:
 
 
 def _require_images(folder: Path) -> list[Path]:
-    images = _images_in(folder)
+    images = image_files(folder)
     if not images:
         raise DataError(f"{folder}: no images; expected files ending in "
                         f"{', '.join(sorted(IMAGE_EXTENSIONS))}")
@@ -212,6 +239,17 @@ def _decode(path: PathLike, flags: int) -> np.ndarray:
 def read_image(path: PathLike) -> np.ndarray:
     """RGB uint8 (H, W, 3); grey images are expanded to 3 channels, alpha dropped."""
     return cv2.cvtColor(_decode(path, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+
+
+def read_reference_image(path: PathLike) -> np.ndarray:
+    """`read_image` for an image that shows a bundle what a part looks like: a thumbnail or a
+    placeholder (shorter side under MIN_REFERENCE_SIDE) is refused, naming the file."""
+    img = read_image(path)
+    h, w = img.shape[:2]
+    if min(h, w) < MIN_REFERENCE_SIDE:
+        raise DataError(f"{path}: {w}x{h} px is too small to show a part (the shorter side must be at least "
+                        f"{MIN_REFERENCE_SIDE} px); remove it from the folder or replace it with a real capture")
+    return img
 
 
 def read_mask(sample_or_path: Union[Sample, PathLike], shape: tuple[int, ...],

@@ -12,7 +12,7 @@ import pytest
 from iadgpt import cli
 from iadgpt.bundle import Bundle
 from iadgpt.calibration.onboard import calibrate, list_defect_images
-from iadgpt.errors import BundleError, CalibrationError, ConfigError
+from iadgpt.errors import BundleError, CalibrationError, ConfigError, DataError
 from iadgpt.runtime.detector import Detector
 from iadgpt.runtime.preprocess import to_batch
 from iadgpt.runtime.sources import Frame
@@ -112,6 +112,45 @@ def test_too_few_held_out_images_says_how_many(tiny_bundle_path, product_dirs, t
     assert not (tmp_path / "b").exists()
 
 
+def test_a_tiny_image_is_refused_not_fitted_into_the_threshold(tiny_bundle_path, product_dirs, tmp_path):
+    """A 1x1 placeholder among the normals moved the image threshold (0.93 -> 1.0); among defects, the miss rate."""
+    normal = tmp_path / "normal"
+    shutil.copytree(product_dirs["normal"], normal)
+    cv2.imwrite(str(normal / "a_1x1.png"), np.zeros((1, 1, 3), np.uint8))  # first by name: fails at once
+    with pytest.raises(DataError, match=r"a_1x1.png: 1x1 px is too small"):
+        calibrate(tiny_bundle_path, normal, shots=0, target_frr=TARGET, out=tmp_path / "b", threads=2,
+                  progress=False)
+    defects = tmp_path / "defects"
+    shutil.copytree(product_dirs["root"], defects)
+    kind = next(p.name for p in (defects / "test").iterdir() if p.name != "good")
+    cv2.imwrite(str(defects / "test" / kind / "a_8x40.png"), np.zeros((8, 40, 3), np.uint8))
+    cv2.imwrite(str(defects / "ground_truth" / kind / "a_8x40_mask.png"), np.zeros((8, 40), np.uint8))
+    with pytest.raises(DataError, match=r"a_8x40.png: 40x8 px is too small"):
+        calibrate(tiny_bundle_path, product_dirs["normal"], shots=0, defects_dir=defects / "test",
+                  target_frr=TARGET, out=tmp_path / "b", threads=2, progress=False)
+    assert not (tmp_path / "b").exists()
+
+
+def test_listings_skip_hidden_files_and_refuse_broken_links(product_dirs, tmp_path):
+    from iadgpt.calibration.onboard import list_normal_images
+
+    normal = tmp_path / "normal"
+    shutil.copytree(product_dirs["normal"], normal)
+    n = len(list_normal_images(normal))
+    (normal / "._good_000.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (normal / ".DS_Store").write_bytes(b"\x00" * 8)
+    cv2.imwrite(str(normal / "zz.pgm"), np.full((32, 32), 128, np.uint8))  # what `iadgpt run` judges
+    assert len(list_normal_images(normal)) == n + 1
+    (normal / "zz_gone.png").symlink_to(tmp_path / "moved.png")
+    with pytest.raises(DataError, match=r"zz_gone.png is a broken link to .*moved.png"):
+        list_normal_images(normal)
+    defects = tmp_path / "defects"
+    shutil.copytree(product_dirs["defects"], defects)
+    (defects / "scratch_gone.png").symlink_to(tmp_path / "moved.png")
+    with pytest.raises(DataError, match="scratch_gone.png is a broken link"):
+        list_defect_images(defects)
+
+
 def test_histogram_path_without_a_suffix_is_the_png_written(calibrated, tmp_path):
     from iadgpt.calibration.onboard import write_histogram
 
@@ -162,6 +201,43 @@ def test_defects_with_some_masks_missing_are_refused_before_scoring(tiny_bundle_
                                                rf"{lost.name[:-len('_mask.png')]}"):
         calibrate(tiny_bundle_path, product_dirs["normal"], shots=SHOTS, defects_dir=root / "test", method="f1",
                   target_frr=TARGET, out=tmp_path / "out", progress=False)
+
+
+def test_defect_folder_holding_the_normal_images_is_refused(tiny_bundle_path, product_dirs, tmp_path, monkeypatch):
+    from iadgpt.calibration import onboard
+    monkeypatch.setattr(onboard, "_score", lambda *a, **k: pytest.fail("scored good parts as defects"))
+    with pytest.raises(CalibrationError, match=rf"{N_NORMAL} images are both normal .* and defective"):
+        calibrate(tiny_bundle_path, product_dirs["normal"], shots=SHOTS, defects_dir=product_dirs["normal"],
+                  target_frr=TARGET, out=tmp_path / "out", progress=False)
+
+
+def test_backend_aliases_are_the_names_run_takes(calibrated, product_dirs, tmp_path):
+    report = calibrate(calibrated[1].path, product_dirs["normal"], shots=0, backend="ORT", target_frr=TARGET,
+                       out=tmp_path / "out", progress=False)
+    assert report.backend == "onnxruntime"
+
+
+def test_a_station_without_matplotlib_calibrates_without_the_histogram(calibrated, product_dirs, tmp_path,
+                                                                      monkeypatch):
+    # the histogram import crashed after the thresholds were written: no report, no summary
+    import sys
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    report = calibrate(calibrated[1].path, product_dirs["normal"], shots=0, target_frr=TARGET, out=tmp_path / "out",
+                       progress=False)
+    assert report.histogram is None and "not drawn" in "\n".join(report.lines())
+    assert Bundle.load(tmp_path / "out").thresholds["image"]["value"] == pytest.approx(report.threshold)
+
+
+def test_calibrate_into_a_new_bundle_needs_no_onnx_package(calibrated, product_dirs, tmp_path, monkeypatch):
+    # a station install has onnxruntime, not `onnx`: copying the graphs read their inputs with `onnx`
+    import sys
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    src = calibrated[1]
+    calibrate(src.path, product_dirs["normal"], shots=0, target_frr=TARGET, out=tmp_path / "out", progress=False)
+    out = Bundle.load(tmp_path / "out")
+    for role, entry in src.graphs.items():
+        assert {k: out.graphs[role][k] for k in ("sha256", "inputs", "outputs", "precision")} == \
+            {k: entry[k] for k in ("sha256", "inputs", "outputs", "precision")}
 
 
 def test_tensorrt_calibration_without_tensorrt_is_refused_before_quantizing(calibrated, product_dirs, monkeypatch):

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 
 from conftest import write_parts
 
@@ -58,3 +59,30 @@ def test_a_nan_threshold_is_refused_not_a_station_that_passes_every_part(tiny_bu
     proc = _run(["run", str(tiny_bundle_path), "--source", "synthetic://part?count=3", "--threshold", "nan"])
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 2 and "--threshold nan is not a finite number" in out
+
+
+def test_a_bundle_that_cannot_judge_a_frame_stops_the_run_at_start(tiny_bundle_path, tmp_path):
+    """Not an error event for every part and exit 0 (forever, on a camera): one `error:` line, status 2."""
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_bundle_path, broken)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    manifest["graphs"]["encoder"], manifest["graphs"]["scorer"] = manifest["graphs"]["scorer"], manifest["graphs"]["encoder"]
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    events = tmp_path / "events.jsonl"
+    proc = _run(["run", str(broken), "--source", "synthetic://part?size=128&count=3", "--events", str(events)])
+    out, _ = proc.communicate(timeout=120)
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1, out
+    assert "cannot judge a frame" in errors[0] and "missing input" in errors[0] and "re-export" in errors[0]
+    assert not events.exists() or not events.read_text().strip()
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_max_frames_below_one_is_refused_before_anything_opens(value, capsys):
+    from iadgpt.cli import main
+
+    assert main(["run", "/nonexistent/bundle", "--source", "/nonexistent/folder", "--max-frames", value]) == 2
+    err = capsys.readouterr().err
+    assert f"--max-frames {value} must be at least 1" in err and "nonexistent" not in err

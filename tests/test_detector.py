@@ -120,6 +120,81 @@ def test_region_boxes_stay_inside_odd_sized_frames(detector):
         assert all(0 <= r.box[0] < r.box[2] <= w and 0 <= r.box[1] < r.box[3] <= h for r in v.regions), v.regions
 
 
+def _edited_copy(src, dest, edit_manifest=None, edit_bank=None):
+    """A copy of a bundle with its manifest and/or memory bank edited, sha256 kept in step (only a
+    frame shows the problem)."""
+    from iadgpt.bundle import sha256_file
+
+    shutil.copytree(src, dest)
+    manifest = json.loads((dest / "manifest.json").read_text())
+    if edit_bank is not None:
+        entry = manifest["references"]["memory_bank"]
+        bank = np.load(dest / entry["file"])
+        edit_bank(bank)
+        np.save(dest / entry["file"], bank)
+        entry["sha256"] = sha256_file(dest / entry["file"])
+    if edit_manifest is not None:
+        edit_manifest(manifest)
+    (dest / "manifest.json").write_text(json.dumps(manifest))
+    return Bundle.load(dest)
+
+
+def test_a_nan_score_is_an_error_event_not_a_passed_part(tiny_bundle_path, tmp_path):
+    """`score >= threshold` is False for NaN: a NaN bank used to pass every part."""
+    from iadgpt.runtime.preprocess import to_batch
+    from iadgpt.runtime.sources import open_source
+    from iadgpt.runtime.station import Station
+
+    def poison(bank):
+        bank[:] = np.nan
+
+    bundle = _edited_copy(tiny_bundle_path, tmp_path / "nan", edit_bank=poison)
+    image = defective_frames(1)[0].image
+    with Detector(bundle, "onnxruntime", threads=2) as det:
+        with pytest.raises(EngineError, match=r"non-finite score.*iadgpt inspect"):
+            det.detect(frame(image))
+        with pytest.raises(EngineError, match="non-finite"):  # what calibration and evaluation score with
+            det.score_batch(to_batch([image], bundle.input_spec))
+        with pytest.raises(BundleError, match="cannot judge a frame.*non-finite"):
+            det.self_check()
+
+        class Sink:
+            got = []
+
+            def write(self, verdict, frame):
+                self.got.append(verdict)
+
+            def close(self):
+                pass
+
+        sink = Sink()
+        with open_source(f"synthetic://part?size={TINY_SIZE}&count=2") as source:
+            stats = Station(det, source, [sink]).run()
+    assert stats.judged == 0 and stats.errors == 2
+    assert all(v.error and "non-finite" in v.error and not v.anomalous for v in sink.got)
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda m: m["backbone"]["input_spec"].update(size=[96, 96]), "expects float32 with shape"),
+    (lambda m: m["graphs"].update(encoder=m["graphs"]["scorer"], scorer=m["graphs"]["encoder"]), "missing input"),
+])
+def test_self_check_names_why_a_bundle_cannot_judge_frames(tiny_bundle_path, tmp_path, edit, words):
+    """What `iadgpt run` checks before opening its source (and `iadgpt inspect` reports)."""
+    with Detector(Bundle.load(tiny_bundle_path), "onnxruntime", threads=2) as det:
+        shapes = []
+        detect = det.detect
+        det.detect = lambda f: shapes.append(f.image.shape) or detect(f)
+        det.self_check()  # a sound bundle passes
+    h, w = det.spec.size
+    assert len(shapes) == 1 and shapes[0][0] > h and shapes[0][1] > w and shapes[0][0] != shapes[0][1], \
+        "the probe must go through the resize (and its mode), as a camera frame does"
+    broken = _edited_copy(tiny_bundle_path, tmp_path / "broken", edit_manifest=edit)
+    with Detector(broken, "onnxruntime", threads=2) as det:
+        with pytest.raises(BundleError, match="cannot judge a frame") as exc:
+            det.self_check()
+    assert words in str(exc.value) and "re-export" in str(exc.value)
+
+
 def test_unknown_backend_is_an_error_not_a_fallback(tiny_bundle_path):
     with pytest.raises(EngineError, match="onnxruntime"):
         Detector(Bundle.load(tiny_bundle_path), "openvino")

@@ -129,7 +129,7 @@ def test_inspect_flags_a_flipped_byte(exported, tmp_path, capsys):
 
 @pytest.mark.parametrize("edit, words", [
     (lambda m: m["graphs"].pop("encoder"), "has no graph 'encoder'"),
-    (lambda m: m["references"].pop("memory_bank"), "no reference array 'memory_bank'"),
+    (lambda m: m["references"].pop("memory_bank"), "scorer.references must map scorer inputs to arrays listed"),
     (lambda m: m["graphs"].update(encoder=m["graphs"]["scorer"], scorer=m["graphs"]["encoder"]), "missing input"),
     (lambda m: m["backbone"].update(layers=5), "MALFORMED"),
 ])
@@ -141,7 +141,7 @@ def test_inspect_says_no_when_the_bundle_cannot_score_a_frame(exported, tmp_path
     edit(manifest)  # every listed file still matches its hash: only a real frame shows the problem
     (broken / "manifest.json").write_text(json.dumps(manifest))
     assert main(["inspect", str(broken)]) == 2
-    assert words in capsys.readouterr().out
+    assert words in "".join(capsys.readouterr())  # refused at load (stderr) or by the one-frame check (stdout)
 
 
 def test_evaluate_bundle_matches_torch(dataset, exported):
@@ -300,3 +300,32 @@ def test_os_errors_are_one_line_errors_not_tracebacks(monkeypatch, capsys):
     monkeypatch.setattr(inspect_cmd, "run", read_only)
     assert main(["inspect", "x"]) == 2
     assert capsys.readouterr().err.startswith("error: Read-only file system: /mnt/ro/bundle; check the path")
+
+
+def test_reference_listing_skips_hidden_files_and_refuses_broken_links(dataset, tmp_path):
+    from iadgpt.errors import DataError
+
+    folder = tmp_path / "train"
+    shutil.copytree(dataset / CATEGORY / "train" / "good", folder)
+    names = sorted(p.name for p in folder.iterdir())
+    (folder / "._000.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # macOS resource fork
+    (folder / ".DS_Store").write_bytes(b"\x00" * 8)
+    cv2.imwrite(str(folder / "zz.webp"), np.full((32, 32, 3), 128, np.uint8))  # what `iadgpt run` judges
+    assert [p.name for p in list_images(folder)] == names + ["zz.webp"]
+    (folder / "zz_gone.png").symlink_to(tmp_path / "moved" / "x.png")
+    with pytest.raises(DataError, match=r"zz_gone.png is a broken link to .*moved/x.png"):
+        list_images(folder)
+
+
+def test_a_tiny_reference_image_is_refused_naming_it(dataset, tmp_path):
+    """A 1x1 placeholder would put hundreds of patches of one colour in the bank."""
+    from iadgpt.errors import DataError
+    from iadgpt.export.bundle_export import export_bundle
+
+    folder = tmp_path / "train"
+    shutil.copytree(dataset / CATEGORY / "train" / "good", folder)
+    cv2.imwrite(str(folder / "zz_1x1.png"), np.zeros((1, 1, 3), np.uint8))
+    with pytest.raises(DataError, match=r"zz_1x1.png: 1x1 px is too small.*at least 16 px"):
+        export_bundle("efficientnet-lite0", folder, tmp_path / "b", shots=0, resolution=int(RESOLUTION),
+                      progress=False)
+    assert not (tmp_path / "b").exists()

@@ -72,6 +72,50 @@ def test_folder_loop_wraps_with_monotonic_ids(folder: Path) -> None:
     assert not src.ended
 
 
+def test_a_looped_folder_whose_files_all_vanish_stops_instead_of_spinning(tmp_path: Path) -> None:
+    # Emptied mid-run, a looped folder wrote 59,037 "cannot decode" events in 10 s
+    for name in ("a.png", "b.png"):
+        cv2.imwrite(str(tmp_path / name), np.zeros((8, 8, 3), np.uint8))
+    src = open_source(tmp_path, loop=True)
+    assert src.read().image is not None
+    for name in ("a.png", "b.png"):
+        (tmp_path / name).unlink()
+    frames = [src.read(), src.read(), src.read()]  # b (rest of pass 1), then a full pass of a and b
+    assert all(f.image is None and "is missing (deleted or moved" in f.meta["error"] for f in frames)
+    with pytest.raises(SourceError, match="all 2 files of .* failed in the last pass"):
+        src.read()
+
+
+def test_a_truncated_jpeg_is_an_error_frame_not_a_part(tmp_path: Path) -> None:
+    """cv2.imread gives a truncated JPEG a grey band and no error: the part would be judged."""
+    ok, data = cv2.imencode(".jpg", np.random.default_rng(0).integers(0, 255, (64, 80, 3), np.uint8))
+    (tmp_path / "a.jpg").write_bytes(data.tobytes())
+    (tmp_path / "b.jpg").write_bytes(data.tobytes()[: len(data) * 3 // 4])
+    frames = list(open_source(tmp_path))
+    assert frames[0].image is not None and frames[0].image.shape == (64, 80, 3)
+    assert frames[1].image is None and frames[1].meta["error"] == f"cannot decode {tmp_path / 'b.jpg'}"
+
+
+def test_folder_takes_what_export_and_calibrate_take(folder: Path) -> None:
+    """Hidden files (macOS `._x.png`, `.DS_Store`) are skipped as export and calibrate skip them; a
+    broken link is an error frame naming it and its target, not a silent skip; extensions are one set."""
+    from iadgpt.data import IMAGE_EXTENSIONS
+
+    (folder / "._a.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (folder / ".DS_Store").write_bytes(b"\x00" * 8)
+    (folder / "d_gone.png").symlink_to(folder / "missing.png")
+    _write_rgb(folder / "e.webp", (9, 9, 9))
+    with open_source(folder) as src:
+        frames = list(src)
+        assert src.errors == 2
+    assert [Path(f.meta["path"]).name for f in frames] == ["a.png", "b.png", "b_bad.png", "c.png", "d_gone.png",
+                                                           "e.webp"]
+    gone = frames[4]
+    assert gone.image is None and "broken link" in gone.meta["error"] and "missing.png" in gone.meta["error"]
+    assert frames[5].image is not None
+    assert set(sources.IMAGE_EXTS) == IMAGE_EXTENSIONS
+
+
 def test_empty_folder(tmp_path: Path) -> None:
     with pytest.raises(SourceError, match="no images"):
         open_source(tmp_path)

@@ -34,7 +34,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 import numpy as np
 
 from ..bundle import Bundle, BundleWriter, check_bundle_target, sha256_file, swap_into_place
-from ..data import IMAGE_EXTENSIONS, read_image, read_mask
+from ..data import IMAGE_EXTENSIONS, check_link, image_files, is_image_name, read_mask, read_reference_image
 from ..errors import CalibrationError
 from . import thresholds as th
 
@@ -107,9 +107,11 @@ class CalibrationReport:
             out.append(f"  INT8 encoder{when}: feature cosine vs fp32 {cos}; stem {stem}; {kept} nodes kept in float")
         if self.histogram:
             out.append(f"  score histogram {self.histogram}")
+        elif "histogram" in self.timings:
+            out.append("  score histogram not drawn (matplotlib is not installed here)")
         steps = ", ".join(f"{k} {v:.1f} s" for k, v in self.timings.items() if k != "histogram")
         out.append(f"  calibrated in {self.seconds:.1f} s ({steps})"
-                   + (f"; histogram drawn in {self.timings['histogram']:.1f} s" if "histogram" in self.timings else ""))
+                   + (f"; histogram drawn in {self.timings['histogram']:.1f} s" if self.histogram else ""))
         return out
 
 
@@ -117,13 +119,13 @@ class CalibrationReport:
 
 
 def list_normal_images(folder: PathLike) -> list[Path]:
-    """Image files directly in `folder`, sorted by name (the order export and eval use)."""
+    """Image files directly in `folder`, sorted by name (the order export and eval use); hidden files
+    are skipped, a broken link is a DataError."""
     root = Path(folder)
     if not root.is_dir():
         raise CalibrationError(f"normal image folder {root} does not exist; pass --normal DIR with images of "
                                "good parts")
-    images = sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")
-                    and p.suffix.lower() in IMAGE_EXTENSIONS)
+    images = image_files(root)
     if not images:
         raise CalibrationError(f"{root} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); pass --normal DIR "
                                "with images of good parts")
@@ -142,10 +144,12 @@ def list_defect_images(folder: PathLike) -> list[tuple[Path, Optional[Path]]]:
     out = []
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root).parts
-        if (not p.is_file() or p.suffix.lower() not in IMAGE_EXTENSIONS or any(s.startswith(".") for s in rel)
+        if (not is_image_name(p.name) or any(s.startswith(".") for s in rel)
                 or GOOD in rel[:-1] or "ground_truth" in rel[:-1] or p.stem.endswith("_mask")):
             continue
-        out.append((p, _find_mask(p, root)))
+        check_link(p)
+        if p.is_file():  # not a folder named x.png
+            out.append((p, _find_mask(p, root)))
     if not out:
         raise CalibrationError(f"{root} holds no defect images (a 'good' subfolder is skipped)")
     return out
@@ -184,7 +188,7 @@ def _batches(paths: Sequence[Path], spec: Any, prefetch: bool = True) -> Iterato
     from ..runtime.preprocess import to_batch
 
     def load(i: int) -> np.ndarray:
-        return to_batch([read_image(p) for p in paths[i:i + BATCH]], spec)
+        return to_batch([read_reference_image(p) for p in paths[i:i + BATCH]], spec)
 
     starts = list(range(0, len(paths), BATCH))
     if not prefetch or len(starts) < 2:
@@ -336,6 +340,7 @@ def calibrate(bundle_path: PathLike, normal_dir: PathLike, *, shots: int = 4, ho
                        "`iadgpt export --decoder CKPT --train-dir DIR --shots K` for a new bank)")
         raise CalibrationError(f"bundle {src.path} scores with {cfg.get('kind')!r}, not a memory bank{rebuild}: pass "
                                "--shots 0 to fit thresholds only")
+    backend = {"ort": "onnxruntime", "trt": "tensorrt"}.get(str(backend).lower(), backend)  # the names run takes
     if int8 and backend not in ("onnxruntime", "tensorrt"):
         raise CalibrationError(f"--int8 makes a Q/DQ graph for onnxruntime or tensorrt, not {backend!r}")
     # everything that can be refused is refused before any work: a failure later leaves the bundle as it was
@@ -371,7 +376,12 @@ def calibrate(bundle_path: PathLike, normal_dir: PathLike, *, shots: int = 4, ho
                                    "pass --backend onnxruntime") from None
 
     t = time.perf_counter()
-    split = split_images(src, list_normal_images(normal_dir), shots, holdout, seed)
+    normals = list_normal_images(normal_dir)
+    both = sorted({p.resolve() for p in normals} & {p.resolve() for p, _ in defects})
+    if both:  # a part cannot be good and defective: the miss rate would be measured on good parts
+        raise CalibrationError(f"{len(both)} images are both normal (--normal) and defective (--defects), e.g. "
+                               f"{both[0]}; give --defects a folder of defective parts only")
+    split = split_images(src, normals, shots, holdout, seed)
     shot_paths, shot_hashes, pool, pool_hashes = split.shots, split.shot_hashes, split.holdout, split.holdout_hashes
     need = th.min_images_for(target_frr, method) if method in ("quantile", "tail") else th.MIN_TAIL_IMAGES
     if len(pool) < need:
@@ -532,8 +542,12 @@ def _rewrite(src: Bundle, dest: Path, graphs: dict[str, tuple[Path, str]], score
     engines = _stash_engines(src, tmp_dir)
     bank_name = (src.scorer.get("references") or {}).get("bank")
     with BundleWriter(dest, backbone=src.backbone, scorer=scorer, extra=src.extra) as w:
+        own = {src.graph_path(role): role for role in src.graphs}
         for role, (path, precision) in graphs.items():
-            w.add_graph(role, path, precision=precision)
+            if path in own:  # unchanged: copied by its manifest entry (no `onnx` on a station)
+                w.copy_graph(role, src, own[path], precision)
+            else:
+                w.add_graph(role, path, precision=precision)
         for name, entry in src.references.items():
             if bank is not None and name == bank_name:
                 w.add_array(name, bank, provenance=bank_provenance)
@@ -592,9 +606,14 @@ def _restore_engines(bundle: Bundle, engines: list[tuple[str, Path, dict[str, An
 # --------------------------------------------------------------------------- report figure
 
 
-def write_histogram(report: CalibrationReport, path: Path) -> Path:
-    """Held-out normal (and defect) image scores with the threshold: what the line will see."""
-    import matplotlib
+def write_histogram(report: CalibrationReport, path: Path) -> Optional[Path]:
+    """Held-out normal (and defect) image scores with the threshold: what the line will see. None
+    without matplotlib (a station install): the thresholds do not need the picture."""
+    try:
+        import matplotlib
+    except ImportError:
+        log.warning("score histogram not drawn: matplotlib is not installed here (pip install matplotlib)")
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

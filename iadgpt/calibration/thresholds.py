@@ -334,4 +334,5 @@ def _scores(name: str, values: Sequence[float]) -> np.ndarray:
 
 def check_rate(name: str, value: float) -> None:
     if not 0.0 < float(value) < 1.0:
-        raise CalibrationError(f"{name} must be a fraction in (0, 1), got {value} (e.g. 0.005 for 0.5%)")
+        example = "0.95 for 95%" if "recall" in name else "0.005 for 0.5%"
+        raise CalibrationError(f"{name} must be a fraction in (0, 1), got {value} (e.g. {example})")

@@ -170,14 +170,11 @@ def _threshold_lines(th: dict, path: Path) -> list[str]:
 
 
 def _runs_here(bundle: Any) -> list[str]:
-    """Problems loading each graph in an ONNX Runtime CPU session, then scoring one blank frame
-    the way a station does (encoder -> scorer with the references); empty: it runs."""
-    import numpy as np
-
-    from ..errors import IadGptError
+    """Problems loading each graph in an ONNX Runtime CPU session, then judging one frame the way
+    `iadgpt run` checks it at start (`Detector.self_check`); empty: it runs."""
+    from ..errors import BundleError, IadGptError
     from ..runtime.detector import Detector
     from ..runtime.engines import OrtEngine
-    from ..runtime.sources import Frame
 
     problems = []
     for role, g in sorted(bundle.graphs.items()):
@@ -190,10 +187,9 @@ def _runs_here(bundle: Any) -> list[str]:
         return problems
     try:  # the graphs load one by one; do they fit each other, the references and the input spec?
         with Detector(bundle, "onnxruntime", threads=1, threshold=float("inf")) as det:
-            h, w = bundle.input_spec.size
-            verdict = det.detect(Frame(np.zeros((h, w, 3), np.uint8), 0, 0.0, "inspect"))
-        if not np.isfinite(verdict.score):
-            problems.append(f"a blank frame scores {verdict.score}: the scorer output is broken; re-export the bundle")
+            det.self_check()
+    except BundleError as exc:  # self_check's (or the references'): it names the bundle and the problem
+        problems.append(str(exc))
     except IadGptError as exc:
         problems.append(f"scoring a frame: {exc}")
     except Exception as exc:  # noqa: BLE001 - ONNX Runtime's own errors: the graphs do not fit together

@@ -25,7 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="CLIP weights folder the torch / cuda-graph backends rebuild from (default: the local "
                         "Hugging Face cache); onnxruntime and tensorrt run the bundle's graphs and ignore it")
     p.add_argument("--threshold", type=float, default=None, help="override the bundle's calibrated threshold")
-    p.add_argument("--max-frames", type=int, default=None)
+    p.add_argument("--max-frames", type=int, default=None, help="stop after this many frames (>= 1)")
     p.add_argument("--loop", action="store_true", help="restart files and folders at their end")
     p.set_defaults(run=run)
 
@@ -42,6 +42,9 @@ def run(args: argparse.Namespace) -> int:
     if args.threshold is not None and not math.isfinite(args.threshold):
         raise ConfigError(f"--threshold {args.threshold} is not a finite number: give the score above which a "
                           "part is NG, or leave it out to use the bundle's calibrated one")
+    if args.max_frames is not None and args.max_frames < 1:  # 0 or less would judge nothing and exit 0
+        raise ConfigError(f"--max-frames {args.max_frames} must be at least 1: the number of frames to judge, "
+                          "or leave it out to run until the source ends")
     if args.station:
         cfg = load_station_config(args.station)
     elif args.bundle and args.source:
@@ -61,10 +64,13 @@ def run(args: argparse.Namespace) -> int:
     stats = None
     try:
         with Detector(bundle, cfg.backend, threads=cfg.threads, threshold=cfg.threshold,
-                      weights=str(cfg.weights) if cfg.weights else None) as det, \
-                open_source(cfg.source, loop=args.loop) as source:
-            stats = Station(det, source, sinks, queue_size=cfg.queue_size, stats_interval_s=cfg.stats_interval_s,
-                            describer=describer).run(max_frames=args.max_frames)
+                      weights=str(cfg.weights) if cfg.weights else None) as det:
+            # a bundle that cannot judge a frame stops here, not with an error event for every part
+            det.self_check()
+            with open_source(cfg.source, loop=args.loop) as source:
+                stats = Station(det, source, sinks, queue_size=cfg.queue_size,
+                                stats_interval_s=cfg.stats_interval_s,
+                                describer=describer).run(max_frames=args.max_frames)
     finally:
         if describer is not None:
             hurry = stats is None or stats.stop_reason == "signal"

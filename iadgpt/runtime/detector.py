@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 
 from ..bundle import Bundle
-from ..errors import BundleError, ConfigError, EngineError, SourceError
+from ..errors import BundleError, ConfigError, EngineError, IadGptError, SourceError
 from .engines import Engine, OrtEngine
 from .preprocess import batch_to_pixels, encoder_input, pixel_channels, to_batch, to_pixels, to_rgb
 from .sources import Frame
@@ -170,7 +170,38 @@ class Detector:
         """(maps (B, H, W), scores (B,), stage timings in ms) for a `to_batch` batch (or, for an
         integer-input encoder, `to_pixels` pixels)."""
         maps, scores, timings, _ = self._score(batch)
+        self._check_finite(maps, scores)
         return maps, scores, timings
+
+    def _check_finite(self, maps: np.ndarray, scores: np.ndarray) -> None:
+        """EngineError for a NaN/inf score or map: `score >= threshold` is False for NaN, so the part
+        would pass (and a threshold fitted on such scores means nothing)."""
+        if np.isfinite(scores).all() and np.isfinite(maps).all():
+            return
+        what = "score" if not np.isfinite(scores).all() else "anomaly map"
+        raise EngineError(f"the {self.backend} engines gave a non-finite {what} (NaN or infinity): the references "
+                          f"or graphs of {self.bundle.path} hold broken numbers (or an fp16 engine overflows); check "
+                          f"it with `iadgpt inspect {self.bundle.path}` and re-export it with `iadgpt export`")
+
+    def self_check(self) -> None:
+        """Judge one blank frame as the station does, before the first part; BundleError naming why
+        when this bundle cannot judge frames here (graphs that do not fit each other, the references or
+        the input size, an unknown resize mode, a NaN score). `iadgpt inspect` and `iadgpt run` call
+        it: one frame at start instead of an error event for every part."""
+        h, w = self.spec.size
+        # larger than the input and not square, so the resize (and its mode) runs as for a camera frame
+        probe = Frame(np.zeros((h + h // 2 + 1, 2 * w + 1, 3), np.uint8), -1, time.time(), "self-check")
+        keep, self.keep_features = self.keep_features, False
+        try:
+            self.detect(probe)
+        except IadGptError as exc:
+            fix = "" if "re-export" in str(exc) else "; re-export the bundle"
+            raise BundleError(f"bundle {self.bundle.path} cannot judge a frame on {self.backend}: {exc}{fix}") from exc
+        except Exception as exc:  # noqa: BLE001 - the runtime's own errors: the graphs do not fit together
+            raise BundleError(f"bundle {self.bundle.path} cannot judge a frame on {self.backend}: "
+                              f"{type(exc).__name__}: {exc}; re-export the bundle") from exc
+        finally:
+            self.keep_features = keep
 
     def _score(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, float], dict[str, np.ndarray]]:
         if self.fast_path is not None:  # one frame per call, as on the line: same graph, same numerics
@@ -205,6 +236,7 @@ class Detector:
             t1 = time.perf_counter()
             maps, scores, timings, feats = self._score(batch)
         t2 = time.perf_counter()
+        self._check_finite(maps, scores)
         amap, score = maps[0], float(scores[0])
         anomalous = score >= self.threshold
         frame_hw = frame.image.shape[:2]

@@ -38,13 +38,14 @@ from urllib.parse import parse_qsl, urlsplit
 import cv2
 import numpy as np
 
-from iadgpt.errors import SourceError
+from iadgpt.data import IMAGE_EXTENSIONS, check_link, is_image_name, read_image
+from iadgpt.errors import DataError, SourceError
 from iadgpt.runtime.synthetic import SyntheticProduct, parse_synthetic_uri
 
 log = logging.getLogger(__name__)
 
 VIDEO_EXTS = (".mp4", ".avi", ".mkv", ".mov", ".m4v", ".webm", ".mpg", ".mpeg", ".wmv", ".ts", ".h264", ".h265")
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pnm")
+IMAGE_EXTS = tuple(sorted(IMAGE_EXTENSIONS))  # the set export and calibrate take, so all three agree
 STREAM_SCHEMES = ("rtsp", "rtsps", "rtmp", "http", "https", "udp", "tcp")
 
 
@@ -159,6 +160,7 @@ class ImageFolderSource(_BaseSource):
         self.paths = paths
         self.loop = loop
         self._pos = 0
+        self._failed_in_pass = 0
 
     def read(self, timeout: Optional[float] = None) -> Optional[Frame]:
         self._check_open()
@@ -166,15 +168,26 @@ class ImageFolderSource(_BaseSource):
             if not self.loop:
                 self.ended = True
                 return None
-            self._pos = 0
+            if self._failed_in_pass == len(self.paths):  # looping on would write thousands of error events a second
+                raise SourceError(f"all {len(self.paths)} files of {self.uri} failed in the last pass (deleted, "
+                                  "moved or unreadable); stopping the loop: check the folder and start again")
+            self._pos, self._failed_in_pass = 0, 0
         path = self.paths[self._pos]
         self._pos += 1
-        img = cv2.imread(path, cv2.IMREAD_COLOR)  # always 3-channel 8-bit BGR, or None
-        if img is None:
+        try:
+            check_link(Path(path))
+            if not os.path.exists(path):
+                raise DataError(f"{path} is missing (deleted or moved since the run started)")
+            try:  # strict, as calibrate and export read: cv2.imread gives a truncated JPEG a grey band, no error
+                img = read_image(path)  # always 3-channel 8-bit RGB
+            except DataError:
+                raise DataError(f"cannot decode {path}") from None
+        except DataError as exc:
             self.errors += 1
-            log.warning("cannot decode %s; emitting an error frame and going on", path)
-            return self._frame(None, path=path, error=f"cannot decode {path}")
-        return self._frame(_to_rgb(img), path=path)
+            self._failed_in_pass += 1
+            log.warning("%s; emitting an error frame and going on", exc)
+            return self._frame(None, path=path, error=str(exc))
+        return self._frame(img, path=path)
 
 
 class VideoFileSource(_BaseSource):
@@ -526,8 +539,13 @@ def _stream_opener(url: str, timeout: float) -> Callable[[], Any]:
     return lambda: cv2.VideoCapture(url, cv2.CAP_FFMPEG, params)
 
 
+def _listed(path: str) -> bool:
+    """A file to read, or a broken link (it gets an error event, not a silent skip)."""
+    return os.path.isfile(path) or (os.path.islink(path) and not os.path.exists(path))
+
+
 def _files_for(pattern: str) -> list[str]:
-    return sorted(p for p in glob.glob(pattern) if os.path.isfile(p))
+    return sorted(p for p in glob.glob(pattern) if _listed(p))
 
 
 def open_source(uri: Union[str, int, Path], *, loop: bool = False, timeout: float = 1.0,
@@ -611,7 +629,7 @@ def open_source(uri: Union[str, int, Path], *, loop: bool = False, timeout: floa
                               "and quote it so the shell does not expand it")
         return ImageFolderSource(text, files, loop=loop, timeout=timeout)
     if os.path.isdir(path):
-        files = sorted(str(p) for p in Path(path).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+        files = sorted(str(p) for p in Path(path).iterdir() if is_image_name(p.name) and _listed(str(p)))
         return ImageFolderSource(text, files, loop=loop, timeout=timeout)
     if os.path.isfile(path):
         if path.lower().endswith(IMAGE_EXTS):
