@@ -128,10 +128,10 @@ def _mask_for(gt_dir: Path, image: Path) -> Path:
     expected = gt_dir / f"{image.stem}_mask.png"
     if expected.is_file():
         return expected
-    for ext in sorted(IMAGE_EXTENSIONS - {".png"}):  # MVTec ships png; tolerate re-encoded copies
-        other = expected.with_suffix(ext)
-        if other.is_file():
-            return other
+    for ext in (".png", *sorted(IMAGE_EXTENSIONS - {".png"})):  # MVTec ships png; tolerate re-encoded copies
+        for other in (expected.with_suffix(ext), expected.with_suffix(ext.upper())):  # and Windows' .PNG
+            if other.is_file():
+                return other
     raise DataError(f"{expected}: missing ground-truth mask for the defective image {image}")
 
 
@@ -276,8 +276,12 @@ def read_mask(sample_or_path: Union[Sample, PathLike], shape: tuple[int, ...],
     top = int(mask.max())
     if 0 < top < threshold:  # e.g. 0/1 masks read against the 0/255 convention: every defect would vanish
         raise DataError(f"{path}: mask values are 0..{top}, all below the defect threshold {threshold}; masks "
-                        f"mark defects with 255 (write 0/1 masks as 0/255)")
+                        "are single-channel and mark defects with 255 (write 0/1 masks as 0/255, coloured "
+                        "masks as white on black)")
     if mask.shape != (h, w):
+        if abs(mask.shape[0] * w - mask.shape[1] * h) > 0.01 * mask.shape[1] * h:  # not a plain rescale
+            log.warning("%s: mask %sx%s has another aspect ratio than its image %sx%s; stretched to fit (check "
+                        "that it belongs to this image)", path, mask.shape[1], mask.shape[0], w, h)
         log.debug("%s: mask %s resized to image %s", path, mask.shape, (h, w))
         mask = cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST)
     return mask >= threshold

@@ -68,7 +68,8 @@ def test_a_bundle_that_cannot_judge_a_frame_stops_the_run_at_start(tiny_bundle_p
     broken = tmp_path / "broken"
     shutil.copytree(tiny_bundle_path, broken)
     manifest = json.loads((broken / "manifest.json").read_text())
-    manifest["graphs"]["encoder"], manifest["graphs"]["scorer"] = manifest["graphs"]["scorer"], manifest["graphs"]["encoder"]
+    graphs = manifest["graphs"]
+    graphs["encoder"], graphs["scorer"] = graphs["scorer"], graphs["encoder"]
     (broken / "manifest.json").write_text(json.dumps(manifest))
     events = tmp_path / "events.jsonl"
     proc = _run(["run", str(broken), "--source", "synthetic://part?size=128&count=3", "--events", str(events)])

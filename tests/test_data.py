@@ -154,6 +154,22 @@ def test_missing_mask_names_expected_mask_path(mvtec_root):
     assert str(missing) in str(err.value)
 
 
+def test_a_mask_with_an_upper_case_extension_is_found(mvtec_root):
+    # 001_mask.PNG (a Windows tool's name) was reported as a missing mask
+    mask = mvtec_root / "widget" / "ground_truth" / "crack" / "001_mask.png"
+    mask.rename(mask.with_suffix(".PNG"))
+    found = {s.path.name: s.mask_path for s in mvtec_test(mvtec_root, "widget") if s.defect_type == "crack"}
+    assert found["001.png"].name == "001_mask.PNG"
+
+
+def test_a_mask_of_another_aspect_ratio_is_stretched_with_a_warning(tmp_path, caplog):
+    path = _png(tmp_path / "m_mask.png", np.full((6, 4), 255, np.uint8))
+    assert read_mask(path, (6, 8)).all()  # stretched: 4 wide -> 8 wide
+    assert "another aspect ratio" in caplog.text
+    caplog.clear()
+    assert read_mask(path, (12, 8)).all() and "aspect ratio" not in caplog.text  # a plain 2x rescale
+
+
 def test_missing_ground_truth_folder(mvtec_root):
     for p in (mvtec_root / "widget" / "ground_truth" / "scratch").iterdir():
         p.unlink()

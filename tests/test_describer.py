@@ -450,7 +450,8 @@ def test_real_smollm2_gated_generation_is_unchanged(smollm2):
 
 
 def _plateau_verdict(threshold=0.8):
-    """A dark 10x10 core (map 1.0) inside a 30x30 plateau of map 0.5: the region's extent depends on the pixel threshold."""
+    """A dark 10x10 core (map 1.0) inside a 30x30 plateau of map 0.5: the region's extent depends on the
+    pixel threshold."""
     verdict, frame = _flagged(7, box=(40, 40, 50, 50))
     amap = np.zeros((96, 96), np.float32)
     amap[30:60, 30:60] = 0.5
@@ -521,7 +522,8 @@ def test_chat_trims_old_turns_and_refuses_only_an_overlong_question(tmp_path, mo
     sink = JsonlSink(tmp_path / "events.jsonl", fsync="never")
     verdict, frame = _flagged(9)
     sink.write(verdict, frame)
-    sink.append(verdict.event_id, Describer(FakeLLM(), "flange").describe(DescribeRequest.from_verdict(verdict, frame.image)))
+    record = Describer(FakeLLM(), "flange").describe(DescribeRequest.from_verdict(verdict, frame.image))
+    sink.append(verdict.event_id, record)
     sink.close()
     llm = _ContextLLM()
     monkeypatch.setattr(mod, "make_llm", lambda spec: llm)

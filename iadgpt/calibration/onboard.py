@@ -159,9 +159,9 @@ def _find_mask(image: Path, root: Path) -> Optional[Path]:
     for ancestor in list(image.parents)[1:4]:
         gt = ancestor / "ground_truth" / image.parent.name
         for ext in (".png", *sorted(IMAGE_EXTENSIONS - {".png"})):
-            cand = gt / f"{image.stem}_mask{ext}"
-            if cand.is_file():
-                return cand
+            for cand in (gt / f"{image.stem}_mask{ext}", gt / f"{image.stem}_mask{ext.upper()}"):
+                if cand.is_file():
+                    return cand
     return None
 
 
