@@ -269,7 +269,7 @@ def test_lost_sink_events_and_failed_descriptions_are_in_the_stats() -> None:
     from types import SimpleNamespace
 
     class LossySink(RecordingSink):
-        dropped = 35
+        dropped, buffered = 35, 7  # an MQTT sink whose broker is away
 
     class QueueFullDescriber:
         stats = SimpleNamespace(failed=0)
@@ -280,7 +280,7 @@ def test_lost_sink_events_and_failed_descriptions_are_in_the_stats() -> None:
     rec = LossySink()
     with open_source(URI) as src:
         stats = Station(FakeDetector(), src, [rec], describer=QueueFullDescriber(), queue_size=64).run()
-    assert stats.sink_lost == {"rec": 35} and "sink lost rec=35" in stats.summary()
+    assert stats.sink_lost == {"rec": 35} and "sink lost rec=35, sink waiting rec=7" in stats.summary()
     assert stats.describer_errors == stats.flagged > 0
 
 

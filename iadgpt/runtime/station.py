@@ -66,6 +66,7 @@ class StationStats:
     dropped: int = 0  # frames dropped because inference fell behind
     sink_errors: dict[str, int] = field(default_factory=dict)  # per sink: absorbed + raised
     sink_lost: dict[str, int] = field(default_factory=dict)  # per sink: events its bounded buffer gave up
+    sink_waiting: dict[str, int] = field(default_factory=dict)  # per sink: events held back (disk full, broker away)
     describer_errors: int = 0  # flagged parts left undescribed: submit raised, or the describer's failed records
     fps: float = 0.0  # judged frames per second over the run
     latency_p50_ms: Optional[float] = None  # capture-to-verdict, recent judged frames
@@ -85,9 +86,11 @@ class StationStats:
                else f"{self.latency_p50_ms:.1f}/{self.latency_p99_ms:.1f} ms")
         sinks = ", ".join(f"{k}={v}" for k, v in self.sink_errors.items() if v) or "none"
         lost = ", ".join(f"{k}={v}" for k, v in self.sink_lost.items() if v)
+        waiting = ", ".join(f"{k}={v}" for k, v in self.sink_waiting.items() if v)
         return (f"frames {self.frames}, judged {self.judged}, NG {self.flagged}, errors {self.errors}, "
                 f"dropped {self.dropped}, {self.fps:.1f} fps, latency p50/p99 {lat}, "
                 f"reconnects {self.reconnects}, sink errors {sinks}" + (f", sink lost {lost}" if lost else "")
+                + (f", sink waiting {waiting}" if waiting else "")
                 + f", describer errors {self.describer_errors}")
 
 
@@ -463,6 +466,10 @@ class Station:
         # a broker down for long enough overflows MQTT's buffer: those events never arrive, and a
         # connection error count alone (one per attempt) does not say how many
         s.sink_lost = {name: int(getattr(sink, "dropped", 0) or 0) for name, sink in zip(self.sink_names, self.sinks)}
+        # a broker that accepts the connection but never answers shows no error for a long time: the
+        # events piling up in front of it (and a disk-full backlog) do
+        s.sink_waiting = {name: int(getattr(sink, "buffered", None) or getattr(sink, "backlog", 0) or 0)
+                          for name, sink in zip(self.sink_names, self.sinks)}
         described = getattr(self.describer, "stats", None)  # queue full, timeouts, crashes: failed records
         s.describer_errors = self._describer_raised + int(getattr(described, "failed", 0) or 0)
         if final:
