@@ -8,8 +8,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import shutil
+import signal
 import tempfile
+import threading
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -18,7 +24,7 @@ import cv2
 import numpy as np
 
 from . import __version__
-from .bundle import Bundle
+from .bundle import Bundle, swap_into_place
 from .errors import BundleError, ConfigError
 from .runtime.synthetic import SyntheticProduct
 
@@ -30,6 +36,10 @@ TRAIN_SEED, HOLDOUT_SEED, STREAM_SEED = 101, 202, 303
 TRAIN_IMAGES, HOLDOUT_IMAGES = 30, 60
 DEMO_CORESET = 0.1
 DEMO_TARGET_FRR = 0.02  # the lowest rate 60 held-out normals can promise is 1/61 (see calibration/thresholds.py)
+DEMO_BACKENDS = ("onnxruntime", "torch", "cuda-graph")  # tensorrt needs engines built for the GPU (`iadgpt build`)
+BUILD_PREFIX = ".demo-build-"  # a build's staging folder inside the cache
+STALE_BUILD_S = 3600.0  # a staging folder this old is a killed build's leftover (a build takes about a minute)
+OUTPUTS = ("events.jsonl", "overlays", "summary.json")  # what a demo run writes into --out
 
 
 def cache_dir() -> Path:
@@ -40,9 +50,20 @@ def cache_dir() -> Path:
     return Path(base) / "iadgpt"
 
 
+def check_backend(backend: str) -> None:
+    if backend not in DEMO_BACKENDS:
+        raise ConfigError(f"--backend {backend!r}: the demo runs on {', '.join(DEMO_BACKENDS)} (TensorRT needs "
+                          "engines built for the GPU: `iadgpt build` a bundle, then `iadgpt run`)")
+
+
 def demo_bundle(backend: str = "onnxruntime", threads: Optional[int] = None, rebuild: bool = False,
                 progress: bool = True) -> Bundle:
-    """The cached demo bundle, built and calibrated on first use."""
+    """The cached demo bundle, built and calibrated on first use.
+
+    Built and calibrated in a staging folder of the cache and swapped in when complete: a station or
+    a second demo never sees a bundle without thresholds, and an interrupted build leaves only a
+    staging folder, swept by a later build."""
+    check_backend(backend)  # also keeps the cache path to names we chose
     path = cache_dir() / f"demo-{DEMO_KIND}-{backend}-v{__version__}"
     if not rebuild:
         try:
@@ -55,13 +76,64 @@ def demo_bundle(backend: str = "onnxruntime", threads: Optional[int] = None, reb
                 log.warning("rebuilding the demo bundle: %s", exc)
     from .export.bundle_export import export_bundle  # workstation side: torch
 
+    root = _writable_cache(path.parent)
+    _sweep_stale_builds(root)
     product = SyntheticProduct(kind=DEMO_KIND, size=DEMO_SIZE, seed=TRAIN_SEED, defect_rate=0.0)
-    with tempfile.TemporaryDirectory(prefix="iadgpt-demo-") as tmp:
+    with _sigterm_as_interrupt(), tempfile.TemporaryDirectory(prefix=BUILD_PREFIX, dir=root) as tmp:
+        train = Path(tmp) / "train"
+        train.mkdir()
         for i in range(TRAIN_IMAGES):
-            cv2.imwrite(str(Path(tmp) / f"good_{i:03d}.png"), cv2.cvtColor(product.sample(i).image, cv2.COLOR_RGB2BGR))
-        bundle, _ = export_bundle("efficientnet-lite0", tmp, path, shots=0, coreset=DEMO_CORESET, progress=progress)
-    fit_demo_threshold(bundle, backend, threads)
+            cv2.imwrite(str(train / f"good_{i:03d}.png"), cv2.cvtColor(product.sample(i).image, cv2.COLOR_RGB2BGR))
+        bundle, _ = export_bundle("efficientnet-lite0", train, Path(tmp) / "bundle", shots=0, coreset=DEMO_CORESET,
+                                  progress=progress)
+        fit_demo_threshold(bundle, backend, threads)
+        if path.is_symlink() or path.is_file():  # our own name in our own cache: whatever broke it goes
+            path.unlink()
+        elif path.is_dir() and not (path / "manifest.json").is_file():
+            shutil.rmtree(path)
+        swap_into_place(bundle.path, path)
     return Bundle.load(path)
+
+
+def _writable_cache(root: Path) -> Path:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot make the demo cache {root} ({exc.strerror or exc}); set IADGPT_CACHE to a "
+                          "writable folder") from None
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise ConfigError(f"the demo cache {root} is not writable by this user; set IADGPT_CACHE to a writable "
+                          "folder")
+    return root
+
+
+def _sweep_stale_builds(root: Path) -> None:
+    """Staging folders of builds killed (SIGKILL, power cut) long ago: they would pile up."""
+    now = time.time()
+    for p in root.glob(f"{BUILD_PREFIX}*"):
+        try:
+            if now - p.stat().st_mtime > STALE_BUILD_S:
+                shutil.rmtree(p, ignore_errors=True)
+                log.info("removed %s, left by an interrupted demo build", p)
+        except OSError:
+            pass
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM during the build unwinds like Ctrl-C, so its staging folder is removed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def fit_demo_threshold(bundle: Bundle, backend: str, threads: Optional[int]) -> float:
@@ -127,6 +199,31 @@ class GroundTruthSink:
         pass
 
 
+def _prepare_out(out: Path) -> None:
+    """`out` is made (or emptied of an earlier demo's output) before minutes of bundle building; a
+    folder holding anything else is refused rather than mixed with or overwritten."""
+    if str(out) in ("", "."):
+        raise ConfigError("--out needs a folder name for events, overlays and summary.json (e.g. demo-out)")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; the demo writes a folder (events, overlays, summary.json): "
+                          "give a new or existing folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--out {out}: cannot create the folder ({exc.strerror or exc}); give a writable path") from exc
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out} is not writable by this user; give a writable folder")
+    present = sorted(p.name for p in out.iterdir())
+    foreign = [n for n in present if n not in OUTPUTS and not n.startswith("events.jsonl.")]
+    if foreign:
+        raise ConfigError(f"--out {out} already holds files the demo did not write ({', '.join(foreign[:3])}"
+                          f"{' ...' if len(foreign) > 3 else ''}); give a new or empty folder")
+    for name in present:  # an earlier demo's events and overlays would be mixed with this run's
+        target = out / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+
+
 def run_demo(out: Path, frames: int = 200, fps: float = 20.0, backend: str = "onnxruntime",
              threads: Optional[int] = None, on_flag: Optional[Callable[[str], None]] = None,
              rebuild: bool = False, describer: Optional[Any] = None) -> dict:
@@ -144,14 +241,11 @@ def run_demo(out: Path, frames: int = 200, fps: float = 20.0, backend: str = "on
     # with NaN latencies, and a file in the way of `out` would fail only then.
     if isinstance(frames, bool) or not isinstance(frames, (int, np.integer)) or frames < 1:
         raise ConfigError(f"--frames {frames!r}: give the number of synthetic parts to inspect, an integer >= 1")
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file; the demo writes a folder (events, overlays, summary.json): "
-                          "give a new or existing folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"--out {out}: cannot create the folder ({exc.strerror or exc}); give a writable path") from exc
+    if not math.isfinite(fps) or (fps != 0 and fps < 0.1) or fps < 0:
+        raise ConfigError(f"--fps {fps}: give the camera rate in frames per second (>= 0.1), or 0 for as fast as "
+                          "the station judges")
+    check_backend(backend)
+    _prepare_out(out)
     bundle = demo_bundle(backend, threads, rebuild=rebuild)
     truth = GroundTruthSink(on_flag=on_flag)
     sinks = [OverlaySink(out / "overlays"), JsonlSink(out / "events.jsonl"), truth]
@@ -165,8 +259,9 @@ def run_demo(out: Path, frames: int = 200, fps: float = 20.0, backend: str = "on
     p50, p99 = (float(np.percentile(lat, 50)), float(np.percentile(lat, 99))) if lat.size else (None, None)  # no NaN in JSON
     summary = {
         "frames": stats.frames, "judged": stats.judged, "flagged": truth.flagged,
-        "recall": truth.tp / max(truth.tp + truth.fn, 1),
-        "false_alarm_rate": truth.fp / max(truth.fp + truth.tn, 1),
+        # no rate over zero parts (a 1-frame run has no good part): null, not 0 %
+        "recall": truth.tp / (truth.tp + truth.fn) if truth.tp + truth.fn else None,
+        "false_alarm_rate": truth.fp / (truth.fp + truth.tn) if truth.fp + truth.tn else None,
         "defective": truth.tp + truth.fn, "good": truth.fp + truth.tn, "dropped": stats.dropped, "errors": stats.errors,
         "latency_ms": {"p50": p50, "p99": p99},
         "capture_to_verdict_ms": {"p50": stats.latency_p50_ms, "p99": stats.latency_p99_ms},

@@ -119,6 +119,8 @@ def test_threads_and_optimisation_level(linear_onnx: Path, monkeypatch) -> None:
     assert e.session_options is so
     with pytest.raises(EngineError, match="threads must be >= 1"):
         OrtEngine(linear_onnx, threads=0)
+    with pytest.raises(EngineError, match="threads 100000 is far more than"):  # was 1.6 GB and a hang
+        OrtEngine(linear_onnx, threads=100_000)
 
 
 def test_missing_onnxruntime_names_the_extra(linear_onnx: Path, monkeypatch) -> None:

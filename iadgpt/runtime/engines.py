@@ -205,6 +205,10 @@ class OrtEngine(_EngineBase):
         if threads is not None:
             if threads < 1:
                 raise EngineError(f"threads must be >= 1 (got {threads}); leave it None for onnxruntime's default")
+            most = max(64, 4 * (os.cpu_count() or 1))  # each thread has a stack: 100,000 took 1.6 GB and hung
+            if threads > most:
+                raise EngineError(f"threads {threads} is far more than this machine's {os.cpu_count()} CPUs; give at "
+                                  f"most {most}, or leave it out for onnxruntime's default")
             so.intra_op_num_threads = int(threads)
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
