@@ -292,17 +292,23 @@ def test_real_smollm2_kv_cache_matches_full_pass(smollm2):
 # ----------------------------------------------------------------------------- CLI: chat and describe
 
 
+def _described_event_log(path, frame_id):
+    """An event log holding one flagged part and its description, as a station with the describer writes it."""
+    sink = JsonlSink(path, fsync="never")
+    verdict, frame = _flagged(frame_id)
+    sink.write(verdict, frame)
+    record = Describer(FakeLLM(), "flange").describe(DescribeRequest.from_verdict(verdict, frame.image))
+    sink.append(verdict.event_id, record)
+    sink.close()
+    return verdict
+
+
 def test_chat_answers_with_history_and_guards_the_facts(tmp_path, monkeypatch, capsys):
     """`iadgpt chat` on a described event: answers, records Q/A, replaces a contradicting answer."""
     from iadgpt.cli import main
     from iadgpt.runtime import describer as mod
 
-    sink = JsonlSink(tmp_path / "events.jsonl", fsync="never")
-    verdict, frame = _flagged(3)
-    sink.write(verdict, frame)
-    record = Describer(FakeLLM(), "flange").describe(DescribeRequest.from_verdict(verdict, frame.image))
-    sink.append(verdict.event_id, record)
-    sink.close()
+    verdict = _described_event_log(tmp_path / "events.jsonl", 3)
     seen = []
 
     class Scripted(FakeLLM):
@@ -519,12 +525,7 @@ def test_chat_trims_old_turns_and_refuses_only_an_overlong_question(tmp_path, mo
     from iadgpt.cli import main
     from iadgpt.runtime import describer as mod
 
-    sink = JsonlSink(tmp_path / "events.jsonl", fsync="never")
-    verdict, frame = _flagged(9)
-    sink.write(verdict, frame)
-    record = Describer(FakeLLM(), "flange").describe(DescribeRequest.from_verdict(verdict, frame.image))
-    sink.append(verdict.event_id, record)
-    sink.close()
+    verdict = _described_event_log(tmp_path / "events.jsonl", 9)
     llm = _ContextLLM()
     monkeypatch.setattr(mod, "make_llm", lambda spec: llm)
     long_q = "Why " * 40
