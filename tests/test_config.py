@@ -30,7 +30,7 @@ describer:
   max_queue: 8
 """
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "station.yaml"
+EXAMPLE = Path(__file__).resolve().parents[1] / "iadgpt" / "examples" / "station.yaml"
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -70,6 +70,13 @@ def test_minimal_file_defaults_and_sources_that_are_not_paths(tmp_path: Path) ->
 def test_example_file_is_valid() -> None:
     cfg = load_station_config(EXAMPLE)
     assert cfg.sinks.events is not None and cfg.sinks.mqtt is not None and cfg.station_id == "line1-cam1"
+
+
+def test_the_example_is_printed_from_the_package(capsys) -> None:
+    # a wheel install has no examples/ folder, yet the errors point to the example
+    from iadgpt.cli import main
+    assert main(["run", "--example-config"]) == 0
+    assert capsys.readouterr().out == EXAMPLE.read_text(encoding="utf-8")
 
 
 @pytest.mark.parametrize("text, key, words", [

@@ -10,12 +10,13 @@ from typing import Any
 # after a signal stopped the station, the parts still queued for the describer get this long
 # (a service manager kills a process that takes too long to stop: systemd's default is 90 s)
 SIGNAL_DRAIN_S = 10.0
+EXAMPLE_CONFIG = Path(__file__).resolve().parents[1] / "examples" / "station.yaml"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="inspect a camera/file/stream: verdict per frame, events, overlays, MQTT")
     p.add_argument("bundle", nargs="?", type=Path, help="bundle folder (or use --station)")
-    p.add_argument("--station", type=Path, help="station.yaml (see examples/station.yaml)")
+    p.add_argument("--station", type=Path, help="station.yaml (`iadgpt run --example-config` prints one)")
     p.add_argument("--source", help="frame source URI: file, folder, glob, /dev/video0, 0, rtsp://, gst:..., csi://0, synthetic://part")
     p.add_argument("--events", type=Path, help="JSONL event log")
     p.add_argument("--overlays", type=Path, help="folder for NG overlay images")
@@ -27,6 +28,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threshold", type=float, default=None, help="override the bundle's calibrated threshold")
     p.add_argument("--max-frames", type=int, default=None, help="stop after this many frames (>= 1)")
     p.add_argument("--loop", action="store_true", help="restart files and folders at their end")
+    p.add_argument("--example-config", action="store_true",
+                   help="print a commented station.yaml with every key, and exit")
     p.set_defaults(run=run)
 
 
@@ -39,6 +42,9 @@ def run(args: argparse.Namespace) -> int:
     from ..runtime.sources import open_source
     from ..runtime.station import Station
 
+    if args.example_config:  # shipped in the package: a wheel install has no examples/ folder
+        print(EXAMPLE_CONFIG.read_text(encoding="utf-8"), end="")
+        return 0
     if args.threshold is not None and not math.isfinite(args.threshold):
         raise ConfigError(f"--threshold {args.threshold} is not a finite number: give the score above which a "
                           "part is NG, or leave it out to use the bundle's calibrated one")

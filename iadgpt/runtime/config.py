@@ -5,7 +5,7 @@ weeks later as missing data. Unknown keys, wrong types and missing required keys
 `ConfigError` naming the file and the dotted key. Relative paths (bundle, source files,
 event log, overlay folder, the describer's llm / examples / bridge / bridge_llm) are resolved
 against the YAML file's folder, so a station folder can be moved as a whole. See
-``examples/station.yaml`` for every key.
+``iadgpt run --example-config`` (iadgpt/examples/station.yaml) for every key.
 """
 from __future__ import annotations
 
@@ -112,7 +112,7 @@ class _Section:
         if key in self.data and self.data[key] is not None:
             return self.data[key]
         if default is _REQUIRED:
-            raise self.error(self.dotted(key), "missing required key (examples/station.yaml shows every key)")
+            raise self.error(self.dotted(key), "missing required key (`iadgpt run --example-config` shows every key)")
         return default
 
     def text(self, key: str, default: Any = _REQUIRED, *, choices: Optional[tuple[str, ...]] = None) -> Any:
@@ -203,8 +203,8 @@ def load_station_config(path: Union[str, Path]) -> StationConfig:
     try:
         text = file.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(f"cannot read station config {file}: {exc.strerror or exc}; "
-                          "pass the path to station.yaml (see examples/station.yaml)") from None
+        raise ConfigError(f"cannot read station config {file}: {exc.strerror or exc}; pass the path to station.yaml "
+                          "(`iadgpt run --example-config > station.yaml` writes one)") from None
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
@@ -213,7 +213,7 @@ def load_station_config(path: Union[str, Path]) -> StationConfig:
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(f"{file}: not valid YAML{where}: {problem}") from None
     if data is None:
-        raise ConfigError(f"{file}: the file is empty; start from examples/station.yaml")
+        raise ConfigError(f"{file}: the file is empty; start from `iadgpt run --example-config`")
     base = file.parent
     top = _Section(data, "", file, tuple(f for f in StationConfig.__dataclass_fields__ if f != "path"))
 
