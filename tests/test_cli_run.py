@@ -87,3 +87,18 @@ def test_max_frames_below_one_is_refused_before_anything_opens(value, capsys):
     assert main(["run", "/nonexistent/bundle", "--source", "/nonexistent/folder", "--max-frames", value]) == 2
     err = capsys.readouterr().err
     assert f"--max-frames {value} must be at least 1" in err and "nonexistent" not in err
+
+
+def test_max_overlays_bounds_the_overlay_folder(tiny_bundle_path, tmp_path):
+    # `--overlays DIR` kept every NG picture: ~8 GB a day at 10 fps and 60 % NG
+    ng = tmp_path / "ng"
+    proc = _run(["run", str(tiny_bundle_path), "--source", "synthetic://part?size=128&seed=7&count=8&fps=5",
+                 "--overlays", str(ng), "--max-overlays", "2", "--threshold", "0"])  # every judged part NG
+    out, _ = proc.communicate(timeout=120)
+    flagged = int(out.split(" NG ")[-1].split(",")[0])  # a live source may drop a frame on a busy machine
+    assert proc.returncode == 0 and flagged >= 3, out
+    assert len(list(ng.iterdir())) == 2
+    proc = _run(["run", str(tiny_bundle_path), "--source", "synthetic://part", "--overlays", str(ng),
+                 "--max-overlays", "0"])
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and "--max-overlays 0 must be at least 1" in out

@@ -108,6 +108,7 @@ def test_the_example_is_printed_from_the_package(capsys) -> None:
     ("bundle: b\nsource: s\nsinks: {events: {fsync: never}}\n", "sinks.events.path", "missing required key"),
     ("bundle: b\nsource: s\nsinks: {mqtt: {port: 1883}}\n", "sinks.mqtt.host", "missing required key"),
     ("bundle: b\nsource: s\nsinks: {mqtt: {host: h, password: pw}}\n", "sinks.mqtt.password", "without a username"),
+    ("bundle: b\nsource: s\nsinks: {mqtt: {host: h, reconnect_max_s: 0.5}}\n", "sinks.mqtt.reconnect_max_s", "give 1"),
 ])
 def test_errors_name_the_file_and_dotted_key(tmp_path: Path, text: str, key: str, words: str) -> None:
     path = _write(tmp_path, text)
@@ -149,6 +150,7 @@ def test_build_sinks_gives_the_broker_login(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setattr(config_mod, "MqttSink", lambda *a, **k: seen.update(k) or object())
     build_sinks(load_station_config(_write(tmp_path, GOOD)))
     assert (seen["username"], seen["password"], seen["station_id"]) == ("cam1", "s3cret", "line1-cam1")
+    assert seen["reconnect_max_s"] == 5.0  # was a fixed 30 s: ~300 more events lost after a 70 s outage
 
 
 def test_build_sinks_without_paho_names_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

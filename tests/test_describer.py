@@ -136,6 +136,22 @@ def test_timeout_kills_and_restarts_the_worker(events):
     assert first_pid is not None
 
 
+def test_what_the_describer_keeps_in_the_station_process_is_bounded():
+    # a station describes for months: 10,000 kept records were ~85 MB, latencies a list that only grew
+    from iadgpt.errors import ConfigError
+    from iadgpt.runtime.describer import LATENCY_WINDOW, DescriberStats, _check_option_types
+    stats = DescriberStats()
+    stats.latencies_s.extend(range(LATENCY_WINDOW + 10))
+    assert len(stats.latencies_s) == LATENCY_WINDOW and stats.to_dict()["latency_p50_s"] > 10
+    d = AsyncDescriber({"kind": "fake"}, start=False)
+    assert d.keep_results == 256
+    for i in range(300):
+        d._deliver(f"e{i}", {"status": "ok"})
+    assert len(d.results) == 256 and "e299" in d.results and "e0" not in d.results
+    with pytest.raises(ConfigError, match="describer.keep_results: expected an integer"):
+        _check_option_types({"keep_results": "all"})
+
+
 def test_killing_the_worker_mid_run_fails_that_part_and_the_loop_goes_on(tmp_path):
     """The station loop runs on; the killed request's event gets a failed record; the next is described."""
     from iadgpt.runtime.station import Station

@@ -20,6 +20,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--source", help="frame source URI: file, folder, glob, /dev/video0, 0, rtsp://, gst:..., csi://0, synthetic://part")
     p.add_argument("--events", type=Path, help="JSONL event log")
     p.add_argument("--overlays", type=Path, help="folder for NG overlay images")
+    p.add_argument("--max-overlays", type=int, default=None,
+                   help="keep only the newest N overlays (default: all; at 10 fps and 60%% NG that is ~8 GB a day)")
     p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt", "torch", "cuda-graph"))
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--weights", type=Path, default=None,
@@ -51,13 +53,16 @@ def run(args: argparse.Namespace) -> int:
     if args.max_frames is not None and args.max_frames < 1:  # 0 or less would judge nothing and exit 0
         raise ConfigError(f"--max-frames {args.max_frames} must be at least 1: the number of frames to judge, "
                           "or leave it out to run until the source ends")
+    if args.max_overlays is not None and args.max_overlays < 1:
+        raise ConfigError(f"--max-overlays {args.max_overlays} must be at least 1 (leave it out to keep every overlay)")
     if args.station:
         cfg = load_station_config(args.station)
     elif args.bundle and args.source:
         cfg = StationConfig(bundle=args.bundle, source=args.source, backend=args.backend, threads=args.threads,
                             threshold=args.threshold, weights=args.weights, sinks=SinksConfig(
                                 events=EventsConfig(path=args.events) if args.events else None,
-                                overlays=OverlaysConfig(dir=args.overlays) if args.overlays else None))
+                                overlays=OverlaysConfig(dir=args.overlays, max_files=args.max_overlays)
+                                if args.overlays else None))
     else:
         raise ConfigError("give --station station.yaml, or a BUNDLE and --source URI")
     bundle = Bundle.load(cfg.bundle)

@@ -436,7 +436,7 @@ def _rss_mb() -> Optional[float]:
 
 # ----------------------------------------------------------------------------- the async describer
 
-_INT_OPTIONS = ("threads", "queue_size", "max_new_tokens", "nice")
+_INT_OPTIONS = ("threads", "queue_size", "max_new_tokens", "nice", "keep_results")
 _NUMBER_OPTIONS = ("timeout_s", "budget_s", "pixel_threshold")
 _TEXT_OPTIONS = ("llm", "product", "examples", "bridge", "bridge_llm", "bridge_map", "bridge_decoding")
 
@@ -484,6 +484,9 @@ class _SharedSink:
         return getattr(self._sink, item)
 
 
+LATENCY_WINDOW = 4096  # described parts the latency percentiles cover
+
+
 @dataclass
 class DescriberStats:
     submitted: int = 0
@@ -493,7 +496,8 @@ class DescriberStats:
     worker_deaths: int = 0
     rejected: int = 0  # queue full
     restarts: int = 0
-    latencies_s: list[float] = field(default_factory=list)  # submit -> record, described ones
+    # submit -> record of the recent described parts (bounded: a station describes for months)
+    latencies_s: deque = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
 
     def to_dict(self) -> dict[str, Any]:
         lat = np.asarray(self.latencies_s or [np.nan])
@@ -517,6 +521,8 @@ class AsyncDescriber:
     (``thresholds.pixel.value``; `from_options` reads it from the bundle); each part then uses it
     capped at the verdict's threshold, exactly as the `Detector` (and so `iadgpt describe`) does.
     Without either, the verdict's ``extra["pixel_threshold"]``, else its image threshold.
+    `keep_results`: the latest records kept in `results` for callers that read them (every record
+    goes to the sinks; ~9 kB each, so the station keeps few).
     """
 
     def __init__(self, llm: Union[None, str, os.PathLike, LLMSpec] = None, *, product: str = "part",
@@ -525,7 +531,7 @@ class AsyncDescriber:
                  examples: Optional[ExampleTypeClassifier] = None,
                  prompt_types: Optional[PromptTypeRetriever] = None, pixel_threshold: Optional[float] = None,
                  nice: int = 19, idle: bool = True, start_timeout_s: float = 120.0, max_restart_delay_s: float = 30.0,
-                 keep_results: int = 10_000, on_result: Optional[Callable[[str, dict[str, Any]], None]] = None,
+                 keep_results: int = 256, on_result: Optional[Callable[[str, dict[str, Any]], None]] = None,
                  bridge: Optional[Union[str, os.PathLike]] = None, bridge_llm: Optional[Union[str, os.PathLike]] = None,
                  bridge_map: str = "decoder", bridge_decoding: str = "choice", threads: int = 1,
                  start: bool = True, bundle_pixel_threshold: Optional[float] = None) -> None:

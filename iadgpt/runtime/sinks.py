@@ -548,7 +548,7 @@ class MqttSink:
     def __init__(self, host: str, port: int = 1883, topic: str = "iadgpt/{station}/events",
                  client_id: Optional[str] = None, qos: int = 1, buffer_max: int = 10_000, *,
                  station_id: str = "station", keepalive: int = 30, username: Optional[str] = None,
-                 password: Optional[str] = None, reconnect_min_s: float = 1.0, reconnect_max_s: float = 30.0,
+                 password: Optional[str] = None, reconnect_min_s: float = 1.0, reconnect_max_s: float = 5.0,
                  close_timeout_s: float = 5.0) -> None:
         mqtt = _import_paho()
         self.topic = topic.replace("{station}", station_id).replace("<station>", station_id)
