@@ -11,11 +11,8 @@ import logging
 import math
 import os
 import shutil
-import signal
 import tempfile
-import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -26,6 +23,7 @@ import numpy as np
 from . import __version__
 from .bundle import Bundle, swap_into_place
 from .errors import BundleError, ConfigError
+from .signals import sigterm_as_interrupt
 from .runtime.synthetic import SyntheticProduct
 
 log = logging.getLogger(__name__)
@@ -79,7 +77,7 @@ def demo_bundle(backend: str = "onnxruntime", threads: Optional[int] = None, reb
     root = _writable_cache(path.parent)
     _sweep_stale_builds(root)
     product = SyntheticProduct(kind=DEMO_KIND, size=DEMO_SIZE, seed=TRAIN_SEED, defect_rate=0.0)
-    with _sigterm_as_interrupt(), tempfile.TemporaryDirectory(prefix=BUILD_PREFIX, dir=root) as tmp:
+    with sigterm_as_interrupt(), tempfile.TemporaryDirectory(prefix=BUILD_PREFIX, dir=root) as tmp:
         train = Path(tmp) / "train"
         train.mkdir()
         for i in range(TRAIN_IMAGES):
@@ -117,23 +115,6 @@ def _sweep_stale_builds(root: Path) -> None:
                 log.info("removed %s, left by an interrupted demo build", p)
         except OSError:
             pass
-
-
-@contextmanager
-def _sigterm_as_interrupt():
-    """SIGTERM during the build unwinds like Ctrl-C, so its staging folder is removed."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    old = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
 
 
 def fit_demo_threshold(bundle: Bundle, backend: str, threads: Optional[int]) -> float:

@@ -67,10 +67,10 @@ def test_sigterm_during_the_build_unwinds_like_ctrl_c():
     import signal
     import time
 
-    from iadgpt.demo import _sigterm_as_interrupt
+    from iadgpt.signals import sigterm_as_interrupt
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(KeyboardInterrupt):
-        with _sigterm_as_interrupt():
+        with sigterm_as_interrupt():
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)  # the handler raises here at once
     assert signal.getsignal(signal.SIGTERM) is before

@@ -6,6 +6,7 @@ import json
 import struct
 from dataclasses import replace
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -126,6 +127,17 @@ def test_refusals(tmp_path, backbone, images, pool, trained) -> None:
     with pytest.raises(ScorerError, match="larger --steps"):
         train_decoder(backbone, images, trained.checkpoint, replace(CFG, steps=10), pool=pool, progress=False,
                       resume=True)
+    # another resolution or another image set was resumed silently, the metadata rewritten to hide it
+    with pytest.raises(ScorerError, match=f"trained at {SIZE} px, not 96; resume with --resolution {SIZE}"):
+        train_decoder(get_backbone("efficientnet-lite0", size=96), [cv2.resize(im, (96, 96)) for im in images],
+                      trained.checkpoint, replace(CFG, steps=30), pool=pool, progress=False, resume=True,
+                      meta={"category": "part"})
+    counted = tmp_path / "counted.safetensors"
+    train_decoder(backbone, images, counted, replace(CFG, steps=2), pool=pool, progress=False,
+                  meta={"category": "part", "data": "a", "n_train_images": 6})
+    with pytest.raises(ScorerError, match="trained on 6 images of 'a', this run has 4 in 'b'"):
+        train_decoder(backbone, images, counted, replace(CFG, steps=4), pool=pool, progress=False, resume=True,
+                      meta={"category": "part", "data": "b", "n_train_images": 4})
     bad = tmp_path / "x.safetensors"
     bad.write_bytes(b"\x80\x04not a checkpoint")
     with pytest.raises(ScorerError, match="iadgpt train"):

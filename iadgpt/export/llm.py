@@ -52,7 +52,7 @@ from typing import Any, Iterator, Optional, Union
 
 import numpy as np
 
-from ..bundle import sha256_file, shareable
+from ..bundle import sha256_file, shareable, swap_into_place
 from ..errors import ExportError
 
 log = logging.getLogger(__name__)
@@ -557,9 +557,14 @@ def quantize_llm(src: Optional[PathLike], out: PathLike, bits: int = 4, *, route
         (stage / LLM_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         for made in [stage, *stage.rglob("*")]:  # some writers leave 0600: the station's user must read them
             shareable(made, directory=made.is_dir())
-        if out.exists():
-            shutil.rmtree(out)
-        shutil.move(str(stage), str(out))
+        # the old LLM stays in place until the new one is complete beside it (a station may be reading it)
+        beside = out.parent / f".{out.name}.new-{os.getpid()}"
+        shutil.move(str(stage), str(beside))  # a copy when --work-dir is on another file system
+        try:
+            swap_into_place(beside, out)
+        except BaseException:
+            shutil.rmtree(beside, ignore_errors=True)
+            raise
     log.info("quantized LLM written to %s (%s) in %.1f s", out, scheme, time.perf_counter() - t0)
     return config
 

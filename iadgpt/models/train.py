@@ -36,6 +36,7 @@ from torch.nn import functional as F
 from ..data import load_split, read_image
 from ..errors import DataError, EngineError, ScorerError
 from ..runtime.preprocess import resize_frame
+from ..signals import sigterm_as_interrupt
 from .backbones import Backbone, get_backbone
 from .heads import VisualGuidedDecoder, decoder_loss, feature_stats
 from .synth import MASK_THRESHOLD, NSASynthesizer, config_for, guess_kind
@@ -381,7 +382,8 @@ def train_decoder(backbone: Backbone, images: Sequence[np.ndarray], out: PathLik
         steps = bar
     state = {"step": start}  # steps completed, for the interrupt handler
     try:
-        _loop(decoder, opt, pool, cfg, steps, bar, history, out, meta, t0, state)
+        with sigterm_as_interrupt():  # a service stop saves the exact step too, not the last periodic one
+            _loop(decoder, opt, pool, cfg, steps, bar, history, out, meta, t0, state)
     except KeyboardInterrupt:
         log.warning("interrupted: saving step %d to %s (continue with --resume)", state["step"], out)
         _save(out, decoder, opt, state["step"], meta, history, pool, time.perf_counter() - t0)
@@ -443,6 +445,17 @@ def _check_resume(path: Path, old: dict, meta: dict, cfg: TrainConfig) -> None:
     if old.get("backbone", {}).get("name") != meta["backbone"]["name"]:
         raise ScorerError(f"{path} was trained for backbone {old.get('backbone', {}).get('name')!r}, not "
                          f"{meta['backbone']['name']!r}; pass that --backbone or train a new --out")
+    # the feature pool is rebuilt on resume: other pixels or other images would train one decoder on two
+    # pools and the rewritten metadata would hide it
+    old_size = (old.get("backbone", {}).get("input_spec") or {}).get("size")
+    new_size = (meta["backbone"].get("input_spec") or {}).get("size")
+    if old_size is not None and new_size is not None and list(old_size) != list(new_size):
+        raise ScorerError(f"{path} was trained at {old_size[0]} px, not {new_size[0]}; resume with --resolution "
+                         f"{old_size[0]} or train a new --out")
+    if old.get("n_train_images") not in (None, meta.get("n_train_images")):
+        raise ScorerError(f"{path} was trained on {old['n_train_images']} images of {old.get('data')!r}, this run "
+                         f"has {meta.get('n_train_images')} in {meta.get('data')!r}; resume on the same images or "
+                         "train a new --out")
     if int(old["step"]) > cfg.steps:
         raise ScorerError(f"{path} is already at step {old['step']}, past --steps {cfg.steps}; pass a larger --steps")
 
