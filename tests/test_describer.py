@@ -483,21 +483,16 @@ def _plateau_verdict(threshold=0.8):
     return verdict, frame
 
 
-def test_station_describer_uses_the_bundles_pixel_threshold_like_describe():
-    """The station path used the image threshold (0.8) for the region masks, `iadgpt describe` the pixel one."""
-    from iadgpt.runtime.describer import bundle_pixel_threshold
-
-    bundle = SimpleNamespace(thresholds={"image": {"value": 0.8}, "pixel": {"value": 0.3}}, references={}, extra={},
-                             scorer={}, path=".")
-    d = AsyncDescriber.from_options({"llm": "fake"}, bundle, start=False)
+def test_station_describer_uses_the_detectors_pixel_threshold_like_describe():
+    """The station path used the image threshold (0.8) for the region masks, `iadgpt describe` the pixel one:
+    the Detector's verdict now carries the pixel threshold that drew its regions (test_detector checks it)."""
+    d = AsyncDescriber({"kind": "fake"}, start=False)
     verdict, frame = _plateau_verdict()
-    assert bundle_pixel_threshold(bundle) == 0.3 and d.region_threshold(verdict) == 0.3
+    verdict.extra["pixel_threshold"] = 0.3  # as Detector.detect sets it on an NG verdict
     d.submit(verdict, frame)
     station = Describer(None).facts(d._pending[0])
     describe = Describer(None).facts(DescribeRequest.from_verdict(verdict, frame.image, pixel_threshold=0.3))
     assert station.to_dict() == describe.to_dict() and station.main.map_area_px == 900
-    verdict.threshold = 0.2  # a stricter station threshold caps the pixel one, as in Detector._thresholds
-    assert d.region_threshold(verdict) == 0.2
     d.close(0)
 
 

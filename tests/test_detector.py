@@ -38,7 +38,10 @@ def test_defective_parts_are_flagged_where_the_defect_is(detector):
     for i, s in enumerate(samples):
         v = detector.detect(frame(s.image, i))
         if not v.anomalous:
+            assert "pixel_threshold" not in v.extra
             continue
+        # the threshold that drew the regions travels with the verdict: the describer measures with it
+        assert v.extra["pixel_threshold"] == detector.pixel_threshold <= detector.threshold
         x0, y0, x1, y1 = v.regions[0].box
         overlap = s.mask[y0:y1, x0:x1].any()
         peak = np.unravel_index(np.argmax(v.anomaly_map), v.anomaly_map.shape)

@@ -340,7 +340,8 @@ def calibrate(bundle_path: PathLike, normal_dir: PathLike, *, shots: int = 4, ho
                        "`iadgpt export --decoder CKPT --train-dir DIR --shots K` for a new bank)")
         raise CalibrationError(f"bundle {src.path} scores with {cfg.get('kind')!r}, not a memory bank{rebuild}: pass "
                                "--shots 0 to fit thresholds only")
-    backend = {"ort": "onnxruntime", "trt": "tensorrt"}.get(str(backend).lower(), backend)  # the names run takes
+    from ..runtime.engines import BACKEND_ALIASES
+    backend = BACKEND_ALIASES.get(str(backend).lower(), backend)  # "ort", "trt": the names run takes
     if int8 and backend not in ("onnxruntime", "tensorrt"):
         raise CalibrationError(f"--int8 makes a Q/DQ graph for onnxruntime or tensorrt, not {backend!r}")
     # everything that can be refused is refused before any work: a failure later leaves the bundle as it was

@@ -296,12 +296,6 @@ class Describer:
         return clip_words(text, self.max_words), gen, issues
 
 
-def bundle_pixel_threshold(bundle: Any) -> Optional[float]:
-    """The bundle's calibrated pixel (region) threshold, ``thresholds.pixel.value`` (None without one)."""
-    value = ((getattr(bundle, "thresholds", None) or {}).get("pixel") or {}).get("value")
-    return None if value is None else float(value)
-
-
 def facts_view(facts: dict[str, Any]) -> DefectFacts:
     """A `DefectFacts` rebuilt from a record's ``facts`` dict (enough for `contradictions`)."""
     from types import SimpleNamespace
@@ -516,11 +510,9 @@ class AsyncDescriber:
     the worker is killed and restarted); `budget_s` is the LLM's soft deadline inside the worker
     (the remark is cut short rather than the request failed); the bridge, when set, gives up at
     `BRIDGE_BUDGET_SHARE` of `timeout_s` (its answer recorded as an error, the description kept).
-    `pixel_threshold`: the map value above which a pixel is anomalous, for the region masks (as given:
-    an explicit setting). `bundle_pixel_threshold`: the bundle's calibrated pixel threshold
-    (``thresholds.pixel.value``; `from_options` reads it from the bundle); each part then uses it
-    capped at the verdict's threshold, exactly as the `Detector` (and so `iadgpt describe`) does.
-    Without either, the verdict's ``extra["pixel_threshold"]``, else its image threshold.
+    `pixel_threshold`: the map value above which a pixel is anomalous, for the region masks (an
+    explicit setting); else the verdict's ``extra["pixel_threshold"]`` (the Detector's, which drew its
+    regions, as `iadgpt describe` uses), else its image threshold.
     `keep_results`: the latest records kept in `results` for callers that read them (every record
     goes to the sinks; ~9 kB each, so the station keeps few).
     """
@@ -534,13 +526,12 @@ class AsyncDescriber:
                  keep_results: int = 256, on_result: Optional[Callable[[str, dict[str, Any]], None]] = None,
                  bridge: Optional[Union[str, os.PathLike]] = None, bridge_llm: Optional[Union[str, os.PathLike]] = None,
                  bridge_map: str = "decoder", bridge_decoding: str = "choice", threads: int = 1,
-                 start: bool = True, bundle_pixel_threshold: Optional[float] = None) -> None:
+                 start: bool = True) -> None:
         if int(queue_size) < 1 or float(timeout_s) <= 0:
             raise ConfigError(f"describer queue_size={queue_size} must be >= 1 and timeout_s={timeout_s} > 0")
         self.llm_spec = llm_spec_for(llm) if llm is not None else {"kind": "none"}
         self.product, self.queue_size, self.timeout_s = product, int(queue_size), float(timeout_s)
         self.pixel_threshold = pixel_threshold
-        self.bundle_pixel_threshold = None if bundle_pixel_threshold is None else float(bundle_pixel_threshold)
         self.start_timeout_s, self.max_restart_delay_s = float(start_timeout_s), float(max_restart_delay_s)
         self.options: dict[str, Any] = {
             "product": product, "max_new_tokens": int(max_new_tokens), "budget_s": budget_s, "nice": int(nice),
@@ -605,8 +596,6 @@ class AsyncDescriber:
         spec = llm_spec_for(opts.pop("llm", None), bundle, threads=threads)
         examples = opts.pop("examples", None)
         product = opts.pop("product", None) or (bundle.scorer.get("object") if bundle is not None else None) or "part"
-        if bundle is not None and "bundle_pixel_threshold" not in kwargs:
-            kwargs["bundle_pixel_threshold"] = bundle_pixel_threshold(bundle)
         return cls(spec, product=product,
                    examples=ExampleTypeClassifier.load(examples) if examples else None,
                    prompt_types=PromptTypeRetriever.from_bundle(bundle) if bundle is not None else None,
@@ -702,25 +691,12 @@ class AsyncDescriber:
 
     # -- station side
 
-    def region_threshold(self, verdict: Any) -> Optional[float]:
-        """The pixel threshold for `verdict`'s region masks: the explicit `pixel_threshold`, else the
-        verdict's own, else the bundle's capped at the verdict's threshold (as `Detector` computes it)."""
-        if self.pixel_threshold is not None:
-            return float(self.pixel_threshold)
-        own = (verdict.extra or {}).get("pixel_threshold")
-        if own is not None or self.bundle_pixel_threshold is None:
-            return own
-        image = getattr(verdict, "threshold", None)
-        if image is None or not np.isfinite(image):
-            return self.bundle_pixel_threshold
-        return min(self.bundle_pixel_threshold, float(image))
-
     def submit(self, verdict: Any, frame: Any, question: Optional[str] = None) -> None:
         """Queue a flagged frame for description; returns at once (never blocks on the worker)."""
         image = getattr(frame, "image", None)
         if image is None:
             return
-        req = DescribeRequest.from_verdict(verdict, image, self.region_threshold(verdict), question)
+        req = DescribeRequest.from_verdict(verdict, image, self.pixel_threshold, question)
         req.request_id = next(self._ids)
         with self._cond:
             self.stats.submitted += 1

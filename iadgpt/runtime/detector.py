@@ -250,7 +250,9 @@ class Detector:
         return Verdict(frame_id=frame.frame_id, timestamp=frame.timestamp, score=score, threshold=self.threshold,
                        anomalous=anomalous, regions=regions, timings_ms=timings, source=frame.source,
                        frame_shape=tuple(frame.image.shape), anomaly_map=full_map,
-                       features=features)
+                       features=features,
+                       # what drew the regions: the describer measures its facts with the same threshold
+                       extra={"pixel_threshold": self.pixel_threshold} if anomalous else {})
 
     def regions(self, amap: np.ndarray, frame_hw: tuple[int, int]) -> list[Region]:
         """Connected areas above the pixel threshold, largest first, in frame pixels."""

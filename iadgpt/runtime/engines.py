@@ -34,7 +34,7 @@ ORT_PROVIDERS = {
     "tensorrt": "TensorrtExecutionProvider",
 }
 BACKENDS = ("onnxruntime", "tensorrt")
-_BACKEND_ALIASES = {"onnxruntime": "onnxruntime", "ort": "onnxruntime", "tensorrt": "tensorrt", "trt": "tensorrt"}
+BACKEND_ALIASES = {"onnxruntime": "onnxruntime", "ort": "onnxruntime", "tensorrt": "tensorrt", "trt": "tensorrt"}
 _ORT_DTYPES = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
     "tensor(int8)": np.int8, "tensor(uint8)": np.uint8, "tensor(int16)": np.int16,
@@ -388,7 +388,7 @@ def open_engine(backend: str, onnx_path: PathLike, **opts: Any) -> Engine:
     looked up next to the ONNX (or in `engine_dir`) by `engine_filename`, with `precision`
     (default fp16); it is never built implicitly (that takes minutes: `iadgpt build`).
     """
-    name = _BACKEND_ALIASES.get(str(backend).lower())
+    name = BACKEND_ALIASES.get(str(backend).lower())
     if name is None:
         raise EngineError(f"unknown inference backend {backend!r}; choose one of {list(BACKENDS)}")
     path = Path(onnx_path)
