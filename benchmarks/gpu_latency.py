@@ -14,6 +14,8 @@ In one process, per preset, on the same synthetic 1080p frames (rotated, never z
                  scorer: CudaGraphPipeline's defaults on CUDA                <- "this path"
   graph-fused-compile-npcopy  the same with host_copy="numpy": the frame copied into the pinned
                  buffer by one thread instead of torch's pool (the copied-frame p99 under load)
+  graph-fused-compile-threadcopy  host_copy="threads": the copy split over a quarter of the cores
+                 (at most 4; iadgpt.runtime.host_copy.ThreadedCopy)
   eager-fused    graph-fused's modules without the graph (what the graph buys)
   graph-fused-fp8 / graph-fused-antialias   opt-in: FP8 e4m3 GEMMs in the ViT blocks (cc >= 8.9;
                  slower than fp16 at batch 1 on an H200 and outside the fp16 parity bound) / the
@@ -33,6 +35,7 @@ the JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import json
@@ -46,7 +49,7 @@ import traceback
 import warnings
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
@@ -56,7 +59,7 @@ from iadgpt.cli import run_reporting_errors, writable_output  # noqa: E402
 
 PRESETS = ("clip-vit-l14-336", "clip-vit-h14", "efficientnet-lite0")
 VARIANTS = ("hf-eager", "graph-plain", "graph-fused", "graph-fused-fp8", "eager-fused", "graph-fused-antialias",
-            "graph-fused-compile", "graph-fused-compile-npcopy", "onnxruntime")
+            "graph-fused-compile", "graph-fused-compile-npcopy", "graph-fused-compile-threadcopy", "onnxruntime")
 DEFAULT_VARIANTS = ("hf-eager,graph-plain,graph-fused,graph-fused-compile,graph-fused-compile-npcopy,eager-fused,"
                     "onnxruntime")
 THIS_PATH = ("graph-fused-compile", "graph-fused")  # the bars are checked on the first one measured
@@ -80,6 +83,29 @@ class Budget:
         self.skipped.append(what)
         print(f"  skipped {what}: time budget ({self.left():.0f} s left, needs ~{estimate_s:.0f} s)", flush=True)
         return False
+
+
+def _spin(stop: Any) -> None:
+    while not stop.is_set():
+        pass
+
+
+@contextlib.contextmanager
+def busy_processes(n: int) -> Iterator[None]:
+    """n processes spinning on a core each while the block runs: a station with busy neighbours."""
+    import multiprocessing as mp
+
+    stop = mp.Event()
+    hogs = [mp.Process(target=_spin, args=(stop,), daemon=True) for _ in range(max(0, n))]
+    for proc in hogs:
+        proc.start()
+    try:
+        time.sleep(0.3 if hogs else 0.0)
+        yield
+    finally:
+        stop.set()
+        for proc in hogs:
+            proc.join(timeout=5)
 
 
 def environment(torch: Any, device: str) -> dict:
@@ -342,6 +368,7 @@ def bench_preset(name: str, args: argparse.Namespace, torch: Any, budget: Budget
         "graph-fused-antialias": (FuseOptions(resize="antialias"), True, "torch"),
         "graph-fused-compile": (FuseOptions(compile=args.compile_mode), True, "torch"),
         "graph-fused-compile-npcopy": (FuseOptions(compile=args.compile_mode), True, "numpy"),
+        "graph-fused-compile-threadcopy": (FuseOptions(compile=args.compile_mode), True, "threads"),
     }
     gc.collect()
     gc.freeze()  # what a station does after start-up: setup garbage never scanned again
@@ -456,7 +483,7 @@ def print_table(report: dict) -> None:
     env = report["environment"]
     print(f"\n{env.get('gpu', 'CPU')} (cc {env.get('compute_capability', '-')}), torch {env.get('torch')}, "
           f"CUDA {env.get('cuda', '-')}, {env.get('cores')} CPU cores; frame {report['frame']}; "
-          "host frame -> host map+score")
+          "host frame -> host map+score" + (f"; {report['busy']} busy process(es) beside it" if report.get("busy") else ""))
     print("| preset | variant | b1 p50 ms | b1 p99 ms | b1 fps | zero-copy p50/p99 ms | b16 p50 ms | b16 fps | "
           "replay p50 ms | parity max/mean rel | ok |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -508,6 +535,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="torch.compile mode of the graph-fused-compile variant")
     p.add_argument("--budget-s", type=float, default=0.0, help="skip optional work after this many seconds (0: never)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--busy", type=int, default=0,
+                   help="processes spinning on a core each during the whole run (a host with busy neighbours)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     writable_output(args.json)
@@ -536,22 +565,25 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.device.startswith("cuda"):
         torch.backends.cudnn.benchmark = True
     budget = Budget(args.budget_s)
-    report: dict[str, Any] = {"environment": environment(torch, args.device), "frame": [h, w, 3],
+    report: dict[str, Any] = {"environment": environment(torch, args.device), "frame": [h, w, 3], "busy": args.busy,
                               "args": {k: (sorted(v) if isinstance(v, set) else str(v) if isinstance(v, Path) else v)
                                        for k, v in vars(args).items()},
                               "parity_limits": None, "presets": []}
     from iadgpt.runtime.cuda_graph import PARITY
     report["parity_limits"] = PARITY
     print(json.dumps(report["environment"]), flush=True)
-    for name in presets:
-        try:
-            report["presets"].append(bench_preset(name, args, torch, budget))
-        except Exception as exc:  # noqa: BLE001
-            traceback.print_exc()
-            report["presets"].append({"preset": name, "error": f"{type(exc).__name__}: {exc}", "variants": {}})
-        if args.json:  # after every preset: a killed run still leaves what it measured
-            report["skipped"] = budget.skipped
-            args.json.write_text(json.dumps(report, indent=2) + "\n")
+    if args.busy < 0:
+        p.error("--busy takes a number of processes >= 0")
+    with busy_processes(args.busy):
+        for name in presets:
+            try:
+                report["presets"].append(bench_preset(name, args, torch, budget))
+            except Exception as exc:  # noqa: BLE001
+                traceback.print_exc()
+                report["presets"].append({"preset": name, "error": f"{type(exc).__name__}: {exc}", "variants": {}})
+            if args.json:  # after every preset: a killed run still leaves what it measured
+                report["skipped"] = budget.skipped
+                args.json.write_text(json.dumps(report, indent=2) + "\n")
     report["skipped"] = budget.skipped
     report["seconds"] = round(time.monotonic() - budget.t0, 1)
     print_table(report)

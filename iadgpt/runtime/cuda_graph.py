@@ -41,17 +41,18 @@ import numpy as np
 
 from ..bundle import InputSpec
 from ..errors import EngineError
+from .host_copy import ThreadedCopy
 
 log = logging.getLogger(__name__)
 
 RESIZE_MODES = ("exact", "antialias", "area")
 # How a frame that is not already in the pinned input buffer gets there: "torch" (Tensor.copy_ on
-# torch's CPU thread pool; fastest on a quiet host, but a parallel copy waits for its slowest
-# thread, milliseconds when the host is busy) or "numpy" (np.copyto on the calling thread: a
-# bounded tail; `benchmarks/host_copy.py --busy 1` on a 2-core box, 6 MB: p99 1.1-1.3 ms vs
-# 8.1-8.4 ms; quiet p50 0.72-0.79 vs 0.41-0.44 ms). "torch" is what the README's GPU numbers
-# measured; "numpy" awaits a GPU run (benchmarks/gpu_latency.py variant graph-fused-compile-npcopy).
-HOST_COPIES = ("torch", "numpy")
+# torch's CPU thread pool, every core: fastest on a quiet host, but a parallel copy waits for its
+# slowest thread, milliseconds when the host is busy), "numpy" (np.copyto on the calling thread: a
+# bounded tail, one core's bandwidth) or "threads" (np.copyto split over a quarter of the cores, at
+# most 4: `host_copy.ThreadedCopy`). `benchmarks/host_copy.py` times the three on the host alone;
+# benchmarks/gpu_latency.py variants graph-fused-compile(-npcopy, -threadcopy) on the GPU.
+HOST_COPIES = ("torch", "numpy", "threads")
 # torch.compile modes that do not capture CUDA graphs themselves (those cannot nest inside ours)
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 
@@ -327,7 +328,8 @@ class CudaGraphPipeline:
     device           "cuda", "cuda:N" or "cpu" (CPU runs the same forward eagerly: for tests)
     fuse             FuseOptions (or "plain" / "fused" / a dict); None = `FuseOptions.for_device`:
                      on CUDA fused + torch.compile, the fastest measured (README, GPU fast path)
-    host_copy        how frames outside `input_buffer` reach it: "torch" (default) or "numpy" (HOST_COPIES)
+    host_copy        how frames outside `input_buffer` reach it: "torch" (default), "numpy" or "threads"
+                     (HOST_COPIES)
 
     `pipeline(frame)` takes one RGB uint8 (H, W, 3) frame and returns (map, score): the map is
     float32 at the encoder input resolution `input_spec.size` (as `Detector.score_batch` returns
@@ -380,6 +382,7 @@ class CudaGraphPipeline:
         if host_copy not in HOST_COPIES:
             raise EngineError(f"unknown host_copy {host_copy!r}; choose one of {', '.join(HOST_COPIES)}")
         self.host_copy = host_copy
+        self._threaded_copy = ThreadedCopy() if host_copy == "threads" else None
         self.captures = 0  # graphs captured so far (recaptures included)
         self._last: Optional[_ShapeState] = None  # the state of the last run_batch (its features)
         self._states: "OrderedDict[tuple[int, ...], _ShapeState]" = OrderedDict()
@@ -559,7 +562,9 @@ class CudaGraphPipeline:
         if frames.ndim == 3:
             frames = frames[None]
         if frames.__array_interface__["data"][0] != st.host_in_np.__array_interface__["data"][0]:
-            if self.host_copy == "numpy":
+            if self._threaded_copy is not None:
+                self._threaded_copy(st.host_in_np, frames)  # a few threads: few to wait for
+            elif self.host_copy == "numpy":
                 np.copyto(st.host_in_np, frames)  # one thread: no wait for a descheduled pool thread
             else:
                 st.host_in.copy_(self._torch.from_numpy(np.ascontiguousarray(frames)))  # torch's thread pool
@@ -634,6 +639,8 @@ class CudaGraphPipeline:
     def close(self) -> None:
         self._states.clear()
         self._last = None
+        if self._threaded_copy is not None:
+            self._threaded_copy.close()
 
     def __enter__(self) -> "CudaGraphPipeline":
         return self
