@@ -12,10 +12,8 @@ In one process, per preset, on the same synthetic 1080p frames (rotated, never z
                  GPU, one CUDA graph, no compilation
   graph-fused-compile  graph-fused + torch.compile (--compile-mode, "default") of the encoder and
                  scorer: CudaGraphPipeline's defaults on CUDA                <- "this path"
-  graph-fused-compile-npcopy  the same with host_copy="numpy": the frame copied into the pinned
-                 buffer by one thread instead of torch's pool (the copied-frame p99 under load)
-  graph-fused-compile-threadcopy  host_copy="threads": the copy split over a quarter of the cores
-                 (at most 4; iadgpt.runtime.host_copy.ThreadedCopy)
+  graph-fused-compile-torchcopy  the same with host_copy="torch": the frame copied into the pinned
+                 buffer by torch's CPU pool instead of one thread (faster on an idle host only)
   eager-fused    graph-fused's modules without the graph (what the graph buys)
   graph-fused-fp8 / graph-fused-antialias   opt-in: FP8 e4m3 GEMMs in the ViT blocks (cc >= 8.9;
                  slower than fp16 at batch 1 on an H200 and outside the fp16 parity bound) / the
@@ -59,8 +57,8 @@ from iadgpt.cli import run_reporting_errors, writable_output  # noqa: E402
 
 PRESETS = ("clip-vit-l14-336", "clip-vit-h14", "efficientnet-lite0")
 VARIANTS = ("hf-eager", "graph-plain", "graph-fused", "graph-fused-fp8", "eager-fused", "graph-fused-antialias",
-            "graph-fused-compile", "graph-fused-compile-npcopy", "graph-fused-compile-threadcopy", "onnxruntime")
-DEFAULT_VARIANTS = ("hf-eager,graph-plain,graph-fused,graph-fused-compile,graph-fused-compile-npcopy,eager-fused,"
+            "graph-fused-compile", "graph-fused-compile-torchcopy", "onnxruntime")
+DEFAULT_VARIANTS = ("hf-eager,graph-plain,graph-fused,graph-fused-compile,graph-fused-compile-torchcopy,eager-fused,"
                     "onnxruntime")
 THIS_PATH = ("graph-fused-compile", "graph-fused")  # the bars are checked on the first one measured
 # The bars for "this path", batch 1, p99 in ms: (must, goal); and vs hf-eager.
@@ -360,15 +358,14 @@ def bench_preset(name: str, args: argparse.Namespace, torch: Any, budget: Budget
             traceback.print_exc()
 
     # -- GPU variants
-    fuse_of = {  # variant: (fuse options, CUDA graph, host copy)
-        "graph-plain": (FuseOptions.plain(), True, "torch"),
-        "graph-fused": (FuseOptions(), True, "torch"),
-        "graph-fused-fp8": (FuseOptions(fp8=True), True, "torch"),
-        "eager-fused": (FuseOptions(), False, "torch"),
-        "graph-fused-antialias": (FuseOptions(resize="antialias"), True, "torch"),
-        "graph-fused-compile": (FuseOptions(compile=args.compile_mode), True, "torch"),
-        "graph-fused-compile-npcopy": (FuseOptions(compile=args.compile_mode), True, "numpy"),
-        "graph-fused-compile-threadcopy": (FuseOptions(compile=args.compile_mode), True, "threads"),
+    fuse_of = {  # variant: (fuse options, CUDA graph, host copy; None: the pipeline's default)
+        "graph-plain": (FuseOptions.plain(), True, None),
+        "graph-fused": (FuseOptions(), True, None),
+        "graph-fused-fp8": (FuseOptions(fp8=True), True, None),
+        "eager-fused": (FuseOptions(), False, None),
+        "graph-fused-antialias": (FuseOptions(resize="antialias"), True, None),
+        "graph-fused-compile": (FuseOptions(compile=args.compile_mode), True, None),
+        "graph-fused-compile-torchcopy": (FuseOptions(compile=args.compile_mode), True, "torch"),
     }
     gc.collect()
     gc.freeze()  # what a station does after start-up: setup garbage never scanned again
@@ -402,7 +399,7 @@ def bench_preset(name: str, args: argparse.Namespace, torch: Any, budget: Budget
                 t0 = time.perf_counter()
                 run = CudaGraphPipeline(backbone, scorer, refs, backbone.input_spec, dtype, device, fuse=fuse,
                                         graphs=graphs and on_gpu, calibration_frames=frames[-2:] if fuse.fp8 else None,
-                                        host_copy=host_copy)
+                                        **({"host_copy": host_copy} if host_copy else {}))
                 run(frames[0])  # capture (compile, autotune) outside the timing
                 entry["setup_s"] = round(time.perf_counter() - t0, 2)
                 entry["fuse"] = fuse.to_dict()
@@ -535,6 +532,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="torch.compile mode of the graph-fused-compile variant")
     p.add_argument("--budget-s", type=float, default=0.0, help="skip optional work after this many seconds (0: never)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--torch-threads", type=int, default=0,
+                   help="torch.set_num_threads(N) first (torch's CPU pool does host_copy='torch'); 0: torch's default")
     p.add_argument("--busy", type=int, default=0,
                    help="processes spinning on a core each during the whole run (a host with busy neighbours)")
     p.add_argument("--json", type=Path, default=None)
@@ -574,6 +573,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(json.dumps(report["environment"]), flush=True)
     if args.busy < 0:
         p.error("--busy takes a number of processes >= 0")
+    if args.torch_threads > 0:
+        torch.set_num_threads(args.torch_threads)
     with busy_processes(args.busy):
         for name in presets:
             try:

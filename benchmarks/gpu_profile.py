@@ -96,8 +96,11 @@ def stages(pipe: Any, frame: np.ndarray, torch: Any) -> dict:
         out["d2h_ms"] = replay_ms(torch, lambda: (st.host_map.copy_(amap, non_blocking=True),
                                                   st.host_score.copy_(score, non_blocking=True)))
         out["whole_graph_ms"] = float(np.median(pipe.device_times_ms(frame[None], 100)))
-    src = torch.from_numpy(np.ascontiguousarray(frame[None]))
-    out["host_copy_into_pinned"] = host_ms(lambda: st.host_in.copy_(src))
+    src = np.ascontiguousarray(frame[None])
+    out["host_copy"] = pipe.host_copy  # the pipeline's own way (cuda_graph.HOST_COPIES)
+    out["host_copy_into_pinned"] = host_ms(
+        (lambda: np.copyto(st.host_in_np, src)) if pipe.host_copy == "numpy" else
+        (lambda: st.host_in.copy_(torch.from_numpy(src))))
     out["call_with_copy"] = host_ms(lambda: pipe(frame))
     buf = pipe.input_buffer(frame.shape)
     buf[...] = frame

@@ -41,18 +41,21 @@ import numpy as np
 
 from ..bundle import InputSpec
 from ..errors import EngineError
-from .host_copy import ThreadedCopy
 
 log = logging.getLogger(__name__)
 
 RESIZE_MODES = ("exact", "antialias", "area")
-# How a frame that is not already in the pinned input buffer gets there: "torch" (Tensor.copy_ on
-# torch's CPU thread pool, every core: fastest on a quiet host, but a parallel copy waits for its
-# slowest thread, milliseconds when the host is busy), "numpy" (np.copyto on the calling thread: a
-# bounded tail, one core's bandwidth) or "threads" (np.copyto split over a quarter of the cores, at
-# most 4: `host_copy.ThreadedCopy`). `benchmarks/host_copy.py` times the three on the host alone;
-# benchmarks/gpu_latency.py variants graph-fused-compile(-npcopy, -threadcopy) on the GPU.
-HOST_COPIES = ("torch", "numpy", "threads")
+# How a frame that is not already in the pinned input buffer gets there: "numpy" (default: np.copyto
+# on the calling thread) or "torch" (Tensor.copy_ on torch's CPU pool, one thread per core). Measured
+# on the lent H200 host, 16 cores, 6 MB frame (benchmarks/host_copy.py; results/h200-2026-11-28,
+# run 5): quiet, torch 0.03 ms p50 vs numpy 0.5 ms; with ONE other process spinning on one core,
+# torch 8.0 ms p50 (its 16 threads wait for the descheduled one, a scheduler time slice per copy)
+# while numpy stays at 0.5 / 0.7 ms (p50 / p99). A station always has neighbours (camera decode,
+# the describer's LLM on the CPU right after a flagged part), so the default is the copy that does not
+# wait for anyone: ViT-H/14 fast path p99 3.09-3.34 ms in four runs, with or without busy neighbours,
+# against 2.6-2.7 ms on an idle host and 9.1-9.5 ms on a busy one with torch's pool (runs 4-5).
+# Zero-copy (`input_buffer`, written by the camera) avoids the copy altogether.
+HOST_COPIES = ("numpy", "torch")
 # torch.compile modes that do not capture CUDA graphs themselves (those cannot nest inside ours)
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 
@@ -328,8 +331,8 @@ class CudaGraphPipeline:
     device           "cuda", "cuda:N" or "cpu" (CPU runs the same forward eagerly: for tests)
     fuse             FuseOptions (or "plain" / "fused" / a dict); None = `FuseOptions.for_device`:
                      on CUDA fused + torch.compile, the fastest measured (README, GPU fast path)
-    host_copy        how frames outside `input_buffer` reach it: "torch" (default), "numpy" or "threads"
-                     (HOST_COPIES)
+    host_copy        how frames outside `input_buffer` reach it: "numpy" (default: one thread, a bounded
+                     tail) or "torch" (torch's pool: faster on an idle host only; HOST_COPIES)
 
     `pipeline(frame)` takes one RGB uint8 (H, W, 3) frame and returns (map, score): the map is
     float32 at the encoder input resolution `input_spec.size` (as `Detector.score_batch` returns
@@ -343,7 +346,7 @@ class CudaGraphPipeline:
                  dtype: Any = None, device: str = "cuda", *,
                  fuse: Union[FuseOptions, Mapping[str, Any], str, None] = None, graphs: Optional[bool] = None,
                  warmup: int = 2, max_graphs: int = 4, calibration_frames: Optional[Sequence[np.ndarray]] = None,
-                 host_copy: str = "torch", _backend: Any = None) -> None:
+                 host_copy: str = "numpy", _backend: Any = None) -> None:
         try:
             import torch
         except ImportError as exc:
@@ -382,7 +385,6 @@ class CudaGraphPipeline:
         if host_copy not in HOST_COPIES:
             raise EngineError(f"unknown host_copy {host_copy!r}; choose one of {', '.join(HOST_COPIES)}")
         self.host_copy = host_copy
-        self._threaded_copy = ThreadedCopy() if host_copy == "threads" else None
         self.captures = 0  # graphs captured so far (recaptures included)
         self._last: Optional[_ShapeState] = None  # the state of the last run_batch (its features)
         self._states: "OrderedDict[tuple[int, ...], _ShapeState]" = OrderedDict()
@@ -562,9 +564,7 @@ class CudaGraphPipeline:
         if frames.ndim == 3:
             frames = frames[None]
         if frames.__array_interface__["data"][0] != st.host_in_np.__array_interface__["data"][0]:
-            if self._threaded_copy is not None:
-                self._threaded_copy(st.host_in_np, frames)  # a few threads: few to wait for
-            elif self.host_copy == "numpy":
+            if self.host_copy == "numpy":
                 np.copyto(st.host_in_np, frames)  # one thread: no wait for a descheduled pool thread
             else:
                 st.host_in.copy_(self._torch.from_numpy(np.ascontiguousarray(frames)))  # torch's thread pool
@@ -639,8 +639,6 @@ class CudaGraphPipeline:
     def close(self) -> None:
         self._states.clear()
         self._last = None
-        if self._threaded_copy is not None:
-            self._threaded_copy.close()
 
     def __enter__(self) -> "CudaGraphPipeline":
         return self
