@@ -305,6 +305,13 @@ def test_checkpoint_refusals(tmp_path):
         load_bridge_parts(bad, bb)
     with pytest.raises(ScorerError, match="no such bridge checkpoint"):
         load_bridge_parts(tmp_path / "missing.safetensors", bb)
+    from safetensors.torch import save_file
+
+    from iadgpt.models.bridge_train import CHECKPOINT_FORMAT
+    tagged = tmp_path / "tagged.safetensors"  # the right format tag, no configs: one clear error, no KeyError
+    save_file({"decoder.w": torch.zeros(2)}, str(tagged), metadata={"format": CHECKPOINT_FORMAT})
+    with pytest.raises(ScorerError, match="do not fit together.*--stage bridge"):
+        load_bridge_parts(tagged, bb)
 
 
 def test_cli_bridge_stage_needs_a_decoder(tmp_path, capsys):

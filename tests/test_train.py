@@ -142,6 +142,20 @@ def test_refusals(tmp_path, backbone, images, pool, trained) -> None:
     bad.write_bytes(b"\x80\x04not a checkpoint")
     with pytest.raises(ScorerError, match="iadgpt train"):
         load_checkpoint(bad)
+    # the format tag right, the decoder config missing or the weights not its shapes: one clear error
+    from safetensors.torch import load_file, save_file
+    raw = load_checkpoint(trained.checkpoint)[1]
+    tensors = load_file(str(trained.checkpoint))
+    edited = {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in raw.items() if k != "decoder_config"}
+    save_file(tensors, str(tmp_path / "no_config.safetensors"), metadata=edited)
+    with pytest.raises(ScorerError, match="do not fit together.*re-run `iadgpt train`"):
+        load_decoder(tmp_path / "no_config.safetensors")
+    name = next(k for k in tensors if k.startswith("decoder.") and tensors[k].ndim == 2)
+    tensors[name] = tensors[name][:, :-1].contiguous()
+    save_file(tensors, str(tmp_path / "cut.safetensors"), metadata={**edited, "decoder_config": json.dumps(
+        raw["decoder_config"])})
+    with pytest.raises(ScorerError, match="do not fit together"):
+        load_decoder(tmp_path / "cut.safetensors")
 
 
 def test_cli_train(tmp_path, monkeypatch) -> None:

@@ -363,6 +363,15 @@ def load_bridge_parts(path: PathLike, backbone: Backbone) -> tuple[TextGuidedEnh
         except json.JSONDecodeError:
             meta[k] = v
 
+    try:
+        return _assemble_bridge(tensors, meta, backbone, path)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # edited or half-written metadata/weights
+        raise ScorerError(f"{path}: the bridge checkpoint's configs and weights do not fit together "
+                          f"({type(exc).__name__}: {str(exc)[:200]}); re-run `iadgpt train --stage bridge`") from exc
+
+
+def _assemble_bridge(tensors: dict, meta: dict, backbone: Backbone,
+                     path: Path) -> tuple[TextGuidedEnhancer, MultiMaskFusion, MaskMaker, dict]:
     def part(prefix: str) -> dict:
         return {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
 

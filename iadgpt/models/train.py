@@ -289,7 +289,11 @@ def load_decoder(path: PathLike) -> tuple[VisualGuidedDecoder, dict[str, Any]]:
     """The trained decoder (eval mode) and the checkpoint's metadata."""
     tensors, meta = load_checkpoint(path)
     state = {k[len("decoder."):]: v for k, v in tensors.items() if k.startswith("decoder.")}
-    return VisualGuidedDecoder.from_state(meta["decoder_config"], state), meta
+    try:
+        return VisualGuidedDecoder.from_state(meta["decoder_config"], state), meta
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # edited or half-written metadata/weights
+        raise ScorerError(f"{path}: the checkpoint's decoder config and weights do not fit together "
+                          f"({type(exc).__name__}: {str(exc)[:200]}); re-run `iadgpt train`") from exc
 
 
 def _optimizer_state(tensors: dict[str, torch.Tensor], groups: list) -> dict:
