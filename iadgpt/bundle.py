@@ -34,6 +34,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from iadgpt.errors import BundleError
+from iadgpt.staging import make_staging_dir
 
 log = logging.getLogger(__name__)
 
@@ -382,7 +383,7 @@ class BundleWriter:
             self.set_extra(extra)
         self._check_target()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp_dir = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
+        self.tmp_dir = make_staging_dir(self.path.parent, f".{self.path.name}.tmp-")
         shareable(self.tmp_dir, directory=True)
         self._files: set[str] = set()
         self._done = False

@@ -11,8 +11,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -24,6 +22,7 @@ from . import __version__
 from .bundle import Bundle, swap_into_place
 from .errors import BundleError, ConfigError
 from .signals import sigterm_as_interrupt
+from .staging import staging_dir
 from .runtime.synthetic import SyntheticProduct
 
 log = logging.getLogger(__name__)
@@ -36,7 +35,6 @@ DEMO_CORESET = 0.1
 DEMO_TARGET_FRR = 0.02  # the lowest rate 60 held-out normals can promise is 1/61 (see calibration/thresholds.py)
 DEMO_BACKENDS = ("onnxruntime", "torch", "cuda-graph")  # tensorrt needs engines built for the GPU (`iadgpt build`)
 BUILD_PREFIX = ".demo-build-"  # a build's staging folder inside the cache
-STALE_BUILD_S = 3600.0  # a staging folder this old is a killed build's leftover (a build takes about a minute)
 OUTPUTS = ("events.jsonl", "overlays", "summary.json")  # what a demo run writes into --out
 
 
@@ -75,9 +73,8 @@ def demo_bundle(backend: str = "onnxruntime", threads: Optional[int] = None, reb
     from .export.bundle_export import export_bundle  # workstation side: torch
 
     root = _writable_cache(path.parent)
-    _sweep_stale_builds(root)
     product = SyntheticProduct(kind=DEMO_KIND, size=DEMO_SIZE, seed=TRAIN_SEED, defect_rate=0.0)
-    with sigterm_as_interrupt(), tempfile.TemporaryDirectory(prefix=BUILD_PREFIX, dir=root) as tmp:
+    with sigterm_as_interrupt(), staging_dir(root, BUILD_PREFIX) as tmp:
         train = Path(tmp) / "train"
         train.mkdir()
         for i in range(TRAIN_IMAGES):
@@ -103,18 +100,6 @@ def _writable_cache(root: Path) -> Path:
         raise ConfigError(f"the demo cache {root} is not writable by this user; set IADGPT_CACHE to a writable "
                           "folder")
     return root
-
-
-def _sweep_stale_builds(root: Path) -> None:
-    """Staging folders of builds killed (SIGKILL, power cut) long ago: they would pile up."""
-    now = time.time()
-    for p in root.glob(f"{BUILD_PREFIX}*"):
-        try:
-            if now - p.stat().st_mtime > STALE_BUILD_S:
-                shutil.rmtree(p, ignore_errors=True)
-                log.info("removed %s, left by an interrupted demo build", p)
-        except OSError:
-            pass
 
 
 def fit_demo_threshold(bundle: Bundle, backend: str, threads: Optional[int]) -> float:

@@ -25,7 +25,6 @@ import contextlib
 import logging
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ import numpy as np
 from ..bundle import Bundle, BundleWriter, check_bundle_target, sha256_file, swap_into_place
 from ..data import IMAGE_EXTENSIONS, check_link, image_files, is_image_name, read_mask, read_reference_image
 from ..errors import CalibrationError
+from ..staging import staging_dir
 from . import thresholds as th
 
 log = logging.getLogger(__name__)
@@ -396,7 +396,7 @@ def calibrate(bundle_path: PathLike, normal_dir: PathLike, *, shots: int = 4, ho
     dest.parent.mkdir(parents=True, exist_ok=True)
     # a new bank or graph is staged inside `tmp`, scored and given its thresholds there, and only then
     # swapped in for `dest`: an error or Ctrl-C at any step leaves the bundle on disk as it was
-    with tempfile.TemporaryDirectory(prefix=f".{dest.name}.calib-", dir=dest.parent) as tmp:
+    with staging_dir(dest.parent, f".{dest.name}.calib-") as tmp:
         tmp_dir = Path(tmp)
         graphs = {role: (src.graph_path(role), entry.get("precision", "fp32")) for role, entry in src.graphs.items()}
         fp32_role = src.float_encoder_role

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 from ..bundle import DECODER_ARRAY_PREFIX, Bundle, BundleWriter, check_bundle_target
 from ..data import IMAGE_EXTENSIONS, image_files, read_reference_image
 from ..errors import BackboneError, ExportError
+from ..staging import staging_dir
 from ..models.backbones import Backbone, get_backbone
 from ..models.references import encode, image_hashes, memory_bank
 from ..models.scorers import MemoryBankScorer, check_bank_options
@@ -238,7 +238,7 @@ def export_bundle(backbone_name: str, train_dir: Optional[PathLike], out: PathLi
             probe = load_references(list_images(train_dir)[:2], backbone)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.onnx-", dir=out.parent) as tmp:
+    with staging_dir(out.parent, f".{out.name}.onnx-") as tmp:
         enc_path, sc_path = Path(tmp) / "encoder.onnx", Path(tmp) / "scorer.onnx"
         log.info("exporting the encoder of %s to ONNX (opset %d)", backbone.name, opset)
         enc_report = export_encoder(backbone, enc_path, opset, probe=probe, seed=seed)

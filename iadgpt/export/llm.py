@@ -44,7 +44,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +53,7 @@ import numpy as np
 
 from ..bundle import sha256_file, shareable, swap_into_place
 from ..errors import ExportError
+from ..staging import staging_dir
 
 log = logging.getLogger(__name__)
 
@@ -514,7 +514,7 @@ def quantize_llm(src: Optional[PathLike], out: PathLike, bits: int = 4, *, route
     if kind == "gguf" and path == default_gguf():
         source.update(package=DEFAULT_PACKAGE, package_version=importlib.metadata.version(DEFAULT_PACKAGE))
     timings: dict[str, float] = {}
-    with tempfile.TemporaryDirectory(prefix=".llm-build-", dir=work_dir or out.parent) as tmp:
+    with staging_dir(Path(work_dir or out.parent), ".llm-build-") as tmp:
         tmp_path = Path(tmp)
         hf_dir = path
         if kind == "gguf":

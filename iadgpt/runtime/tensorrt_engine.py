@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 
 from iadgpt.bundle import sha256_file, write_atomic
 from iadgpt.errors import EngineError, ExportError
+from iadgpt.staging import staging_dir
 
 from .engines import IOSpec, PathLike, _EngineBase
 
@@ -556,7 +556,7 @@ def build_bundle_engines(bundle: Any, precision: str = "fp16", *, workspace_gb: 
     else:
         jobs = [("encoder", bundle.float_encoder_role, "fp16"), ("scorer", "scorer", "fp16")]
     keys = []
-    with tempfile.TemporaryDirectory(prefix=".build-", dir=bundle.path.parent) as tmp:
+    with staging_dir(bundle.path.parent, f".{bundle.path.name}.trt-build-") as tmp:
         for role, source, engine_precision in jobs:
             shapes = None
             inputs, _ = bundle.graph_io(source)
