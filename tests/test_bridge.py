@@ -321,6 +321,21 @@ def test_cli_bridge_stage_needs_a_decoder(tmp_path, capsys):
     assert "--decoder CKPT" in capsys.readouterr().err
 
 
+def test_cli_train_refuses_the_other_stages_flags(tmp_path, capsys):
+    """A flag the chosen stage would ignore stops the run before any work (it was a silent no-op)."""
+    from iadgpt.cli import main
+    common = ["train", "--data", str(tmp_path), "--category", "x", "--out", str(tmp_path / "b")]
+    assert main(common + ["--stage", "bridge", "--decoder", str(tmp_path / "d"), "--steps", "500", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "--steps is a decoder-stage flag (the bridge counts steps per stage: --stage-steps" in err
+    assert "--resume is a decoder-stage flag (the bridge stage continues a run with --init" in err
+    assert main(common + ["--stage", "bridge", "--decoder", str(tmp_path / "d"), "--device", "cuda"]) == 2
+    assert "trains on the CPU" in capsys.readouterr().err
+    assert main(common + ["--stage-steps", "1,2,3", "--locate", "linear"]) == 2
+    assert "--stage-steps, --locate: bridge-stage flag(s); add --stage bridge" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
+
 @pytest.mark.slow
 def test_embeds_llm_matches_the_input_ids_llm():
     """The inputs_embeds int4 build (+ embed_tokens.npy) starts its answer as the input_ids build. Not all

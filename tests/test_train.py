@@ -156,6 +156,11 @@ def test_refusals(tmp_path, backbone, images, pool, trained) -> None:
         raw["decoder_config"])})
     with pytest.raises(ScorerError, match="do not fit together"):
         load_decoder(tmp_path / "cut.safetensors")
+    # the bridge stage runs at the backbone's default size: a decoder trained at another one is refused
+    from iadgpt.models.bridge_train import train_bridge
+    with pytest.raises(ScorerError, match=f"trained at {SIZE} px; the bridge stage runs at efficientnet-lite0's "
+                                          "default 224 px"):
+        train_bridge(tmp_path, "part", tmp_path / "bridge.safetensors", trained.checkpoint, progress=False)
 
 
 def test_cli_train(tmp_path, monkeypatch) -> None:

@@ -55,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:
         from ..errors import ScorerError
         raise ScorerError(f"--threads {args.threads}: give an integer >= 1 (or leave it out: one per core)")
+    _refuse_other_stage_flags(args)
     if args.stage == "bridge":
         return _run_bridge(args)
     from ..models.train import train
@@ -76,6 +77,42 @@ def run(args: argparse.Namespace) -> int:
     print(f"export: iadgpt export --backbone {args.backbone} --decoder {res.checkpoint} --out BUNDLE "
           f"[--train-dir {args.data}/{args.category}/train/good --shots 1]")
     return 0
+
+
+# Flags one stage reads and the other would silently ignore: (flag, attribute, unset value, why / what instead).
+_DECODER_ONLY = (
+    ("--steps", "steps", None, "the bridge counts steps per stage: --stage-steps TGE,MMF,BOTH"),
+    ("--resume", "resume", False, "the bridge stage continues a run with --init BRIDGE_CKPT"),
+    ("--checkpoint-every", "checkpoint_every", None, "the bridge stage writes its checkpoint at the end"),
+    ("--resolution", "resolution", None, "the bridge stage runs at the backbone's default input size"),
+    ("--weights", "weights", None, "the bridge stage loads the backbone's default weights"),
+    ("--no-augment", "augment", None, "the bridge stage always rotates/flips its pool, seeded by --seed"),
+    ("--embed-dim", "embed_dim", None, "the decoder's width comes from --decoder CKPT"),
+    ("--hidden", "hidden", None, "the decoder's width comes from --decoder CKPT"),
+    ("--layers", "layers", None, "the decoder's layers come from --decoder CKPT"),
+    ("--kind", "kind", None, "the bridge stage synthesises the decoder checkpoint's product kind"),
+    ("--nsa-colour", "colour", None, "the bridge stage synthesises with that kind's default NSA settings"),
+    ("--device", "device", "cpu", "the bridge stage trains on the CPU"),
+)
+_BRIDGE_ONLY = (
+    ("--decoder", "decoder"), ("--init", "init"), ("--stage-steps", "stage_steps"), ("--locate", "locate"),
+    ("--answer-position-weight", "answer_position_weight"),
+)
+
+
+def _refuse_other_stage_flags(args: argparse.Namespace) -> None:
+    """A flag the chosen stage does not read is an error, not a silent no-op (a run of hours on wrong settings)."""
+    from ..errors import ScorerError
+    if args.stage == "bridge":
+        given = [(flag, why) for flag, attr, unset, why in _DECODER_ONLY if getattr(args, attr) != unset]
+        if given:
+            raise ScorerError("; ".join(f"{flag} is a decoder-stage flag ({why})" for flag, why in given)
+                              + ": leave it out of `iadgpt train --stage bridge`")
+    else:
+        given = [flag for flag, attr in _BRIDGE_ONLY if getattr(args, attr) is not None]
+        if given:
+            raise ScorerError(f"{', '.join(given)}: bridge-stage flag(s); add --stage bridge, or leave them out "
+                              "to train the decoder")
 
 
 def _run_bridge(args: argparse.Namespace) -> int:

@@ -423,6 +423,10 @@ def train_bridge(data: PathLike, category: str, out: PathLike, decoder_ckpt: Pat
     if dmeta.get("backbone", {}).get("name") != bb.name:
         raise ScorerError(f"decoder {decoder_ckpt} was trained for backbone {dmeta.get('backbone', {}).get('name')!r}, "
                           f"not {bb.name!r}; pass --backbone accordingly")
+    trained_size = (dmeta.get("backbone", {}).get("input_spec") or {}).get("size")
+    if trained_size is not None and list(trained_size) != list(bb.input_spec.size):
+        raise ScorerError(f"decoder {decoder_ckpt} was trained at {trained_size[0]} px; the bridge stage runs at "
+                          f"{bb.name}'s default {bb.input_spec.size[0]} px: train the decoder without --resolution")
     for p in decoder.parameters():
         p.requires_grad_(False)
     size = int(bb.input_spec.size[0])
