@@ -240,6 +240,20 @@ def test_calibrate_into_a_new_bundle_needs_no_onnx_package(calibrated, product_d
             {k: entry[k] for k in ("sha256", "inputs", "outputs", "precision")}
 
 
+def test_cli_on_a_station_without_torch_names_shots_zero(calibrated, product_dirs, tmp_path, monkeypatch, capsys):
+    """A new bank needs torch; a station install has none, and --shots 0 (refit the thresholds) works there."""
+    import sys
+
+    from iadgpt.cli import main
+    monkeypatch.setitem(sys.modules, "torch", None)
+    args = ["calibrate", str(calibrated[1].path), "--normal", str(product_dirs["normal"]), "--out", str(tmp_path / "o")]
+    assert main(args) == 2
+    assert "--shots 4 builds a new memory bank, which needs torch" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    assert main(args + ["--shots", "0", "--holdout", "20", "--target-frr", "0.05"]) == 0  # what it names works
+    assert Bundle.load(tmp_path / "o").thresholds
+
+
 def test_tensorrt_calibration_without_tensorrt_is_refused_before_quantizing(calibrated, product_dirs, monkeypatch):
     import sys
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 from pathlib import Path
 
@@ -49,6 +50,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..calibration.onboard import calibrate
 
+    if args.shots > 0 and not _has_torch():  # a station install: say what does work there
+        from ..cli import _TORCH_SIDE
+        from ..errors import CalibrationError
+        raise CalibrationError(f"--shots {args.shots} builds a new memory bank, which needs torch ({_TORCH_SIDE}); "
+                               "on a station without torch, keep the bundle's bank and refit its thresholds with "
+                               "--shots 0")
+
     histogram = args.histogram or (args.json.with_suffix(".png") if args.json else None)
     report = calibrate(args.bundle, args.normal, shots=args.shots, holdout=args.holdout, defects_dir=args.defects,
                        int8=args.int8, out=args.out, target_frr=args.target_frr, method=args.method,
@@ -61,3 +69,10 @@ def run(args: argparse.Namespace) -> int:
         args.json.write_text(json.dumps(report.to_json(), indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0
+
+
+def _has_torch() -> bool:
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):  # a broken install, or torch blocked in sys.modules
+        return False
