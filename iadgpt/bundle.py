@@ -34,7 +34,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from iadgpt.errors import BundleError
-from iadgpt.staging import make_staging_dir
+from iadgpt.staging import make_staging_dir, release
 
 log = logging.getLogger(__name__)
 
@@ -536,6 +536,7 @@ class BundleWriter:
         if self._done:
             return
         self._done = True
+        release(self.tmp_dir)
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
         log.info("bundle write to %s aborted; nothing was changed", self.path)
 
@@ -554,6 +555,7 @@ class BundleWriter:
             self.abort()
             raise
         self._done = True
+        release(self.tmp_dir)  # the folder is the bundle now: its build lock goes
         self.bundle = Bundle.load(self.path, verify=False)
         log.info("wrote bundle %s (%d graphs, %d references)", self.path,
                  len(self.manifest["graphs"]), len(self.manifest["references"]))

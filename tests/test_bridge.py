@@ -662,6 +662,18 @@ def test_bridge_training_runs_end_to_end_on_real_bottle_images(tmp_path, embeds_
             torch.testing.assert_close(tge.eval()(feature), trained.tge(feature))
         with pytest.raises(ScorerError, match="exists"):
             train_bridge(SHARED_DATA / "mvtec_ad", "bottle", tmp_path / "b.safetensors", dec.checkpoint, progress=False)
+        # edited copies that would load into a wrong model are refused (they only failed, if at all, at first use)
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+        with safe_open(str(res["checkpoint"]), framework="pt") as f:
+            raw, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+        for name, edit in (("tge_layer", lambda t, m: (t, {**m, "tge_layer": "0"})),
+                           ("bank", lambda t, m: ({**t, "bank": t["bank"].reshape(-1)}, m)),
+                           ("floating", lambda t, m: ({**t, "bank": t["bank"].to(torch.int8)}, m))):
+            t, m = edit(dict(tensors), dict(raw))
+            save_file(t, str(tmp_path / f"{name}.safetensors"), metadata=m)
+            with pytest.raises(ScorerError, match=f"do not fit together.*{name}"):
+                load_bridge_parts(tmp_path / f"{name}.safetensors", bb)
     finally:
         torch.set_num_threads(before)
 

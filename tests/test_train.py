@@ -156,6 +156,15 @@ def test_refusals(tmp_path, backbone, images, pool, trained) -> None:
         raw["decoder_config"])})
     with pytest.raises(ScorerError, match="do not fit together"):
         load_decoder(tmp_path / "cut.safetensors")
+    config = raw["decoder_config"]
+    save_file(load_file(str(trained.checkpoint)), str(tmp_path / "inf.safetensors"), metadata={
+        **edited, "decoder_config": json.dumps({**config, "sigma": float("inf")})})  # JSON's Infinity
+    with pytest.raises(ScorerError, match="do not fit together"):
+        load_decoder(tmp_path / "inf.safetensors")
+    save_file({k: v.bool() if k.startswith("decoder.") else v for k, v in load_file(str(trained.checkpoint)).items()},
+              str(tmp_path / "bool.safetensors"), metadata={**edited, "decoder_config": json.dumps(config)})
+    with pytest.raises(ScorerError, match="not floating point"):  # was loaded as 0/1 weights
+        load_decoder(tmp_path / "bool.safetensors")
     # the bridge stage runs at the backbone's default size: a decoder trained at another one is refused
     from iadgpt.models.bridge_train import train_bridge
     with pytest.raises(ScorerError, match=f"trained at {SIZE} px; the bridge stage runs at efficientnet-lite0's "

@@ -514,7 +514,7 @@ def quantize_llm(src: Optional[PathLike], out: PathLike, bits: int = 4, *, route
     if kind == "gguf" and path == default_gguf():
         source.update(package=DEFAULT_PACKAGE, package_version=importlib.metadata.version(DEFAULT_PACKAGE))
     timings: dict[str, float] = {}
-    with staging_dir(Path(work_dir or out.parent), ".llm-build-") as tmp:
+    with staging_dir(Path(work_dir or out.parent), f".{out.name}.llm-build-") as tmp:
         tmp_path = Path(tmp)
         hf_dir = path
         if kind == "gguf":

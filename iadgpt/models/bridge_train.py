@@ -365,7 +365,7 @@ def load_bridge_parts(path: PathLike, backbone: Backbone) -> tuple[TextGuidedEnh
 
     try:
         return _assemble_bridge(tensors, meta, backbone, path)
-    except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # edited or half-written metadata/weights
+    except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as exc:  # edited/half-written
         raise ScorerError(f"{path}: the bridge checkpoint's configs and weights do not fit together "
                           f"({type(exc).__name__}: {str(exc)[:200]}); re-run `iadgpt train --stage bridge`") from exc
 
@@ -374,6 +374,12 @@ def _assemble_bridge(tensors: dict, meta: dict, backbone: Backbone,
                      path: Path) -> tuple[TextGuidedEnhancer, MultiMaskFusion, MaskMaker, dict]:
     def part(prefix: str) -> dict:
         return {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+
+    odd = sorted(k for k, v in tensors.items() if not v.is_floating_point())
+    if odd:  # load_state_dict would cast them silently (bool weights become 0/1)
+        raise ValueError(f"tensors {', '.join(odd[:3])} are not floating point")
+    if tensors["bank"].ndim != 2:
+        raise ValueError(f"the memory bank has shape {tuple(tensors['bank'].shape)}, not (patches, width)")
 
     dcfg = dict(meta["decoder_config"])
     learn = dcfg.pop("learn_references", True)
@@ -396,6 +402,8 @@ def _assemble_bridge(tensors: dict, meta: dict, backbone: Backbone,
     dec_masks.load_state_dict({**{f"decoder.{k}": v for k, v in decoder.state_dict().items()}, **part("decoder_masks")})
     bank_masks = BankMasks(backbone.dims, backbone.strides, int(backbone.input_spec.size[0]), decoder.layers)
     bank_masks.load_state_dict(part("bank_masks"))
+    if int(meta["tge_layer"]) != max(decoder.layers):  # training always feeds the TGE the last tapped layer
+        raise ValueError(f"tge_layer {meta['tge_layer']} is not the decoder's last layer {max(decoder.layers)}")
     maker = MaskMaker(backbone, decoder, tensors["bank"], int(meta["tge_layer"]), dec_masks.eval(), bank_masks.eval())
     return tge.eval(), mmf.eval(), maker, meta
 
