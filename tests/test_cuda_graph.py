@@ -497,6 +497,10 @@ def test_zero_copy_input_buffer(tiny, tiny_text):
     m, s = pipe(frame)
     np.testing.assert_array_equal(m_buf, m)
     assert s_buf == s and pipe.captures == 1
+    # a transposed view of the buffer starts at the same address with the same (square) shape: it is
+    # another image, copied in (overlap and all), not taken for the frame already there
+    turned = np.ascontiguousarray(frame.transpose(1, 0, 2))
+    np.testing.assert_array_equal(pipe(buf.transpose(1, 0, 2))[0], pipe(turned)[0])
 
 
 def test_host_copy_modes_feed_the_same_pixels(tiny, tiny_text):

@@ -563,7 +563,9 @@ class CudaGraphPipeline:
         st = self._state(shape)
         if frames.ndim == 3:
             frames = frames[None]
-        if frames.__array_interface__["data"][0] != st.host_in_np.__array_interface__["data"][0]:
+        in_place = (frames.__array_interface__["data"][0] == st.host_in_np.__array_interface__["data"][0]
+                    and frames.strides[1:] == st.host_in_np.strides[1:])  # the buffer itself, not a view of it
+        if not in_place:
             if self.host_copy == "numpy":
                 np.copyto(st.host_in_np, frames)  # one thread: no wait for a descheduled pool thread
             else:
