@@ -62,6 +62,18 @@ def test_references_learnable_or_fixed_text() -> None:
         learn(*_feats()[:2])
 
 
+@pytest.mark.parametrize("key,value", [("sigma", float("nan")), ("sigma", float("inf")), ("pool", -3),
+                                       ("image_size", True), ("layers", "01"), ("dims", []), ("logit_scale", 0.0),
+                                       ("hidden", 1.5), ("learn_references", "yes")])
+def test_from_state_refuses_a_config_that_would_build_another_model(key, value) -> None:
+    """A stored config is a file's contents: a NaN blur would be no blur, a boolean size 1 px, "01" layers (0, 1)."""
+    decoder = _decoder()
+    config, state = decoder.config(), decoder.state_dict()
+    assert VisualGuidedDecoder.from_state(config, state).config() == config  # the stored config round-trips
+    with pytest.raises(ValueError, match=key):
+        VisualGuidedDecoder.from_state({**config, key: value}, state)
+
+
 def test_layer_subset() -> None:
     dec = _decoder(layers=[2, 1])
     assert dec.layers == (1, 2) and isinstance(dec.projections[0], torch.nn.Identity)

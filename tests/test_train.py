@@ -295,6 +295,10 @@ def test_export_bundle_with_decoder(tmp_path, capsys, trained, images, shots, we
     old = SimpleNamespace(path=bundle.path, scorer={**bundle.scorer, "decoder": {"decoder_config": {}}})
     with pytest.raises(BundleError, match="re-export it with `iadgpt export --decoder"):
         scorer_from_bundle(old)
+    edited = SimpleNamespace(path=bundle.path, array=bundle.array, scorer={**bundle.scorer, "decoder": {
+        **bundle.scorer["decoder"], "decoder_config": {**bundle.scorer["decoder"]["decoder_config"], "sigma": None}}})
+    with pytest.raises(BundleError, match="do not fit together.*sigma"):  # an edited manifest: no traceback
+        scorer_from_bundle(edited)
     if shots is not None:  # a new bank needs new fusion statistics: calibrate says to re-export
         from iadgpt.calibration.onboard import calibrate
         from iadgpt.errors import CalibrationError

@@ -478,7 +478,12 @@ def scorer_from_bundle(bundle) -> nn.Module:
                           "before bundles carried them): re-export it with `iadgpt export --decoder CKPT ...` for the "
                           "torch and cuda-graph backends, or run it with --backend onnxruntime")
     state = {key: torch.from_numpy(np.array(bundle.array(name))) for key, name in names.items()}
-    decoder = VisualGuidedDecoder.from_state(info["decoder_config"], state)
+    try:
+        decoder = VisualGuidedDecoder.from_state(info["decoder_config"], state)
+    except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as exc:  # an edited or damaged manifest
+        raise BundleError(f"bundle {bundle.path}: its decoder config and weights do not fit together "
+                          f"({type(exc).__name__}: {str(exc)[:200]}); re-export it with `iadgpt export --decoder "
+                          "CKPT ...`") from exc
     if cfg.get("kind") == DECODER_KIND:
         return DecoderScorer(decoder).eval()
     fusion = cfg["fusion"]

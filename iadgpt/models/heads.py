@@ -33,7 +33,8 @@ SCORER graph takes only the feature maps (no reference inputs).
 from __future__ import annotations
 
 import logging
-from typing import Optional, Sequence
+import math
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
@@ -105,6 +106,7 @@ class VisualGuidedDecoder(nn.Module):
     @classmethod
     def from_state(cls, config: dict, state: dict[str, torch.Tensor]) -> "VisualGuidedDecoder":
         """The decoder `config()` and `state_dict()` describe, in eval mode (checkpoints, bundles)."""
+        _check_config(config)
         kwargs = dict(config)
         learn = kwargs.pop("learn_references", True)
         decoder = cls(kwargs.pop("dims"), kwargs.pop("image_size"),
@@ -236,3 +238,26 @@ def decoder_loss(layer_logits: Sequence[torch.Tensor], target: torch.Tensor, gam
     for logits in layer_logits:
         total = total + focal_loss(logits, target, gamma) + dice_loss(torch.softmax(logits, dim=1)[:, 1], target)
     return total
+
+
+def _check_config(config: dict) -> None:
+    """Refuse stored decoder configs that would build a different model without an error (a NaN blur
+    is no blur, a boolean size is 1 px): checkpoints and bundles are files, and files get edited."""
+    def whole(v: Any, low: int) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+    def finite(v: Any, low: float, strict: bool) -> bool:
+        return (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                and (v > low if strict else v >= low))
+
+    bad = [] if isinstance(config.get("dims"), list) and config["dims"] and all(whole(d, 1) for d in config["dims"]) \
+        else ["dims"]
+    bad += [k for k, low in (("image_size", 1), ("embed_dim", 1), ("pool", 0), ("hidden", 0))
+            if k in config and not whole(config[k], low)]
+    bad += [k for k, strict in (("logit_scale", True), ("sigma", False)) if k in config and not finite(config[k], 0, strict)]
+    if "layers" in config and not (isinstance(config["layers"], list) and all(whole(i, 0) for i in config["layers"])):
+        bad.append("layers")
+    if not isinstance(config.get("learn_references", True), bool):
+        bad.append("learn_references")
+    if bad:
+        raise ValueError(f"decoder config values out of range or of the wrong type: {', '.join(bad)}")
