@@ -207,7 +207,7 @@ def run_demo(out: Path, frames: int = 200, fps: float = 20.0, backend: str = "on
     # with NaN latencies, and a file in the way of `out` would fail only then.
     if isinstance(frames, bool) or not isinstance(frames, (int, np.integer)) or frames < 1:
         raise ConfigError(f"--frames {frames!r}: give the number of synthetic parts to inspect, an integer >= 1")
-    if not math.isfinite(fps) or (fps != 0 and fps < 0.1) or fps < 0:
+    if not math.isfinite(fps) or (fps != 0 and fps < 0.1):
         raise ConfigError(f"--fps {fps}: give the camera rate in frames per second (>= 0.1), or 0 for as fast as "
                           "the station judges")
     check_backend(backend)

@@ -135,13 +135,14 @@ def _size_issues(low: str, facts: DefectFacts) -> list[str]:
     if not spans:
         return issues
 
-    def fits(pct: float) -> bool:  # within a factor 1.5 (or 1 point) of a region's measured span
-        return any(lo / 1.5 - 1.0 <= pct <= hi * 1.5 + 1.0 for lo, hi in spans)
+    def fits(pct: float, among: Sequence[tuple[float, float]] = spans) -> bool:
+        """Within a factor 1.5 (or 1 point) of one of the measured spans."""
+        return any(lo / 1.5 - 1.0 <= pct <= hi * 1.5 + 1.0 for lo, hi in among)
 
-    total = sum(lo for lo, _ in spans), sum(hi for _, hi in spans)
+    total = (sum(lo for lo, _ in spans), sum(hi for _, hi in spans))  # a percentage may sum the regions
     for m in _PERCENT.finditer(low):
         pct = float(m.group(1))
-        if not fits(pct) and not (total[0] / 1.5 - 1.0 <= pct <= total[1] * 1.5 + 1.0):
+        if not fits(pct, [*spans, total]):
             issues.append(f"size '{m.group(0)}' (measured: {_spans_text(spans)} of the part)")
     for phrase, pct in _FRACTIONS.items():
         if re.search(rf"\b{phrase}\b", low) and not fits(pct):
