@@ -329,3 +329,8 @@ def test_a_tiny_reference_image_is_refused_naming_it(dataset, tmp_path):
         export_bundle("efficientnet-lite0", folder, tmp_path / "b", shots=0, resolution=int(RESOLUTION),
                       progress=False)
     assert not (tmp_path / "b").exists()
+    # the same rule for every reference batch (the decoder+bank fusion's shots and normals, eval's shots)
+    from iadgpt.models.backbones import get_backbone
+    from iadgpt.models.references import load_batch
+    with pytest.raises(DataError, match=r"zz_1x1.png: 1x1 px is too small"):
+        load_batch([folder / "zz_1x1.png"], get_backbone("efficientnet-lite0", size=int(RESOLUTION)))

@@ -18,13 +18,12 @@ import numpy as np
 import torch
 
 from ..bundle import DECODER_ARRAY_PREFIX, Bundle, BundleWriter, check_bundle_target
-from ..data import IMAGE_EXTENSIONS, image_files, read_reference_image
+from ..data import IMAGE_EXTENSIONS, image_files
 from ..errors import BackboneError, ExportError
 from ..staging import staging_dir
 from ..models.backbones import Backbone, get_backbone
-from ..models.references import encode, image_hashes, memory_bank
+from ..models.references import encode, image_hashes, load_batch, memory_bank
 from ..models.scorers import MemoryBankScorer, check_bank_options
-from ..runtime.preprocess import to_batch
 from .onnx_export import OPSET, ParityReport, export_encoder, export_scorer, probe_images
 
 log = logging.getLogger(__name__)
@@ -91,11 +90,6 @@ def list_images(folder: PathLike) -> list[Path]:
     if not images:
         raise ExportError(f"{root} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     return images
-
-
-def load_references(paths: Any, backbone: Backbone) -> np.ndarray:
-    """Encoder-input batch of reference images; a thumbnail or placeholder among them is refused."""
-    return to_batch([read_reference_image(p) for p in paths], backbone.input_spec)
 
 
 def pick_shots(paths: list[Path], shots: int, seed: int) -> list[Path]:
@@ -200,7 +194,7 @@ def export_bundle(backbone_name: str, train_dir: Optional[PathLike], out: PathLi
         k = int(shots or 0)
         paths = pick_shots(list_images(train_dir), k, seed)
         do_augment = (0 < k <= 8) if augment is None else bool(augment)
-        batch = load_references(_progress(paths, progress, "loading reference images"), backbone)
+        batch = load_batch(_progress(paths, progress, "loading reference images"), backbone)
         module = MemoryBankScorer(backbone.strides, h, grid_stride=GRID_STRIDE, sigma=SIGMA)
         bank = memory_bank(backbone, module, batch, augment=do_augment, coreset=coreset, seed=seed,
                            progress=progress)
@@ -235,7 +229,7 @@ def export_bundle(backbone_name: str, train_dir: Optional[PathLike], out: PathLi
                   "coreset": None, "augment": False, "grid_stride": int(backbone.strides[0]), "sigma": SIGMA,
                   "image_size": [h, w], "logit_scale": LOGIT_SCALE}
         if train_dir is not None:
-            probe = load_references(list_images(train_dir)[:2], backbone)
+            probe = load_batch(list_images(train_dir)[:2], backbone)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     with staging_dir(out.parent, f".{out.name}.onnx-") as tmp:

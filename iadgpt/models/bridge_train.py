@@ -43,7 +43,7 @@ from ..runtime.bridge_runtime import answer_text, parse_answer
 from ..runtime.facts import POSITION_WORDS, grid_position
 from .backbones import Backbone, get_backbone
 from .bridge import BankMasks, BridgeLM, DecoderMasks, MultiMaskFusion, TextGuidedEnhancer, fit_mask_stats
-from .heads import VisualGuidedDecoder
+from .heads import STORED_STATE_ERRORS, VisualGuidedDecoder
 from .synth import MASK_THRESHOLD, NSASynthesizer, config_for, guess_kind
 
 log = logging.getLogger(__name__)
@@ -365,7 +365,7 @@ def load_bridge_parts(path: PathLike, backbone: Backbone) -> tuple[TextGuidedEnh
 
     try:
         return _assemble_bridge(tensors, meta, backbone, path)
-    except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as exc:  # edited/half-written
+    except STORED_STATE_ERRORS as exc:
         raise ScorerError(f"{path}: the bridge checkpoint's configs and weights do not fit together "
                           f"({type(exc).__name__}: {str(exc)[:200]}); re-run `iadgpt train --stage bridge`") from exc
 

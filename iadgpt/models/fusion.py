@@ -70,7 +70,7 @@ from torch import nn
 
 from ..bundle import DECODER_ARRAY_PREFIX
 from ..errors import BundleError, ExportError, ScorerError
-from .heads import VisualGuidedDecoder
+from .heads import STORED_STATE_ERRORS, VisualGuidedDecoder
 from .postprocess import GaussianBlur, upsample_map
 from .scorers import QUERY_CHUNK, PatchEmbedder, nearest_distances
 
@@ -480,7 +480,7 @@ def scorer_from_bundle(bundle) -> nn.Module:
     state = {key: torch.from_numpy(np.array(bundle.array(name))) for key, name in names.items()}
     try:
         decoder = VisualGuidedDecoder.from_state(info["decoder_config"], state)
-    except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as exc:  # an edited or damaged manifest
+    except STORED_STATE_ERRORS as exc:  # an edited or damaged manifest
         raise BundleError(f"bundle {bundle.path}: its decoder config and weights do not fit together "
                           f"({type(exc).__name__}: {str(exc)[:200]}); re-export it with `iadgpt export --decoder "
                           "CKPT ...`") from exc

@@ -48,6 +48,11 @@ log = logging.getLogger(__name__)
 __all__ = ["VisualGuidedDecoder", "feature_stats", "focal_loss", "dice_loss", "decoder_loss"]
 
 
+# What building a model from a stored config and weights raises when they do not fit together (an
+# edited or half-written file): checkpoint and bundle loaders turn it into their error naming the fix.
+STORED_STATE_ERRORS = (KeyError, TypeError, ValueError, RuntimeError, OverflowError)
+
+
 class VisualGuidedDecoder(nn.Module):
     """Feature maps of the tapped layers -> (anomaly map (B, H, W) in [0, 1], score (B,))."""
 
@@ -107,6 +112,9 @@ class VisualGuidedDecoder(nn.Module):
     def from_state(cls, config: dict, state: dict[str, torch.Tensor]) -> "VisualGuidedDecoder":
         """The decoder `config()` and `state_dict()` describe, in eval mode (checkpoints, bundles)."""
         _check_config(config)
+        odd = sorted(k for k, v in state.items() if not v.is_floating_point())
+        if odd:  # load_state_dict would cast them silently (bool weights become 0/1)
+            raise ValueError(f"decoder weights {', '.join(odd[:3])} are not floating point")
         kwargs = dict(config)
         learn = kwargs.pop("learn_references", True)
         decoder = cls(kwargs.pop("dims"), kwargs.pop("image_size"),

@@ -10,7 +10,7 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 import torch
 
-from ..data import read_image
+from ..data import read_reference_image
 from ..runtime.preprocess import to_batch
 from .backbones import Backbone
 from .scorers import MemoryBankScorer, augment_shots, build_bank
@@ -29,8 +29,9 @@ def encode(backbone: Backbone, images: np.ndarray | torch.Tensor, batch_size: in
 
 
 def load_batch(paths: Iterable, backbone: Backbone) -> np.ndarray:
-    """Decode image files and lay them out as the encoder input."""
-    return to_batch([read_image(p) for p in paths], backbone.input_spec)
+    """Decode reference images (bank shots, probes, held-out normals) and lay them out as the encoder
+    input; a thumbnail or placeholder among them is refused (`read_reference_image`)."""
+    return to_batch([read_reference_image(p) for p in paths], backbone.input_spec)
 
 
 def memory_bank(backbone: Backbone, scorer: MemoryBankScorer, shots: np.ndarray, *, augment: bool,

@@ -38,7 +38,7 @@ from ..errors import DataError, EngineError, ScorerError
 from ..runtime.preprocess import resize_frame
 from ..signals import sigterm_as_interrupt
 from .backbones import Backbone, get_backbone
-from .heads import VisualGuidedDecoder, decoder_loss, feature_stats
+from .heads import STORED_STATE_ERRORS, VisualGuidedDecoder, decoder_loss, feature_stats
 from .synth import MASK_THRESHOLD, NSASynthesizer, config_for, guess_kind
 
 log = logging.getLogger(__name__)
@@ -289,12 +289,9 @@ def load_decoder(path: PathLike) -> tuple[VisualGuidedDecoder, dict[str, Any]]:
     """The trained decoder (eval mode) and the checkpoint's metadata."""
     tensors, meta = load_checkpoint(path)
     state = {k[len("decoder."):]: v for k, v in tensors.items() if k.startswith("decoder.")}
-    odd = sorted(k for k, v in state.items() if not v.is_floating_point())
-    if odd:  # load_state_dict would cast them silently (bool weights become 0/1)
-        raise ScorerError(f"{path}: the decoder weights {', '.join(odd[:3])} are not floating point; re-run `iadgpt train`")
     try:
         return VisualGuidedDecoder.from_state(meta["decoder_config"], state), meta
-    except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as exc:  # edited or half-written metadata/weights
+    except STORED_STATE_ERRORS as exc:
         raise ScorerError(f"{path}: the checkpoint's decoder config and weights do not fit together "
                           f"({type(exc).__name__}: {str(exc)[:200]}); re-run `iadgpt train`") from exc
 
