@@ -78,8 +78,8 @@ def test_tge_gate_follows_the_references(torch_one_thread):
         tge.references.copy_(torch.eye(8)[:2])
     normal = torch.eye(8)[0].view(1, 8, 1, 1).expand(1, 8, 4, 4)
     abnormal = torch.eye(8)[1].view(1, 8, 1, 1).expand(1, 8, 4, 4)
-    assert float(tge.gate(normal)[0, 0]) > 0.99
-    assert float(tge.gate(abnormal)[0, 1]) > 0.99
+    assert float(tge.gate(normal)[0, 0].detach()) > 0.99
+    assert float(tge.gate(abnormal)[0, 1].detach()) > 0.99
 
 
 def test_mask_statistics_z_normalise(torch_one_thread):
@@ -149,6 +149,94 @@ def test_bridge_loss_decreases_and_llm_stays_frozen(torch_one_thread):
     assert not any(p.requires_grad for p in bridge.llm.parameters())
     texts = bridge.eval().generate(feats[1], masks, max_new_tokens=5)
     assert len(texts) == 4 and all(isinstance(t, str) for t in texts)
+
+
+def _tiny_pool(n_pairs: int = 4):
+    """Normal views 0..n-1, their NSA versions n..2n-1 (hot cell at the position their answer names)."""
+    from iadgpt.models.bridge_train import BridgePool
+    words = ["top left", "bottom right", "top left", "bottom right"][:n_pairs]
+    masks = torch.zeros(2 * n_pairs, 2, 24, 24)
+    for i, w in enumerate(words):
+        cells = (slice(None, 8), slice(None, 8)) if w == "top left" else (slice(16, None), slice(16, None))
+        masks[n_pairs + i, :, cells[0], cells[1]] = 20.0
+    return BridgePool(feature=_features(2 * n_pairs, seed=5)[1].half(),
+                      masks={"decoder": masks.half(), "memory_bank": (masks * 0.5).half()},
+                      anomalous=torch.tensor([False] * n_pairs + [True] * n_pairs),
+                      position=[None] * n_pairs + words,
+                      pair=torch.tensor(list(range(n_pairs, 2 * n_pairs)) + list(range(n_pairs))))
+
+
+class _FakeBackbone:  # what loading the tiny bridge's checkpoint reads of a backbone
+    name, dims, strides = "tiny", (8, 16), (4, 8)
+
+    class input_spec:
+        size = (64, 64)
+
+
+def test_an_interrupted_bridge_run_resumes_on_the_uninterrupted_trajectory(tmp_path, monkeypatch, torch_one_thread):
+    """A signal mid-step stops the stage loop after that step; the run in progress is saved (heads,
+    the stage's Adam state, position, loss window), refused as a trained bridge, and resumed from
+    the file to the very weights and history of a run never stopped."""
+    import os
+    import signal
+
+    from iadgpt.models.bridge_train import (BridgeConfig, StagePosition, _assemble_checked, _position,
+                                            _read_bridge_checkpoint, load_bridge_parts, save_bridge, train_stages)
+    from iadgpt.models.train import optimizer_state
+    from iadgpt.signals import StopAfterStep, interrupts_between_steps
+    cfg = BridgeConfig(stage_steps=[2, 3, 2], batch_size=4, log_every=2, seed=3)
+    pool = _tiny_pool()
+
+    def heads(bridge):
+        return {f"{m}.{k}": v.clone() for m in ("tge", "mmf") for k, v in getattr(bridge, m).state_dict().items()}
+
+    ref_bridge, _ = _bridge()
+    ref_history = train_stages(ref_bridge, pool, cfg, progress=False)
+    assert [(st, step) for st, step, _ in ref_history] == [(1, 2), (2, 2), (2, 3), (3, 2)]
+
+    bridge, maker = _bridge()
+    out = tmp_path / "run.safetensors"
+    saves = []
+
+    def save(at, opt):
+        save_bridge(out, bridge, maker, {"config": cfg.to_dict(), "history": [list(h) for h in history]},
+                    optimizer=opt, position=at)
+        saves.append(at)
+
+    real_step, calls = torch.optim.AdamW.step, []
+
+    def step_then_signal(self, *args, **kwargs):
+        result = real_step(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:  # stage 2, its first step, after the weights moved
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_then_signal)
+    history: list = []
+    with pytest.raises(StopAfterStep), interrupts_between_steps() as boundary:
+        train_stages(bridge, pool, cfg, history=history, progress=False, save=save, boundary=boundary)
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    assert saves == [StagePosition(stage=2, step=1, running=saves[0].running, count=1)]
+    with pytest.raises(ScorerError, match=r"stopped at stage 2 step 1 \(stage steps \[2, 3, 2\]\).*--resume"):
+        load_bridge_parts(out, _FakeBackbone())
+
+    tensors, meta = _read_bridge_checkpoint(out)
+    tge, mmf, _, _ = _assemble_checked(tensors, meta, _FakeBackbone(), out)
+    again, _ = _bridge()
+    again.tge.load_state_dict(tge.state_dict())
+    again.mmf.load_state_dict(mmf.state_dict())
+    history = [tuple(h) for h in meta["history"]]
+    history = train_stages(again, pool, cfg, history=history, progress=False, position=_position(out, meta, cfg),
+                           optimizer_state=optimizer_state(tensors, meta["optimizer_groups"]))
+    ref = heads(ref_bridge)
+    for k, v in heads(again).items():
+        torch.testing.assert_close(v, ref[k], rtol=0, atol=1e-6, msg=k)
+    assert [h[:2] for h in history] == [h[:2] for h in ref_history]
+    assert [h[2] for h in history] == pytest.approx([h[2] for h in ref_history], abs=1e-5)  # the window across the stop
+    # a progress record that does not fit the settings is refused, not run from a wrong step
+    with pytest.raises(ScorerError, match="does not fit stage steps"):
+        _position(out, {**meta, "progress": {**meta["progress"], "step": 9}}, cfg)
 
 
 def test_choice_decoding_ranks_the_template_answers_as_scoring_each_alone(torch_one_thread):
@@ -328,7 +416,9 @@ def test_cli_train_refuses_the_other_stages_flags(tmp_path, capsys):
     assert main(common + ["--stage", "bridge", "--decoder", str(tmp_path / "d"), "--steps", "500", "--resume"]) == 2
     err = capsys.readouterr().err
     assert "--steps is a decoder-stage flag (the bridge counts steps per stage: --stage-steps" in err
-    assert "--resume is a decoder-stage flag (the bridge stage continues a run with --init" in err
+    assert "--resume" not in err  # both stages resume an interrupted run
+    assert main(common + ["--stage", "bridge", "--decoder", str(tmp_path / "d"), "--checkpoint-every", "0"]) == 2
+    assert "--checkpoint-every 0: give an integer >= 1" in capsys.readouterr().err
     assert main(common + ["--stage", "bridge", "--decoder", str(tmp_path / "d"), "--device", "cuda"]) == 2
     assert "trains on the CPU" in capsys.readouterr().err
     assert main(common + ["--stage-steps", "1,2,3", "--locate", "linear"]) == 2
@@ -630,6 +720,53 @@ def test_cli_export_bridge_refuses_a_missing_checkpoint(tmp_path, capsys):
     assert not (tmp_path / "b").exists()
 
 
+def _interrupted_run_resumes_to_the_same_heads(tmp_path, decoder_ckpt, res) -> None:
+    """SIGTERM in stage 2 of `iadgpt train --stage bridge`: --out holds the run in progress, which
+    only --resume (with the same settings and decoder) reads, and it ends on the heads of the run
+    never stopped."""
+    import os
+    import signal
+
+    from tests.conftest import SHARED_DATA
+    from iadgpt.models.bridge_train import load_bridge_parts, train_bridge
+    from iadgpt.models.backbones import get_backbone
+    from iadgpt.signals import StopAfterStep
+    out = tmp_path / "stopped.safetensors"
+    args = (SHARED_DATA / "mvtec_ad", "bottle", out, decoder_ckpt)
+    small = dict(progress=False, stage_steps=[1, 1, 1], pool_size=4, batch_size=4, locate_steps=2)
+    real_step, calls = torch.optim.AdamW.step, []
+
+    def step_then_sigterm(self, *a, **k):
+        result = real_step(self, *a, **k)
+        calls.append(1)
+        if len(calls) == 4:  # 2 locator steps, stage 1, then stage 2's step
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    torch.optim.AdamW.step = step_then_sigterm
+    try:
+        with pytest.raises(StopAfterStep):
+            train_bridge(*args, **small)
+    finally:
+        torch.optim.AdamW.step = real_step
+    bb = get_backbone("efficientnet-lite0")
+    with pytest.raises(ScorerError, match="stopped at stage 2 step 1.*--resume"):
+        load_bridge_parts(out, bb)
+    with pytest.raises(ScorerError, match="exists; pass --resume"):
+        train_bridge(*args, **small)
+    with pytest.raises(ScorerError, match=r"started with stage_steps=\[1, 1, 1\]"):
+        train_bridge(*args, **{**small, "stage_steps": [1, 2, 1]}, resume=True)
+    with pytest.raises(ScorerError, match="another decoder"):
+        train_bridge(SHARED_DATA / "mvtec_ad", "bottle", out, tmp_path / "dec2.safetensors", **small, resume=True)
+    done = train_bridge(*args, **small, resume=True)
+    tge, mmf, _, meta = load_bridge_parts(out, bb)
+    assert [list(h[:2]) for h in meta["history"]] == [list(h[:2]) for h in res["history"]]
+    for got, want in ((tge, res["bridge"].tge), (mmf, res["bridge"].mmf)):
+        for k, v in got.state_dict().items():
+            torch.testing.assert_close(v, want.state_dict()[k], rtol=0, atol=1e-6, msg=k)
+    assert done["train_seconds"] > 0
+
+
 @pytest.mark.slow
 def test_bridge_training_runs_end_to_end_on_real_bottle_images(tmp_path, embeds_llm_dir):
     """`iadgpt train --stage bridge` in miniature (a 2-step decoder, one step per stage, a pool of 4 NSA pairs):
@@ -647,6 +784,8 @@ def test_bridge_training_runs_end_to_end_on_real_bottle_images(tmp_path, embeds_
     try:
         dec = train(SHARED_DATA / "mvtec_ad", "bottle", tmp_path / "dec.safetensors", steps=2, pool_size=4,
                     batch_size=4, progress=False)
+        train(SHARED_DATA / "mvtec_ad", "bottle", tmp_path / "dec2.safetensors", steps=2, pool_size=4, batch_size=4,
+              progress=False, seed=1)  # another decoder, which a resumed bridge run must refuse
         res = train_bridge(SHARED_DATA / "mvtec_ad", "bottle", tmp_path / "b.safetensors", dec.checkpoint,
                            progress=False, stage_steps=[1, 1, 1], pool_size=4, batch_size=4, locate_steps=2)
         assert res["history"] and all(np.isfinite(h[2]) for h in res["history"])
@@ -660,8 +799,12 @@ def test_bridge_training_runs_end_to_end_on_real_bottle_images(tmp_path, embeds_
             for kind in ("decoder", "memory_bank"):
                 torch.testing.assert_close(mmf.eval()(masks[kind]), trained.mmf(masks[kind]))
             torch.testing.assert_close(tge.eval()(feature), trained.tge(feature))
-        with pytest.raises(ScorerError, match="exists"):
+        with pytest.raises(ScorerError, match="exists; pass --resume"):
             train_bridge(SHARED_DATA / "mvtec_ad", "bottle", tmp_path / "b.safetensors", dec.checkpoint, progress=False)
+        with pytest.raises(ScorerError, match="finished bridge.*--init"):
+            train_bridge(SHARED_DATA / "mvtec_ad", "bottle", tmp_path / "b.safetensors", dec.checkpoint, progress=False,
+                         resume=True, stage_steps=[1, 1, 1], pool_size=4, batch_size=4, locate_steps=2)
+        _interrupted_run_resumes_to_the_same_heads(tmp_path, dec.checkpoint, res)
         # edited copies that would load into a wrong model are refused (they only failed, if at all, at first use)
         from safetensors import safe_open
         from safetensors.torch import save_file

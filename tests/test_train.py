@@ -105,6 +105,61 @@ def test_resume_continues_the_same_run(tmp_path, monkeypatch, backbone, images, 
         assert torch.allclose(v, ref[k], atol=1e-6), k
 
 
+def test_a_signal_mid_step_saves_the_whole_step_and_resumes_on_the_trajectory(tmp_path, monkeypatch, backbone, images,
+                                                                              pool, trained) -> None:
+    """Ctrl-C / SIGTERM land anywhere in a step; the run stops at the step's end and saves it whole.
+
+    The signal here arrives right after the optimizer moved the weights: a KeyboardInterrupt raised
+    there saved step 6's counter with step 7's weights, and the resumed run left the trajectory."""
+    import os
+    import signal
+
+    from iadgpt.signals import StopAfterStep
+    out = tmp_path / "run.safetensors"
+    real_step, calls = torch.optim.AdamW.step, []
+
+    def step_then_signal(self, *args, **kwargs):
+        result = real_step(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 7:
+            os.kill(os.getpid(), signal.SIGTERM if len(calls) % 2 else signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_then_signal)
+    with pytest.raises(StopAfterStep):
+        train_decoder(backbone, images, out, CFG, pool=pool, progress=False, meta={"category": "part"})
+    assert load_checkpoint(out)[1]["step"] == 7
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    again = train_decoder(backbone, images, out, CFG, pool=pool, progress=False, resume=True, meta={"category": "part"})
+    ref = _weights(trained.decoder)
+    for k, v in _weights(again.decoder).items():
+        assert torch.allclose(v, ref[k], atol=1e-6), k
+
+
+def test_a_second_signal_stops_at_once_and_keeps_the_saved_step(tmp_path, monkeypatch, backbone, images, pool) -> None:
+    """A step that hangs: the second signal interrupts inside it, and the file keeps the last whole step."""
+    import os
+    import signal
+
+    from iadgpt.signals import StopAfterStep
+    out = tmp_path / "run.safetensors"
+    real_step, calls = torch.optim.AdamW.step, []
+
+    def step_twice_signalled(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_twice_signalled)
+    with pytest.raises(KeyboardInterrupt) as info:
+        train_decoder(backbone, images, out, replace(CFG, checkpoint_every=2), pool=pool, progress=False)
+    assert not isinstance(info.value, StopAfterStep)
+    assert load_checkpoint(out)[1]["step"] == 4
+
+
 def test_same_seed_same_weights(tmp_path, backbone, images, pool, trained) -> None:
     cfg = replace(CFG, steps=4)
     a = train_decoder(backbone, images, tmp_path / "a.safetensors", cfg, pool=pool, progress=False)

@@ -15,7 +15,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stage", choices=("decoder", "bridge"), default="decoder",
                    help="decoder: the visual-guided decoder; bridge: TGE + MMF for the frozen LLM (needs --decoder)")
     p.add_argument("--decoder", type=Path, default=None, help="bridge stage: the trained decoder checkpoint")
-    p.add_argument("--init", type=Path, default=None, help="bridge stage: start TGE/MMF from this bridge checkpoint")
+    p.add_argument("--init", type=Path, default=None,
+                   help="bridge stage: a new run's TGE/MMF start from this finished bridge checkpoint")
     p.add_argument("--stage-steps", default=None, help="bridge stage: steps of the TGE, MMF, TGE+MMF stages [30,300,60]")
     p.add_argument("--locate", choices=("centroid", "linear"), default=None,
                    help="bridge stage: MMF's cell choice for the position words [centroid] (models/bridge.py)")
@@ -44,10 +45,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nsa-colour", dest="colour", type=float, default=None,
                    help="[0] share of NSA patches that are colour changes in place (rust, stains) instead of pastes")
     p.add_argument("--seed", type=int, default=None, help="[0]")
-    p.add_argument("--checkpoint-every", type=int, default=None, help="[500]")
+    p.add_argument("--checkpoint-every", type=int, default=None,
+                   help="[500; bridge 20] steps between the checkpoints written to --out while training")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads [one per core]")
-    p.add_argument("--resume", action="store_true", help="continue the training in --out up to --steps")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the training in --out (same flags; the decoder stage may raise --steps)")
     p.set_defaults(run=run)
 
 
@@ -82,8 +85,6 @@ def run(args: argparse.Namespace) -> int:
 # Flags one stage reads and the other would silently ignore: (flag, attribute, unset value, why / what instead).
 _DECODER_ONLY = (
     ("--steps", "steps", None, "the bridge counts steps per stage: --stage-steps TGE,MMF,BOTH"),
-    ("--resume", "resume", False, "the bridge stage continues a run with --init BRIDGE_CKPT"),
-    ("--checkpoint-every", "checkpoint_every", None, "the bridge stage writes its checkpoint at the end"),
     ("--resolution", "resolution", None, "the bridge stage runs at the backbone's default input size"),
     ("--weights", "weights", None, "the bridge stage loads the backbone's default weights"),
     ("--no-augment", "augment", None, "the bridge stage always rotates/flips its pool, seeded by --seed"),
@@ -132,8 +133,10 @@ def _run_bridge(args: argparse.Namespace) -> int:
         if len(config["stage_steps"]) != 3 or min(config["stage_steps"]) < 0:
             raise ScorerError(f"--stage-steps {args.stage_steps!r}: give three integers >= 0 (TGE, MMF, TGE+MMF)")
     _check_bridge_numbers(config)
+    if args.checkpoint_every is not None:
+        config["checkpoint_every"] = args.checkpoint_every
     res = train_bridge(args.data, args.category, args.out, args.decoder, backbone=args.backbone,
-                       threads=args.threads, init=args.init, **config)
+                       threads=args.threads, init=args.init, resume=args.resume, **config)
     last = res["history"][-1][2] if res["history"] else float("nan")
     print(f"{res['checkpoint']}: last loss {last:.4f}; pool {res['pool_seconds']:.0f} s, training "
           f"{res['train_seconds']:.0f} s")

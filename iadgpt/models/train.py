@@ -36,7 +36,7 @@ from torch.nn import functional as F
 from ..data import load_split, read_image
 from ..errors import DataError, EngineError, ScorerError
 from ..runtime.preprocess import resize_frame
-from ..signals import sigterm_as_interrupt
+from ..signals import StepBoundary, StopAfterStep, interrupts_between_steps
 from .backbones import Backbone, get_backbone
 from .heads import STORED_STATE_ERRORS, VisualGuidedDecoder, decoder_loss, feature_stats
 from .synth import MASK_THRESHOLD, NSASynthesizer, config_for, guess_kind
@@ -44,7 +44,8 @@ from .synth import MASK_THRESHOLD, NSASynthesizer, config_for, guess_kind
 log = logging.getLogger(__name__)
 
 __all__ = ["TrainConfig", "FeaturePool", "TrainResult", "build_pool", "train_decoder", "train",
-           "save_checkpoint", "load_checkpoint", "load_decoder", "CHECKPOINT_FORMAT"]
+           "save_checkpoint", "load_checkpoint", "load_decoder", "CHECKPOINT_FORMAT", "optimizer_tensors",
+           "optimizer_state"]
 
 CHECKPOINT_FORMAT = "iadgpt-decoder/1"
 # Tapped layers the decoder reads by default, per backbone (others: all). EfficientNet-Lite0's
@@ -245,12 +246,8 @@ def save_checkpoint(path: PathLike, decoder: VisualGuidedDecoder, optimizer: Opt
     tensors = {f"decoder.{k}": v.detach().cpu().contiguous() for k, v in decoder.state_dict().items()}
     groups: list[dict] = []
     if optimizer is not None:
-        state = optimizer.state_dict()
-        for pid, st in state["state"].items():
-            for key, value in st.items():
-                value = value if isinstance(value, torch.Tensor) else torch.tensor(value)
-                tensors[f"optimizer.{pid}.{key}"] = value.detach().cpu().contiguous()
-        groups = state["param_groups"]
+        opt_tensors, groups = optimizer_tensors(optimizer)
+        tensors.update(opt_tensors)
     metadata = {"format": CHECKPOINT_FORMAT, "step": str(int(step)),
                 "decoder_config": json.dumps(decoder.config()), "optimizer_groups": json.dumps(groups),
                 **{k: json.dumps(v) for k, v in meta.items()}}
@@ -296,7 +293,19 @@ def load_decoder(path: PathLike) -> tuple[VisualGuidedDecoder, dict[str, Any]]:
                           f"({type(exc).__name__}: {str(exc)[:200]}); re-run `iadgpt train`") from exc
 
 
-def _optimizer_state(tensors: dict[str, torch.Tensor], groups: list) -> dict:
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
+    """The optimizer's state as `optimizer.<param>.<key>` tensors (safetensors holds no pickle) and
+    its param groups (JSON); `optimizer_state` turns them back into a state dict."""
+    state = optimizer.state_dict()
+    tensors = {}
+    for pid, st in state["state"].items():
+        for key, value in st.items():
+            value = value if isinstance(value, torch.Tensor) else torch.tensor(value)
+            tensors[f"optimizer.{pid}.{key}"] = value.detach().cpu().contiguous()
+    return tensors, state["param_groups"]
+
+
+def optimizer_state(tensors: dict[str, torch.Tensor], groups: list) -> dict:
     state: dict[int, dict] = {}
     for k, v in tensors.items():
         if k.startswith("optimizer."):
@@ -374,7 +383,7 @@ def train_decoder(backbone: Backbone, images: Sequence[np.ndarray], out: PathLik
     opt = torch.optim.AdamW([p for p in decoder.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
     if tensors is not None and any(k.startswith("optimizer.") for k in tensors):
-        opt.load_state_dict(_optimizer_state(tensors, old["optimizer_groups"]))
+        opt.load_state_dict(optimizer_state(tensors, old["optimizer_groups"]))
 
     t0 = time.perf_counter()
     decoder.train()
@@ -384,13 +393,17 @@ def train_decoder(backbone: Backbone, images: Sequence[np.ndarray], out: PathLik
         from tqdm import tqdm
         bar = tqdm(steps, desc="training decoder", unit="step", initial=0, total=cfg.steps - start)
         steps = bar
-    state = {"step": start}  # steps completed, for the interrupt handler
+    state = {"step": start, "saved": start if tensors is not None else None}  # steps completed / in `out`
     try:
-        with sigterm_as_interrupt():  # a service stop saves the exact step too, not the last periodic one
-            _loop(decoder, opt, pool, cfg, steps, bar, history, out, meta, t0, state)
-    except KeyboardInterrupt:
+        with interrupts_between_steps() as boundary:  # a service stop saves the exact step, not the last periodic one
+            _loop(decoder, opt, pool, cfg, steps, bar, history, out, meta, t0, state, boundary)
+    except StopAfterStep:
         log.warning("interrupted: saving step %d to %s (continue with --resume)", state["step"], out)
         _save(out, decoder, opt, state["step"], meta, history, pool, time.perf_counter() - t0)
+        raise
+    except KeyboardInterrupt:
+        log.warning("stopped mid-step: %s", "nothing saved yet" if state["saved"] is None else
+                    f"{out} holds step {state['saved']} (continue with --resume)")
         raise
     step = max(state["step"], cfg.steps)
     train_seconds = time.perf_counter() - t0
@@ -402,7 +415,7 @@ def train_decoder(backbone: Backbone, images: Sequence[np.ndarray], out: PathLik
 
 
 def _loop(decoder: VisualGuidedDecoder, opt, pool: FeaturePool, cfg: TrainConfig, steps, bar, history: list,
-          out: Path, meta: dict, t0: float, state: dict) -> None:
+          out: Path, meta: dict, t0: float, state: dict, boundary: StepBoundary) -> None:
     device = pool.labels.device
     half = max(1, cfg.batch_size // 2)
     running, count = 0.0, 0
@@ -428,6 +441,9 @@ def _loop(decoder: VisualGuidedDecoder, opt, pool: FeaturePool, cfg: TrainConfig
         state["step"] = done
         if done % cfg.checkpoint_every == 0 and done < cfg.steps:
             _save(out, decoder, opt, done, meta, history, pool, time.perf_counter() - t0)
+            state["saved"] = done
+        if done < cfg.steps:
+            boundary.check()
 
 
 def _save(out: Path, decoder, opt, step: int, meta: dict, history, pool: FeaturePool, seconds: float) -> None:
