@@ -294,6 +294,47 @@ def test_overlay_write_failure_is_counted_not_raised(tmp_path: Path, monkeypatch
     assert sink.errors == 1 and "overlay" not in v.extra and not list(tmp_path.iterdir())
 
 
+def test_on_a_full_disk_overlays_wait_until_the_event_log_has_caught_up(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Space an operator frees goes to the records of every part first, not to a 300 kB picture
+    that fills the disk again (overlays used to take it before the event log's backlog could)."""
+    from iadgpt.runtime.config import build_sinks, load_station_config
+    (tmp_path / "station.yaml").write_text("bundle: b\nsource: synthetic://part\nsinks:\n  events:\n"
+                                           "    path: ev/events.jsonl\n    fsync: never\n  overlays:\n    dir: ov\n")
+    overlays, events = build_sinks(load_station_config(tmp_path / "station.yaml"))
+    disk = _DiskFull(monkeypatch, events)
+    disk.partial_done = True
+
+    def part(i: int) -> Verdict:
+        v = _verdict(i, True)
+        for sink in (overlays, events):  # the station's order: overlays first
+            sink.write(v, _frame(i))
+        return v
+
+    assert "overlay" in part(0).extra
+    disk.full = True
+    part(1)  # this event line fails: the next overlay waits
+    assert events.waiting_for_space and "overlay" not in part(2).extra and overlays.dropped == 1
+    disk.full = False
+    assert "overlay" not in part(3).extra  # the backlog is written with this event ...
+    assert not events.waiting_for_space and "overlay" in part(4).extra  # ... and pictures come back
+    events.close()
+    assert [e["frame_id"] for e in _lines(tmp_path / "ev" / "events.jsonl")] == [0, 1, 2, 3, 4]
+    assert overlays.dropped == 2 and len(list((tmp_path / "ov").iterdir())) == 3
+
+
+def test_overlays_do_not_wait_for_a_log_that_fails_for_another_reason(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    events = JsonlSink(tmp_path / "events.jsonl", fsync="never")
+
+    def broken(fd: int, data: bytes) -> int:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "write", broken)
+    events.write(_verdict(0), None)
+    assert events.backlog == 1 and not events.waiting_for_space
+
+
 # ----------------------------------------------------------------------------- MQTT
 
 try:

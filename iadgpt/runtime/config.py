@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import logging
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -288,17 +289,29 @@ def load_station_config(path: Union[str, Path]) -> StationConfig:
     return cfg
 
 
+def _same_disk(a: Path, b: Path) -> bool:
+    try:
+        return os.stat(a).st_dev == os.stat(b).st_dev
+    except OSError:
+        return False
+
+
 def build_sinks(config: StationConfig) -> list[Sink]:
     """The sinks `config` asks for, overlays first (so events carry ``extra["overlay"]``)."""
     sinks: list[Sink] = []
     s = config.sinks
     try:
+        overlays = None
         if s.overlays is not None:
-            sinks.append(OverlaySink(s.overlays.dir, only_anomalous=s.overlays.only_anomalous,
-                                     max_files=s.overlays.max_files))
+            overlays = OverlaySink(s.overlays.dir, only_anomalous=s.overlays.only_anomalous,
+                                   max_files=s.overlays.max_files)
+            sinks.append(overlays)
         if s.events is not None:
-            sinks.append(JsonlSink(s.events.path, fsync=s.events.fsync, max_bytes=s.events.max_bytes,
-                                   backups=s.events.backups))
+            events = JsonlSink(s.events.path, fsync=s.events.fsync, max_bytes=s.events.max_bytes,
+                               backups=s.events.backups)
+            sinks.append(events)
+            if overlays is not None and _same_disk(overlays.directory, events.path.parent):
+                overlays.yield_to = lambda: events.waiting_for_space  # records before pictures on a full disk
         if s.mqtt is not None:
             sinks.append(MqttSink(s.mqtt.host, s.mqtt.port, topic=s.mqtt.topic, client_id=s.mqtt.client_id,
                                   qos=s.mqtt.qos, buffer_max=s.mqtt.buffer_max, station_id=config.station_id,

@@ -167,6 +167,7 @@ class JsonlSink:
         self.rotations = 0
         self.reopened = 0  # times the file was found deleted or moved away and started again
         self._backlog: deque[bytes] = deque()
+        self._short_of_space = False  # the last failed write was ENOSPC / EDQUOT
         self._head_done = 0  # bytes of _backlog[0] already in the file
         self._lock = threading.Lock()
         self._warn = ThrottledLog(log)
@@ -184,6 +185,11 @@ class JsonlSink:
     def backlog(self) -> int:
         """Lines waiting to be written (after a write failure)."""
         return len(self._backlog)
+
+    @property
+    def waiting_for_space(self) -> bool:
+        """Lines are waiting because the disk (or the quota) was full at the last try."""
+        return bool(self._backlog) and self._short_of_space
 
     def _open(self) -> None:
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -296,7 +302,8 @@ class JsonlSink:
                     self._dirty = True
             except OSError as exc:
                 self.errors += 1
-                hint = " (disk full: free space or lower max_bytes/backups)" if exc.errno == errno.ENOSPC else ""
+                self._short_of_space = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+                hint = " (disk full: free space or lower max_bytes/backups)" if self._short_of_space else ""
                 self._warn("write", logging.ERROR, "%s: cannot write event line: %s%s; keeping %d line(s) "
                            "in memory and retrying on the next event", self.path, exc.strerror or exc, hint,
                            len(self._backlog))
@@ -445,10 +452,14 @@ class OverlaySink:
     Its path is also put in ``verdict.extra["overlay"]``, so sinks after this one (the event
     log, MQTT) point at the picture: `build_sinks` puts this sink first. With `max_files` the
     oldest overlays in the folder are deleted beyond that many. `ext` is ``.jpg`` or ``.png``.
+
+    While `yield_to()` is true, no overlay is written (counted in `dropped`): `build_sinks` passes
+    "the event log on the same disk waits for space", so the records of every part get the space
+    an operator frees before the pictures (one overlay is 100-500 kB, an event line under 1 kB).
     """
 
     def __init__(self, directory: PathLike, only_anomalous: bool = True, max_files: Optional[int] = None,
-                 ext: str = ".jpg", jpeg_quality: int = 90) -> None:
+                 ext: str = ".jpg", jpeg_quality: int = 90, yield_to: Optional[Callable[[], bool]] = None) -> None:
         ext = ext if ext.startswith(".") else "." + ext
         if ext.lower() not in (".jpg", ".jpeg", ".png"):
             raise ConfigError(f"overlay format {ext!r} not supported: use .jpg or .png")
@@ -461,6 +472,8 @@ class OverlaySink:
         self.errors = 0
         self._warn = ThrottledLog(log)
         self.written = 0
+        self.dropped = 0  # overlays not written while the event log waited for disk space
+        self.yield_to = yield_to
         self._params = [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality)] if self.ext != ".png" else []
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -481,6 +494,11 @@ class OverlaySink:
             return
         if frame is None or frame.image is None:
             return  # nothing to draw on: corrupt or dropped frame
+        if self.yield_to is not None and self.yield_to():
+            self.dropped += 1
+            self._warn("yield", logging.WARNING, "the event log is waiting for disk space: overlays are not written "
+                       "until it has caught up (%d so far); free space under %s", self.dropped, self.directory)
+            return
         path = self.path_for(verdict)
         picture = render_overlay(verdict, frame.image)
         ok, buf = cv2.imencode(self.ext, picture, self._params)
