@@ -1,0 +1,67 @@
+"""benchmarks/soak.py's verdict: a leak, a growing fd count, an unrotated log or a lost event fails
+the soak; the allocator's ups and downs on a flat station do not."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SOAK = Path(__file__).resolve().parents[1] / "benchmarks" / "soak.py"
+SUMMARY = ("frames 900, judged 880, NG 300, errors 2, dropped 18, 15.0 fps, latency p50/p99 20.1/40.2 ms, "
+           "reconnects 0, sink errors none, describer errors 0")
+
+
+@pytest.fixture(scope="module")
+def soak():
+    spec = importlib.util.spec_from_file_location("soak_benchmark", SOAK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _samples(minutes: float, rss, fds=11, seed=0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, t in enumerate(np.arange(0, 60 * minutes, 10.0)):
+        out.append({"t_s": float(t), "rss_mb": float(rss(t) + rng.uniform(-5, 5)), "fds": fds(t) if callable(fds) else fds,
+                    "threads": 9, "children": 1, "children_rss_mb": 300.0, "children_fds": 4, "children_threads": 3,
+                    "event_bytes": 1_000_000, "event_files": 2, "overlay_bytes": 10, "overlay_files": 50})
+    return out
+
+
+def _args(**kw) -> argparse.Namespace:
+    return argparse.Namespace(**{"max_rss_growth_mb": 20.0, "rss_noise_mb": 10.0, "fd_slack": 4, **kw})
+
+
+def _failed(checks: dict) -> list[str]:
+    return sorted(name for name, c in checks.items() if not c["ok"])
+
+
+def test_a_flat_noisy_station_passes(soak) -> None:
+    checks = soak.judge(_samples(30, lambda t: 140.0), 300, _args(), 0, SUMMARY, "")
+    assert _failed(checks) == [], checks
+    assert checks["every frame an event"]["frames"] == 900
+
+
+def test_a_leak_and_a_growing_fd_count_fail(soak) -> None:
+    leak = _samples(60, lambda t: 140.0 + 60.0 * t / 3600, fds=lambda t: 11 + int(t // 600))  # 60 MB/h, an fd per 10 min
+    checks = soak.judge(leak, 300, _args(), 0, SUMMARY, "")
+    assert _failed(checks) == ["fds", "rss_mb growth"]
+    assert 30 < checks["rss_mb growth"]["growth_mb"] < 45 and checks["rss_mb growth"]["bound_mb"] == pytest.approx(18.3, abs=0.2)
+
+
+def test_lost_events_a_traceback_an_unrotated_log_and_a_bad_exit_fail(soak) -> None:
+    samples = _samples(10, lambda t: 140.0)
+    samples[-1]["event_bytes"] = 50_000_000
+    lost = SUMMARY.replace("dropped 18", "dropped 17")
+    checks = soak.judge(samples, 60, _args(), -15, lost, "Traceback (most recent call last):\n")
+    assert _failed(checks) == ["SIGTERM exit", "event log within rotation", "every frame an event", "no traceback"]
+    assert not soak.judge(samples, 60, _args(), 0, "no summary line", "")["every frame an event"]["ok"]
+
+
+def test_too_few_samples_is_a_failure_not_a_pass(soak) -> None:
+    checks = soak.judge(_samples(1, lambda t: 140.0), 300, _args(), 0, SUMMARY, "")
+    assert _failed(checks) == ["enough samples"]
