@@ -32,6 +32,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--loop", action="store_true", help="restart files and folders at their end")
     p.add_argument("--example-config", action="store_true",
                    help="print a commented station.yaml with every key, and exit")
+    p.add_argument("--check", action="store_true",
+                   help="commissioning: open the bundle, sinks, source and describer, judge one real frame, "
+                        "report each as ok/warn/fail and exit (1 if any failed); writes no event")
     p.set_defaults(run=run)
 
 
@@ -65,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
                                 if args.overlays else None))
     else:
         raise ConfigError("give --station station.yaml, or a BUNDLE and --source URI")
+    if args.check:
+        return _check(cfg)
     bundle = Bundle.load(cfg.bundle)
     sinks = build_sinks(cfg) + [_PrintSink()]
     describer = None
@@ -88,6 +93,19 @@ def run(args: argparse.Namespace) -> int:
             print(f"describer: {close_describer(describer, SIGNAL_DRAIN_S if hurry else None).to_dict()}")
     print(stats.summary())
     return 0
+
+
+def _check(cfg: Any) -> int:
+    from ..runtime.preflight import FAIL, Preflight
+
+    print(f"checking station {cfg.station_id or '-'} ({cfg.path or 'command line'}), backend {cfg.backend}")
+    checks = Preflight(cfg).run()
+    for c in checks:
+        print(f"{c.status.upper():4} {c.name}: {c.detail}")
+    failed = [c.name for c in checks if c.status == FAIL]
+    print(f"{len(failed)} check(s) failed ({', '.join(dict.fromkeys(failed))}): fix them before the line starts"
+          if failed else "ready: every check passed")
+    return 1 if failed else 0
 
 
 def close_describer(describer: Any, drain_timeout_s: Any) -> Any:
