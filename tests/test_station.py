@@ -128,6 +128,22 @@ def test_files_are_not_dropped_every_frame_is_judged(tmp_path: Path) -> None:
     assert sorted(v.extra["path"] for v, _ in rec.got) == sorted(str(p) for p in tmp_path.glob("*.png"))
 
 
+def test_a_file_source_logs_its_undecodable_frames_in_file_order(tmp_path: Path) -> None:
+    """A corrupt file's error event used to go out at once, ahead of the verdicts of the files before
+    it still being judged: the log of a folder was out of order whenever inference was slower."""
+    for i in range(6):
+        assert cv2.imwrite(str(tmp_path / f"{i:02d}.png"), np.full((16, 16, 3), i, np.uint8))
+    for i in (2, 4):
+        (tmp_path / f"{i:02d}.png").write_bytes(b"\x89PNG not really")
+    rec = RecordingSink()
+    with open_source(tmp_path) as src:
+        stats = Station(FakeDetector(delay=0.05), src, [rec], queue_size=1).run()
+    _consistent(stats, rec)
+    assert rec.ids == list(range(6)) and (stats.judged, stats.errors) == (4, 2)
+    assert [v.error is not None for v, _ in rec.got] == [False, False, True, False, True, False]
+    assert "02.png" in rec.got[2][0].error
+
+
 class _LiveStub:
     """A live source of `n` frames without pause; every odd frame came without pixels."""
 

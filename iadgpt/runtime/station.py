@@ -315,7 +315,7 @@ class Station:
                         return
                     continue
                 self.stats.frames += 1
-                if frame.image is None:  # nothing to judge: its error event goes straight out, never dropped
+                if frame.image is None and live:  # nothing to judge: its error event goes straight out, never dropped
                     self._drops.append((self._error(frame, str(frame.meta.get("error") or "frame has no image")),
                                         frame))
                     continue
@@ -372,10 +372,10 @@ class Station:
         frame = item.frame
         t0 = time.monotonic()
         wait_ms = (t0 - item.t_enqueued) * 1000.0
-        if self._abort:
-            verdict = self._error(frame, STOPPED_ERROR)
-        elif frame.image is None:
+        if frame.image is None:  # a file's undecodable frame, queued in its place: the log keeps file order
             verdict = self._error(frame, str(frame.meta.get("error") or "frame has no image"))
+        elif self._abort:
+            verdict = self._error(frame, STOPPED_ERROR)
         else:
             try:
                 with self._describer_paused():
