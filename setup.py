@@ -29,7 +29,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.9",
     packages=find_packages(include=["iadgpt", "iadgpt.*"]),
-    package_data={"iadgpt": ["models/prompts/*.yaml", "examples/*.yaml"]},
+    package_data={"iadgpt": ["models/prompts/*.yaml", "examples/*.yaml", "examples/*.service"]},
     # tqdm: calibrate and eval run on stations too, with progress bars (pure Python, ~80 kB)
     install_requires=["numpy>=1.23", "opencv-python-headless>=4.7", "pyyaml>=6.0", "tqdm>=4.60"],
     extras_require={

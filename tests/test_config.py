@@ -79,6 +79,28 @@ def test_the_example_is_printed_from_the_package(capsys) -> None:
     assert capsys.readouterr().out == EXAMPLE.read_text(encoding="utf-8")
 
 
+def test_the_example_service_stops_within_its_timeout_and_restarts_after_a_failure(capsys) -> None:
+    """The systemd unit: systemd takes no comment after a value, SIGTERM is the station's clean stop,
+    and the stop timeout outlasts the describer's drain (a kill mid-flush would lose events)."""
+    import configparser
+
+    from iadgpt.cli import main
+    from iadgpt.commands.run import EXAMPLE_SERVICE, SIGNAL_DRAIN_S
+    assert main(["run", "--example-service"]) == 0
+    text = capsys.readouterr().out
+    assert text == EXAMPLE_SERVICE.read_text(encoding="utf-8")
+    unit = configparser.ConfigParser(interpolation=None, strict=True, comment_prefixes=("#",),
+                                     inline_comment_prefixes=None)
+    unit.optionxform = str
+    unit.read_string(text)
+    assert sorted(unit.sections()) == ["Install", "Service", "Unit"]
+    service = unit["Service"]
+    assert service["ExecStart"].split()[-3:] == ["run", "--station", "/etc/iadgpt/station.yaml"]
+    assert service["KillSignal"] == "SIGTERM" and float(service["TimeoutStopSec"]) >= SIGNAL_DRAIN_S + 15
+    assert service["Restart"] == "on-failure" and unit["Unit"]["StartLimitIntervalSec"] == "0"
+    assert all("#" not in value for section in unit.values() for value in section.values())
+
+
 @pytest.mark.parametrize("text, key, words", [
     # unknown keys
     ("bundle: b\nsource: s\nbakend: torch\n", "bakend", "did you mean 'backend'"),

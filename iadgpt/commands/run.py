@@ -11,6 +11,7 @@ from typing import Any
 # (a service manager kills a process that takes too long to stop: systemd's default is 90 s)
 SIGNAL_DRAIN_S = 10.0
 EXAMPLE_CONFIG = Path(__file__).resolve().parents[1] / "examples" / "station.yaml"
+EXAMPLE_SERVICE = EXAMPLE_CONFIG.with_name("iadgpt-station.service")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -32,6 +33,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--loop", action="store_true", help="restart files and folders at their end")
     p.add_argument("--example-config", action="store_true",
                    help="print a commented station.yaml with every key, and exit")
+    p.add_argument("--example-service", action="store_true",
+                   help="print a systemd unit that runs the station as a service, and exit")
     p.add_argument("--check", action="store_true",
                    help="commissioning: open the bundle, sinks, source and describer, judge one real frame, "
                         "report each as ok/warn/fail and exit (1 if any failed); writes no event")
@@ -47,8 +50,8 @@ def run(args: argparse.Namespace) -> int:
     from ..runtime.sources import open_source
     from ..runtime.station import Station
 
-    if args.example_config:  # shipped in the package: a wheel install has no examples/ folder
-        print(EXAMPLE_CONFIG.read_text(encoding="utf-8"), end="")
+    if args.example_config or args.example_service:  # shipped in the package: a wheel has no examples/ folder
+        print((EXAMPLE_CONFIG if args.example_config else EXAMPLE_SERVICE).read_text(encoding="utf-8"), end="")
         return 0
     if args.threshold is not None and not math.isfinite(args.threshold):
         raise ConfigError(f"--threshold {args.threshold} is not a finite number: give the score above which a "
