@@ -73,6 +73,8 @@ def main() -> int:
     ap.add_argument("--decoder", type=Path, default=None,
                     help="decoder checkpoint the bridge is trained with; trained first (`iadgpt train`) when absent")
     ap.add_argument("--out", type=Path, default=Path("bridge.safetensors"), help="where a trained bridge goes")
+    ap.add_argument("--resume", action="store_true",
+                    help="finish the trainings a stopped run of this benchmark left in --out (and its decoder)")
     ap.add_argument("--stage-steps", default=None, help="bridge training stages [the BridgeConfig default, 30,300,60]")
     ap.add_argument("--onnx", action="store_true", help="also evaluate the ONNX heads + int4 LLM route")
     ap.add_argument("--export-dir", type=Path, default=None, help="where the ONNX bridge goes [next to the checkpoint]")
@@ -86,8 +88,9 @@ def main() -> int:
     ap.add_argument("--json", type=Path, required=True)
     args = ap.parse_args()
     writable_output(args.json)
-    if args.checkpoint is None and args.out.exists():  # train_bridge refuses it too, but after the decoder's minutes
-        ap.error(f"--out {args.out} exists: pass it as --checkpoint to evaluate it, or choose another --out")
+    if args.checkpoint is None and args.out.exists() and not args.resume:  # train_bridge refuses it too, but later
+        ap.error(f"--out {args.out} exists: pass it as --checkpoint to evaluate a finished bridge, add --resume to "
+                 "finish a training this benchmark was stopped in, or choose another --out")
     if args.checkpoint is not None and not args.checkpoint.is_file():
         ap.error(f"--checkpoint {args.checkpoint} does not exist; train one (drop --checkpoint) or fix the path")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -110,10 +113,11 @@ def main() -> int:
         if args.decoder is None:
             from iadgpt.models.train import train
             args.decoder = args.out.with_name(args.out.stem + "_decoder.safetensors")
-            dec = train(args.data, args.category, args.decoder, threads=args.threads)
+            dec = train(args.data, args.category, args.decoder, threads=args.threads, resume=args.resume)
             train_s += dec.pool_seconds + dec.train_seconds
         steps = {"stage_steps": [int(x) for x in args.stage_steps.split(",")]} if args.stage_steps else {}
-        res = train_bridge(args.data, args.category, args.out, args.decoder, threads=args.threads, **steps)
+        res = train_bridge(args.data, args.category, args.out, args.decoder, threads=args.threads, resume=args.resume,
+                           **steps)
         args.checkpoint = args.out
         train_s += res["train_seconds"] + res["pool_seconds"]
     bb = get_backbone("efficientnet-lite0")

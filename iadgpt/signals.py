@@ -63,7 +63,9 @@ def interrupts_between_steps() -> Iterator[StepBoundary]:
         log.warning("%s: stopping after this step to save the checkpoint (send it again to stop at once, "
                     "keeping the last saved step)", boundary.requested)
 
-    old = {sig: signal.signal(sig, request) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # a signal the process ignores (SIGINT of a background job in a script, `nohup`) stays ignored
+    old = {sig: signal.signal(sig, request) for sig in (signal.SIGINT, signal.SIGTERM)
+           if signal.getsignal(sig) is not signal.SIG_IGN}
     try:
         yield boundary
     finally:

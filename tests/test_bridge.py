@@ -175,32 +175,39 @@ class _FakeBackbone:  # what loading the tiny bridge's checkpoint reads of a bac
 
 def test_an_interrupted_bridge_run_resumes_on_the_uninterrupted_trajectory(tmp_path, monkeypatch, torch_one_thread):
     """A signal mid-step stops the stage loop after that step; the run in progress is saved (heads,
-    the stage's Adam state, position, loss window), refused as a trained bridge, and resumed from
-    the file to the very weights and history of a run never stopped."""
+    the stage's Adam state, position, loss window), refused as a trained bridge, checked, and resumed
+    from the file to the very weights and history of a run never stopped."""
     import os
     import signal
 
-    from iadgpt.models.bridge_train import (BridgeConfig, StagePosition, _assemble_checked, _position,
-                                            _read_bridge_checkpoint, load_bridge_parts, save_bridge, train_stages)
+    from iadgpt.models.bridge_train import (BridgeConfig, StagePosition, _assemble_checked, _check_bridge_resume,
+                                            _images_id, _read_bridge_checkpoint, load_bridge_parts, save_bridge,
+                                            train_stages)
     from iadgpt.models.train import optimizer_state
     from iadgpt.signals import StopAfterStep, interrupts_between_steps
     cfg = BridgeConfig(stage_steps=[2, 3, 2], batch_size=4, log_every=2, seed=3)
     pool = _tiny_pool()
+    images = _images_id([Path("a.png"), Path("b.png")])
 
     def heads(bridge):
         return {f"{m}.{k}": v.clone() for m in ("tge", "mmf") for k, v in getattr(bridge, m).state_dict().items()}
 
     ref_bridge, _ = _bridge()
-    ref_history = train_stages(ref_bridge, pool, cfg, progress=False)
+    periodic = []
+    ref_history = train_stages(ref_bridge, pool, cfg, progress=False, checkpoint_every=3,
+                               save=lambda at, opt: periodic.append((at.stage, at.step)))
     assert [(st, step) for st, step, _ in ref_history] == [(1, 2), (2, 2), (2, 3), (3, 2)]
+    assert periodic == [(2, 1), (3, 1)]  # every 3 steps over the stages; none on the last (saved as finished)
 
     bridge, maker = _bridge()
     out = tmp_path / "run.safetensors"
     saves = []
 
     def save(at, opt):
-        save_bridge(out, bridge, maker, {"config": cfg.to_dict(), "history": [list(h) for h in history]},
-                    optimizer=opt, position=at)
+        meta = {"config": cfg.to_dict(), "history": [list(h) for h in history], "category": "part",
+                "backbone": {"name": "tiny"}, "shot": "a.png", "train_images": images, "init": None,
+                "train_seconds": 1.5}
+        save_bridge(out, bridge, maker, meta, optimizer=opt, position=at)
         saves.append(at)
 
     real_step, calls = torch.optim.AdamW.step, []
@@ -222,21 +229,47 @@ def test_an_interrupted_bridge_run_resumes_on_the_uninterrupted_trajectory(tmp_p
         load_bridge_parts(out, _FakeBackbone())
 
     tensors, meta = _read_bridge_checkpoint(out)
+    resumed = _check_bridge_resume(out, (tensors, meta), cfg, "part", _FakeBackbone(), maker.decoder, "a.png",
+                                   images, None)
     tge, mmf, _, _ = _assemble_checked(tensors, meta, _FakeBackbone(), out)
     again, _ = _bridge()
     again.tge.load_state_dict(tge.state_dict())
     again.mmf.load_state_dict(mmf.state_dict())
-    history = [tuple(h) for h in meta["history"]]
-    history = train_stages(again, pool, cfg, history=history, progress=False, position=_position(out, meta, cfg),
+    history = train_stages(again, pool, cfg, history=resumed.history, progress=False, position=resumed.position,
                            optimizer_state=optimizer_state(tensors, meta["optimizer_groups"]))
     ref = heads(ref_bridge)
     for k, v in heads(again).items():
         torch.testing.assert_close(v, ref[k], rtol=0, atol=1e-6, msg=k)
     assert [h[:2] for h in history] == [h[:2] for h in ref_history]
     assert [h[2] for h in history] == pytest.approx([h[2] for h in ref_history], abs=1e-5)  # the window across the stop
-    # a progress record that does not fit the settings is refused, not run from a wrong step
-    with pytest.raises(ScorerError, match="does not fit stage steps"):
-        _position(out, {**meta, "progress": {**meta["progress"], "step": 9}}, cfg)
+
+    # another run's file, or a damaged record, is refused before the pool is built: never run from a wrong step
+    def refused(match, meta_edit=None, tensors_edit=None, **kw):
+        args = dict(cfg=cfg, category="part", bb=_FakeBackbone(), decoder=maker.decoder, shot="a.png",
+                    images_id=images, init=None)
+        args.update(kw)
+        m, t = dict(meta), dict(tensors)
+        if meta_edit:
+            m.update(meta_edit)
+        if tensors_edit:
+            t = tensors_edit(t)
+        with pytest.raises(ScorerError, match=match):
+            _check_bridge_resume(out, (t, m), **args)
+
+    refused("train images", images_id=_images_id([Path("a.png"), Path("b.png"), Path("c.png")]))
+    refused("--init", init="other.safetensors")
+    refused("lr=0.002", cfg=BridgeConfig(stage_steps=[2, 3, 2], batch_size=4, seed=3, lr=1e-3))
+    refused("settings are missing", {"config": "x"})
+    other = _decoder()
+    with torch.no_grad():
+        next(other.parameters()).add_(0.01)
+    refused("another decoder", decoder=other)
+    for progress in ({**meta["progress"], "step": 1.7}, {**meta["progress"], "running": float("nan")}, None):
+        refused("unreadable training progress", {"progress": progress})
+    refused("does not fit stage steps", {"progress": {**meta["progress"], "count": 5}})
+    refused("does not fit stage steps", {"progress": {**meta["progress"], "step": 9}})
+    refused("incomplete", {"history": "x"})
+    refused("incomplete", tensors_edit=lambda t: {k: v for k, v in t.items() if not k.startswith("optimizer.")})
 
 
 def test_choice_decoding_ranks_the_template_answers_as_scoring_each_alone(torch_one_thread):
@@ -761,6 +794,8 @@ def _interrupted_run_resumes_to_the_same_heads(tmp_path, decoder_ckpt, res) -> N
     done = train_bridge(*args, **small, resume=True)
     tge, mmf, _, meta = load_bridge_parts(out, bb)
     assert [list(h[:2]) for h in meta["history"]] == [list(h[:2]) for h in res["history"]]
+    assert [h[:2] for h in done["history"]] == [h[:2] for h in res["history"]]
+    assert meta["train_images"] == {"count": 209, "names_sha256": meta["train_images"]["names_sha256"]}
     for got, want in ((tge, res["bridge"].tge), (mmf, res["bridge"].mmf)):
         for k, v in got.state_dict().items():
             torch.testing.assert_close(v, want.state_dict()[k], rtol=0, atol=1e-6, msg=k)

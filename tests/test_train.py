@@ -100,6 +100,8 @@ def test_resume_continues_the_same_run(tmp_path, monkeypatch, backbone, images, 
                           resume=True, meta={"category": "part"})
     assert again.step == CFG.steps and load_checkpoint(mid)[1]["step"] == CFG.steps
     assert [s for s, _ in again.history] == [8, 16, 24]
+    # the loss window open at the stop (steps 9-12) is carried over: the log reads as the unstopped run's
+    assert [loss for _, loss in again.history] == pytest.approx([loss for _, loss in trained.history], rel=1e-5)
     ref = _weights(trained.decoder)
     for k, v in _weights(again.decoder).items():
         assert torch.allclose(v, ref[k], atol=1e-6), k
@@ -158,6 +160,30 @@ def test_a_second_signal_stops_at_once_and_keeps_the_saved_step(tmp_path, monkey
         train_decoder(backbone, images, out, replace(CFG, checkpoint_every=2), pool=pool, progress=False)
     assert not isinstance(info.value, StopAfterStep)
     assert load_checkpoint(out)[1]["step"] == 4
+
+
+def test_a_stop_during_the_last_step_finishes_the_checkpoint_and_still_stops(tmp_path, monkeypatch, backbone,
+                                                                             images, pool, trained) -> None:
+    """A caller running more after training (benchmarks/bridge.py trains the bridge next) must see the stop."""
+    import os
+    import signal
+
+    from iadgpt.signals import StopAfterStep
+    real_step, calls = torch.optim.AdamW.step, []
+
+    def step_then_signal(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == CFG.steps:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_then_signal)
+    with pytest.raises(StopAfterStep):
+        train_decoder(backbone, images, tmp_path / "d.safetensors", CFG, pool=pool, progress=False)
+    decoder, meta = load_decoder(tmp_path / "d.safetensors")
+    assert meta["step"] == CFG.steps
+    ref = _weights(trained.decoder)
+    assert all(torch.allclose(v, ref[k], atol=1e-6) for k, v in decoder.state_dict().items())
 
 
 def test_same_seed_same_weights(tmp_path, backbone, images, pool, trained) -> None:

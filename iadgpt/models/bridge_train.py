@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -298,7 +299,8 @@ def train_stages(bridge: BridgeLM, pool: BridgePool, cfg: BridgeConfig, history:
 
     From `position` on (with that stage's `optimizer_state`): every step is seeded by its own
     (stage, step), so a resumed run follows the uninterrupted one. `save(position, optimizer)`
-    runs every `checkpoint_every` steps, and before the loop stops for a signal `boundary` caught."""
+    runs every `checkpoint_every` steps (counted over the stages), and before the loop stops for a
+    signal `boundary` caught; not on the run's last step, whose weights the caller saves as finished."""
     from tqdm import tqdm
     history = [] if history is None else history
     position = position if position is not None else StagePosition()
@@ -310,7 +312,11 @@ def train_stages(bridge: BridgeLM, pool: BridgePool, cfg: BridgeConfig, history:
         params = [p for name in parts for p in getattr(bridge, name).parameters()]
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         if stage == position.stage and optimizer_state is not None:
-            opt.load_state_dict(optimizer_state)
+            try:
+                opt.load_state_dict(optimizer_state)
+            except (ValueError, KeyError, TypeError) as exc:  # an edited or foreign checkpoint
+                raise ScorerError(f"the stored optimizer state does not fit stage {stage}'s heads ({exc}); "
+                                  "train a new --out") from exc
         if stage > position.stage:
             position = replace(position, stage=stage, step=0, running=0.0, count=0)
         bridge.train()
@@ -339,8 +345,10 @@ def train_stages(bridge: BridgeLM, pool: BridgePool, cfg: BridgeConfig, history:
                 log.info("stage %d step %d loss %.4f", stage, step + 1, running / count)
                 running, count = 0.0, 0
             position = replace(position, step=step + 1, running=running, count=count)
-            stopping = boundary is not None and boundary.requested and not _last_step(cfg, stage, step + 1)
-            if save is not None and (stopping or (checkpoint_every > 0 and (step + 1) % checkpoint_every == 0)):
+            last = _last_step(cfg, stage, step + 1)  # the caller saves the finished run
+            stopping = boundary is not None and boundary.requested and not last
+            due = checkpoint_every > 0 and (before + step + 1) % checkpoint_every == 0 and not last
+            if save is not None and (stopping or due):
                 save(position, opt)
             if stopping:
                 boundary.check()
@@ -500,8 +508,8 @@ def train_bridge(data: PathLike, category: str, out: PathLike, decoder_ckpt: Pat
         partial = _read_bridge_checkpoint(out)
         if "progress" not in partial[1]:
             raise ScorerError(f"{out} is a finished bridge; to train it further, start a new --out with --init {out}")
-        if init is not None:
-            raise ScorerError(f"--init with --resume: the run in {out} already holds its start; leave --init out")
+    elif resume:
+        log.warning("--resume: there is no run in %s to continue; starting a new one", out)
     t_all = time.perf_counter()
     torch.manual_seed(cfg.seed)
     bb = get_backbone(backbone)
@@ -518,8 +526,10 @@ def train_bridge(data: PathLike, category: str, out: PathLike, decoder_ckpt: Pat
     size = int(bb.input_spec.size[0])
     paths = [s.path for s in load_split(data, category, "train")]
     shot = paths.index(pick_shots(paths, cfg.shots, cfg.seed)[0])
+    images_id = _images_id(paths)
+    resumed = None
     if partial is not None:  # before the minutes of pool building
-        _check_bridge_resume(out, partial, cfg, category, bb, decoder, paths[shot].name)
+        resumed = _check_bridge_resume(out, partial, cfg, category, bb, decoder, paths[shot].name, images_id, init)
     images = load_images(data, category, size)
     maker, tge_layer = build_components(bb, decoder, images, shot)
     pool = build_bridge_pool(maker, images, cfg, exclude=[shot], kind=dmeta.get("nsa_kind", "auto"))
@@ -530,7 +540,7 @@ def train_bridge(data: PathLike, category: str, out: PathLike, decoder_ckpt: Pat
                           locate=cfg.locate)
     history: list = []
     position, opt_state, seconds_before = StagePosition(), None, 0.0
-    if partial is not None:
+    if resumed is not None:
         tensors, meta0 = partial
         if not torch.allclose(maker.bank, tensors["bank"], rtol=1e-3, atol=1e-3):
             raise ScorerError(f"{out}: the 1-shot bank rebuilt from {data} differs from the one this run started with "
@@ -538,10 +548,8 @@ def train_bridge(data: PathLike, category: str, out: PathLike, decoder_ckpt: Pat
         tge0, mmf0, _, _ = _assemble_checked(tensors, meta0, bb, out)
         tge.load_state_dict(tge0.state_dict())
         mmf.load_state_dict(mmf0.state_dict())
-        history = [list(h) for h in meta0.get("history", [])]
-        position = _position(out, meta0, cfg)
+        history, position, seconds_before, init = resumed.history, resumed.position, resumed.seconds, resumed.init
         opt_state = optimizer_state(tensors, meta0["optimizer_groups"])
-        seconds_before = float(meta0.get("train_seconds") or 0.0)
         log.info("resuming %s at %s", out, _where(meta0))
     elif init is not None:
         tge0, mmf0, _, meta0 = load_bridge_parts(init, bb)
@@ -552,7 +560,7 @@ def train_bridge(data: PathLike, category: str, out: PathLike, decoder_ckpt: Pat
         mmf.load_state_dict(state, strict=False)
         if fresh:
             log.info("MMF parameters not in %s (start fresh): %s", init, ", ".join(fresh))
-        history = [list(h) for h in meta0.get("history", [])]
+        history = [tuple(h) for h in meta0.get("history", [])]
         log.info("TGE and MMF start from %s (%d logged entries before)", init, len(history))
     bridge = BridgeLM(llm, encode, decode, tge, mmf, eos)
     t0 = time.perf_counter()
@@ -560,6 +568,7 @@ def train_bridge(data: PathLike, category: str, out: PathLike, decoder_ckpt: Pat
     def run_meta() -> dict:
         return {"category": category, "data": str(data), "backbone": bb.describe(),
                 "decoder_checkpoint": str(decoder_ckpt), "config": cfg.to_dict(), "shot": paths[shot].name,
+                "train_images": images_id,
                 "history": [list(h) for h in history], "pool_seconds": round(pool.seconds, 1),
                 "train_seconds": round(seconds_before + time.perf_counter() - t0, 1),
                 "threads": torch.get_num_threads(), "init": str(init) if init else None,
@@ -573,7 +582,7 @@ def train_bridge(data: PathLike, category: str, out: PathLike, decoder_ckpt: Pat
 
     try:
         with interrupts_between_steps() as boundary:
-            if partial is None:  # a resumed MMF holds its fitted cell choice already
+            if resumed is None:  # a resumed MMF holds its fitted cell choice already
                 train_locator(mmf, pool, cfg)
             history = train_stages(bridge, pool, cfg, history=history, progress=progress, position=position,
                                    optimizer_state=opt_state, checkpoint_every=checkpoint_every, save=save,
@@ -589,42 +598,77 @@ def train_bridge(data: PathLike, category: str, out: PathLike, decoder_ckpt: Pat
     train_s = seconds_before + time.perf_counter() - t0
     save_bridge(out, bridge, maker, run_meta())
     log.info("bridge trained in %.0f s (+ %.0f s pool); checkpoint %s", train_s, pool.seconds, out)
+    if boundary.requested:  # it came during the last step: the run is complete, and the caller still stops
+        log.warning("%s during the last step: %s is finished; stopping", boundary.requested, out)
+        raise StopAfterStep(boundary.requested)
     return {"checkpoint": out, "history": history, "train_seconds": train_s, "pool_seconds": pool.seconds,
             "total_seconds": time.perf_counter() - t_all, "bridge": bridge, "maker": maker}
 
 
+def _images_id(paths: Sequence[Path]) -> dict:
+    """Which train images a run reads: their count and a digest of their names (the pool and the mask
+    statistics come from all of them, so a resume on other images would train on two pools)."""
+    import hashlib
+    names = "\n".join(sorted(Path(p).name for p in paths))
+    return {"count": len(paths), "names_sha256": hashlib.sha256(names.encode("utf-8")).hexdigest()[:16]}
+
+
+@dataclass
+class _Resumed:
+    position: StagePosition
+    history: list
+    seconds: float
+    init: Optional[str]
+
+
 def _check_bridge_resume(out: Path, partial: tuple[dict, dict], cfg: BridgeConfig, category: str, bb: Backbone,
-                         decoder: VisualGuidedDecoder, shot: str) -> None:
-    """The run in `out` must be this one: same settings, product, backbone, decoder and shot."""
+                         decoder: VisualGuidedDecoder, shot: str, images_id: dict,
+                         init: Optional[PathLike]) -> _Resumed:
+    """The run in `out` must be this one (same settings, product, images, backbone, decoder, shot and
+    start) and its record whole; checked before the pool is built, so a refusal costs seconds."""
     tensors, meta = partial
-    old = meta.get("config") if isinstance(meta.get("config"), dict) else {}
-    new = cfg.to_dict()
-    diff = [k for k in new if k != "log_every" and k in old and old[k] != new[k]]
+    old, new = meta.get("config"), cfg.to_dict()
+    if not isinstance(old, dict) or any(k not in old for k in new if k != "log_every"):
+        raise ScorerError(f"{out}: its training settings are missing or incomplete; train a new --out")
+    diff = [k for k in new if k != "log_every" and old[k] != new[k]]
     if diff:
         raise ScorerError(f"{out} was started with {', '.join(f'{k}={old[k]!r}' for k in diff)}; resume with the same "
                           "settings, or train a new --out")
+    backbone = meta.get("backbone")
     for what, was, now in (("category", meta.get("category"), category),
-                           ("backbone", (meta.get("backbone") or {}).get("name"), bb.name),
-                           ("1-shot image", meta.get("shot"), shot)):
+                           ("backbone", backbone.get("name") if isinstance(backbone, dict) else backbone, bb.name),
+                           ("train images", meta.get("train_images"), images_id),
+                           ("1-shot image", meta.get("shot"), shot),
+                           ("--init", meta.get("init"), meta.get("init") if init is None else str(init))):
         if was != now:
             raise ScorerError(f"{out} was started with {what} {was!r}, this run has {now!r}; resume with the same "
                               "data and flags, or train a new --out")
     stored = {k[len("decoder."):]: v for k, v in tensors.items() if k.startswith("decoder.")}
     current = decoder.state_dict()
-    if set(stored) != set(current) or any(not torch.equal(stored[k], current[k].to(stored[k].dtype)) for k in stored):
+    if set(stored) != set(current) or any(stored[k].shape != current[k].shape
+                                          or not torch.equal(stored[k], current[k].to(stored[k].dtype)) for k in stored):
         raise ScorerError(f"{out} was started on another decoder than {meta.get('decoder_checkpoint')!r} holds now; "
                           "resume with the decoder checkpoint it started with, or train a new --out")
+    position = _position(out, meta, cfg)
+    history, seconds = meta.get("history"), meta.get("train_seconds")
+    if not (isinstance(history, list) and all(isinstance(h, list) and len(h) == 3 for h in history)
+            and isinstance(seconds, (int, float)) and "bank" in tensors and isinstance(meta.get("optimizer_groups"), list)
+            and any(k.startswith("optimizer.") for k in tensors)):
+        raise ScorerError(f"{out}: its record of the run in progress is incomplete (history, time, bank or optimizer "
+                          "state); train a new --out")
+    return _Resumed(position, [tuple(h) for h in history], float(seconds), meta.get("init"))
 
 
 def _position(out: Path, meta: dict, cfg: BridgeConfig) -> StagePosition:
     p = meta.get("progress")
-    try:
-        position = StagePosition(stage=int(p["stage"]), step=int(p["step"]), running=float(p["running"]),
-                                 count=int(p["count"]))
-    except (TypeError, KeyError, ValueError) as exc:
-        raise ScorerError(f"{out}: unreadable training progress {p!r}; train a new --out") from exc
-    if not (1 <= position.stage <= len(cfg.stage_steps) and 0 <= position.step <= cfg.stage_steps[position.stage - 1]
-            and position.count >= 0 and "optimizer_groups" in meta):
+    fields_ok = isinstance(p, dict) and all(isinstance(p.get(k), int) and not isinstance(p.get(k), bool)
+                                            for k in ("stage", "step", "count")) \
+        and isinstance(p.get("running"), (int, float)) and math.isfinite(p["running"])
+    if not fields_ok:
+        raise ScorerError(f"{out}: unreadable training progress {p!r}; train a new --out")
+    position = StagePosition(stage=p["stage"], step=p["step"], running=float(p["running"]), count=p["count"])
+    if not (1 <= position.stage <= len(cfg.stage_steps) and 1 <= position.step <= cfg.stage_steps[position.stage - 1]
+            and 0 <= position.count <= position.step):
         raise ScorerError(f"{out}: training progress {p!r} does not fit stage steps {cfg.stage_steps}; "
                           "train a new --out")
     return position

@@ -359,17 +359,20 @@ def train_decoder(backbone: Backbone, images: Sequence[np.ndarray], out: PathLik
         torch.manual_seed(cfg.seed)
         decoder = VisualGuidedDecoder.for_backbone(backbone, references=references, embed_dim=cfg.embed_dim,
                                                    pool=cfg.pool, hidden=cfg.hidden, layers=cfg.layers)
-    start, history = 0, []
+    start, history, window = 0, [], None
     tensors: Optional[dict] = None
     if resume and out.exists():
         tensors, old = load_checkpoint(out)
         _check_resume(out, old, meta, cfg)
         start = int(old["step"])
         history = [tuple(h) for h in old.get("history", [])]
+        window = old.get("loss_window")
         decoder.load_state_dict({k[len("decoder."):]: v for k, v in tensors.items() if k.startswith("decoder.")})
         log.info("resuming %s at step %d of %d", out, start, cfg.steps)
     elif out.exists() and not resume:
         raise ScorerError(f"{out} exists; pass --resume to continue its training, or choose another --out")
+    elif resume:
+        log.warning("--resume: there is no run in %s to continue; starting a new one", out)
     decoder.to(device)
 
     if pool is None:
@@ -393,13 +396,14 @@ def train_decoder(backbone: Backbone, images: Sequence[np.ndarray], out: PathLik
         from tqdm import tqdm
         bar = tqdm(steps, desc="training decoder", unit="step", initial=0, total=cfg.steps - start)
         steps = bar
-    state = {"step": start, "saved": start if tensors is not None else None}  # steps completed / in `out`
+    # steps completed / in `out`, and the loss window not logged yet (a resumed run logs what an unstopped one would)
+    state = {"step": start, "saved": start if tensors is not None else None, "window": _window(window)}
     try:
         with interrupts_between_steps() as boundary:  # a service stop saves the exact step, not the last periodic one
             _loop(decoder, opt, pool, cfg, steps, bar, history, out, meta, t0, state, boundary)
     except StopAfterStep:
         log.warning("interrupted: saving step %d to %s (continue with --resume)", state["step"], out)
-        _save(out, decoder, opt, state["step"], meta, history, pool, time.perf_counter() - t0)
+        _save(out, decoder, opt, state["step"], meta, history, pool, time.perf_counter() - t0, state["window"])
         raise
     except KeyboardInterrupt:
         log.warning("stopped mid-step: %s", "nothing saved yet" if state["saved"] is None else
@@ -410,6 +414,9 @@ def train_decoder(backbone: Backbone, images: Sequence[np.ndarray], out: PathLik
     decoder.eval()
     _save(out, decoder, opt, step, meta, history, pool, train_seconds)
     log.info("trained %d steps in %.1f s (+ %.1f s pool); checkpoint %s", step - start, train_seconds, pool.seconds, out)
+    if boundary.requested:  # it came during the last step: the checkpoint is complete, and the caller still stops
+        log.warning("%s during the last step: %s is finished; stopping", boundary.requested, out)
+        raise StopAfterStep(boundary.requested)
     return TrainResult(decoder=decoder, checkpoint=out, step=step, history=history,
                        pool_seconds=pool.seconds, train_seconds=train_seconds)
 
@@ -418,7 +425,7 @@ def _loop(decoder: VisualGuidedDecoder, opt, pool: FeaturePool, cfg: TrainConfig
           out: Path, meta: dict, t0: float, state: dict, boundary: StepBoundary) -> None:
     device = pool.labels.device
     half = max(1, cfg.batch_size // 2)
-    running, count = 0.0, 0
+    running, count = state["window"]
     for step in steps:
         rng = np.random.default_rng([cfg.seed, 1, step])
         idx = torch.from_numpy(rng.choice(len(pool), size=min(half, len(pool)), replace=False)).to(device)
@@ -438,18 +445,27 @@ def _loop(decoder: VisualGuidedDecoder, opt, pool: FeaturePool, cfg: TrainConfig
             history.append((done, running / count))
             log.debug("step %d loss %.4f", done, running / count)
             running, count = 0.0, 0
-        state["step"] = done
+        state["step"], state["window"] = done, (running, count)
         if done % cfg.checkpoint_every == 0 and done < cfg.steps:
-            _save(out, decoder, opt, done, meta, history, pool, time.perf_counter() - t0)
+            _save(out, decoder, opt, done, meta, history, pool, time.perf_counter() - t0, state["window"])
             state["saved"] = done
         if done < cfg.steps:
             boundary.check()
 
 
-def _save(out: Path, decoder, opt, step: int, meta: dict, history, pool: FeaturePool, seconds: float) -> None:
+def _window(stored: Any) -> tuple[float, int]:
+    """(sum, count) of the losses since the last history entry, as a checkpoint stored them (older ones: none)."""
+    if isinstance(stored, list) and len(stored) == 2 and isinstance(stored[0], (int, float)) \
+            and math.isfinite(stored[0]) and isinstance(stored[1], int) and stored[1] >= 0:
+        return float(stored[0]), stored[1]
+    return 0.0, 0
+
+
+def _save(out: Path, decoder, opt, step: int, meta: dict, history, pool: FeaturePool, seconds: float,
+          window: tuple = (0.0, 0)) -> None:
     m = dict(meta)
     m.update({"history": [list(h) for h in history], "pool_seconds": round(pool.seconds, 2),
-              "train_seconds": round(seconds, 2)})
+              "train_seconds": round(seconds, 2), "loss_window": [float(window[0]), int(window[1])]})
     save_checkpoint(out, decoder, opt, step, m)
 
 
