@@ -47,6 +47,16 @@ def test_corrupt_image_in_a_folder_is_an_error_event(tiny_bundle_path, tmp_path)
     assert lines[0]["error"] is None and lines[2]["error"] is None
 
 
+def test_a_source_that_gives_up_ends_the_run_with_a_failure_status(tiny_bundle_path, tmp_path):
+    """Status 0 read as a finished job to a service manager, which then never restarted the station."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"\x89PNG not really")
+    proc = _run(["run", str(tiny_bundle_path), "--source", str(folder), "--loop"])
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "the source gave up" in out, out
+
+
 def test_config_errors_exit_non_zero_naming_the_key(tmp_path, tiny_bundle_path):
     cfg = tmp_path / "station.yaml"
     cfg.write_text(f"bundle: {tiny_bundle_path}\nsource: synthetic://part\nbackend: onnxruntime\nsinkz: {{}}\n")

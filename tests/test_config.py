@@ -96,7 +96,9 @@ def test_the_example_service_stops_within_its_timeout_and_restarts_after_a_failu
     assert sorted(unit.sections()) == ["Install", "Service", "Unit"]
     service = unit["Service"]
     assert service["ExecStart"].split()[-3:] == ["run", "--station", "/etc/iadgpt/station.yaml"]
-    assert service["KillSignal"] == "SIGTERM" and float(service["TimeoutStopSec"]) >= SIGNAL_DRAIN_S + 15
+    # a blocked read (10 s) + the drain + a part being described (30 s) + worker (3 s) + MQTT (5 s)
+    assert service["KillSignal"] == "SIGTERM" and service["KillMode"] == "mixed"
+    assert float(service["TimeoutStopSec"]) >= 10 + SIGNAL_DRAIN_S + 30 + 3 + 5
     assert service["Restart"] == "on-failure" and unit["Unit"]["StartLimitIntervalSec"] == "0"
     assert all("#" not in value for section in unit.values() for value in section.values())
 

@@ -152,6 +152,29 @@ def test_what_the_describer_keeps_in_the_station_process_is_bounded():
         _check_option_types({"keep_results": "all"})
 
 
+def test_ctrl_c_at_the_terminal_does_not_kill_the_worker(tmp_path):
+    """Ctrl-C reaches the whole process group; the worker used to die of it (its queued parts lost, a
+    new worker started during the shutdown). The station stops it after the drain instead."""
+    # a worker inherits an ignored SIGINT (a test run in the background of a script): start it with Python's own
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        d = AsyncDescriber({"kind": "fake", "delay_s": 0.0}, product="flange", timeout_s=20)
+    finally:
+        signal.signal(signal.SIGINT, before)
+    try:
+        assert d.wait_ready(60)
+        pid = d.worker_pid
+        os.kill(pid, signal.SIGINT)
+        time.sleep(0.5)
+        assert d.worker_pid == pid and d.stats.restarts == 0
+        verdict, frame = _flagged(1)
+        d.submit(verdict, frame)
+        assert _wait(lambda: d.stats.described == 1, 30)
+    finally:
+        stats = d.close()
+    assert stats.worker_deaths == 0
+
+
 def test_killing_the_worker_mid_run_fails_that_part_and_the_loop_goes_on(tmp_path):
     """The station loop runs on; the killed request's event gets a failed record; the next is described."""
     from iadgpt.runtime.station import Station

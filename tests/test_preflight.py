@@ -60,3 +60,62 @@ def test_the_cli_prints_the_checks_and_exits_1_on_a_failure(tmp_path, tiny_bundl
     assert main(["run", str(tiny_bundle_path), "--source", str(tmp_path / "nothing-here.mp4"), "--check"]) == 1
     out = capsys.readouterr().out
     assert "FAIL source:" in out and "1 check(s) failed (source)" in out
+
+
+def test_a_camera_whose_read_blocks_fails_the_check_instead_of_hanging_it(tmp_path, tiny_bundle_path, monkeypatch):
+    import threading
+
+    from iadgpt.runtime import sources
+
+    release = threading.Event()
+
+    class Blocked:
+        def read(self, timeout=None):
+            release.wait(30)  # a driver that ignores the timeout
+            return None
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(sources, "open_source", lambda uri, **kw: Blocked())
+    try:
+        checks = Preflight(load_station_config(_yaml(tmp_path, tiny_bundle_path, "/dev/video0")),
+                           source_timeout_s=0.3).run()
+    finally:
+        release.set()
+    source = next(c for c in checks if c.name == "source")
+    assert source.status == FAIL and "still blocks" in source.detail
+
+
+def test_the_check_connects_to_mqtt_under_an_id_of_its_own(tmp_path, tiny_bundle_path):
+    """A broker drops the older of two connections with one client id: the running station's."""
+    from iadgpt.runtime.preflight import _without_station_identity
+    cfg = load_station_config(_yaml(tmp_path, tiny_bundle_path, "synthetic://part",
+                                    "  mqtt:\n    host: 127.0.0.1\n    client_id: line1\n"))
+    assert _without_station_identity(cfg).sinks.mqtt.client_id == "line1-check"
+    assert cfg.sinks.mqtt.client_id == "line1"
+
+
+def test_a_bridge_the_int8_encoder_would_break_fails_the_check_as_the_station_refuses_it(tmp_path, tiny_bundle_path,
+                                                                                        monkeypatch):
+    """`--check` said "ready" for this pair, and the station then refused to start."""
+    from types import SimpleNamespace
+
+    from iadgpt.runtime import describer as describer_mod
+
+    class StubDescriber:
+        wants_features, worker_info = True, {}
+
+        def wait_ready(self, timeout=None):
+            return True
+
+        def close(self, drain_timeout_s=None):
+            pass
+
+    monkeypatch.setattr(describer_mod.AsyncDescriber, "from_options", classmethod(lambda cls, *a, **k: StubDescriber()))
+    int8 = SimpleNamespace(precision="int8", bundle=SimpleNamespace(
+        path=tiny_bundle_path, extra={"calibration": {"int8": {"cosine": {"f0": 0.9}}}}))
+    pf = Preflight(load_station_config(_yaml(tmp_path, tiny_bundle_path, "synthetic://part",
+                                             "describer:\n  enabled: true\n  llm: none\n")))
+    pf._describer(None, int8)
+    assert [(c.name, c.status) for c in pf.checks] == [("describer", FAIL)] and "cosine 0.900" in pf.checks[0].detail

@@ -21,8 +21,8 @@ def test_a_signal_is_held_until_the_step_boundary_and_handlers_come_back() -> No
 
 def test_a_second_signal_interrupts_at_once() -> None:
     with pytest.raises(KeyboardInterrupt) as info, interrupts_between_steps():
-        os.kill(os.getpid(), signal.SIGINT)
-        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
     assert not isinstance(info.value, StopAfterStep)
 
 

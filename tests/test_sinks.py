@@ -323,6 +323,26 @@ def test_on_a_full_disk_overlays_wait_until_the_event_log_has_caught_up(tmp_path
     assert overlays.dropped == 2 and len(list((tmp_path / "ov").iterdir())) == 3
 
 
+def test_a_later_failure_that_is_not_about_space_ends_the_overlay_pause(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    events = JsonlSink(tmp_path / "ev" / "events.jsonl", fsync="never")
+    disk = _DiskFull(monkeypatch, events)
+    disk.full = disk.partial_done = True
+    events.write(_verdict(0), None)
+    assert events.waiting_for_space
+    (tmp_path / "ev" / "events.jsonl").unlink()  # then the log cannot even be made again: not a matter of space
+    real_open = os.open
+
+    def denied(path, *args, **kwargs):
+        if str(path).endswith("events.jsonl"):
+            raise OSError(errno.EACCES, os.strerror(errno.EACCES))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", denied)
+    events.write(_verdict(1), None)
+    assert events.backlog == 2 and not events.waiting_for_space
+
+
 def test_overlays_do_not_wait_for_a_log_that_fails_for_another_reason(tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     events = JsonlSink(tmp_path / "events.jsonl", fsync="never")

@@ -65,3 +65,32 @@ def test_lost_events_a_traceback_an_unrotated_log_and_a_bad_exit_fail(soak) -> N
 def test_too_few_samples_is_a_failure_not_a_pass(soak) -> None:
     checks = soak.judge(_samples(1, lambda t: 140.0), 300, _args(), 0, SUMMARY, "")
     assert _failed(checks) == ["enough samples"]
+
+
+def test_a_station_that_ended_by_itself_or_lost_events_fails(soak) -> None:
+    samples = _samples(10, lambda t: 140.0)
+    checks = soak.judge(samples, 60, _args(), 0, SUMMARY, "", ended_early=True)
+    assert _failed(checks) == ["SIGTERM exit", "ran until stopped"]
+    lost = SUMMARY.replace("sink errors none", "sink errors none, sink lost events:events.jsonl=400")
+    assert _failed(soak.judge(samples, 60, _args(), 0, lost, "")) == ["no event lost or held back"]
+
+
+def test_processes_started_from_a_thread_are_found(soak) -> None:
+    """The describer worker is started from the describer's thread: the main thread's children list
+    misses it."""
+    import subprocess
+    import sys
+    import threading
+
+    procs = []
+    t = threading.Thread(target=lambda: procs.append(subprocess.Popen([sys.executable, "-c", "import time; "
+                                                                       "time.sleep(30)"])))
+    t.start()
+    t.join()
+    try:
+        import os
+        assert procs[0].pid in soak._descendants(os.getpid())
+        assert soak._proc(procs[0].pid)["rss_mb"] > 0
+    finally:
+        procs[0].kill()
+        procs[0].wait()

@@ -95,19 +95,27 @@ def run(args: argparse.Namespace) -> int:
             hurry = stats is None or stats.stop_reason == "signal"
             print(f"describer: {close_describer(describer, SIGNAL_DRAIN_S if hurry else None).to_dict()}")
     print(stats.summary())
+    if stats.stop_reason == "source_error":  # a non-zero status: a service manager restarts the station
+        print(f"the run ended because the source gave up: {stats.source_error}")
+        return 1
     return 0
 
 
 def _check(cfg: Any) -> int:
-    from ..runtime.preflight import FAIL, Preflight
+    from ..runtime.preflight import FAIL, WARN, Preflight
 
     print(f"checking station {cfg.station_id or '-'} ({cfg.path or 'command line'}), backend {cfg.backend}")
     checks = Preflight(cfg).run()
     for c in checks:
         print(f"{c.status.upper():4} {c.name}: {c.detail}")
     failed = [c.name for c in checks if c.status == FAIL]
-    print(f"{len(failed)} check(s) failed ({', '.join(dict.fromkeys(failed))}): fix them before the line starts"
-          if failed else "ready: every check passed")
+    warned = [c.name for c in checks if c.status == WARN]
+    if failed:
+        print(f"{len(failed)} check(s) failed ({', '.join(dict.fromkeys(failed))}): fix them before the line starts")
+    elif warned:
+        print(f"ready, with {len(warned)} warning(s) ({', '.join(dict.fromkeys(warned))}): the station runs, but read them")
+    else:
+        print("ready: every check passed")
     return 1 if failed else 0
 
 

@@ -35,6 +35,7 @@ import itertools
 import logging
 import multiprocessing as mp
 import os
+import signal
 import threading
 import time
 from collections import OrderedDict, deque
@@ -321,6 +322,9 @@ def _worker_main(conn: Any, llm_spec: Optional[LLMSpec], options: dict[str, Any]
     model run of the LLM, so generation pauses at the next short step while a frame is judged."""
     logging.basicConfig(level=options.get("log_level", logging.WARNING),
                         format="%(asctime)s %(levelname)s describer-worker %(name)s: %(message)s")
+    # Ctrl-C in a terminal reaches the whole process group: the station stops this worker itself,
+    # after the parts still queued (dying here lost them and started a new worker during shutdown)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _lower_priority(options.get("nice"), bool(options.get("idle")))
     try:
         t0 = time.perf_counter()

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import shutil
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -22,6 +23,15 @@ log = logging.getLogger(__name__)
 OK, WARN, FAIL = "ok", "warn", "fail"
 FAILED = object()  # what a step that failed returns (None is a fine result of some)
 LOW_DISK_BYTES = 1 << 30  # under 1 GiB free: hours of overlays at line rate
+
+
+def _without_station_identity(cfg: Any) -> Any:
+    """The config with an MQTT client id of its own: a broker drops the older of two connections with
+    one id, so checking with the station's would disconnect the station while it runs."""
+    mqtt = cfg.sinks.mqtt
+    if mqtt is None or mqtt.client_id is None:  # None: the sink picks a random one
+        return cfg
+    return replace(cfg, sinks=replace(cfg.sinks, mqtt=replace(mqtt, client_id=f"{mqtt.client_id}-check")))
 
 
 @dataclass
@@ -77,14 +87,15 @@ class Preflight:
                 self._add("detector", OK, f"{Path(cfg.bundle).name} on {cfg.backend}, threshold "
                                           f"{detector.threshold:.4g}; opened and self-checked in "
                                           f"{time.perf_counter() - t0:.1f} s")
-            sinks = self._step("sinks", lambda: build_sinks(cfg))
+            sinks = self._step("sinks", lambda: build_sinks(_without_station_identity(cfg)))
             if sinks is not FAILED:
                 self._check_sinks(sinks)
             frame = self._first_frame()
             if frame is not None and detector is not FAILED and not self._failed("detector"):
                 self._judge(detector, frame)
             if cfg.describer.enabled:
-                describer = self._describer(None if bundle is FAILED else bundle)
+                describer = self._describer(None if bundle is FAILED else bundle,
+                                            None if detector is FAILED else detector)
         finally:
             if describer is not None:
                 describer.close(drain_timeout_s=0)
@@ -124,9 +135,19 @@ class Preflight:
         source = self._step("source", lambda: open_source(self.config.source, reconnect=False))
         if source is FAILED:
             return None
+        t0 = time.perf_counter()
+        got: list = []
+        # a driver whose read blocks (a camera waiting on a trigger, a hung USB link) would hang the check
+        reader = threading.Thread(target=lambda: got.append(self._step("source", lambda: source.read(
+            timeout=self.source_timeout_s))), name="preflight-read", daemon=True)
+        reader.start()
+        reader.join(self.source_timeout_s + 2.0)
+        if reader.is_alive():
+            self._add("source", FAIL, f"{self.config.source}: its read still blocks after {self.source_timeout_s:g} s "
+                                      "(camera connected and streaming? trigger mode waiting for a part?)")
+            return None  # not closed: closing under a blocked read can crash a driver; the process ends soon
         try:
-            t0 = time.perf_counter()
-            frame = self._step("source", lambda: source.read(timeout=self.source_timeout_s))
+            frame = got[0] if got else FAILED
             if frame is FAILED:
                 return None
             if frame is None:
@@ -134,8 +155,9 @@ class Preflight:
                                           "(camera connected and streaming? trigger mode waiting for a part?)")
                 return None
             if frame.image is None:
-                self._add("source", FAIL, f"{self.config.source}: the first frame could not be decoded "
-                                          f"({frame.meta.get('error', '?')})")
+                self._add("source", WARN, f"{self.config.source}: the first frame could not be decoded "
+                                          f"({frame.meta.get('error', '?')}); the station gives such frames an error "
+                                          "event and reads on")
                 return None
             h, w = frame.image.shape[:2]
             self._add("source", OK, f"{self.config.source}: first frame {w}x{h} in {time.perf_counter() - t0:.2f} s")
@@ -153,18 +175,26 @@ class Preflight:
                                  f"{1000 * (time.perf_counter() - t0):.0f} ms (the first call; "
                                  "benchmarks/latency.py measures the rate)")
 
-    def _describer(self, bundle: Any) -> Optional[Any]:
+    def _describer(self, bundle: Any, detector: Any) -> Optional[Any]:
         from .describer import AsyncDescriber
+        from .station import check_features_fit_the_bridge
 
         t0 = time.perf_counter()
         describer = self._step("describer", lambda: AsyncDescriber.from_options(self.config.describer.options, bundle))
         if describer is FAILED:
             return None
-        if describer.wait_ready(self.describer_wait_s):
+        if describer.wants_features and detector is not None \
+                and self._step("describer", lambda: check_features_fit_the_bridge(detector)) is FAILED:
+            return describer  # the station refuses to start with this pair: no need to wait for the worker
+        deadline = time.monotonic() + self.describer_wait_s
+        while not describer.wait_ready(0.2) and time.monotonic() < deadline:
+            if describer.worker_info.get("error"):  # it failed loading: waiting on would only watch it retry
+                break
+        if describer.wait_ready(0):
             self._add("describer", OK, f"worker ready in {time.perf_counter() - t0:.1f} s")
         else:
             error = describer.worker_info.get("error")
-            self._add("describer", FAIL, f"worker not ready after {self.describer_wait_s:g} s"
+            self._add("describer", FAIL, f"worker not ready after {time.perf_counter() - t0:.0f} s"
                                          + (f": {error}" if error else "") + " (the station would run without "
                                          "descriptions and retry): check describer.llm")
         return describer

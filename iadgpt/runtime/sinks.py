@@ -275,6 +275,7 @@ class JsonlSink:
             os.close(old)
         except OSError as exc:
             self.errors += 1
+            self._short_of_space = exc.errno in (errno.ENOSPC, errno.EDQUOT)
             self._warn("reopen", logging.ERROR, "%s: the event log was deleted or moved and cannot be made again "
                        "(%s); keeping %d line(s) in memory", self.path, exc.strerror or exc, len(self._backlog))
             return False
