@@ -70,4 +70,4 @@ def interrupts_between_steps() -> Iterator[StepBoundary]:
         yield boundary
     finally:
         for sig, handler in old.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)  # None: set outside Python
