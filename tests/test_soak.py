@@ -25,7 +25,7 @@ def soak():
 def _samples(minutes: float, rss, fds=11, seed=0) -> list[dict]:
     rng = np.random.default_rng(seed)
     out = []
-    for i, t in enumerate(np.arange(0, 60 * minutes, 10.0)):
+    for t in np.arange(0, 60 * minutes, 10.0):
         out.append({"t_s": float(t), "rss_mb": float(rss(t) + rng.uniform(-5, 5)), "fds": fds(t) if callable(fds) else fds,
                     "threads": 9, "children": 1, "children_rss_mb": 300.0, "children_fds": 4, "children_threads": 3,
                     "event_bytes": 1_000_000, "event_files": 2, "overlay_bytes": 10, "overlay_files": 50})

@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
 def _check(cfg: Any) -> int:
     from ..runtime.preflight import FAIL, WARN, Preflight
 
-    print(f"checking station {cfg.station_id or '-'} ({cfg.path or 'command line'}), backend {cfg.backend}")
+    print(f"checking station {cfg.station_id} ({cfg.path or 'command line'}), backend {cfg.backend}")
     checks = Preflight(cfg).run()
     for c in checks:
         print(f"{c.status.upper():4} {c.name}: {c.detail}")

