@@ -461,18 +461,25 @@ def test_cli_train_refuses_the_other_stages_flags(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_embeds_llm_matches_the_input_ids_llm():
-    """The inputs_embeds int4 build (+ embed_tokens.npy) starts its answer as the input_ids build. Not all
-    tokens: the saved table is float16 (the in-graph one float32), so greedy paths may part later on."""
+    """The inputs_embeds int4 build (+ embed_tokens.npy) computes what the input_ids build does: each
+    token it picks is the input_ids build's top token on the same prefix, or within LOGIT_TIE of it.
+    Not the same greedy path token for token: the saved table is float16 (the in-graph one float32),
+    and this prompt has a near tie at its third token (0.11 apart), where the two builds (and even
+    the input_ids build's cached and full-prefix runs) may part."""
     skip_unless_the_default_llm_builds()
     from iadgpt.export.llm import ensure_default_llm
     from iadgpt.runtime.llm_runtime import OnnxLLM
+    logit_tie = 0.5
     ids_llm = OnnxLLM(ensure_default_llm(4), threads=2)
     emb_llm = OnnxLLM(ensure_default_llm(4, embeds=True), threads=2)
     assert emb_llm.takes_embeds and not ids_llm.takes_embeds and emb_llm.hidden_size == 576
     chat = [{"role": "user", "content": "Name one colour."}]
-    a = ids_llm.generate(chat, 8)
-    b = emb_llm.generate_embeds(emb_llm.embed(emb_llm.encode(emb_llm.format_chat(chat, True))), 8)
-    assert a.tokens[:4] == b.tokens[:4]
+    prompt = emb_llm.encode(emb_llm.format_chat(chat, True))
+    b = emb_llm.generate_embeds(emb_llm.embed(prompt), 8)
+    assert len(b.tokens) >= 4 and b.tokens[:2] == ids_llm.generate(chat, 8).tokens[:2]
+    for k, token in enumerate(b.tokens):
+        logits = ids_llm.logits(prompt + list(b.tokens[:k]))[-1]
+        assert logits[token] >= logits.max() - logit_tie, (k, token, int(logits.argmax()), logits.max() - logits[token])
 
 
 class _FakeBridge:
