@@ -277,6 +277,24 @@ def test_abort_drain_fails_the_queued_parts_at_once():
     assert all("stopped before" in d.results[v.event_id]["error"] for v, _ in parts)
 
 
+def test_the_part_in_the_worker_is_failed_when_the_drain_time_is_up():
+    """`close(drain_timeout_s)` is a bound on the whole stop: the part being described then is
+    failed with the queued ones, not waited for until its own `timeout_s`."""
+    d = AsyncDescriber({"kind": "fake", "delay_s": 30.0}, timeout_s=60, idle=False)
+    try:
+        assert d.wait_ready(60)
+        parts = [_flagged(i) for i in range(2)]
+        for verdict, frame in parts:
+            d.submit(verdict, frame)
+        assert _wait(lambda: d._busy is not None)
+    finally:
+        t0 = time.monotonic()
+        d.close(drain_timeout_s=1.0)
+    assert time.monotonic() - t0 < 15  # not the 30 s the part in the worker would take
+    assert [d.results[v.event_id]["status"] for v, _ in parts] == ["failed"] * 2
+    assert d.worker_pid is None
+
+
 # ----------------------------------------------------------------------------- real SmolLM2
 
 
@@ -571,6 +589,30 @@ def test_chat_trims_old_turns_and_refuses_only_an_overlong_question(tmp_path, mo
     assert captured.out.count("It is at the top left.") == 3  # the session went on after the refused question
     assert any("chat history trimmed" in r.getMessage() for r in caplog.records)
     assert all(sum(len(m["content"].split()) for m in p) + 64 <= 200 for p in llm.seen)
+
+
+def test_chat_keeps_its_trimmed_history_so_a_left_out_turn_stays_out(tmp_path, monkeypatch, caplog):
+    """Once the oldest turns are left out to fit the context, later questions are asked without
+    them (not with the whole history again, trimmed and warned about anew each time)."""
+    from iadgpt.cli import main
+    from iadgpt.runtime import describer as mod
+
+    verdict = _described_event_log(tmp_path / "events.jsonl", 9)
+    llm = _ContextLLM()
+    monkeypatch.setattr(mod, "make_llm", lambda spec: llm)
+    questions = [f"Why {w} " * 12 for w in ("alpha", "beta", "gamma", "delta")]
+    with caplog.at_level("WARNING", logger="iadgpt.runtime.describer"):
+        assert main(["chat", str(tmp_path / "events.jsonl"), "--event", verdict.event_id, "--llm", "fake",
+                     *[a for q in questions for a in ("-q", q)]]) == 0
+    assert len(llm.seen) == len(questions)
+    dropped_turns = 0
+    for i, q in enumerate(questions):
+        asked = [j for j, prompt in enumerate(llm.seen) if any(q.strip() in m["content"] for m in prompt)]
+        assert asked == list(range(i, asked[-1] + 1)), (i, asked)  # present from its turn on, then gone for good
+        dropped_turns += asked[-1] < len(questions) - 1
+    trims = [r.getMessage() for r in caplog.records if "chat history trimmed" in r.getMessage()]
+    left_out = sum(int(m.split("left out the ")[1].split()[0]) for m in trims)
+    assert dropped_turns and left_out == 2 * dropped_turns, trims  # each turn left out (and warned about) once
 
 
 def test_chat_says_why_an_event_has_no_description(tmp_path, capsys):

@@ -80,6 +80,42 @@ def test_part_is_found_on_a_table_and_a_tile_is_taken_whole():
     assert not found and mask.all()
 
 
+def _disc_on_a_table(size: int = 160) -> np.ndarray:
+    """A bright disc (the part) centred on a dark table, radius 40 px."""
+    img = np.full((size, size, 3), 30, np.uint8)
+    yy, xx = np.mgrid[:size, :size]
+    img[(yy - size // 2) ** 2 + (xx - size // 2) ** 2 <= 40 ** 2] = 200
+    return img
+
+
+def test_a_region_beside_the_part_is_worded_off_the_part():
+    """Dirt on the table left of the part is not 'at the left of the part'; a spot on the part
+    is, and a region covering the whole part (and some table) is on the part."""
+    from iadgpt.runtime.wording import facts_sentence
+
+    img = _disc_on_a_table()
+    img[75:85, 12:22] = 120  # on the table, left of the disc
+    amap = np.zeros(img.shape[:2], np.float32)
+    amap[75:85, 12:22] = 1.0
+    facts = compute_facts(img, amap, threshold=0.5)
+    assert facts.part_found and not facts.main.on_part and facts.main.position == "left"
+    sentence = facts_sentence(facts, "flange")
+    assert "off the flange, beside its left" in sentence and "of the flange" not in sentence
+    assert "off the part" in facts.lines()[0] and facts.to_dict()["regions"][0]["on_part"] is False
+
+    img2 = _disc_on_a_table()
+    img2[75:85, 50:60] = 90  # on the disc, its left side
+    amap2 = np.zeros(img2.shape[:2], np.float32)
+    amap2[75:85, 50:60] = 1.0
+    on = compute_facts(img2, amap2, threshold=0.5).main
+    assert on.on_part and on.position == "left"
+    assert "at the left of the flange" in facts_sentence(compute_facts(img2, amap2, threshold=0.5), "flange")
+
+    whole = np.zeros(img2.shape[:2], np.float32)
+    whole[30:130, 30:130] = 1.0  # the disc and the table's corners around it
+    assert compute_facts(img2, whole, threshold=0.5).main.on_part
+
+
 def test_synthetic_defects_positions_follow_the_exact_mask():
     product = SyntheticProduct(kind="part", size=128, seed=7, defect_rate=1.0)
     for i in range(5):

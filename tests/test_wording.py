@@ -55,6 +55,14 @@ def test_contradictions_catch_unsupported_units_sizes_and_colours(remark):
     assert contradictions(remark, facts), remark
 
 
+@pytest.mark.parametrize("remark", ["A deep scratch from the tool.", "A shallow gouge; check the gripper."])
+def test_depth_is_never_claimed_even_for_a_large_region(remark):
+    facts = _facts(box=(0, 0, 60, 60), defect_type="scratch")
+    assert facts.main.area_pct >= 10  # "large" is allowed here, depth is not
+    assert contradictions("A large scratch from the tool.", facts) == []
+    assert any(i.startswith("depth") for i in contradictions(remark, facts)), remark
+
+
 @pytest.mark.parametrize("remark", ["It covers about 3% of the part.", "A black mark from the tool; check the gripper.",
                                     "A dark grey scratch; check the gripper.", "Reject 1 in 10 parts."])
 def test_contradictions_accept_what_the_facts_support(remark):

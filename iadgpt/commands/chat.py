@@ -60,17 +60,18 @@ def run(args: argparse.Namespace) -> int:
     try:
         for question in questions:
             try:
-                answer, gen, rejected = describer.answer(facts, lines, question, history)
+                reply = describer.answer(facts, lines, question, history)
             except ContextOverflow as exc:  # that one question is refused; the session goes on
                 print(f"> {question[:80]}{'...' if len(question) > 80 else ''}\nnot asked: {exc}", file=sys.stderr)
                 continue
-            print(f"> {question}\n{answer}")
-            if rejected:
-                print(f"  (the model's answer contradicted the measurements: {'; '.join(rejected)})")
-            history += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+            print(f"> {question}\n{reply.text}")
+            if reply.rejected:
+                print(f"  (the model's answer contradicted the measurements: {'; '.join(reply.rejected)})")
+            history = reply.history
             if sink is not None:
-                sink.append(args.event, {"kind": "chat", "question": question, "answer": answer,
-                                         "rejected": rejected, "llm": None if gen is None else gen.to_dict()})
+                gen = reply.generation
+                sink.append(args.event, {"kind": "chat", "question": question, "answer": reply.text,
+                                         "rejected": reply.rejected, "llm": None if gen is None else gen.to_dict()})
     finally:
         if sink is not None:
             sink.close()

@@ -150,6 +150,17 @@ def llm_spec_for(llm: Union[None, str, os.PathLike, LLMSpec], bundle: Any = None
 
 
 @dataclass
+class ChatAnswer:
+    """A follow-up answer, and the conversation to send with the next question: the turns that
+    still fit the model's context plus this question and answer (so a trim is made, and logged, once)."""
+
+    text: str
+    generation: Optional[Generation]
+    rejected: list[str]
+    history: list[Message]
+
+
+@dataclass
 class DescribeRequest:
     """What the worker needs about one flagged frame (picklable, no Verdict/Frame objects)."""
 
@@ -259,16 +270,16 @@ class Describer:
         return ans
 
     def answer(self, facts: dict[str, Any], facts_lines: Sequence[str], question: str,
-               history: Sequence[Message] = (), max_new_tokens: int = 64) -> tuple[str, Optional[Generation], list[str]]:
+               history: Sequence[Message] = (), max_new_tokens: int = 64) -> ChatAnswer:
         """A follow-up answer in a conversation about a described part (``iadgpt chat``).
 
         `facts` is the record's ``facts`` dict; an answer that contradicts it (position, type,
         brightness, colour, size or units) is replaced by the measured facts. When the conversation
         outgrows the model's context the oldest question/answer turns are left out (logged); a
-        question that does not fit even alone raises `ContextOverflow`, before any compute.
-        Returns (answer, generation, rejected)."""
+        question that does not fit even alone raises `ContextOverflow`, before any compute."""
         if self.llm is None:
-            return "No LLM is loaded; the measured facts are: " + " ".join(facts_lines), None, []
+            text = "No LLM is loaded; the measured facts are: " + " ".join(facts_lines)
+            return ChatAnswer(text, None, [], [*map(dict, history), *_turn(question, text)])
         first = f"Part: {self.product}.\n" + "\n".join(facts_lines)
         past = [dict(m) for m in history]
         dropped = 0
@@ -294,7 +305,12 @@ class Describer:
         issues = contradictions(text, facts_view(facts))
         if issues or not text:
             text = "By the measurements: " + " ".join(facts_lines)
-        return clip_words(text, self.max_words), gen, issues
+        text = clip_words(text, self.max_words)
+        return ChatAnswer(text, gen, issues, [*past, *_turn(question, text)])
+
+
+def _turn(question: str, answer: str) -> list[Message]:
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
 
 
 def facts_view(facts: dict[str, Any]) -> DefectFacts:
@@ -783,7 +799,7 @@ class AsyncDescriber:
         deadline = t_sent + self.timeout_s
         while True:
             left = deadline - time.monotonic()
-            if self._abort_drain:
+            if self._abort_drain or self._stop:  # a second signal, or `close`'s drain time is up
                 self._kill_worker()
                 self._fail(req, "describer stopped before this part was described")
                 return
@@ -924,4 +940,4 @@ class AsyncDescriber:
                 log.exception("describer on_result callback failed")
 
 
-__all__ = ["AsyncDescriber", "Describer", "DescribeRequest", "FakeLLM", "make_llm", "llm_spec_for", "DescriberStats"]
+__all__ = ["AsyncDescriber", "ChatAnswer", "Describer", "DescribeRequest", "FakeLLM", "make_llm", "llm_spec_for", "DescriberStats"]

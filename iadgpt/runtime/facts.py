@@ -5,7 +5,9 @@ Per region of a verdict (from the frame-sized anomaly map and the frame itself):
 * **position** on a 3x3 grid of the *part* (its bounding box when the part stands out from the
   background, else the frame): rows top/middle/bottom, columns left/centre/right, named like the
   IAD-GPT training answers: "top left", "top", "top right", "left", "center", "right", "bottom
-  left", "bottom", "bottom right". Image y grows downwards: row 0 is the top.
+  left", "bottom", "bottom right". Image y grows downwards: row 0 is the top. A region lying
+  mostly beside the found part (``on_part`` false: dirt on the fixture, a part out of place) keeps
+  the nearest cell's name but is worded "off the part, beside its top left", never "on" it.
 * **size**: area in pixels and in % of the part's area (holes filled), bounding box, centroid.
   The region's mask comes from the anomaly map, which is coarse (a feature grid upsampled to the
   frame): thresholded, it spreads over the normal surface around a defect (1.4-3.8x the true area
@@ -50,6 +52,7 @@ UNKNOWN = "unknown"
 ELONGATED = 2.5  # major/minor axis ratio from which a region is "scratch-like"
 TONE_LEVELS = 4.0  # grey levels of contrast below which brightness is "similar"
 MIN_PART_FRACTION = 0.15  # a "part" smaller than this share of the frame is not believed
+ON_PART_SHARE = 0.5  # a region with less than this share of its pixels on the part, covering less than this share of it, is "off the part"
 RING_MAX_PX = 32  # the ring a region is compared with is at most this wide (a cropped, bounded ring: fast at 900 px)
 # a pixel of the map's region is part of the *visible* defect when its grey level is this far from the
 # ring's median: DEVIATION_SIGMAS robust standard deviations (1.4826 MAD) of the ring, and >= MIN_DEVIATION
@@ -179,6 +182,7 @@ class RegionFacts:
     map_area_px: int = 0  # the thresholded anomaly map's area (coarse: spreads beyond the defect)
     map_area_pct: float = 0.0
     area_source: str = "map"  # image: area counted on the pixels that stand out | map: the map's area
+    on_part: bool = True  # False: most of the region lies beside the found part (position = nearest cell)
     features: list[float] = field(default_factory=list, repr=False)  # for ExampleTypeClassifier
 
     def to_dict(self) -> dict[str, Any]:
@@ -202,11 +206,17 @@ class RegionFacts:
                     f"{_pct(self.map_area_pct)}%)")
         return f"roughly {_pct(self.area_pct)}% of the part (coarse anomaly-map estimate)"
 
+    def where(self, product: str = "part") -> str:
+        """'at the top left of the part', 'in the center of the part', or for a region beside the
+        part 'off the part, beside its top left' (the grid cell is then only the nearest one)."""
+        if not self.on_part:
+            return f"off the {product}, beside its {self.position}"
+        return f"in the center of the {product}" if self.position == "center" else f"at the {self.position} of the {product}"
+
     def phrase(self) -> str:
-        """One compact line: 'scratch at the top left, 2.1% of the part, scratch-like diagonal, ...'."""
+        """One compact line: 'scratch at the top left of the part, 2.1% of the part, scratch-like diagonal, ...'."""
         what = self.defect_type if self.defect_type != UNKNOWN else "defect of unknown type"
-        where = "in the center" if self.position == "center" else f"at the {self.position}"
-        return (f"{what} {where}, {self.size_text()}, {self.shape}"
+        return (f"{what} {self.where()}, {self.size_text()}, {self.shape}"
                 f"{'' if self.orientation == 'none' else ' ' + self.orientation}, {self.tone}"
                 f"{'' if self.tone == 'similar brightness' else ' than its surroundings'}, {self.colour}")
 
@@ -299,6 +309,10 @@ def region_facts(image: np.ndarray, mask: np.ndarray, *, part: Optional[np.ndarr
     area = int(len(xs))
     cx, cy = float(xs.mean()), float(ys.mean())
     row, col, position = grid_position(cx, cy, part_box)
+    on_mask = part[mask]
+    # beside the part: most of the region is off it, and it does not cover most of it either (a region
+    # spanning the whole part and some background is on the part)
+    on_part = float(on_mask.mean()) >= ON_PART_SHARE or int(on_mask.sum()) >= ON_PART_SHARE * int(part.sum())
     # shape: second moments
     cov = np.cov(np.stack([xs, ys]).astype(np.float64)) if area > 2 else np.eye(2)
     evals, evecs = np.linalg.eigh(cov + np.eye(2) * (1.0 / 12.0))  # + pixel's own extent
@@ -358,7 +372,7 @@ def region_facts(image: np.ndarray, mask: np.ndarray, *, part: Optional[np.ndarr
         centroid=(cx, cy), elongation=elongation, orientation_deg=angle, orientation=orientation, shape=shape,
         contrast=contrast, tone=tone, mean_rgb=tuple(int(round(c)) for c in mean_in),  # type: ignore[arg-type]
         colour=colour_name(mean_in), surround_colour=colour_name(mean_ring), peak=peak, map_area_px=map_area,
-        map_area_pct=100.0 * map_area / part_area, area_source=source, features=features)
+        map_area_pct=100.0 * map_area / part_area, area_source=source, on_part=on_part, features=features)
 
 
 def _pct(value: float) -> str:

@@ -40,7 +40,9 @@ _FRACTIONS = {"half": 50.0, "a third": 33.0, "one third": 33.0, "a quarter": 25.
               "all of the part": 100.0, "all over": 100.0}
 # size adjectives: 'large' needs the main region to cover >= LARGE_PCT of the part, 'small' < SMALL_PCT
 LARGE_PCT, SMALL_PCT = 10.0, 2.0
-_LARGE = re.compile(r"\b(?:large|big|huge|massive|extensive|major|deep|severe)\b")
+_LARGE = re.compile(r"\b(?:large|big|huge|massive|extensive|major|severe)\b")
+# depth: one camera image has none to measure, so no region, however large, is "deep" or "shallow"
+_DEPTH = re.compile(r"\b(?:deep|deeply|shallow)\b")
 _SMALL = re.compile(r"\b(?:small|tiny|minor|minute|pinhole|speck|slight)\b")
 _LIGHT = re.compile(r"\b(?:lighter|brighter|bright|pale|shiny|glossy)\b")
 _DARK = re.compile(r"\b(?:darker|dark|darkened|blackened)\b")
@@ -81,8 +83,8 @@ def contradictions(text: str, facts: DefectFacts, vocabulary: Sequence[str] = DE
     tone; a colour word only if it is a region's or its surroundings' measured colour (or a near
     one: black ~ dark grey); a physical unit (mm, cm, inch, µm) only when the facts carry a physical
     scale; a percentage or fraction ("half of the part") only within 1.5x of a region's measured
-    share (between its visible area and the map's extent); "large"/"deep" only from `LARGE_PCT`,
-    "small"/"tiny" only below `SMALL_PCT`.
+    share (between its visible area and the map's extent); "large" only from `LARGE_PCT`,
+    "small"/"tiny" only below `SMALL_PCT`; "deep"/"shallow" never (depth is not measured).
     """
     issues = []
     positions = {r.position for r in facts.regions}
@@ -151,9 +153,12 @@ def _size_issues(low: str, facts: DefectFacts) -> list[str]:
     large, small = _LARGE.search(low), _SMALL.search(low)
     if large and main_hi < LARGE_PCT:
         issues.append(f"size '{large.group(0)}' (measured: {_spans_text(spans[:1])} of the part; "
-                      f"'large' needs >= {LARGE_PCT:.0f}%, and depth is not measured)")
+                      f"'large' needs >= {LARGE_PCT:.0f}%)")
     if small and spans[0][0] >= SMALL_PCT:
         issues.append(f"size '{small.group(0)}' (measured: {_spans_text(spans[:1])} of the part)")
+    depth = _DEPTH.search(low)
+    if depth:
+        issues.append(f"depth '{depth.group(0)}' (not measured: a camera image shows no depth)")
     return issues
 
 
@@ -225,14 +230,13 @@ def facts_sentence(facts: DefectFacts, product: str = "part") -> str:
         return f"Anomaly on the {product} (score {facts.score:.3f}); no region could be located." \
             if facts.score is not None else f"Anomaly on the {product}; no region could be located."
     what = r.defect_type.capitalize() if r.defect_type != UNKNOWN else "Defect of unknown type"
-    where = "in the center" if r.position == "center" else f"at the {r.position}"
     tone = "similar in brightness to its surroundings" if r.tone == "similar brightness" else \
         f"{r.tone} than its surroundings"
     orient = "" if r.orientation == "none" else f" {r.orientation}"
-    text = (f"{what} {where} of the {product}: {r.size_text()}, "
+    text = (f"{what} {r.where(product)}: {r.size_text()}, "
             f"{r.shape}{orient}, {tone}, {r.colour}.")
     if facts.n_regions > 1:
-        others = ", ".join(o.position for o in facts.regions[1:4])
+        others = ", ".join(o.position + ("" if o.on_part else f" (off the {product})") for o in facts.regions[1:4])
         text += f" {facts.n_regions} regions in all (also: {others})."
     return text
 
