@@ -374,3 +374,16 @@ def test_check_bundle_target_before_any_work(tmp_path: Path) -> None:
     with pytest.raises(BundleError, match="not a folder this user can write"):
         check_bundle_target(tmp_path / "file" / "below")
     check_bundle_target(tmp_path / "new" / "deeper")  # parents are made later: fine
+
+
+def test_a_file_linked_from_outside_the_bundle_is_refused(tmp_path: Path, onnx_file: Path) -> None:
+    """Same bytes, same hash, but not inside the bundle: a station must not read files a bundle only
+    points at (they can change under it)."""
+    out = tmp_path / "bundle"
+    write_bundle(out, onnx_file)
+    ref = out / "references" / "memory_bank.npy"
+    outside = tmp_path / "outside.npy"
+    os.replace(ref, outside)
+    ref.symlink_to(outside)
+    with pytest.raises(BundleError, match="outside the bundle"):
+        Bundle.load(out)

@@ -280,3 +280,49 @@ def test_real_mvtec_bottle_one_shot():
     assert result.shots == 1 and result.seeds == 1 and result.resolution == 224
     assert result.image_auroc >= 0.97, result
     assert 0.0 <= result.pixel_auroc <= 1.0 and 0.0 <= result.aupro <= 1.0
+
+
+def test_each_seed_draws_its_own_shots_and_up_to_8_shots_are_augmented(dataset, monkeypatch):
+    """Seeds must draw different shots (else the reported spread over seeds means nothing), and the
+    bank is augmented for 0 < shots <= 8 as documented, not for all train images."""
+    from iadgpt.models import references
+    root, _ = dataset
+    calls: list[tuple[np.ndarray, bool]] = []
+    original = references.memory_bank
+
+    def spy(backbone, scorer, shot_batch, *, augment, **kw):
+        calls.append((np.array(shot_batch, copy=True), bool(augment)))
+        return original(backbone, scorer, shot_batch, augment=augment, **kw)
+
+    monkeypatch.setattr(references, "memory_bank", spy)
+    evaluate_torch(root, CATEGORY, shots=2, seeds=2, resolution=SIZE, progress=False)
+    assert len(calls) == 2 and not np.array_equal(calls[0][0], calls[1][0])
+    assert all(augmented for _, augmented in calls)
+    calls.clear()
+    evaluate_torch(root, CATEGORY, shots=N_TRAIN, resolution=SIZE, progress=False)  # N_TRAIN = 8
+    assert [augmented for _, augmented in calls] == [True]
+    calls.clear()
+    evaluate_torch(root, CATEGORY, shots=0, resolution=SIZE, progress=False)
+    assert [augmented for _, augmented in calls] == [False]
+
+
+def test_summarise_reports_each_metric_as_its_mean_over_seeds():
+    runs = [evaluate.RunMetrics(0.9, 0.8, 0.7, 0.6, np.zeros(1), np.zeros(1)),
+            evaluate.RunMetrics(0.7, 0.6, 0.5, 0.4, np.zeros(1), np.zeros(1))]
+    r = evaluate.summarise(runs, backbone="x", shots=1, resolution=32, coreset=None)
+    assert (r.image_auroc, r.pixel_auroc, r.aupro, r.f1_max) == pytest.approx((0.8, 0.7, 0.6, 0.5))
+    assert (r.image_auroc_std, r.pixel_auroc_std, r.aupro_std) == pytest.approx((0.1, 0.1, 0.1))
+
+
+def test_maps_are_resized_to_non_square_masks_the_right_way_round():
+    """A map at half the input resolution of a 16 x 24 (H x W) input is upsampled to 16 x 24, not
+    24 x 16: a map that marks exactly the defect scores P-AUROC 1."""
+    masks = np.zeros((2, 16, 24), bool)
+    masks[0, 4:12, 14:22] = True
+    maps = np.zeros((2, 8, 12), np.float32)
+    maps[0, 2:6, 7:11] = 1.0
+    test = evaluate.TestSet(samples=[], batch=np.zeros((2, 3, 16, 24), np.float32), masks=masks,
+                            labels=np.array([1, 0]))
+    run = evaluate.compute_metrics(test, maps, np.array([1.0, 0.0], np.float32))
+    assert run.maps.shape == (2, 16, 24)
+    assert run.pixel_auroc > 0.99 and run.image_auroc == 1.0

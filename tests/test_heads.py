@@ -235,3 +235,39 @@ def test_onnx_parity(tmp_path, fused: bool, layers) -> None:
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread(torch_one_thread):
     """Keep these tests at seconds on a shared 2-core box (see conftest)."""
+
+
+def test_fusion_statistics_are_each_maps_mean_and_standard_deviation():
+    from iadgpt.models.fusion import fit_fusion
+    fused = FusedScorer(_decoder(), STRIDES, sigma=0.0).eval()
+    normal = _feats(3, seed=1)
+    bank = fused.embedder.patches(_feats(1, seed=2)).reshape(-1, sum(DIMS))
+    stats = fit_fusion(fused, normal, bank)
+    with torch.no_grad():
+        d, b = fused.raw_maps(normal, bank)
+    assert stats == pytest.approx([float(d.double().mean()), float(d.double().std(unbiased=False)),
+                                   float(b.double().mean()), float(b.double().std(unbiased=False))], rel=1e-4)
+
+
+def test_every_weight_in_the_choice_table_is_the_graphs_auroc_at_that_weight():
+    """The validation table must measure the exported graph's own maps: each row's AUROC equals the
+    fused scorer's pixel AUROC with its weight set to that row's (not only the best row)."""
+    from iadgpt.metrics import pixel_auroc
+    from iadgpt.models.fusion import fit_fusion
+    fused = FusedScorer(_decoder(), STRIDES, sigma=1.0).eval()
+    bank = fused.embedder.patches(_feats(1, seed=2)).reshape(-1, sum(DIMS))
+    fit_fusion(fused, _feats(3, seed=1), bank)
+    val = _feats(3, seed=9)
+    masks = np.zeros((3, SIZE, SIZE), bool)
+    masks[:, 4:12, 10:20] = True
+    _, table = choose_fusion_weight(fused, val, masks, bank, grid=(0.0, 0.3, 0.5, 0.7, 1.0), batch_size=2, resamples=0)
+    for w, auroc, _ in table:
+        fused.weight.fill_(w)
+        with torch.no_grad():
+            amap, _ = fused(*val, bank)
+        assert pixel_auroc(masks, amap.numpy()) == pytest.approx(auroc, abs=1e-4), w
+
+
+def test_decoder_scorer_parity_tolerance_is_relative_to_the_map_range(tmp_path):
+    report = export_decoder_scorer(_decoder(), tmp_path / "d.onnx", _feats(2))
+    assert report.tolerances["anomaly_map"] == pytest.approx(1e-4 * report.scales["anomaly_map"])

@@ -268,3 +268,27 @@ def test_pixel_metrics_reject_bad_input():
         aupro(masks, maps, num_thresholds=1)
     with pytest.raises(IadGptError, match="NaN"):
         aupro(masks, np.full(maps.shape, np.nan))
+
+
+def test_f1_ties_go_to_the_highest_threshold():
+    """F1 2/3 is reached at thresholds 5 and 2; the higher one raises fewer alarms."""
+    best, threshold = f1_max_threshold([1, 0, 0, 1, 0], [5, 4, 3, 2, 1])
+    assert best == pytest.approx(2 / 3) and threshold == 5.0
+
+
+def test_gain_interval_is_the_95_percent_interval_of_the_image_bootstrap():
+    """`pixel_auroc_gain`'s (low, high, se) are the 2.5/97.5 percentiles and the spread of the gain
+    over images drawn with replacement, recomputed here the slow way (same seed, same draws)."""
+    rng = np.random.default_rng(0)
+    masks = np.zeros((8, 16, 16), bool)
+    masks[:, 4:9, 5:11] = True
+    a = masks * 0.8 + rng.standard_normal(masks.shape)
+    b = masks * 0.6 + rng.standard_normal(masks.shape)
+    gain = pixel_auroc_gain(masks, a, b, resamples=200, seed=5)
+    draws, gains = np.random.default_rng(5), []
+    while len(gains) < 200:
+        idx = draws.integers(0, 8, 8)
+        if masks[idx].any() and (~masks[idx]).any():
+            gains.append(pixel_auroc(masks[idx], a[idx]) - pixel_auroc(masks[idx], b[idx]))
+    low, high = np.percentile(gains, [2.5, 97.5])
+    assert (gain.low, gain.high, gain.se) == pytest.approx((low, high, np.std(gains)), abs=1e-9)

@@ -178,3 +178,37 @@ def test_disagreeing_graph_raises(tmp_path):
 def test_unknown_scorer_is_refused():
     with pytest.raises(ExportError, match="MemoryBankScorer"):
         scorer_graph(nn.Identity())
+
+
+def _bank_scorer_export(tmp_path):
+    shapes = [(8, 8, 8), (16, 4, 4)]
+    bank = np.random.default_rng(0).standard_normal((60, 24)).astype(np.float32)
+    return export_scorer(MemoryBankScorer((4, 8), 32).eval(), shapes, bank, tmp_path / "s.onnx")
+
+
+def test_scorer_parity_is_relative_to_the_map_range_and_probes_another_bank_size(tmp_path):
+    report = _bank_scorer_export(tmp_path)
+    assert report.tolerances["anomaly_map"] == pytest.approx(1e-4 * report.scales["anomaly_map"])
+    assert any("bank of 30 rows" in p for p in report.probes), report.probes  # a bank size frozen at trace time
+
+
+def test_parity_needs_every_output_within_its_tolerance():
+    from pathlib import Path
+
+    from iadgpt.export.onnx_export import ParityReport
+    report = ParityReport("scorer", Path("x.onnx"), {"anomaly_map": 0.0, "score": 1.0},
+                          {"anomaly_map": 0.1, "score": 0.1}, {"anomaly_map": 1.0, "score": 1.0}, ["p"])
+    assert not report.ok
+
+
+def test_a_mismatch_in_any_one_probe_fails_the_export(tmp_path, monkeypatch):
+    real, calls = OrtEngine.run, []
+
+    def first_probe_off(self, feeds):
+        out = real(self, feeds)
+        calls.append(1)
+        return {k: v + 1.0 for k, v in out.items()} if len(calls) == 1 else out
+
+    monkeypatch.setattr(OrtEngine, "run", first_probe_off)
+    with pytest.raises(ExportError, match="disagrees"):
+        _bank_scorer_export(tmp_path)

@@ -151,3 +151,14 @@ def test_cli_refuses_nonsense_flags_before_synthesis(tmp_path, monkeypatch, caps
     assert main(args + flags) == 2  # the later --out wins
     assert match in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["good"]  # nothing written
+
+
+def test_poisson_paste_takes_the_patchs_gradients_not_the_targets():
+    """NORMAL_CLONE: a flat patch pasted on a strong texture is flat inside (MIXED_CLONE would keep
+    the texture's stronger gradients, and NSA's anomalies would look like the background)."""
+    from iadgpt.models.synth import _poisson_paste
+    dst = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    patch = np.full((24, 24, 3), 128, np.uint8)
+    out = _poisson_paste(dst, patch, 20, 20)
+    inner = out[26:38, 26:38].astype(np.float32)
+    assert np.abs(np.diff(inner, axis=1)).mean() < 10  # the texture's own is ~85
