@@ -307,3 +307,67 @@ def test_cuda_graph_backend_without_a_gpu_says_so(tiny_bundle_path):
         pytest.skip("this machine has a CUDA GPU: the cuda-graph backend opens (tests/test_cuda_graph.py -m gpu)")
     with pytest.raises(EngineError, match="no CUDA GPU"):
         Detector(Bundle.load(tiny_bundle_path), "cuda-graph", threshold=1.0)
+
+
+# ----------------------------------------------------------------------------- region geometry and thresholds
+
+
+def _regions(amap, hw, pixel_threshold=0.5, threshold=0.9, min_region_px=4):
+    """`Detector.regions` on a map, with only the attributes it reads."""
+    import types
+    fake = types.SimpleNamespace(pixel_threshold=pixel_threshold, threshold=threshold, min_region_px=min_region_px)
+    return Detector.regions(fake, amap, hw)
+
+
+def test_regions_scale_x_and_y_separately_into_frame_pixels():
+    """A 10 x 20 map on a 100 x 400 frame (10x down, 20x across): box, area and centroid in frame px."""
+    amap = np.zeros((10, 20), np.float32)
+    amap[2:4, 10:14] = 1.0  # 2 rows x 4 columns
+    (r,) = _regions(amap, (100, 400))
+    assert r.box == (200, 20, 280, 40)
+    assert r.area_px == 8 * 10 * 20
+    assert r.centroid == pytest.approx((11.5 * 20, 2.5 * 10))
+
+
+def test_regions_use_the_pixel_threshold_and_keep_a_region_of_exactly_the_minimum_size():
+    amap = np.zeros((16, 16), np.float32)
+    amap[4:8, 4:8] = 0.6  # above the pixel threshold (0.5), below the image one (0.9)
+    assert len(_regions(amap, (16, 16))) == 1
+    amap = np.zeros((16, 16), np.float32)
+    amap[4:6, 4:6] = 1.0  # 4 px
+    assert len(_regions(amap, (16, 16), min_region_px=4)) == 1
+
+
+def test_boxes_touching_the_map_edge_stay_inside_every_frame_size():
+    amap = np.zeros((56, 56), np.float32)
+    amap[20:56, 20:56] = 1.0  # reaches the right and bottom edges
+    for w in range(57, 700):
+        (r,) = _regions(amap, (w, w))
+        assert r.box[2] <= w and r.box[3] <= w, (w, r.box)
+
+
+def _defective_frame() -> Frame:
+    s = SyntheticProduct(kind="part", size=TINY_SIZE, seed=13, defect_rate=1.0).sample(0)
+    return Frame(image=s.image, frame_id=0, timestamp=1_800_000_000.0, source="t")
+
+
+def test_a_score_equal_to_the_threshold_is_ng(tiny_bundle_path):
+    """A threshold fitted for recall or F1 is a defect's own score: that defect must be flagged."""
+    with Detector(Bundle.load(tiny_bundle_path), "onnxruntime", threads=1, threshold=float("inf")) as d:
+        score = d.detect(_defective_frame()).score
+    with Detector(Bundle.load(tiny_bundle_path), "onnxruntime", threads=1, threshold=score) as d:
+        assert d.detect(_defective_frame()).anomalous is True
+
+
+def test_the_pixel_threshold_is_capped_at_the_image_threshold_in_use(tiny_bundle_path, tmp_path):
+    """A flagged frame must have pixels above the region threshold: the bundle's pixel threshold is
+    capped at its image threshold, and at a --threshold override."""
+    copy = tmp_path / "b"
+    shutil.copytree(tiny_bundle_path, copy)
+    b = Bundle.load(copy)
+    image = dict(b.thresholds["image"])
+    b.update_manifest(thresholds={"image": image, "pixel": {"value": image["value"] * 10}})
+    with Detector(Bundle.load(copy), "onnxruntime", threads=1) as d:
+        assert d.pixel_threshold == d.threshold
+    with Detector(Bundle.load(copy), "onnxruntime", threads=1, threshold=image["value"] / 2) as d:
+        assert d.pixel_threshold == image["value"] / 2

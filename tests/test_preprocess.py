@@ -6,7 +6,7 @@ import pytest
 
 from iadgpt.bundle import InputSpec
 from iadgpt.errors import EngineError
-from iadgpt.runtime.preprocess import batch_to_pixels, encoder_input, pixel_channels, to_batch, to_pixels
+from iadgpt.runtime.preprocess import batch_to_pixels, encoder_input, pixel_channels, to_batch, to_pixels, to_rgb
 
 SPEC = InputSpec((32, 48), (127.0,) * 3, (128.0,) * 3)
 
@@ -47,3 +47,17 @@ def test_encoder_input_converts_only_for_a_pixel_encoder():
     np.testing.assert_array_equal(encoder_input(batch, 4), batch_to_pixels(batch, 4))
     pixels = to_pixels(frames(), SPEC, 4)
     assert encoder_input(pixels, 4) is pixels  # the station's frames are already pixels
+
+
+def test_uint16_frames_keep_their_high_byte():
+    out = to_rgb(np.full((4, 4), 0x1234, np.uint16))
+    assert out.dtype == np.uint8 and out.shape == (4, 4, 3) and (out == 0x12).all()
+
+
+def test_the_bundles_interpolation_is_the_one_used():
+    """ONNX Runtime and the GPU path read the same pixels only if "bilinear" means INTER_LINEAR."""
+    import cv2
+    frame = np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    spec = InputSpec(size=(32, 48), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), resize="bilinear")
+    want = cv2.resize(frame, (48, 32), interpolation=cv2.INTER_LINEAR).astype(np.float32).transpose(2, 0, 1)
+    np.testing.assert_array_equal(to_batch([frame], spec)[0], want)

@@ -542,3 +542,31 @@ def test_sinks_module_does_not_import_torch() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
     assert sinks_mod.log.name == "iadgpt.runtime.sinks"
+
+
+def test_rotation_with_three_backups_keeps_the_newest_lines_in_order(tmp_path):
+    """Every line rotates (max_bytes=1): with 3 backups the last 4 lines are kept, none overwritten."""
+    path = tmp_path / "events.jsonl"
+    sink = JsonlSink(path, max_bytes=1, backups=3, fsync="never")
+    for i in range(8):
+        sink.write(Verdict(frame_id=i, timestamp=1_800_000_000.0 + i))
+    sink.close()
+    assert [e["frame_id"] for e in read_events(path)] == [4, 5, 6, 7]
+
+
+def test_mqtt_buffer_overflow_drops_the_oldest_event():
+    pytest.importorskip("paho.mqtt.client")
+    sink = MqttSink("127.0.0.1", port=1, buffer_max=2, close_timeout_s=0.1)  # nothing listens on port 1
+    try:
+        for i in range(3):
+            sink.write(Verdict(frame_id=i, timestamp=1_800_000_000.0))
+        assert [json.loads(p)["frame_id"] for p in sink._buffer] == [1, 2] and sink.dropped == 1
+    finally:
+        sink.close()
+
+
+def test_overlays_are_written_in_opencvs_bgr_order():
+    red = np.zeros((64, 64, 3), np.uint8)
+    red[..., 0] = 255  # RGB red
+    out = render_overlay(Verdict(frame_id=0, timestamp=0.0, anomalous=False), red)
+    assert tuple(out[-1, -1]) == (0, 0, 255)

@@ -411,3 +411,58 @@ def test_bridge_features_are_kept_or_their_absence_is_said(caplog: pytest.LogCap
     assert keeping.keep_features and not caplog.records
     Station(FakeDetector(), source=None, sinks=[], describer=BridgeDescriber())
     assert [r.getMessage() for r in caplog.records if "FakeDetector keeps none" in r.getMessage()]
+
+
+def test_the_queue_evicts_the_oldest_frame_when_full():
+    from iadgpt.runtime.station import _DropOldestQueue, _Queued
+
+    def queued(i):
+        return _Queued(Frame(None, i, 0.0, "t"), 0.0)
+
+    q = _DropOldestQueue(2)
+    assert q.put(queued(0)) is None and q.put(queued(1)) is None
+    evicted = q.put(queued(2))
+    assert evicted is not None and evicted.frame.frame_id == 0
+    assert [q.get(0).frame.frame_id, q.get(0).frame.frame_id] == [1, 2]
+
+
+class _PixellessSource:
+    """A live source whose frames all failed to decode, then ends."""
+
+    live, uri, reconnects, errors, ended = True, "stub", 0, 0, False
+
+    def __init__(self, n):
+        self.i, self.n = 0, n
+
+    def read(self, timeout=None):
+        if self.i >= self.n:
+            self.ended = True
+            return None
+        time.sleep(0.03)  # the loop is waiting on its queue when the last one comes
+        self.i += 1
+        return Frame(None, self.i - 1, time.time(), "stub", {"error": "broken"})
+
+
+class _Recorder:
+    name, errors = "rec", 0
+
+    def __init__(self):
+        self.got = []
+
+    def write(self, verdict, frame=None):
+        self.got.append(verdict)
+
+    def close(self):
+        pass
+
+
+def test_error_events_made_as_the_run_ends_are_written():
+    """One event per frame, also for the undecodable frames that arrive just before the source ends."""
+    class NeverCalled:
+        def detect(self, frame):
+            raise AssertionError("no frame has pixels")
+
+    for _ in range(3):
+        rec = _Recorder()
+        stats = Station(NeverCalled(), _PixellessSource(3), [rec]).run()
+        assert stats.frames == 3 == len(rec.got) == stats.errors

@@ -133,3 +133,21 @@ def test_record_is_manifest_json():
     for key in ("value", "method", "params", "n_images", "images", "backend", "precision", "frr_estimate", "frr_ci"):
         assert key in d
     assert d["params"]["target_frr"] == 0.005 and len(d["frr_ci"]) == 2
+
+
+def test_f1_threshold_counts_every_tied_score():
+    value, f1 = th._best_f1(np.array([1.0, 1.0, 0.0]), np.array([True, False, False]))
+    assert value == 1.0 and f1 == pytest.approx(2 / 3)
+
+
+def test_the_recall_method_keeps_its_promise():
+    fit = th.fit_image_threshold([0.0] * 10, defect_scores=np.arange(1.0, 11.0), method="recall", target_recall=0.95)
+    assert fit.miss_estimate <= 0.05
+
+
+def test_recall_estimates_count_by_the_score_ge_threshold_rule():
+    fit = th.fit_image_threshold([0.0] * 9 + [6.0], defect_scores=np.arange(1.0, 11.0), method="recall",
+                                 target_recall=0.5)
+    assert fit.value == 6.0
+    assert fit.miss_estimate == pytest.approx(0.5)  # defects 1..5 missed, 6 caught
+    assert fit.frr_estimate == pytest.approx(0.1)  # the normal at 6.0 is rejected
