@@ -144,6 +144,24 @@ def test_video_file_round_trip(video: Path) -> None:
     assert [f.meta["pos"] for f in frames] == list(range(8))
 
 
+def test_a_video_that_grows_while_read_ends_with_a_warning(video: Path, caplog) -> None:
+    """A clip still being recorded: its frames up to the end it had when opened, then a warning
+    that says the file grew (not a silent, normal-looking end)."""
+    src = open_source(video)
+    frames = [src.read() for _ in range(8)]
+    with open(video, "ab") as f:  # the recorder appends while the station reads
+        f.write(b"\0" * 4096)
+    with caplog.at_level("WARNING", logger="iadgpt.runtime.sources"):
+        assert src.read() is None and src.ended
+    assert all(f is not None and f.image is not None for f in frames)
+    assert any("grew from" in r.getMessage() and "still being recorded" in r.getMessage() for r in caplog.records)
+    src.close()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="iadgpt.runtime.sources"):
+        assert len(list(open_source(video))) == 8  # a finished file ends quietly
+    assert not any("grew from" in r.getMessage() for r in caplog.records)
+
+
 def test_video_loop_wraps(video: Path) -> None:
     src = open_source(str(video), loop=True)
     frames = [src.read() for _ in range(20)]

@@ -196,7 +196,8 @@ class VideoFileSource(_BaseSource):
     A read that fails is followed by up to `MAX_BAD_FRAMES` more: if one of them decodes, the
     failed ones were a damaged stretch of the file and each yields an error frame, then reading
     goes on; if none does, the file has ended. Ending before the frame count its header announces
-    (a truncated file) is logged and counted as a source error.
+    (a truncated file) is logged and counted as a source error. A file that grew while it was read
+    (still being recorded) ends at the end it had when opened, with a warning saying so.
     """
 
     live = False
@@ -207,6 +208,7 @@ class VideoFileSource(_BaseSource):
         super().__init__(uri, timeout)
         self.path, self.loop, self._api, self._params = path, loop, api, list(params or [])
         self._cap = self._open()
+        self._size_at_open = _file_size(path)
         self._pos = 0
         self._bad_ahead = 0  # damaged frames found by reading ahead, not yet reported
         self._ahead: Optional[np.ndarray] = None  # the good frame found after them
@@ -261,6 +263,11 @@ class VideoFileSource(_BaseSource):
                 self.ended = True
                 if self._pos == 0:
                     log.warning("video %s has no readable frames", self.path)
+                size = _file_size(self.path)
+                if None not in (size, self._size_at_open) and size > self._size_at_open:
+                    log.warning("video %s grew from %d to %d bytes while it was read (still being recorded?): "
+                                "reading stopped at the end it had when opened; run again on the finished file, "
+                                "or inspect the camera or stream itself", self.path, self._size_at_open, size)
                 return None
             self._cap.release()
             self._cap = self._open()  # seeking to 0 is unreliable across codecs: reopen
@@ -279,6 +286,16 @@ class VideoFileSource(_BaseSource):
         if not self._closed:
             self._cap.release()
         super().close()
+
+
+def _file_size(path: str) -> Optional[int]:
+    """Size of a local file; None for URLs and anything that cannot be stat'ed."""
+    if "://" in path:
+        return None
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return None
 
 
 # ----------------------------------------------------------------------------- live devices
