@@ -96,6 +96,18 @@ def test_blur_and_upsample():
     assert upsample_map(torch.rand(2, 3, 4, 4), (8, 12)).shape == (2, 3, 8, 12)
 
 
+def test_blur_and_upsample_are_opencvs_gaussian_and_linear_resize():
+    """The smoothing and the upsampling every map goes through, against OpenCV's own: a separable
+    Gaussian of radius ceil(4 sigma) with reflect-101 borders, and half-pixel bilinear resizing."""
+    import cv2
+    x = np.random.default_rng(0).random((40, 56)).astype(np.float32)
+    want = cv2.GaussianBlur(x, (33, 33), 4.0, borderType=cv2.BORDER_REFLECT_101)
+    np.testing.assert_allclose(GaussianBlur(4.0)(torch.from_numpy(x)[None])[0].numpy(), want, atol=1e-5)
+    small = np.random.default_rng(1).random((7, 9)).astype(np.float32)
+    want = cv2.resize(small, (36, 28), interpolation=cv2.INTER_LINEAR)
+    np.testing.assert_allclose(upsample_map(torch.from_numpy(small)[None], (28, 36))[0].numpy(), want, atol=1e-5)
+
+
 def _export(module, args, path, inputs, outputs):
     dynamic = {name: {0: "batch"} for name in inputs + outputs if name != "text_embeddings"}
     with warnings.catch_warnings():
