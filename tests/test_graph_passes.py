@@ -86,3 +86,56 @@ def test_exported_lite0_encoder_has_no_pads(tmp_path):
     report = export_encoder(get_backbone("efficientnet-lite0", size=128), tmp_path / "enc.onnx", threads=1)
     assert report.ok
     assert "Pad" not in _ops(onnx.load(str(tmp_path / "enc.onnx")))
+
+
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+
+def _pad_conv_model(pads, conv_pads=None, weight_cin=3, extra_relu=False):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, weight_cin, 3, 3)).astype(np.float32), "w")
+    p = numpy_helper.from_array(np.asarray(pads, np.int64), "pads")
+    nodes = [helper.make_node("Pad", ["x", "pads"], ["xp"], name="pad", mode="constant"),
+             helper.make_node("Conv", ["xp", "w"], ["y"], name="conv",
+                              **({"pads": conv_pads} if conv_pads is not None else {}))]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    if extra_relu:
+        nodes.append(helper.make_node("Relu", ["xp"], ["r"], name="relu"))
+        outputs.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, None))
+    graph = helper.make_graph(nodes, "g", [x], outputs, initializer=[w, p])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _run_all(model, x):
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+
+
+def test_a_pad_folds_onto_the_convs_own_pads():
+    """A Pad folded into a Conv adds to the Conv's own pads, and the output is unchanged."""
+    model = _pad_conv_model([0, 0, 1, 2, 0, 0, 1, 0], conv_pads=[1, 1, 1, 1])
+    x = np.random.default_rng(1).random((1, 3, 8, 8)).astype(np.float32)
+    before = _run_all(model, x)
+    assert fold_pads_into_convs(model) == 1
+    after = _run_all(model, x)
+    assert after[0].shape == before[0].shape
+    np.testing.assert_allclose(after[0], before[0], atol=1e-5)
+
+
+def test_a_pad_read_by_another_node_too_is_not_folded():
+    """A Pad whose output another node reads too stays (removing it would leave that node without input)."""
+    model = _pad_conv_model([0, 0, 1, 1, 0, 0, 1, 1], extra_relu=True)
+    x = np.random.default_rng(1).random((1, 3, 8, 8)).astype(np.float32)
+    before = _run_all(model, x)
+    assert fold_pads_into_convs(model) == 0
+    for a, b in zip(_run_all(model, x), before):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_pad_of_the_channel_axis_is_not_folded():
+    """A channel pad (the stem's 3 -> 4) is not a spatial pad: folding it would feed 3 channels to
+    4-channel weights."""
+    model = _pad_conv_model([0, 0, 1, 1, 0, 1, 1, 1], weight_cin=4)
+    x = np.random.default_rng(1).random((1, 3, 8, 8)).astype(np.float32)
+    before = _run_all(model, x)
+    assert fold_pads_into_convs(model) == 0
+    np.testing.assert_array_equal(_run_all(model, x)[0], before[0])

@@ -320,3 +320,71 @@ def test_stem_stage_walk(tmp_path, layout, stage):
     path = tmp_path / "g.onnx"
     onnx.save(helper.make_model(graph), str(path))
     assert int8._stem_stage(path) == stage
+
+
+from onnx import TensorProto, helper  # noqa: E402
+
+
+def _parts(n, seed, spec):
+    from iadgpt.runtime.preprocess import to_batch
+    from iadgpt.runtime.synthetic import SyntheticProduct
+    product = SyntheticProduct(kind="part", size=TINY_SIZE, seed=seed, defect_rate=0.0)
+    return to_batch([product.sample(i).image for i in range(n)], spec)
+
+
+def test_keep_float_auto_on_the_cpu_starts_from_the_float_stem(tiny_bundle_path, tmp_path):
+    """"auto" starts from the CPU preset's choice, the stem stage in float."""
+    bundle = Bundle.load(tiny_bundle_path)
+    calib = int8.rebatch(_parts(8, 31, bundle.input_spec), 4)
+    report = int8.quantize_encoder(bundle.graph_path("encoder"), tmp_path / "q.onnx", calib, threads=1,
+                                   keep_float="auto", eval_batches=int8.rebatch(_parts(4, 32, bundle.input_spec)))
+    assert report.stem == "float"
+    assert "/backbone/_conv_stem/Conv" in report.excluded_nodes
+
+
+def _two_conv_graph(path):
+    """image -> conv A (benign) -> relu -> conv B (an outlier weight on a dead channel: per-tensor int8
+    leaves B three levels for its other weights)."""
+    rng = np.random.default_rng(0)
+    wa = (rng.standard_normal((8, 3, 3, 3)) * 0.05).astype(np.float32)
+    wb = (rng.standard_normal((8, 8, 1, 1)) * 0.01).astype(np.float32)
+    wa[0] = -np.abs(wa[0])  # channel 0 is dead after the relu (pixels are >= 0) ...
+    wb[0, 0, 0, 0] = 2.0  # ... so this weight changes nothing in float but sets B's per-tensor int8 scale
+    bias = rng.uniform(-1e-3, 1e-3, 8).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["image", "wa"], ["a"], name="A", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a"], ["ar"], name="relu"),
+             helper.make_node("Conv", ["ar", "wb", "bias"], ["feat0"], name="B")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 16, 16])],
+                              [helper.make_tensor_value_info("feat0", TensorProto.FLOAT, ["batch", 8, 16, 16])],
+                              initializer=[numpy_helper.from_array(wa, "wa"), numpy_helper.from_array(wb, "wb"),
+                                           numpy_helper.from_array(bias, "bias")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_keep_float_auto_excludes_the_most_damaging_node(tmp_path):
+    """"auto" keeps the conv that ruins the features in float, and only that one."""
+    src = _two_conv_graph(tmp_path / "g.onnx")
+    rng = np.random.default_rng(1)
+    batches = [rng.integers(0, 256, (4, 3, 16, 16)).astype(np.float32)]
+    report = int8.quantize_encoder(src, tmp_path / "q.onnx", batches, preset="tensorrt", per_channel=False,
+                                   keep_float="auto", min_cosine=0.99, max_float_nodes=2, threads=1)
+    assert report.excluded_nodes == ["B"]
+    assert report.min_cosine >= 0.99, report.cosine
+
+
+def test_integer_input_plan_respects_an_excluded_stem(tmp_path):
+    """A stem the user keeps in float gets no integer-pixel plan (quantization would fail on it)."""
+    inits = [numpy_helper.from_array(np.full((1, 3, 1, 1), 127.0, np.float32), "mean"),
+             numpy_helper.from_array(np.full((1, 3, 1, 1), 128.0, np.float32), "std"),
+             numpy_helper.from_array(np.ones((8, 3, 3, 3), np.float32), "w")]
+    nodes = [helper.make_node("Sub", ["image", "mean"], ["c"], name="sub"),
+             helper.make_node("Div", ["c", "std"], ["n"], name="div"),
+             helper.make_node("Conv", ["n", "w"], ["y"], name="stem", pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8, 16, 16])],
+                              initializer=inits)
+    path = tmp_path / "g.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    assert int8._integer_input_plan(path, "uint8", []) is not None
+    assert int8._integer_input_plan(path, "uint8", ["stem"]) is None

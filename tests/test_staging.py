@@ -94,3 +94,14 @@ def test_a_bundle_write_sweeps_a_killed_write_of_the_same_bundle(tmp_path):
     finally:
         writer.abort()
     assert not writer.tmp_dir.exists()
+
+
+def test_release_drops_the_lock_so_a_renamed_staging_folder_is_not_held_forever(tmp_path):
+    """`release` drops the lock and its descriptor: a long-running process that builds many times
+    must not keep one open per build."""
+    path = make_staging_dir(tmp_path, ".B.tmp-")
+    assert _try_lock(path) is None  # held while the build runs
+    release(path)
+    fd = _try_lock(path)
+    assert fd is not None  # nobody holds it any more
+    os.close(fd)

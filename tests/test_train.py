@@ -422,3 +422,60 @@ def test_decoder_bundle_on_the_gpu_fast_path(tmp_path, trained, images) -> None:
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread(torch_one_thread):
     """Keep these tests at seconds on a shared 2-core box (see conftest)."""
+
+
+def _copy(trained, tmp_path):
+    import shutil
+    path = tmp_path / "dec.safetensors"
+    shutil.copy(trained.checkpoint, path)
+    return path
+
+
+def test_resuming_a_finished_run_with_the_same_steps_is_a_no_op(tmp_path, backbone, images, pool, trained) -> None:
+    """Re-running a finished `iadgpt train --resume` (a script re-run after a later stage failed) is
+    not refused as "past --steps"."""
+    result = train_decoder(backbone, images, _copy(trained, tmp_path), CFG, pool=pool, progress=False, resume=True,
+                           meta={"category": "part"})
+    assert result.step == CFG.steps
+
+
+def test_resume_refuses_another_learning_rate_category_or_backbone(tmp_path, backbone, images, pool, trained) -> None:
+    """Each would continue another run silently: another --lr is another trajectory, another category
+    another product's images, another backbone (of the same shapes) other features."""
+    from safetensors.torch import load_file, save_file
+    path = _copy(trained, tmp_path)
+    with pytest.raises(ScorerError, match="same settings"):
+        train_decoder(backbone, images, path, replace(CFG, steps=30, lr=1e-3), pool=pool, progress=False,
+                      resume=True, meta={"category": "part"})
+    with pytest.raises(ScorerError, match="trained on category 'part', not 'screw'"):
+        train_decoder(backbone, images, path, replace(CFG, steps=30), pool=pool, progress=False, resume=True,
+                      meta={"category": "screw"})
+    _, meta = load_checkpoint(path)
+    meta["backbone"] = {**meta["backbone"], "name": "other-net"}
+    save_file(load_file(str(path)), str(path),
+              metadata={k: (v if isinstance(v, str) else json.dumps(v)) for k, v in meta.items()})
+    with pytest.raises(ScorerError, match="trained for backbone 'other-net'"):
+        train_decoder(backbone, images, path, replace(CFG, steps=30), pool=pool, progress=False, resume=True,
+                      meta={"category": "part"})
+
+
+def test_a_checkpoint_write_that_fails_leaves_the_previous_checkpoint(tmp_path, monkeypatch, trained) -> None:
+    """A crash (disk full, SIGKILL) in the middle of a periodic save must not destroy the only
+    checkpoint of a long run: it is written next to it and renamed over it."""
+    from pathlib import Path
+
+    import safetensors.torch
+
+    from iadgpt.models.train import save_checkpoint
+    path = _copy(trained, tmp_path)
+    decoder, _ = load_decoder(path)
+
+    def torn_write(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"\0" * 100)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", torn_write)
+    with pytest.raises(OSError):
+        save_checkpoint(path, decoder, None, 99, {"category": "part"})
+    monkeypatch.undo()
+    assert load_checkpoint(path)[1]["step"] == CFG.steps
