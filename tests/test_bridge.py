@@ -1,15 +1,17 @@
 """The IAD-GPT bridge: TGE, MMF, per-layer masks, the frozen-LLM loss, ONNX parity and the runtime."""
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 from iadgpt.errors import DescriberError, ScorerError
-from iadgpt.runtime.bridge_runtime import NO_ANSWER, answer_choices, answer_text, parse_answer
+from iadgpt.runtime.bridge_runtime import END_OF_TURN, NO_ANSWER, OnnxBridge, answer_choices, answer_text, parse_answer
 from iadgpt.runtime.facts import POSITION_WORDS
 
 from conftest import skip_unless_the_default_llm_builds
@@ -889,3 +891,18 @@ def test_benchmark_locator_report_counts_none_as_the_choice(torch_one_thread):
     assert report == {"locator_accuracy": 1.0, "locator_none": 0.0, "answers_follow_locator": 0.5}
     assert bench.locator_report([None, "top left"], texts, labels, positions)["locator_accuracy"] == 0.5
     assert bench.locator_report(None, texts, labels, positions) == {}
+
+
+def test_the_bridge_refuses_an_llm_of_another_width(tmp_path):
+    (tmp_path / "bridge.json").write_text(json.dumps({"graphs": {}, "hidden_size": 32, "tge_layer": 0}))
+    llm = SimpleNamespace(takes_embeds=True, hidden_size=64, dir="llm64", encode=lambda text: [1, 2])
+    with pytest.raises(DescriberError, match="width 32.*has 64"):
+        OnnxBridge(tmp_path, llm)
+
+
+def test_closed_set_answers_end_with_the_end_of_turn_as_in_training(tmp_path):
+    (tmp_path / "bridge.json").write_text(json.dumps({"graphs": {}, "hidden_size": 32, "tge_layer": 0}))
+    enc = lambda text: [ord(c) for c in text]  # noqa: E731
+    rt = OnnxBridge(tmp_path, SimpleNamespace(takes_embeds=True, hidden_size=32, dir="llm", encode=enc))
+    eot = enc(END_OF_TURN)
+    assert all(ids == enc(a) + eot for ids, a in zip(rt.choice_ids, rt.choices))

@@ -626,3 +626,121 @@ def test_chat_says_why_an_event_has_no_description(tmp_path, capsys):
     assert main(["chat", str(log), "--event", "ng1", "--llm", "none", "-q", "hi"]) == 2
     err = capsys.readouterr().err
     assert "no description yet" in err and "may still be queued" in err
+
+
+def test_queue_holds_exactly_queue_size_parts():
+    d = AsyncDescriber({"kind": "fake"}, queue_size=2, start=False)  # no dispatcher: nothing is popped
+    parts = [_flagged(i) for i in range(3)]
+    for verdict, frame in parts:
+        d.submit(verdict, frame)
+    assert len(d._pending) == 2 and d.stats.rejected == 1
+    assert "queue full" in d.results[parts[2][0].event_id]["error"]
+    d.close(0)
+
+
+def test_a_restart_after_a_dead_worker_backs_off_first():
+    d = AsyncDescriber({"kind": "fake"}, start=False)
+    pauses, starts = [], []
+    d._restarts_in_row = 2
+    d._pause = lambda delay: pauses.append(delay) or True
+
+    def start_worker():
+        starts.append(1)
+        d._stop = True  # "closed while loading": _dispatch returns
+        return False
+
+    d._start_worker = start_worker
+    d._dispatch()
+    assert pauses == [d._backoff(1)] == [1.0] and starts == [1]
+
+
+class _Conn:
+    """A worker pipe: answers `answer` at once, or never (poll sleeps its timeout)."""
+
+    def __init__(self, answer=None):
+        self.answer, self.sent = answer, []
+
+    def send(self, msg):
+        self.sent.append(msg)
+
+    def poll(self, timeout=0.0):
+        if self.answer is None:
+            time.sleep(timeout)
+            return False
+        return True
+
+    def recv(self):
+        return self.answer
+
+
+def _served(d, conn, request_id=7):
+    verdict, frame = _flagged(1)
+    req = DescribeRequest.from_verdict(verdict, frame.image)
+    req.request_id = request_id
+    d._conn, d._proc = conn, SimpleNamespace(is_alive=lambda: True, join=lambda t=None: None, exitcode=None)
+    d._kill_worker = lambda: None
+    t0 = time.monotonic()
+    d._serve(req)
+    return req, time.monotonic() - t0
+
+
+def test_a_hung_request_fails_after_timeout_s_not_later():
+    d = AsyncDescriber({"kind": "fake"}, timeout_s=1.0, start=False)
+    req, took = _served(d, _Conn(None))
+    assert d.stats.timeouts == 1 and d.results[req.event_id]["status"] == "failed"
+    assert 0.95 <= took < 1.6, took  # not 2 x timeout_s
+
+
+def test_a_described_part_resets_the_restart_backoff():
+    d = AsyncDescriber({"kind": "fake"}, start=False)
+    d._restarts_in_row = 3
+    req, _ = _served(d, _Conn(("ok", 7, {"kind": "description", "status": "ok", "description": "x"})))
+    assert d.stats.described == 1 and d.results[req.event_id]["status"] == "ok"
+    assert d._restarts_in_row == 0  # else the next crash waits 4 s, 8 s, ... though the LLM recovered
+
+
+def test_a_part_submitted_after_close_is_failed_at_once():
+    d = AsyncDescriber({"kind": "fake"}, start=False)
+    d.close(0)
+    verdict, frame = _flagged(1)
+    d.submit(verdict, frame)
+    rec = d.results.get(verdict.event_id)
+    assert rec is not None and rec["status"] == "failed" and "shutting down" in rec["error"]
+    assert not d._pending and d.stats.rejected == 1
+
+
+def test_close_describes_what_is_queued_by_default():
+    d = AsyncDescriber({"kind": "fake", "delay_s": 0.2}, timeout_s=10, idle=False)
+    try:
+        assert d.wait_ready(60)
+        parts = [_flagged(i) for i in range(3)]
+        for verdict, frame in parts:
+            d.submit(verdict, frame)
+    finally:
+        stats = d.close()  # no drain_timeout_s: (queued + 1) x timeout_s + start_timeout_s
+    assert stats.described == 3 and stats.failed == 0
+    assert [d.results[v.event_id]["status"] for v, _ in parts] == ["ok"] * 3
+
+
+class _NoBridge:
+    def ask(self, features, map_kind="decoder", deadline=None):
+        from iadgpt.runtime.bridge_runtime import NO_ANSWER, BridgeAnswer
+        return BridgeAnswer(NO_ANSWER, False, None, 0.0, {"map": map_kind})
+
+
+def test_a_bridge_that_sees_no_anomaly_does_not_agree_with_a_flagged_part():
+    verdict, frame = _flagged(1, box=(60, 70, 90, 80))
+    req = DescribeRequest.from_verdict(verdict, frame.image)
+    req.features = [np.zeros((1, 4, 2, 2), np.float32)]
+    rec = Describer(FakeLLM(), "flange", bridge=_NoBridge()).describe(req)
+    assert rec["bridge"]["anomalous"] is False and not rec["bridge"]["agrees_with_facts"]
+    assert "no anomaly" not in rec["description"].lower()
+
+
+def test_an_explicit_pixel_threshold_wins_over_the_verdicts():
+    d = AsyncDescriber({"kind": "fake"}, pixel_threshold=0.3, start=False)
+    verdict, frame = _plateau_verdict(threshold=0.8)  # no extra["pixel_threshold"]: would fall back to 0.8
+    d.submit(verdict, frame)
+    assert d._pending[0].threshold == 0.3
+    assert Describer(None).facts(d._pending[0]).main.map_area_px == 900  # the 0.5 plateau, not the 1.0 core
+    d.close(0)

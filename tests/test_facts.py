@@ -205,3 +205,47 @@ def test_facts_on_a_large_frame_use_a_bounded_ring():
     img, amap = _dark_spot_under_a_coarse_map(900, (300, 300, 500, 500), (250, 250, 550, 550))
     r = compute_facts(img, amap, threshold=0.5).main
     assert r.area_px == 200 * 200 and r.map_area_px == 300 * 300 and r.tone == "darker"
+
+
+def test_a_20x12_region_is_blob_like():
+    from test_describer import _facts
+    r = _facts().main  # box 20 x 12: elongation ~1.7
+    assert 1.5 < r.elongation < 2.5 and r.shape == "blob-like"
+
+
+def _noisy_spot(seed=0):
+    rng = np.random.default_rng(seed)
+    img = np.repeat(np.clip(170 + rng.normal(0, 5, (96, 96, 1)), 0, 255), 3, axis=2).astype(np.uint8)  # grey noise, sigma 5
+    img[40:50, 40:50] = 100  # the visible defect: 10 x 10
+    amap = np.zeros((96, 96), np.float32)
+    amap[33:57, 33:57] = 1.0  # the coarse map: 24 x 24
+    return compute_facts(img, amap, threshold=0.5).main
+
+
+def test_sensor_noise_is_not_counted_as_defect_area():
+    r = _noisy_spot()
+    assert r.area_source == "image" and 95 <= r.area_px <= 115, r.area_px
+
+
+def test_a_faint_ten_level_stain_is_darker_not_similar():
+    img = np.full((96, 96, 3), 170, np.uint8)
+    img[40:50, 40:50] = 160
+    amap = np.zeros((96, 96), np.float32)
+    amap[40:50, 40:50] = 1.0
+    r = compute_facts(img, amap, threshold=0.5).main
+    assert abs(r.contrast + 10) < 1 and r.tone == "darker"
+
+
+def test_area_pct_is_a_share_of_the_found_part_not_of_the_frame():
+    img = np.full((120, 120, 3), 30, np.uint8)  # dark table
+    img[20:100, 20:100] = 200  # a bright 80 x 80 part
+    img[50:60, 50:60] = 90  # a dark spot on it
+    amap = np.zeros((120, 120), np.float32)
+    amap[50:60, 50:60] = 1.0
+    facts = compute_facts(img, amap, threshold=0.5)
+    assert facts.part_found and abs(facts.part_area_px - 80 * 80) < 100  # corners blurred
+    assert facts.main.area_pct == pytest.approx(100.0 * facts.main.area_px / facts.part_area_px)
+
+
+def test_a_dark_yellow_is_brown():
+    assert colour_name((140, 125, 20)) == "brown"

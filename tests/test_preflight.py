@@ -3,11 +3,15 @@ frame is judged; nothing is written to the event log."""
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from iadgpt.cli import main
+from iadgpt.errors import IadGptError
 from iadgpt.runtime.config import load_station_config
 from iadgpt.runtime.preflight import FAIL, OK, WARN, Preflight
 
@@ -119,3 +123,74 @@ def test_a_bridge_the_int8_encoder_would_break_fails_the_check_as_the_station_re
                                              "describer:\n  enabled: true\n  llm: none\n")))
     pf._describer(None, int8)
     assert [(c.name, c.status) for c in pf.checks] == [("describer", FAIL)] and "cosine 0.900" in pf.checks[0].detail
+
+
+def test_low_disk_space_is_a_warning(tmp_path, monkeypatch):
+    from iadgpt.runtime import preflight as pre
+    monkeypatch.setattr(pre.shutil, "disk_usage", lambda p: SimpleNamespace(free=100 << 20, total=1 << 40, used=0))
+    pf = pre.Preflight(SimpleNamespace())
+    pf._check_sinks([SimpleNamespace(directory=tmp_path, name="overlays")])
+    assert [(c.name, c.status) for c in pf.checks] == [("overlays", pre.WARN)] and "free space" in pf.checks[0].detail
+
+
+def test_a_describer_that_failed_loading_is_reported_without_waiting(monkeypatch):
+    from iadgpt.runtime import describer as describer_mod
+    from iadgpt.runtime import preflight as pre
+
+    class Failing:
+        wants_features, worker_info = False, {"error": "DescriberError: no llm.json"}
+
+        def wait_ready(self, timeout=None):
+            time.sleep(timeout or 0)
+            return False
+
+    monkeypatch.setattr(describer_mod.AsyncDescriber, "from_options", classmethod(lambda cls, *a, **k: Failing()))
+    pf = pre.Preflight(SimpleNamespace(describer=SimpleNamespace(options={})), describer_wait_s=8.0)
+    t0 = time.monotonic()
+    pf._describer(None, None)
+    assert time.monotonic() - t0 < 3.0
+    assert pf.checks[0].status == pre.FAIL and "no llm.json" in pf.checks[0].detail
+
+
+def test_a_detector_that_fails_its_self_check_judges_no_frame(monkeypatch):
+    import iadgpt.bundle
+    from iadgpt.runtime import config as config_mod
+    from iadgpt.runtime import detector as detector_mod
+    from iadgpt.runtime import preflight as pre
+
+    judged = []
+
+    class BadDetector:
+        threshold = 0.5
+
+        def __init__(self, *a, **k):
+            pass
+
+        def self_check(self):
+            raise IadGptError("self-check: outputs differ from the bundle's reference")
+
+        def detect(self, frame):
+            judged.append(frame)
+            return SimpleNamespace(anomalous=False, score=0.1, threshold=0.5, regions=[])
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(iadgpt.bundle.Bundle, "load", staticmethod(lambda p: object()))
+    monkeypatch.setattr(detector_mod, "Detector", BadDetector)
+    monkeypatch.setattr(config_mod, "build_sinks", lambda cfg: [])
+    cfg = SimpleNamespace(bundle="b", backend="onnxruntime", threads=1, threshold=None, weights=None,
+                          sinks=SimpleNamespace(mqtt=None), describer=SimpleNamespace(enabled=False))
+    pf = pre.Preflight(cfg)
+    pf._first_frame = lambda: SimpleNamespace(image=np.zeros((8, 8, 3), np.uint8))
+    checks = pf.run()
+    assert [(c.name, c.status) for c in checks] == [("detector", pre.FAIL)] and not judged
+
+
+def test_preflight_failed_means_a_fail_not_a_warn():
+    from iadgpt.runtime import preflight as pre
+    pf = pre.Preflight(SimpleNamespace())
+    pf._add("mqtt", pre.WARN, "no broker")
+    assert not pf.failed
+    pf._add("source", pre.FAIL, "no camera")
+    assert pf.failed

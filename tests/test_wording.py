@@ -1,10 +1,13 @@
 """Wording: the facts sentence and prompts carry the facts; remarks that contradict them are dropped."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from test_describer import _facts
 
-from iadgpt.runtime.wording import build_messages, compose, contradictions, facts_sentence
+from iadgpt.runtime.facts import compute_facts
+from iadgpt.runtime.wording import (REMARK_WORDS, build_messages, complete_remark, compose, contradictions,
+                                    dedupe_clauses, facts_sentence)
 
 
 def test_facts_sentence_and_prompt_carry_the_facts():
@@ -72,3 +75,89 @@ def test_contradictions_accept_what_the_facts_support(remark):
 def test_facts_sentence_words_the_size_with_its_precision():
     text = facts_sentence(_facts(defect_type="scratch"), "flange")
     assert "about 2.6% of the part (~240 px; the coarse anomaly map marks 2.6%)" in text
+
+
+def test_a_row_word_of_another_row_is_a_contradiction():
+    facts = _facts(defect_type="scratch")  # top left
+    assert contradictions("A scratch at the bottom of the part.", facts)
+    assert contradictions("A scratch on the right side.", facts)
+    assert not contradictions("A scratch at the top; check the gripper.", facts)
+
+
+def _light_facts():
+    img = np.full((96, 96, 3), 120, np.uint8)
+    img[10:22, 10:30] = 230
+    amap = np.zeros((96, 96), np.float32)
+    amap[10:22, 10:30] = 1.0
+    facts = compute_facts(img, amap, threshold=0.5)
+    assert facts.main.tone == "lighter"
+    return facts
+
+
+def test_dark_is_a_contradiction_for_a_lighter_defect():
+    assert contradictions("A dark spot, probably oil from the press.", _light_facts())
+
+
+def test_large_needs_ten_percent_even_when_no_type_word_is_named():
+    facts = _facts(defect_type="scratch")  # ~2.6 % of the part
+    assert any(i.startswith("size 'large'") for i in contradictions("A large scratch from the tool.", facts))
+
+
+def test_tiny_is_a_contradiction_above_two_percent():
+    facts = _facts(defect_type="scratch")  # ~2.6 %
+    assert any(i.startswith("size 'tiny'") for i in contradictions("A tiny scratch from handling.", facts))
+
+
+def test_the_remark_is_clipped_to_remark_words():
+    facts = _facts(defect_type="scratch")
+    remark = "Likely cause: " + " ".join(f"word{i}" for i in range(40))
+    base = facts_sentence(facts, "flange")
+    assert 60 - len(base.split()) > REMARK_WORDS  # there is more room than a remark may take
+    text, info = compose(facts, "flange", remark)
+    assert info["remark_used"] and len(text.split()) - len(base.split()) <= REMARK_WORDS
+
+
+def test_a_remark_that_only_restates_the_facts_is_dropped():
+    facts = _facts(defect_type="scratch")
+    remark = "Scratch at the top left of the flange, darker than its surroundings."
+    assert contradictions(remark, facts) == []
+    text, info = compose(facts, "flange", remark)
+    assert not info["remark_used"] and info["rejected"] == ["the remark only restates the facts"]
+    assert text == facts_sentence(facts, "flange")
+
+
+def test_a_remark_cut_by_the_token_limit_ends_at_its_last_full_clause():
+    cut = "Likely cause: worn gripper pads, a misaligned fixture, and the"
+    assert complete_remark(cut, "max_tokens") == "Likely cause: worn gripper pads, a misaligned fixture."
+    assert complete_remark("Likely cause: worn pads and", "deadline") == ""
+    assert complete_remark("Likely cause: worn pads and", "eos") == "Likely cause: worn pads and"
+
+
+def test_a_looping_remark_is_cut_where_it_repeats():
+    assert dedupe_clauses("a lack of grease, a lack of grease on the pin, worn pads") == "a lack of grease."
+    assert dedupe_clauses("worn pads, a loose fixture") == "worn pads, a loose fixture"
+
+
+def _similar_facts():
+    img = np.full((96, 96, 3), 150, np.uint8)
+    amap = np.zeros((96, 96), np.float32)
+    amap[40:60, 40:60] = 1.0  # seen by texture, not brightness
+    facts = compute_facts(img, amap, threshold=0.5)
+    assert facts.main.tone == "similar brightness"
+    return facts
+
+
+def test_bright_is_a_contradiction_for_a_defect_of_similar_brightness():
+    assert contradictions("A bright mark from the press.", _similar_facts())
+
+
+def test_upper_and_lower_are_read_as_rows():
+    facts = _facts(box=(60, 70, 90, 80))  # bottom right
+    assert contradictions("It is in the upper area of the part.", facts)
+    assert not contradictions("It is in the lower area of the part.", facts)
+
+
+def test_a_percentage_must_be_within_1_5x_of_the_measured_share():
+    facts = _facts(defect_type="scratch")  # 2.6 %: up to 2.6 x 1.5 + 1 = 4.9 % fits
+    assert not contradictions("It covers 4% of the part.", facts)
+    assert contradictions("It covers 7% of the part.", facts)
