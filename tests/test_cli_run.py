@@ -9,6 +9,8 @@ import time
 
 import pytest
 
+from iadgpt.cli import main
+
 from conftest import write_parts
 
 
@@ -112,3 +114,33 @@ def test_max_overlays_bounds_the_overlay_folder(tiny_bundle_path, tmp_path):
                  "--max-overlays", "0"])
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 2 and "--max-overlays 0 must be at least 1" in out
+
+
+def test_run_forwards_every_flag_to_the_station_config(tmp_path, monkeypatch, capsys):
+    from iadgpt.runtime import preflight
+
+    seen = {}
+
+    class FakePreflight:
+        def __init__(self, cfg, *a, **k):
+            seen["cfg"] = cfg
+
+        def run(self):
+            return []
+
+    monkeypatch.setattr(preflight, "Preflight", FakePreflight)
+    ev, ov = tmp_path / "e.jsonl", tmp_path / "ng"
+    assert main(["run", str(tmp_path / "b"), "--source", "synthetic://part?count=1", "--backend", "torch",
+                 "--threads", "3", "--threshold", "0.25", "--weights", str(tmp_path / "w"), "--events", str(ev),
+                 "--overlays", str(ov), "--max-overlays", "4", "--check"]) == 0
+    cfg = seen["cfg"]
+    assert (cfg.backend, cfg.threads, cfg.threshold, cfg.weights) == ("torch", 3, 0.25, tmp_path / "w")
+    assert cfg.sinks.events.path == ev and cfg.sinks.overlays.dir == ov and cfg.sinks.overlays.max_files == 4
+    assert "backend torch" in capsys.readouterr().out
+
+
+def test_run_stops_after_max_frames(tiny_bundle_path, tmp_path, capsys):
+    events = tmp_path / "events.jsonl"
+    assert main(["run", str(tiny_bundle_path), "--source", "synthetic://part?size=128&seed=3&count=8",
+                 "--max-frames", "3", "--events", str(events)]) == 0
+    assert len(events.read_text().splitlines()) == 3

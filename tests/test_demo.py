@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from types import SimpleNamespace
 
 import pytest
 
@@ -117,3 +119,115 @@ def test_demo_refuses_a_file_as_out(tmp_path, monkeypatch, capsys):
     afile.write_text("keep me")
     assert main(["demo", "--out", str(afile), "--frames", "5"]) == 2
     assert "is a file" in capsys.readouterr().err and afile.read_text() == "keep me"
+
+
+class _Stop(Exception):
+    pass
+
+
+SUMMARY = {"frames": 50, "judged": 50, "flagged": 11, "recall": 0.9, "false_alarm_rate": 0.025, "defective": 10,
+           "good": 40, "dropped": 1, "errors": 2, "latency_ms": {"p50": 1.5, "p99": 9.0},
+           "capture_to_verdict_ms": {"p50": 2.5, "p99": 12.0}, "fps": 19.5, "backend": "torch",
+           "threshold": 1.0, "bundle": "b", "events": "e", "overlays": "o"}
+
+def test_demo_command_forwards_flags_and_prints_the_summary(tmp_path, monkeypatch, capsys):
+    import iadgpt.demo
+
+    seen = {}
+
+    def fake(out, **kwargs):
+        seen.update(kwargs, out=out)
+        return SUMMARY
+
+    monkeypatch.setattr(iadgpt.demo, "run_demo", fake)
+    assert main(["demo", "--out", str(tmp_path / "d"), "--frames", "50", "--fps", "0", "--backend", "torch",
+                 "--threads", "2", "--rebuild"]) == 0
+    assert {k: seen[k] for k in ("frames", "fps", "backend", "threads", "rebuild")} == \
+        {"frames": 50, "fps": 0.0, "backend": "torch", "threads": 2, "rebuild": True}
+    out = capsys.readouterr().out
+    assert "recall 90.0% of 10 defective parts, false alarms 2.5% of 40 good parts" in out
+    assert "inference p50 1.5 ms, p99 9.0 ms" in out and "dropped 1, errors 2" in out
+
+
+def _verdict(anomalous, timings=None):
+    return SimpleNamespace(anomalous=anomalous, regions=[], frame_id=0, score=1.0, threshold=0.5,
+                           timings_ms=timings or {"encode": 2.0, "score": 1.0, "capture_wait": 50.0, "total": 53.0})
+
+def test_ground_truth_sink_counts_and_latency():
+    from iadgpt.demo import GroundTruthSink
+
+    sink = GroundTruthSink()
+    bad, good = SimpleNamespace(meta={"defect_type": "hole"}), SimpleNamespace(meta={"defect_type": None})
+    for v, f in [(True, bad), (True, bad), (False, bad), (True, good), (False, good), (False, good), (False, good)]:
+        sink.write(_verdict(v), f)
+    sink.write(_verdict(None), bad)  # dropped or unreadable: not judged, not counted either way
+    sink.write(_verdict(None), good)
+    assert (sink.tp, sink.fn, sink.fp, sink.tn, sink.flagged) == (2, 1, 1, 3, 3)
+    assert sink.judged_latency_ms == [3.0] * 7  # inference only: not the capture wait, not the total
+
+
+@pytest.mark.parametrize("threshold", [None, 1.0])  # the tiny bundle's own: false alarms; 1.0: misses
+def test_demo_summary_matches_its_events_and_the_ground_truth(tiny_bundle_path, tmp_path, monkeypatch, threshold):
+    """recall = flagged defective / defective, false alarms = flagged good / good, from the stream's truth;
+    --fps 0 (as fast as judged) is accepted. The demo bundle is replaced by the tiny one: no build."""
+    import iadgpt.demo as demo
+    from iadgpt.bundle import Bundle
+    from iadgpt.runtime.synthetic import SyntheticProduct
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle_path, bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    if threshold is not None:
+        manifest["thresholds"]["image"]["value"] = threshold
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setattr(demo, "demo_bundle", lambda *a, **k: Bundle.load(bundle))
+    s = demo.run_demo(tmp_path / "out", frames=30, fps=0)
+    truth = SyntheticProduct(kind=demo.DEMO_KIND, size=demo.DEMO_SIZE, seed=demo.STREAM_SEED, defect_rate=0.3)
+    events = [json.loads(x) for x in (tmp_path / "out" / "events.jsonl").read_text().splitlines()]
+    judged = [(e["anomalous"], truth.defect_type(e["frame_id"]) is not None) for e in events
+              if e["anomalous"] is not None]
+    tp = sum(a and d for a, d in judged)
+    fn = sum(not a and d for a, d in judged)
+    fp = sum(a and not d for a, d in judged)
+    tn = sum(not a and not d for a, d in judged)
+    assert tp + fn > 0 and fp + tn > 0 and fp != fn, (tp, fn, fp, tn)  # the arithmetic is exercised
+    assert (s["defective"], s["good"], s["flagged"]) == (tp + fn, fp + tn, tp + fp)
+    assert s["recall"] == pytest.approx(tp / (tp + fn)) and s["false_alarm_rate"] == pytest.approx(fp / (fp + tn))
+    assert s["dropped"] == sum(1 for e in events if (e["error"] or "").startswith("dropped"))
+
+
+@pytest.fixture()
+def cached_demo(tiny_bundle_path, tmp_path, monkeypatch):
+    """A calibrated bundle where the onnxruntime demo bundle is cached; building raises _Stop."""
+    import iadgpt.demo as demo
+    import iadgpt.export.bundle_export as bundle_export
+
+    monkeypatch.setenv("IADGPT_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "cache" / f"demo-{demo.DEMO_KIND}-onnxruntime-v{demo.__version__}"
+    shutil.copytree(tiny_bundle_path, path)
+
+    def build(*a, **k):
+        raise _Stop
+
+    monkeypatch.setattr(bundle_export, "export_bundle", build)
+    return demo, path
+
+def test_demo_bundle_reuses_only_a_calibrated_bundle_of_this_backend_and_version(cached_demo, monkeypatch):
+    demo, path = cached_demo
+    assert demo.demo_bundle("onnxruntime").path == path  # cached: no build
+    with pytest.raises(_Stop):  # thresholds fitted on onnxruntime do not serve torch
+        demo.demo_bundle("torch")
+    with pytest.raises(_Stop):
+        demo.demo_bundle("onnxruntime", rebuild=True)
+    monkeypatch.setattr(demo, "__version__", "0.0.0-other")
+    with pytest.raises(_Stop):  # another version's bundle is not reused
+        demo.demo_bundle("onnxruntime")
+
+
+def test_demo_bundle_rebuilds_an_uncalibrated_cache(cached_demo):
+    demo, path = cached_demo
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["thresholds"] = {}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(_Stop):
+        demo.demo_bundle("onnxruntime")

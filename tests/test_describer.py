@@ -744,3 +744,17 @@ def test_an_explicit_pixel_threshold_wins_over_the_verdicts():
     assert d._pending[0].threshold == 0.3
     assert Describer(None).facts(d._pending[0]).main.map_area_px == 900  # the 0.5 plateau, not the 1.0 core
     d.close(0)
+
+
+def test_describe_uses_the_threshold_flag(tiny_bundle_path, tmp_path, capsys):
+    import cv2
+
+    from iadgpt.cli import main
+
+    path = tmp_path / "good.png"
+    cv2.imwrite(str(path), cv2.cvtColor(SyntheticProduct("part", size=128, seed=21, defect_rate=0.0).sample(0).image,
+                                        cv2.COLOR_RGB2BGR))
+    assert main(["describe", str(path), "--bundle", str(tiny_bundle_path), "--llm", "none",
+                 "--threshold", "1e9"]) == 0
+    out = capsys.readouterr().out
+    assert ": OK, score" in out and "(threshold 1000000000.0000)" in out and "nothing to describe" in out

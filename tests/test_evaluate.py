@@ -326,3 +326,31 @@ def test_maps_are_resized_to_non_square_masks_the_right_way_round():
     run = evaluate.compute_metrics(test, maps, np.array([1.0, 0.0], np.float32))
     assert run.maps.shape == (2, 16, 24)
     assert run.pixel_auroc > 0.99 and run.image_auroc == 1.0
+
+
+@pytest.mark.parametrize("flags", [["--backbone", "x"], ["--scorer", "bank"], ["--shots", "2"], ["--seeds", "2"],
+                                   ["--coreset", "0.1"], ["--resolution", "128"], ["--no-augment"]])
+def test_eval_bundle_refuses_every_torch_model_flag(tmp_path, capsys, flags):
+    assert main(["eval", "--data", str(tmp_path), "--category", "c", "--bundle", str(tmp_path / "b"), *flags]) == 2
+    assert f"{flags[0]} describe the torch model" in capsys.readouterr().err
+
+
+def test_eval_forwards_engine_and_model_flags(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake(name):
+        def f(*args, **kwargs):
+            seen[name] = (args, kwargs)
+            raise KeyboardInterrupt
+        return f
+
+    monkeypatch.setattr(evaluate, "evaluate_bundle", fake("bundle"))
+    monkeypatch.setattr(evaluate, "evaluate_torch", fake("torch"))
+    assert main(["eval", "--data", str(tmp_path), "--category", "c", "--bundle", str(tmp_path / "b"),
+                 "--backend", "torch", "--threads", "3"]) == 130
+    assert seen["bundle"][1]["backend"] == "torch" and seen["bundle"][1]["threads"] == 3
+    assert main(["eval", "--data", str(tmp_path), "--category", "c", "--shots", "2", "--seeds", "3",
+                 "--coreset", "0.5", "--resolution", "160", "--no-augment", "--plots", str(tmp_path / "p")]) == 130
+    kw = seen["torch"][1]
+    assert (kw["shots"], kw["seeds"], kw["coreset"], kw["resolution"], kw["augment"], kw["plots"]) == \
+        (2, 3, 0.5, 160, False, tmp_path / "p")

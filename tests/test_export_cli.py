@@ -334,3 +334,20 @@ def test_a_tiny_reference_image_is_refused_naming_it(dataset, tmp_path):
     from iadgpt.models.references import load_batch
     with pytest.raises(DataError, match=r"zz_1x1.png: 1x1 px is too small"):
         load_batch([folder / "zz_1x1.png"], get_backbone("efficientnet-lite0", size=int(RESOLUTION)))
+
+
+def test_export_forwards_its_flags(tmp_path, monkeypatch):
+    from iadgpt.export import bundle_export
+
+    seen = {}
+
+    def fake(*args, **kwargs):
+        seen.update(kwargs, args=args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bundle_export, "export_bundle", fake)
+    assert main(["export", "--backbone", "efficientnet-lite0", "--train-dir", str(tmp_path), "--shots", "3",
+                 "--coreset", "0.2", "--seed", "7", "--no-augment", "--scorer", "bank", "--resolution", "160",
+                 "--out", str(tmp_path / "o")]) == 130
+    assert {k: seen[k] for k in ("shots", "coreset", "seed", "augment", "scorer", "resolution")} == \
+        {"shots": 3, "coreset": 0.2, "seed": 7, "augment": False, "scorer": "bank", "resolution": 160}

@@ -153,3 +153,16 @@ def test_bad_arguments_name_the_fix() -> None:
 def test_runtime_does_not_import_torch() -> None:
     code = "import sys, iadgpt.runtime.sources, iadgpt.runtime.synthetic; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("uri", ["synthetic://part?fps=-1", "synthetic://part?count=-1"])
+def test_negative_rates_in_a_synthetic_uri_are_refused(uri):
+    with pytest.raises(SourceError, match="must be >= 0"):
+        parse_synthetic_uri(uri)
+
+
+@pytest.mark.parametrize("kw, words", [({"seed": -1}, "negative"), ({"defect_rate": -0.1}, "out of range"),
+                                       ({"defect_kinds": ()}, "none given")])
+def test_bad_product_arguments_are_source_errors(kw, words):
+    with pytest.raises(SourceError, match=words):
+        SyntheticProduct(**kw)
