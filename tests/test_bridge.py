@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from iadgpt.errors import DescriberError, ScorerError
+from iadgpt.errors import DescriberError, ExportError, ScorerError
 from iadgpt.runtime.bridge_runtime import END_OF_TURN, NO_ANSWER, OnnxBridge, answer_choices, answer_text, parse_answer
 from iadgpt.runtime.facts import POSITION_WORDS
 
@@ -906,3 +906,138 @@ def test_closed_set_answers_end_with_the_end_of_turn_as_in_training(tmp_path):
     rt = OnnxBridge(tmp_path, SimpleNamespace(takes_embeds=True, hidden_size=32, dir="llm", encode=enc))
     eot = enc(END_OF_TURN)
     assert all(ids == enc(a) + eot for ids, a in zip(rt.choice_ids, rt.choices))
+
+
+def test_decoder_masks_are_the_decoders_abnormal_minus_normal_log_odds(torch_one_thread):
+    """per-layer masks = the decoder's own log-odds (abnormal - normal), not its negative:
+    their mean over layers equals `log_odds_map` at the same resolution."""
+    from iadgpt.models.bridge import DecoderMasks
+    dec = _decoder()
+    feats = _features(2)
+    dm = DecoderMasks(dec, grid=dec.image_size)
+    with torch.no_grad():
+        torch.testing.assert_close(dm.raw(feats).mean(1), dec.log_odds_map(feats), atol=1e-3, rtol=1e-4)
+
+
+def test_bank_masks_read_the_columns_of_the_decoders_layers(torch_one_thread):
+    """with layers [1, 2] of three tapped layers (efficientnet-lite0's default), the bank masks use
+    the columns of layers 1 and 2 of the PatchEmbedder vectors, not those of layers 0 and 1."""
+    from iadgpt.models.bridge import BankMasks
+    from iadgpt.models.scorers import nearest_distances
+    bm = BankMasks((8, 16, 24), (4, 8, 16), 64, [1, 2]).eval()
+    assert bm.slices == [(8, 24), (24, 48)]
+    g = torch.Generator().manual_seed(0)
+    feats = [torch.randn(1, 8, 16, 16, generator=g), torch.randn(1, 16, 8, 8, generator=g),
+             torch.randn(1, 24, 4, 4, generator=g)]
+    bank = torch.randn(30, 48, generator=g)
+    q = bm.embedder.patches(feats)
+    want = nearest_distances(q[:, :, 24:48], bank[:, 24:48]).reshape(1, 8, 8)
+    torch.testing.assert_close(bm.raw(feats, bank)[:, 1], want)
+
+
+def test_mask_statistics_are_per_layer(torch_one_thread):
+    """each layer is z-normalised by ITS normal mean/std (one unit = one normal std of that map)."""
+    from iadgpt.models.bridge import DecoderMasks, fit_mask_stats
+    dm = DecoderMasks(_decoder(), grid=8)
+    g = torch.Generator().manual_seed(0)
+    raw = torch.stack([5 + 2 * torch.randn(50, 8, 8, generator=g), -100 + 50 * torch.randn(50, 8, 8, generator=g)], 1)
+    fit_mask_stats(dm, raw)
+    torch.testing.assert_close(dm.mean, torch.tensor([5.0, -100.0]), atol=1.5, rtol=0.02)
+    torch.testing.assert_close(dm.std, torch.tensor([2.0, 50.0]), atol=0.1, rtol=0.05)
+
+
+def test_tge_gate_routes_to_the_normal_expert(torch_one_thread):
+    """gate weight 0 ("normal") weighs expert 0: when the gate says normal, expert 1 has no say."""
+    from iadgpt.models.bridge import TextGuidedEnhancer
+    torch.manual_seed(0)
+    tge = TextGuidedEnhancer(8, 16, ref_dim=8, width=16, heads=2, pool=1).eval()
+    f = torch.randn(2, 8, 4, 4)
+    with torch.no_grad():
+        tge.gate_bias.copy_(torch.tensor([60.0, -60.0]))
+        assert tge.gate(f)[:, 0].min() > 0.999
+        before = tge(f)
+        for p in tge.experts[1].parameters():
+            p.add_(torch.randn_like(p))
+        torch.testing.assert_close(tge(f), before, atol=1e-4, rtol=1e-4)
+
+
+def test_tge_gate_compares_in_the_decoders_projection_space(torch_one_thread):
+    """from_decoder copies the decoder's feature statistics, projection and references:
+    gate = softmax(10 * cos(mean Proj(standardised feature), references)) as the decoder computes them."""
+    from iadgpt.models.bridge import TextGuidedEnhancer
+    dec = _decoder()
+    feats = _features(4)
+    dec.set_feature_stats([f * 3 + 1 for f in feats])  # statistics that are not (0, 1)
+    torch.manual_seed(5)
+    tge = TextGuidedEnhancer.from_decoder(dec, 1, 32, width=16, heads=2, token_grid=4)
+    with torch.no_grad():
+        u = dec.projections[1](dec.prepare(1, feats[1])).mean(dim=(2, 3))
+        cos = torch.nn.functional.normalize(u, dim=-1) @ torch.nn.functional.normalize(dec.references, dim=-1).t()
+        torch.testing.assert_close(tge.gate(feats[1]), torch.softmax(10.0 * cos, dim=-1), atol=1e-5, rtol=1e-4)
+
+
+def test_mmf_squash_is_asinh():
+    """the squash is asinh (odd: a map below the normal mean stays negative)."""
+    from iadgpt.models.bridge import MultiMaskFusion
+    x = torch.tensor([[-300.0, -2.0, -0.1, 0.0, 0.1, 2.0, 300.0]]).view(1, 1, 1, 7).expand(1, 2, 1, 7)
+    torch.testing.assert_close(MultiMaskFusion(2, 32)._squash(x), torch.asinh(x), atol=1e-5, rtol=1e-5)
+
+
+def test_mmf_adds_its_cell_position_embedding():
+    """the learned per-cell position embedding is added to the 9 cell tokens (zero at init,
+    so only a trained/loaded checkpoint shows it)."""
+    from iadgpt.models.bridge import MultiMaskFusion
+    mmf = MultiMaskFusion(2, 32).eval()
+    masks = torch.randn(2, 2, 24, 24)
+    with torch.no_grad():
+        before = mmf(masks)
+        mmf.pos.copy_(torch.randn(9, 32))
+        after = mmf(masks)
+    torch.testing.assert_close(after[:, :9] - before[:, :9], mmf.pos.detach().expand(2, -1, -1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(after[:, 9:], before[:, 9:])
+
+
+def test_answer_nll_of_the_first_token_is_the_prompts_next_token_distribution(torch_one_thread):
+    """the first answer token is scored by the logits at the LAST prompt position (teacher forcing)."""
+    bridge, _ = _bridge()
+    bridge.eval()
+    with torch.no_grad():
+        prompt = bridge.prompt_embeds(_features(1, seed=4)[1], _hot_masks(1, 0, 0))
+        ids = bridge.encode("Yes") + [bridge.end_id]
+        ce, _ = bridge._answer_nll(prompt, [ids])
+        logp = torch.log_softmax(bridge.llm(inputs_embeds=prompt).logits[0, -1].float(), -1)
+        full = torch.log_softmax(bridge.llm(inputs_embeds=torch.cat([prompt, bridge.embed(torch.tensor([ids[:-1]]))], 1))
+                                 .logits[0, -len(ids):].float(), -1)
+    assert float(ce[0, 0]) == pytest.approx(-float(logp[ids[0]]), abs=1e-4)
+    torch.testing.assert_close(ce[0], -full[torch.arange(len(ids)), torch.tensor(ids)], atol=1e-4, rtol=1e-4)
+
+
+def test_batched_greedy_stops_each_row_at_its_end_token(torch_one_thread):
+    """a row that produced an end token gets no more tokens (batched == one image at a time,
+    and the end token itself is never part of an answer)."""
+    bridge, _ = _bridge()
+    bridge.eval()
+    bridge.decode = lambda ids: ",".join(map(str, ids))
+    feats, masks = _features(3, seed=4)[1], _hot_masks(3, top_left=1, bottom_right=2)
+    bridge.eos_ids = [-1]
+    free = [[int(t) for t in s.split(",")] for s in bridge.generate(feats, masks, 6)]
+    bridge.eos_ids = [free[0][2]]  # row 0 ends at its third token; the others run on (unless they hit it too)
+    batched = bridge.generate(feats, masks, 6)
+    alone = [bridge.generate(feats[r:r + 1], masks[r:r + 1], 6)[0] for r in range(3)]
+    assert batched == alone
+    for text in batched:
+        assert str(bridge.eos_ids[0]) not in (text.split(",") if text else [])
+
+
+def test_export_bridge_refuses_a_graph_that_disagrees_with_torch(tmp_path, monkeypatch, torch_one_thread):
+    """the parity check is enforced: an ONNX graph off by more than its tolerance stops the export."""
+    from iadgpt.export import onnx_export as ox
+    from iadgpt.models.bridge_export import export_bridge
+
+    def far_off(path, reference, probes, output_names, threads):
+        return {n: 1.0 for n in output_names}, [{n: np.ones(1, np.float32) for n in output_names}]
+
+    monkeypatch.setattr(ox, "_compare", far_off)
+    tge, mmf, maker = _parts()
+    with pytest.raises(ExportError, match="disagrees with torch"):
+        export_bridge(tmp_path / "b", tge, mmf, maker, _features(2), {})

@@ -155,3 +155,13 @@ def test_bad_taps_and_weights_for_tiny():
         get_backbone("clip-tiny", taps=(2, 9))
     with pytest.raises(BackboneError, match="seed"):
         get_backbone("clip-tiny", weights="somewhere")
+
+
+def test_encode_text_chunks_cover_every_text():
+    """chunking by text_batch embeds every text, as one batch would."""
+    from iadgpt.models.backbones import get_backbone
+    tiny = get_backbone("clip-tiny")
+    texts = ["a photo of a bottle.", "a broken bottle", "crack", "a scratch on a bottle", "x"]
+    whole = tiny.encode_text(texts)
+    tiny.text_batch = 2
+    torch.testing.assert_close(tiny.encode_text(texts), whole, atol=1e-5, rtol=1e-5)

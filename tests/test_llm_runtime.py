@@ -74,3 +74,29 @@ def test_a_missing_llm_file_is_named_with_its_fix(tmp_path):
 def test_generation_stops_at_an_eos_after_the_first_token():
     g = _stub_llm([ord("a"), 0, ord("b")]).generate("p", 10)
     assert g.stop == "eos" and g.tokens == [ord("a")] and g.text == "a"
+
+
+def _bare_llm():
+    from iadgpt.runtime.llm_runtime import OnnxLLM, chatml
+    llm = OnnxLLM.__new__(OnnxLLM)
+    llm.dir, llm.takes_embeds, llm.has_position_ids, llm.gate = "fake", False, True, None
+    llm.past_names, llm.output_names = [("pk", "pv")], ["logits", "k", "v"]
+    llm.format_chat, llm.max_context = chatml, 10_000
+    return llm
+
+
+def test_position_ids_continue_after_the_cache():
+    """with a KV cache of 3 tokens, the next 2 tokens are at positions 3 and 4 (optimum-route
+    graphs read position_ids; the genai graphs of the other tests have none)."""
+    llm = _bare_llm()
+    seen = {}
+
+    class Session:
+        def run(self, names, feeds):
+            seen.update(feeds)
+            return [np.zeros((1, 2, 5), np.float32), feeds["pk"], feeds["pv"]]
+
+    llm.session = Session()
+    past = [np.zeros((1, 1, 3, 4), np.float32)] * 2
+    llm._run([7, 8], past)
+    assert seen["position_ids"].tolist() == [[3, 4]] and seen["attention_mask"].shape == (1, 5)

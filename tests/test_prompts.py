@@ -97,3 +97,12 @@ def test_embeddings_need_text_tower():
         name, has_text = "efficientnet-lite0", False
     with pytest.raises(ScorerError, match="CLIP"):
         text_embeddings(NoText(), load_prompts("bottle"))
+
+
+def test_a_defect_type_listed_twice_is_refused(tmp_path):
+    """a prompt file naming one defect type twice is an error (it was silently overwritten)."""
+    from iadgpt.models.prompts import load_prompts
+    path = tmp_path / "dup.yaml"
+    path.write_text(GOOD + "  - type: crack\n    sentences: [\"another crack.\"]\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="appears twice"):
+        load_prompts(path)
