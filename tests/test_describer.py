@@ -260,18 +260,26 @@ def test_close_does_not_wait_for_a_worker_that_cannot_start():
     assert all(d.results[v.event_id]["status"] == "failed" for v, _ in parts)
 
 
-def test_abort_drain_fails_the_queued_parts_at_once():
+def _busy_describer(n_parts):
+    """A describer whose worker is 30 s into the first of `n_parts` parts (the others queued)."""
     d = AsyncDescriber({"kind": "fake", "delay_s": 30.0}, timeout_s=60, idle=False)
     try:
         assert d.wait_ready(60)
-        parts = [_flagged(i) for i in range(3)]
+        parts = [_flagged(i) for i in range(n_parts)]
         for verdict, frame in parts:
             d.submit(verdict, frame)
         assert _wait(lambda: d._busy is not None)
-        d.abort_drain()  # what a second SIGTERM does in `iadgpt run`
-        t0 = time.monotonic()
-    finally:
-        d.close()
+    except BaseException:
+        d.close(drain_timeout_s=0)
+        raise
+    return d, parts
+
+
+def test_abort_drain_fails_the_queued_parts_at_once():
+    d, parts = _busy_describer(3)
+    d.abort_drain()  # what a second SIGTERM does in `iadgpt run`
+    t0 = time.monotonic()
+    d.close()
     assert time.monotonic() - t0 < 20  # not the 30 s the part in the worker would take
     assert [d.results[v.event_id]["status"] for v, _ in parts] == ["failed"] * 3
     assert all("stopped before" in d.results[v.event_id]["error"] for v, _ in parts)
@@ -280,16 +288,9 @@ def test_abort_drain_fails_the_queued_parts_at_once():
 def test_the_part_in_the_worker_is_failed_when_the_drain_time_is_up():
     """`close(drain_timeout_s)` is a bound on the whole stop: the part being described then is
     failed with the queued ones, not waited for until its own `timeout_s`."""
-    d = AsyncDescriber({"kind": "fake", "delay_s": 30.0}, timeout_s=60, idle=False)
-    try:
-        assert d.wait_ready(60)
-        parts = [_flagged(i) for i in range(2)]
-        for verdict, frame in parts:
-            d.submit(verdict, frame)
-        assert _wait(lambda: d._busy is not None)
-    finally:
-        t0 = time.monotonic()
-        d.close(drain_timeout_s=1.0)
+    d, parts = _busy_describer(2)
+    t0 = time.monotonic()
+    d.close(drain_timeout_s=1.0)
     assert time.monotonic() - t0 < 15  # not the 30 s the part in the worker would take
     assert [d.results[v.event_id]["status"] for v, _ in parts] == ["failed"] * 2
     assert d.worker_pid is None

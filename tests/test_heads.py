@@ -185,13 +185,18 @@ def test_pick_weight_one_standard_error_rule() -> None:
             assert pick >= 0.3  # a decoder that is clearly better on 60 images gets a real share
 
 
-def test_choose_fusion_weight_sets_the_graph_weight() -> None:
+def _fitted_fusion():
+    """(fused scorer with its statistics fitted, bank, validation features, their masks)."""
     fused = FusedScorer(_decoder(), STRIDES, sigma=1.0).eval()
     bank = fused.embedder.patches(_feats(1, seed=2)).reshape(-1, sum(DIMS))
     fit_fusion(fused, _feats(3, seed=1), bank)
-    val = _feats(3, seed=9)
     masks = np.zeros((3, SIZE, SIZE), bool)
     masks[:, 4:12, 10:20] = True
+    return fused, bank, _feats(3, seed=9), masks
+
+
+def test_choose_fusion_weight_sets_the_graph_weight() -> None:
+    fused, bank, val, masks = _fitted_fusion()
     best, table = choose_fusion_weight(fused, val, masks, bank, grid=(0.0, 0.5, 1.0), batch_size=2, resamples=0)
     assert float(fused.weight) == best == table[int(np.argmax([row[1] for row in table]))][0]
     with torch.no_grad():  # the graph's fused map is the chooser's mix
@@ -238,7 +243,6 @@ def _one_thread(torch_one_thread):
 
 
 def test_fusion_statistics_are_each_maps_mean_and_standard_deviation():
-    from iadgpt.models.fusion import fit_fusion
     fused = FusedScorer(_decoder(), STRIDES, sigma=0.0).eval()
     normal = _feats(3, seed=1)
     bank = fused.embedder.patches(_feats(1, seed=2)).reshape(-1, sum(DIMS))
@@ -253,13 +257,7 @@ def test_every_weight_in_the_choice_table_is_the_graphs_auroc_at_that_weight():
     """The validation table must measure the exported graph's own maps: each row's AUROC equals the
     fused scorer's pixel AUROC with its weight set to that row's (not only the best row)."""
     from iadgpt.metrics import pixel_auroc
-    from iadgpt.models.fusion import fit_fusion
-    fused = FusedScorer(_decoder(), STRIDES, sigma=1.0).eval()
-    bank = fused.embedder.patches(_feats(1, seed=2)).reshape(-1, sum(DIMS))
-    fit_fusion(fused, _feats(3, seed=1), bank)
-    val = _feats(3, seed=9)
-    masks = np.zeros((3, SIZE, SIZE), bool)
-    masks[:, 4:12, 10:20] = True
+    fused, bank, val, masks = _fitted_fusion()
     _, table = choose_fusion_weight(fused, val, masks, bank, grid=(0.0, 0.3, 0.5, 0.7, 1.0), batch_size=2, resamples=0)
     for w, auroc, _ in table:
         fused.weight.fill_(w)

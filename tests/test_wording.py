@@ -84,14 +84,20 @@ def test_a_row_word_of_another_row_is_a_contradiction():
     assert not contradictions("A scratch at the top; check the gripper.", facts)
 
 
-def _light_facts():
-    img = np.full((96, 96, 3), 120, np.uint8)
-    img[10:22, 10:30] = 230
+def _flat_frame_facts(grey, region, region_grey, tone):
+    """Facts of one region (y0, y1, x0, x1) of a flat grey frame, the region painted `region_grey`."""
+    img = np.full((96, 96, 3), grey, np.uint8)
+    y0, y1, x0, x1 = region
+    img[y0:y1, x0:x1] = region_grey
     amap = np.zeros((96, 96), np.float32)
-    amap[10:22, 10:30] = 1.0
+    amap[y0:y1, x0:x1] = 1.0
     facts = compute_facts(img, amap, threshold=0.5)
-    assert facts.main.tone == "lighter"
+    assert facts.main.tone == tone
     return facts
+
+
+def _light_facts():
+    return _flat_frame_facts(120, (10, 22, 10, 30), 230, "lighter")
 
 
 def test_dark_is_a_contradiction_for_a_lighter_defect():
@@ -139,12 +145,7 @@ def test_a_looping_remark_is_cut_where_it_repeats():
 
 
 def _similar_facts():
-    img = np.full((96, 96, 3), 150, np.uint8)
-    amap = np.zeros((96, 96), np.float32)
-    amap[40:60, 40:60] = 1.0  # seen by texture, not brightness
-    facts = compute_facts(img, amap, threshold=0.5)
-    assert facts.main.tone == "similar brightness"
-    return facts
+    return _flat_frame_facts(150, (40, 60, 40, 60), 150, "similar brightness")  # seen by texture, not brightness
 
 
 def test_bright_is_a_contradiction_for_a_defect_of_similar_brightness():
