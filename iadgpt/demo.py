@@ -208,8 +208,8 @@ def run_demo(out: Path, frames: int = 200, fps: float = 20.0, backend: str = "on
     if isinstance(frames, bool) or not isinstance(frames, (int, np.integer)) or frames < 1:
         raise ConfigError(f"--frames {frames!r}: give the number of synthetic parts to inspect, an integer >= 1")
     if not math.isfinite(fps) or (fps != 0 and fps < 0.1):
-        raise ConfigError(f"--fps {fps}: give the camera rate in frames per second (>= 0.1), or 0 for as fast as "
-                          "the station judges")
+        raise ConfigError(f"--fps {fps}: give the camera rate in frames per second (>= 0.1), or 0 for an unpaced "
+                          "stream (the station judges what it can and drops the rest)")
     check_backend(backend)
     _prepare_out(out)
     bundle = demo_bundle(backend, threads, rebuild=rebuild)

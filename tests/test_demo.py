@@ -166,13 +166,23 @@ def test_ground_truth_sink_counts_and_latency():
     assert sink.judged_latency_ms == [3.0] * 7  # inference only: not the capture wait, not the total
 
 
-@pytest.mark.parametrize("threshold", [None, 1.0])  # the tiny bundle's own: false alarms; 1.0: misses
-def test_demo_summary_matches_its_events_and_the_ground_truth(tiny_bundle_path, tmp_path, monkeypatch, threshold):
-    """recall = flagged defective / defective, false alarms = flagged good / good, from the stream's truth;
-    --fps 0 (as fast as judged) is accepted. The demo bundle is replaced by the tiny one: no build."""
+@pytest.mark.parametrize("threshold, slow", [(None, False), (1.0, False), (None, True)])
+def test_demo_summary_matches_its_events_and_the_ground_truth(tiny_bundle_path, tmp_path, monkeypatch, threshold,
+                                                             slow):
+    """recall = flagged defective / defective, false alarms = flagged good / good, from the stream's truth,
+    dropped = the dropped frames' events. The tiny bundle's own threshold gives false alarms, 1.0 misses;
+    a detector slower than the camera drops frames (not counted as good or defective). --fps 0 (unpaced)
+    is accepted. The demo bundle is replaced by the tiny one: no build."""
+    import time
+
     import iadgpt.demo as demo
     from iadgpt.bundle import Bundle
+    from iadgpt.runtime.detector import Detector
     from iadgpt.runtime.synthetic import SyntheticProduct
+
+    if slow:
+        detect = Detector.detect
+        monkeypatch.setattr(Detector, "detect", lambda self, frame: (time.sleep(0.1), detect(self, frame))[1])
 
     bundle = tmp_path / "bundle"
     shutil.copytree(tiny_bundle_path, bundle)
@@ -181,7 +191,7 @@ def test_demo_summary_matches_its_events_and_the_ground_truth(tiny_bundle_path, 
         manifest["thresholds"]["image"]["value"] = threshold
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     monkeypatch.setattr(demo, "demo_bundle", lambda *a, **k: Bundle.load(bundle))
-    s = demo.run_demo(tmp_path / "out", frames=30, fps=0)
+    s = demo.run_demo(tmp_path / "out", frames=30, fps=50 if slow else 0)
     truth = SyntheticProduct(kind=demo.DEMO_KIND, size=demo.DEMO_SIZE, seed=demo.STREAM_SEED, defect_rate=0.3)
     events = [json.loads(x) for x in (tmp_path / "out" / "events.jsonl").read_text().splitlines()]
     judged = [(e["anomalous"], truth.defect_type(e["frame_id"]) is not None) for e in events
@@ -193,7 +203,9 @@ def test_demo_summary_matches_its_events_and_the_ground_truth(tiny_bundle_path, 
     assert tp + fn > 0 and fp + tn > 0 and fp != fn, (tp, fn, fp, tn)  # the arithmetic is exercised
     assert (s["defective"], s["good"], s["flagged"]) == (tp + fn, fp + tn, tp + fp)
     assert s["recall"] == pytest.approx(tp / (tp + fn)) and s["false_alarm_rate"] == pytest.approx(fp / (fp + tn))
-    assert s["dropped"] == sum(1 for e in events if (e["error"] or "").startswith("dropped"))
+    dropped = sum(1 for e in events if (e["error"] or "").startswith("dropped"))
+    assert s["dropped"] == dropped and (dropped > 0 or not slow)
+    assert len(events) == 30 == len(judged) + dropped
 
 
 @pytest.fixture()

@@ -10,7 +10,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("iadgpt-demo"), help="folder for events, overlays, summary.json")
     p.add_argument("--frames", type=int, default=200, help="synthetic parts to inspect")
     p.add_argument("--fps", type=float, default=20.0,
-                   help="camera rate of the synthetic stream; 0: as fast as the station judges")
+                   help="camera rate of the synthetic stream; 0: unpaced (parts as fast as they are drawn; the station "
+                        "judges what it can and drops the rest, each with its event)")
     p.add_argument("--backend", default="onnxruntime", help="onnxruntime | torch | cuda-graph")
     p.add_argument("--threads", type=int, default=None, help="inference threads (default: the backend's)")
     p.add_argument("--rebuild", action="store_true", help="rebuild the cached demo bundle")
