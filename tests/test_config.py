@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from iadgpt.errors import ConfigError
-from iadgpt.runtime.config import StationConfig, build_sinks, load_station_config
+from iadgpt.runtime.config import StationConfig, _same_disk, build_sinks, load_station_config
 from iadgpt.runtime.sinks import JsonlSink, OverlaySink
 
 GOOD = """\
@@ -193,3 +193,62 @@ def test_describer_folders_resolve_against_the_file(tmp_path: Path) -> None:
                     "bridge_llm": "/abs/llm-embeds", "examples": str(base / "ex"), "product": "bridge"}
     assert load_station_config(_write(tmp_path, "bundle: b\nsource: s\ndescriber: {llm: none}\n")).describer.options == {
         "llm": "none"}
+
+
+def _cfg(tmp_path, text):
+    (tmp_path / "station.yaml").write_text("bundle: b\nsource: 0\n" + text)
+    return load_station_config(tmp_path / "station.yaml")
+
+
+def test_events_defaults_and_backups_reach_the_sink(tmp_path):
+    cfg = _cfg(tmp_path, "sinks:\n  events: {path: ev.jsonl}\n")
+    assert (cfg.sinks.events.max_bytes, cfg.sinks.events.backups) == (50_000_000, 5)
+    cfg = _cfg(tmp_path, "sinks:\n  events: {path: ev.jsonl, backups: 2, max_bytes: 1000}\n")
+    (sink,) = build_sinks(cfg)
+    assert (sink.backups, sink.max_bytes) == (2, 1000)
+    sink.close()
+
+
+@pytest.mark.parametrize("text,key", [
+    ("sinks:\n  events: {path: e.jsonl, backups: 1001}\n", "sinks.events.backups"),
+    ("queue_size: 1001\n", "queue_size"),
+    ("sinks:\n  mqtt: {host: h, topic: 'a/+/b'}\n", "sinks.mqtt.topic"),
+])
+def test_out_of_range_keys_are_refused(tmp_path, text, key):
+    with pytest.raises(ConfigError, match=key):
+        _cfg(tmp_path, text)
+
+
+def test_bridge_llm_resolves_against_the_file(tmp_path):
+    cfg = _cfg(tmp_path, "describer: {enabled: false, bridge_llm: bl}\n")
+    assert cfg.describer.options["bridge_llm"] == str(tmp_path / "bl")
+
+
+def test_same_disk(tmp_path):
+    assert _same_disk(tmp_path, tmp_path)
+    assert not _same_disk(tmp_path / "missing", tmp_path)
+    assert not _same_disk(tmp_path, __import__("pathlib").Path("/proc"))  # procfs: another device
+
+
+def test_build_sinks_closes_what_it_opened_on_error(tmp_path, monkeypatch):
+    from iadgpt.runtime import config as config_mod
+    cfg = _cfg(tmp_path, "sinks:\n  events: {path: ev.jsonl}\n  mqtt: {host: h}\n")
+    opened = []
+    real = config_mod.JsonlSink
+
+    class Spy(real):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            opened.append(self)
+
+    def boom(*a, **k):
+        raise ConfigError("no broker client")
+    monkeypatch.setattr(config_mod, "JsonlSink", Spy)
+    monkeypatch.setattr(config_mod, "MqttSink", boom)
+    with pytest.raises(ConfigError, match=r"station\.yaml: no broker client"):
+        build_sinks(cfg)
+    assert opened and opened[0]._fd is None
+    cfg.path = None
+    with pytest.raises(ConfigError) as exc:
+        build_sinks(cfg)
+    assert str(exc.value) == "no broker client"

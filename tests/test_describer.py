@@ -3,14 +3,18 @@
 real int4 SmolLM2 on synthetic defects (skipped when its package is absent)."""
 from __future__ import annotations
 
+import io
+import json
 import os
 import signal
+import sys
 import time
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+from iadgpt.cli import main
 from iadgpt.runtime.describer import AsyncDescriber, Describer, DescribeRequest, FakeLLM
 from iadgpt.runtime.facts import compute_facts, grid_position
 from iadgpt.runtime.sinks import JsonlSink, read_events
@@ -363,7 +367,6 @@ def _described_event_log(path, frame_id):
 
 def test_chat_answers_with_history_and_guards_the_facts(tmp_path, monkeypatch, capsys):
     """`iadgpt chat` on a described event: answers, records Q/A, replaces a contradicting answer."""
-    from iadgpt.cli import main
     from iadgpt.runtime import describer as mod
 
     verdict = _described_event_log(tmp_path / "events.jsonl", 3)
@@ -388,8 +391,6 @@ def test_chat_answers_with_history_and_guards_the_facts(tmp_path, monkeypatch, c
 
 
 def test_chat_on_a_bad_event_log_says_what_is_wrong(tmp_path, capsys, caplog):
-    from iadgpt.cli import main
-
     def chat(path, event="a1"):
         rc = main(["chat", str(path), "--event", event, "--llm", "none", "-q", "hi"])
         return rc, capsys.readouterr().err
@@ -423,8 +424,6 @@ def test_runtime_modules_do_not_import_torch():
 
 def test_describe_command_on_a_tiny_bundle(tiny_bundle_path, tmp_path, capsys):
     import cv2
-
-    from iadgpt.cli import main
 
     product = SyntheticProduct(kind="part", size=128, seed=21, defect_rate=1.0)
     path = tmp_path / "part.png"
@@ -575,7 +574,6 @@ class _ContextLLM(FakeLLM):
 
 
 def test_chat_trims_old_turns_and_refuses_only_an_overlong_question(tmp_path, monkeypatch, capsys, caplog):
-    from iadgpt.cli import main
     from iadgpt.runtime import describer as mod
 
     verdict = _described_event_log(tmp_path / "events.jsonl", 9)
@@ -595,7 +593,6 @@ def test_chat_trims_old_turns_and_refuses_only_an_overlong_question(tmp_path, mo
 def test_chat_keeps_its_trimmed_history_so_a_left_out_turn_stays_out(tmp_path, monkeypatch, caplog):
     """Once the oldest turns are left out to fit the context, later questions are asked without
     them (not with the whole history again, trimmed and warned about anew each time)."""
-    from iadgpt.cli import main
     from iadgpt.runtime import describer as mod
 
     verdict = _described_event_log(tmp_path / "events.jsonl", 9)
@@ -617,8 +614,6 @@ def test_chat_keeps_its_trimmed_history_so_a_left_out_turn_stays_out(tmp_path, m
 
 
 def test_chat_says_why_an_event_has_no_description(tmp_path, capsys):
-    from iadgpt.cli import main
-
     log = tmp_path / "events.jsonl"
     log.write_text('{"event_id": "ok1", "anomalous": false}\n{"event_id": "ng1", "anomalous": true}\n')
     assert main(["chat", str(log), "--event", "ok1", "--llm", "none", "-q", "hi"]) == 2
@@ -750,8 +745,6 @@ def test_an_explicit_pixel_threshold_wins_over_the_verdicts():
 def test_describe_uses_the_threshold_flag(tiny_bundle_path, tmp_path, capsys):
     import cv2
 
-    from iadgpt.cli import main
-
     path = tmp_path / "good.png"
     cv2.imwrite(str(path), cv2.cvtColor(SyntheticProduct("part", size=128, seed=21, defect_rate=0.0).sample(0).image,
                                         cv2.COLOR_RGB2BGR))
@@ -759,3 +752,37 @@ def test_describe_uses_the_threshold_flag(tiny_bundle_path, tmp_path, capsys):
                  "--threshold", "1e9"]) == 0
     out = capsys.readouterr().out
     assert ": OK, score" in out and "(threshold 1000000000.0000)" in out and "nothing to describe" in out
+
+
+def _chat_log(tmp_path):
+    log = tmp_path / "events.jsonl"
+    ups = [{"kind": "description", "status": "ok", "description": "first text"},
+           {"kind": "description", "status": "ok", "description": "second text"},
+           {"kind": "description", "status": "failed", "description": "failed text", "error": "x"},
+           {"kind": "chat", "status": "ok", "description": "chat text"}]
+    lines = [{"event_id": "e1", "anomalous": True}] + [{**u, "event_id": "e1", "update": True} for u in ups]
+    log.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return log
+
+
+def test_chat_talks_about_the_latest_ok_description_and_records_qa(tmp_path, capsys):
+    log = _chat_log(tmp_path)
+    assert main(["chat", str(log), "--event", "e1", "--llm", "fake", "--record", "-q", "Where?"]) == 0
+    assert "event e1: second text" in capsys.readouterr().out
+    chat = read_events(log)[0]["updates"][-1]
+    assert chat["kind"] == "chat" and chat["question"] == "Where?" and isinstance(chat["answer"], str)
+    assert "rejected" in chat
+
+
+def test_chat_with_llm_does_not_load_the_bundle(tmp_path, capsys):
+    log = _chat_log(tmp_path)
+    assert main(["chat", str(log), "--event", "e1", "--llm", "fake", "--bundle", str(tmp_path / "nope"),
+                 "-q", "Where?"]) == 0
+
+
+def test_chat_stdin_ends_at_an_empty_line(tmp_path, monkeypatch, capsys):
+    log = _chat_log(tmp_path)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("first q\n\nsecond q\n"))
+    assert main(["chat", str(log), "--event", "e1", "--llm", "fake"]) == 0
+    out = capsys.readouterr().out
+    assert "> first q" in out and "second q" not in out and out.count("\n> ") == 1

@@ -14,6 +14,7 @@ ort = pytest.importorskip("onnxruntime")
 
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
+from iadgpt.cli import main  # noqa: E402
 from iadgpt.errors import ExportError  # noqa: E402
 from iadgpt.export.llm import _grid, quantize_matrix, quantize_weights, resolve_source  # noqa: E402
 
@@ -98,7 +99,6 @@ def test_quantize_llm_refuses_bad_block_size_before_work(tmp_path, monkeypatch, 
 
 
 def test_quantize_llm_cli_checks_bundle_and_out_first(tmp_path, monkeypatch, capsys):
-    from iadgpt.cli import main
     from iadgpt.export import llm
     hf = tmp_path / "hf"
     hf.mkdir()
@@ -170,7 +170,6 @@ def test_tiny_llama_quantize_run_and_record(tiny_llama, tmp_path):
     import torch
 
     from iadgpt.bundle import Bundle
-    from iadgpt.cli import main
     from iadgpt.runtime.llm_runtime import OnnxLLM, verify_llm_dir
 
     hf, model, fast = tiny_llama
@@ -350,3 +349,19 @@ def test_manifest_entry_records_the_llm_path_relative_to_the_bundle(tmp_path):
     (root / "llm.json").write_text(json.dumps({"files": {"a.bin": sha256_file(root / "a.bin")}}))
     assert llm_manifest_entry(root, relative_to=tmp_path / "bundle")["path"] == "llm"
     assert llm_manifest_entry(root, relative_to=tmp_path / "elsewhere")["path"] == str(root.absolute())
+
+
+def test_quantize_llm_passes_every_flag(tmp_path, monkeypatch):
+    from iadgpt.export import llm
+    seen = {}
+
+    def fake(src, out, bits, **k):
+        seen.update(k, bits=bits)
+        out.mkdir(parents=True, exist_ok=True)
+        return {"quantization": {"scheme": "s", "matmuls": 0, "exact_blocks": 0, "rtn_blocks": 0, "mixed_8bit": []},
+                "files": [], "architecture": "a", "num_layers": 1, "source": {"path": "p", "kind": "k"}, "timings": {}}
+    monkeypatch.setattr(llm, "quantize_llm", fake)
+    assert main(["quantize-llm", "src", "--out", str(tmp_path / "q"), "--bits", "8", "--route", "optimum",
+                 "--block-size", "64", "--accuracy-level", "0", "--embeds"]) == 0
+    assert seen == {"bits": 8, "route": "optimum", "block_size": 64, "accuracy_level": 0, "exact": True,
+                    "embeds": True}

@@ -570,3 +570,26 @@ def test_overlays_are_written_in_opencvs_bgr_order():
     red[..., 0] = 255  # RGB red
     out = render_overlay(Verdict(frame_id=0, timestamp=0.0, anomalous=False), red)
     assert tuple(out[-1, -1]) == (0, 0, 255)
+
+
+def test_read_events_edge_files(tmp_path):
+    log = tmp_path / "events.jsonl"
+    assert read_events(log) == []  # missing: no events
+    (tmp_path / "events.jsonl.1").write_text('{"event_id": "old"}\n')
+    (tmp_path / "events.jsonl.bak").write_text('{"event_id": "bak"}\n')  # not a rotation: ignored
+    assert [e["event_id"] for e in read_events(log)] == ["old"]  # only rotated files, live one missing
+    assert read_events(log, include_rotated=False) == []
+    log.write_bytes(b'{"event_id": "a"}\n\xff\xfe garbage\n{"event_id": "b"}\n')
+    sink = JsonlSink(log, fsync="never")
+    sink.append("gone", {"kind": "description"})  # its event was rotated away
+    sink.close()
+    evs = read_events(log, include_rotated=False)
+    assert [e["event_id"] for e in evs] == ["a", "b", "gone"] and evs[-1]["updates"][0]["kind"] == "description"
+
+
+def test_read_events_updates_go_to_the_latest_line_of_an_id(tmp_path):
+    log = tmp_path / "events.jsonl"
+    log.write_text('{"event_id": "e", "n": 1}\n{"event_id": "e", "n": 2}\n'
+                   '{"event_id": "e", "update": true, "kind": "x"}\n')
+    evs = read_events(log)
+    assert "updates" not in evs[0] and evs[1]["updates"][0]["kind"] == "x"

@@ -5,6 +5,7 @@ import cv2
 import numpy as np
 import pytest
 
+from iadgpt.cli import main
 from iadgpt.errors import DataError
 from iadgpt.models.synth import (MASK_THRESHOLD, NSASynthesizer, config_for, foreground_mask, guess_kind,
                                  intensity_label, synth_grid)
@@ -124,7 +125,6 @@ def test_errors_name_the_fix() -> None:
 def test_grid_and_cli(tmp_path, parts: NSASynthesizer) -> None:
     grid = synth_grid(parts, n=3, seed=0, cols=2)
     assert grid.dtype == np.uint8 and grid.shape[0] == 2 * (SIZE + 2) and grid.shape[1] == 2 * (2 * SIZE + 2)
-    from iadgpt.cli import main
     train = tmp_path / "good"
     train.mkdir()
     for i, img in enumerate(_images(n=3)):
@@ -140,7 +140,6 @@ def test_grid_and_cli(tmp_path, parts: NSASynthesizer) -> None:
                                          (["--out", "grid_without_extension"], "end the name in one of"),
                                          (["--out", "grid.txt"], "end the name in one of")])
 def test_cli_refuses_nonsense_flags_before_synthesis(tmp_path, monkeypatch, capsys, flags, match) -> None:
-    from iadgpt.cli import main
     from iadgpt.models import synth as synth_module
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(synth_module, "synth_grid", lambda *a, **k: pytest.fail("synthesized"))
@@ -162,3 +161,42 @@ def test_poisson_paste_takes_the_patchs_gradients_not_the_targets():
     out = _poisson_paste(dst, patch, 20, 20)
     inner = out[26:38, 26:38].astype(np.float32)
     assert np.abs(np.diff(inner, axis=1)).mean() < 10  # the texture's own is ~85
+
+
+@pytest.fixture
+def good(tmp_path):
+    d = tmp_path / "good"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    cv2.imwrite(str(d / "0.PNG"), rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    return d
+
+
+def test_synth_passes_flags_and_reads_upper_case_suffixes(tmp_path, monkeypatch, good):
+    from iadgpt.models import synth
+    seen = {}
+
+    class S:
+        def __init__(self, images, kind):
+            seen.update(n_images=len(images), kind=kind)
+            self.config = type("C", (), {"kind": kind})()
+
+    def grid(s, n, seed, cols):
+        seen.update(n=n, seed=seed, cols=cols)
+        return np.zeros((4, 4, 3), np.uint8)
+    monkeypatch.setattr(synth, "NSASynthesizer", S)
+    monkeypatch.setattr(synth, "synth_grid", grid)
+    out = tmp_path / "a" / "b" / "grid.PNG"  # nested parent, upper-case suffix
+    assert main(["synth", "--train-dir", str(good), "--n", "3", "--out", str(out), "--kind", "texture",
+                 "--seed", "7", "--cols", "2", "--size", "16"]) == 0
+    assert seen == {"n_images": 1, "kind": "texture", "n": 3, "seed": 7, "cols": 2} and out.exists()
+
+
+@pytest.mark.parametrize("flags,words", [(["--n", "0"], "--n 0"), (["--out", "DIR"], "is a folder")])
+def test_synth_refuses_before_synthesis(tmp_path, monkeypatch, capsys, good, flags, words):
+    from iadgpt.models import synth
+    monkeypatch.setattr(synth, "synth_grid", lambda *a, **k: pytest.fail("synthesized"))
+    (tmp_path / "DIR.png").mkdir()
+    flags = [f if f != "DIR" else str(tmp_path / "DIR.png") for f in flags]
+    assert main(["synth", "--train-dir", str(good), "--out", str(tmp_path / "g.png")] + flags) == 2
+    assert words in capsys.readouterr().err

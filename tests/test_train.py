@@ -479,3 +479,36 @@ def test_a_checkpoint_write_that_fails_leaves_the_previous_checkpoint(tmp_path, 
         save_checkpoint(path, decoder, None, 99, {"category": "part"})
     monkeypatch.undo()
     assert load_checkpoint(path)[1]["step"] == CFG.steps
+
+
+def _train_cli(tmp_path, *flags):
+    from iadgpt.cli import main
+    return main(["train", "--data", str(tmp_path / "nope"), "--category", "x", "--out", str(tmp_path / "b")] + list(flags))
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--stage", "bridge", "--decoder", "d", "--layers", "1,2"], "--layers is a decoder-stage flag"),
+    (["--init", "b.safetensors"], "--init: bridge-stage flag(s)"),
+    (["--stage", "bridge", "--decoder", "d", "--stage-steps", "1,2,3,4"], "--stage-steps"),
+    (["--stage", "bridge", "--decoder", "d", "--seed", "-1"], "--seed -1"),
+    (["--stage", "bridge", "--decoder", "d", "--lr", "inf"], "--lr inf"),
+])
+def test_train_refuses_before_work(tmp_path, monkeypatch, capsys, flags, words):
+    from iadgpt.models import bridge_train
+    from iadgpt.models import train as train_mod
+    monkeypatch.setattr(bridge_train, "train_bridge", lambda *a, **k: pytest.fail("trained"))
+    monkeypatch.setattr(train_mod, "train", lambda *a, **k: pytest.fail("trained"))
+    assert _train_cli(tmp_path, *flags) == 2
+    assert words in capsys.readouterr().err
+
+
+def test_train_bridge_passes_init_and_threads(tmp_path, monkeypatch):
+    from iadgpt.models import bridge_train
+    seen = {}
+
+    def fake(*a, **k):
+        seen.update(k)
+        return {"history": [], "checkpoint": "c", "pool_seconds": 0, "train_seconds": 0}
+    monkeypatch.setattr(bridge_train, "train_bridge", fake)
+    assert _train_cli(tmp_path, "--stage", "bridge", "--decoder", "d", "--init", "i.safetensors", "--threads", "3") == 0
+    assert str(seen["init"]) == "i.safetensors" and seen["threads"] == 3
