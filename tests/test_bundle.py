@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import stat
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from iadgpt.bundle import (  # noqa: E402
     check_bundle_target,
     sha256_file,
 )
+from iadgpt.runtime import tensorrt_engine as te  # noqa: E402
 from iadgpt.errors import BundleError  # noqa: E402
 
 BACKBONE = {
@@ -387,3 +389,89 @@ def test_a_file_linked_from_outside_the_bundle_is_refused(tmp_path: Path, onnx_f
     ref.symlink_to(outside)
     with pytest.raises(BundleError, match="outside the bundle"):
         Bundle.load(out)
+
+
+def _edit(b: Bundle, fn) -> None:
+    m = json.loads((b.path / MANIFEST_NAME).read_text())
+    fn(m)
+    (b.path / MANIFEST_NAME).write_text(json.dumps(m))
+
+
+def test_boolean_schema_version_is_refused(tmp_path, onnx_file):
+    b = write_bundle(tmp_path / "b", onnx_file)
+    _edit(b, lambda m: m.update(schema_version=True))
+    with pytest.raises(BundleError, match="no integer schema_version"):
+        Bundle.load(b.path)
+
+
+def test_infinite_mean_in_input_spec_is_refused(tmp_path, onnx_file):
+    b = write_bundle(tmp_path / "b", onnx_file)
+    m = json.loads((b.path / MANIFEST_NAME).read_text())
+    m["backbone"]["input_spec"]["mean"] = [0, 0, 0]
+    text = json.dumps(m).replace('"mean": [0, 0, 0]', '"mean": [1e999, 0, 0]')
+    (b.path / MANIFEST_NAME).write_text(text)
+    with pytest.raises(BundleError, match="input_spec is malformed"):
+        Bundle.load(b.path).input_spec
+
+
+def test_boolean_threshold_is_refused(tmp_path, onnx_file):
+    b = write_bundle(tmp_path / "b", onnx_file)
+    with pytest.raises(BundleError, match="thresholds.image needs a finite number"):
+        b.update_manifest(thresholds={"image": {"value": True}})
+
+
+def test_bad_logit_scale_is_refused(tmp_path, onnx_file):
+    b = write_bundle(tmp_path / "b", onnx_file)
+    _edit(b, lambda m: m["scorer"].update(logit_scale=-1))
+    with pytest.raises(BundleError, match=r"scorer\.logit_scale must"):
+        Bundle.load(b.path)
+
+
+def test_malformed_engine_entry_is_refused_at_load(tmp_path, onnx_file):
+    b = write_bundle(tmp_path / "b", onnx_file)
+    _edit(b, lambda m: m.update(engines={"enc": "engines/enc.engine"}))
+    with pytest.raises(BundleError, match="engines.enc needs `file` and `sha256`"):
+        Bundle.load(b.path)
+
+
+def test_update_manifest_rereads_disk(tmp_path, onnx_file):
+    b = write_bundle(tmp_path / "b", onnx_file)
+    other = Bundle.load(b.path)
+    b.update_manifest(extra={"a": 1})
+    other.update_manifest(extra={"b": 2})  # must not undo the first step's change
+    assert Bundle.load(b.path).extra == {"a": 1, "b": 2}
+
+
+def test_update_manifest_engine_entries(tmp_path, onnx_file):
+    b = write_bundle(tmp_path / "b", onnx_file)
+    with pytest.raises(BundleError, match="copy it into the bundle first"):
+        b.update_manifest(engines={"enc": {"file": "engines/enc.engine"}})
+    (b.path / "engines").mkdir()
+    (b.path / "engines" / "enc.engine").write_bytes(b"e")
+    b.update_manifest(engines={"enc": {"file": "engines/enc.engine"}})
+    assert Bundle.load(b.path).engines["enc"]["sha256"] == te.sha256_file(b.path / "engines" / "enc.engine")
+
+
+def test_swap_restores_old_and_cleans_up(tmp_path, onnx_file, monkeypatch):
+    import iadgpt.bundle as bm
+
+    out = tmp_path / "bundle"
+    old = write_bundle(out, onnx_file)
+    write_bundle(out, onnx_file, bank=np.ones((2, 4), np.float32))  # a successful replace leaves no .old dir
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    before = Bundle.load(out).manifest
+    real, n = os.rename, []
+
+    def rename(a, b):
+        n.append(1)
+        if len(n) == 2:  # the staged -> target rename fails
+            raise OSError("boom")
+        return real(a, b)
+
+    staged = tmp_path / "staged"
+    shutil.copytree(out, staged)
+    monkeypatch.setattr(bm.os, "rename", rename)
+    with pytest.raises(OSError, match="boom"):
+        bm.swap_into_place(staged, out)
+    monkeypatch.undo()
+    assert Bundle.load(out).manifest == before and old is not None

@@ -3,7 +3,9 @@ native build + run against onnxruntime (needs tensorrt and a GPU: skipped here w
 from __future__ import annotations
 
 import json
+import shutil
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,8 @@ from iadgpt.runtime.tensorrt_engine import (  # noqa: E402
     parse_engine_filename,
     read_engine_info,
 )
+from iadgpt.bundle import MANIFEST_NAME  # noqa: E402
+from iadgpt.runtime import tensorrt_engine as te  # noqa: E402
 
 TRT_SKIP = "TensorRT is not installed here (cannot be installed on this machine): native TensorRT engine tests skipped"
 RNG = np.random.default_rng(0)
@@ -132,3 +136,159 @@ def test_tensorrt_build_and_run_matches_ort(linear_onnx: Path, linear_reference,
             t.run({"x": np.zeros((9, 4), np.float32)})
     with open_engine("tensorrt", linear_onnx, precision="fp32", engine_dir=tmp_path) as t:
         np.testing.assert_allclose(t.run({"x": x})["y"], linear_reference(x)["y"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture
+def fake_trt(monkeypatch):
+    """tensorrt 10.3.0 on an sm89 GPU; an engine that passes every check fails at 'cannot deserialize'."""
+    runtime = types.SimpleNamespace(deserialize_cuda_engine=lambda data: None)
+    trt = types.SimpleNamespace(__version__="10.3.0.26", Runtime=lambda logger: runtime)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setattr(te, "_trt_logger", lambda trt: None)
+    cuda = types.SimpleNamespace(compute_capability=lambda: (8, 9), close=lambda: None)
+    monkeypatch.setattr(te, "_cuda_backend", lambda device: cuda)
+    return trt
+
+
+def _engine(dirpath: Path, name: str, sidecar: dict | None = None) -> Path:
+    p = dirpath / name
+    p.write_bytes(b"engine")
+    if sidecar is not None:
+        te.sidecar_path(p).write_text(json.dumps(sidecar))
+    return p
+
+
+def test_engine_without_build_facts_is_refused(fake_trt, tmp_path):
+    with pytest.raises(EngineError, match="cannot tell which TensorRT/GPU.*iadgpt build"):
+        te.TensorRTEngine(_engine(tmp_path, "model.engine"))
+
+
+def test_file_name_is_checked_even_when_sidecar_matches(fake_trt, tmp_path):
+    side = {"stem": "enc", "precision": "fp16", "trt_version": "10.3.0", "compute_capability": "8.9"}
+    with pytest.raises(EngineError, match=r"sm87\), this GPU is 8\.9.*iadgpt build"):
+        te.TensorRTEngine(_engine(tmp_path, "enc.fp16.trt10.3.0.sm87.engine", side))
+    with pytest.raises(EngineError, match="cannot deserialize"):  # matching name + sidecar passes the checks
+        te.TensorRTEngine(_engine(tmp_path, "enc.fp16.trt10.3.0.sm89.engine", side))
+
+
+def test_engine_from_another_onnx_is_refused(fake_trt, tmp_path):
+    side = {"stem": "enc", "precision": "fp16", "trt_version": "10.3.0", "compute_capability": "8.9",
+            "source_sha256": "ab" * 32}
+    p = _engine(tmp_path, "enc.fp16.trt10.3.0.sm89.engine", side)
+    with pytest.raises(EngineError, match="another ONNX graph.*iadgpt build BUNDLE --precision fp16"):
+        te.TensorRTEngine(p, expected_onnx_sha256="cd" * 32)
+    with pytest.raises(EngineError, match="cannot deserialize"):
+        te.TensorRTEngine(p, expected_onnx_sha256="ab" * 32)
+
+
+def test_open_trt_engine_finds_its_precision_and_checks_the_onnx_hash(fake_trt, linear_onnx, tmp_path):
+    src = tmp_path / "lin.onnx"
+    shutil.copyfile(linear_onnx, src)
+    side = {"stem": "lin", "precision": "int8", "trt_version": "10.3.0", "compute_capability": "8.9",
+            "source_sha256": "ab" * 32}
+    _engine(tmp_path, "lin.int8.trt10.3.0.sm89.engine", side)
+    with pytest.raises(EngineError, match="another ONNX graph.*--precision int8"):
+        te.open_trt_engine(src, precision="int8")
+    side["source_sha256"] = te.sha256_file(src)
+    te.sidecar_path(tmp_path / "lin.int8.trt10.3.0.sm89.engine").write_text(json.dumps(side))
+    with pytest.raises(EngineError, match="cannot deserialize"):
+        te.open_trt_engine(src, precision="int8")
+    with pytest.raises(EngineError, match=r"lin\.fp16\.trt10\.3\.0\.sm89\.engine not in.*--precision fp16"):
+        te.open_trt_engine(src)
+
+
+def test_refusal_names_the_engines_own_precision():
+    info = te.EngineInfo("encoder", "int8", "10.3.0", (8, 9))
+    with pytest.raises(EngineError, match=r"iadgpt build BUNDLE --precision int8`"):
+        te.check_engine_compat(info, "10.4.0", (8, 9))
+
+
+def test_qdq_inside_a_subgraph_counts(tmp_path):
+    sc, zp = numpy_helper.from_array(np.array(0.1, np.float32), "sc"), numpy_helper.from_array(np.array(0, np.int8), "zp")
+    branch = helper.make_graph([helper.make_node("QuantizeLinear", ["x", "sc", "zp"], ["q"]),
+                                helper.make_node("DequantizeLinear", ["q", "sc", "zp"], ["y1"])], "then", [],
+                               [helper.make_tensor_value_info("y1", TensorProto.FLOAT, [1, 4])])
+    other = helper.make_graph([helper.make_node("Identity", ["x"], ["y2"])], "else", [],
+                              [helper.make_tensor_value_info("y2", TensorProto.FLOAT, [1, 4])])
+    g = helper.make_graph([helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=other)], "g",
+                          [helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+                           helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], initializer=[sc, zp])
+    p = tmp_path / "if.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), str(p))
+    assert te.has_qdq_nodes(p)
+
+
+def test_run_refuses_a_batch_below_the_profile(tmp_path):
+    from iadgpt.runtime.engines import IOSpec, _EngineBase
+
+    eng = te.TensorRTEngine.__new__(te.TensorRTEngine)
+    _EngineBase.__init__(eng)
+    eng.path = tmp_path / "x.fp16.trt10.3.0.sm89.engine"
+    eng._specs.append(IOSpec("x", np.dtype(np.float32), (None, 4)))
+    eng._ranges = {"x": ((2, 4), (8, 4))}
+    eng._context = types.SimpleNamespace(set_input_shape=lambda *a: pytest.fail("shape reached TensorRT"))
+    for batch in (1, 9):
+        with pytest.raises(EngineError, match="outside the engine's profile"):
+            eng.run({"x": np.zeros((batch, 4), np.float32)})
+
+
+@pytest.fixture
+def fake_builder(monkeypatch):
+    calls = []
+
+    def fake_build(onnx_path, out_dir, precision="fp16", **kw):
+        calls.append((Path(onnx_path).name, precision, kw))
+        path = Path(out_dir) / te.engine_filename(Path(onnx_path).stem, precision, "10.3.0", (8, 7))
+        path.write_bytes(b"engine " + Path(onnx_path).name.encode())
+        te.sidecar_path(path).write_text(json.dumps({"stem": Path(onnx_path).stem, "precision": precision,
+                                                     "trt_version": "10.3.0", "compute_capability": "8.7"}))
+        return path
+
+    monkeypatch.setattr(te, "build_trt_engine", fake_build)
+    return calls
+
+
+def test_build_passes_max_batch_and_workspace_and_keeps_sidecars(tiny_bundle_path, tmp_path, fake_builder,
+                                                                 monkeypatch):
+    from iadgpt.cli import main
+
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle_path, bundle)
+    monkeypatch.setattr(te, "BANK_MAX_ROWS", 2)  # a bank bigger than the cap keeps its own size as the max
+    assert main(["build", str(bundle), "--max-batch", "4", "--workspace-gb", "2.5"]) == 0
+    assert [c[2]["batch_range"] for c in fake_builder] == [(1, 1, 4)] * 2
+    assert [c[2]["workspace_gb"] for c in fake_builder] == [2.5] * 2
+    (lo, opt, hi), = fake_builder[1][2]["input_shapes"].values()
+    assert hi == opt and opt[0] > 2
+    for entry in json.loads((bundle / MANIFEST_NAME).read_text())["engines"].values():
+        assert te.sidecar_path(bundle / entry["file"]).is_file()
+
+
+def test_build_refuses_a_corrupt_bundle(tiny_bundle_path, tmp_path, fake_builder, capsys):
+    from iadgpt.cli import main
+
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle_path, bundle)
+    enc = bundle / json.loads((bundle / MANIFEST_NAME).read_text())["graphs"]["encoder"]["file"]
+    data = bytearray(enc.read_bytes())
+    data[-1] ^= 0xFF
+    enc.write_bytes(bytes(data))
+    assert main(["build", str(bundle)]) != 0
+    assert fake_builder == []
+
+
+def test_int8_build_compiles_the_qdq_graph(tiny_bundle_path, tmp_path, fake_builder):
+    from iadgpt.cli import main
+
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle_path, bundle)
+    m = json.loads((bundle / MANIFEST_NAME).read_text())
+    enc = m["graphs"]["encoder"]
+    shutil.copyfile(bundle / enc["file"], bundle / "encoder_int8.onnx")  # stands in for calibrate's Q/DQ graph
+    m["graphs"]["encoder_int8"] = dict(enc, file="encoder_int8.onnx", external_data=[])
+    (bundle / MANIFEST_NAME).write_text(json.dumps(m))
+    assert main(["build", str(bundle), "--precision", "int8"]) == 0
+    assert [c[:2] for c in fake_builder] == [("encoder_int8.onnx", "int8"), (Path(m["graphs"]["scorer"]["file"]).name, "fp16")]
+    roles = {e["role"]: e for e in json.loads((bundle / MANIFEST_NAME).read_text())["engines"].values()}
+    assert roles["encoder"]["source_graph"] == "encoder_int8"

@@ -1,6 +1,8 @@
 """Zero-shot text scorer (Eq. 1): end to end on clip-tiny, errors, ONNX export of scorer and encoder."""
 from __future__ import annotations
 
+import json
+import shutil
 import warnings
 
 import numpy as np
@@ -8,7 +10,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from iadgpt.errors import ScorerError
+from iadgpt.bundle import MANIFEST_NAME, Bundle
+from iadgpt.errors import BundleError, ScorerError
 from iadgpt.models.backbones import get_backbone
 from iadgpt.models.postprocess import GaussianBlur, upsample_map
 from iadgpt.models.prompts import load_prompts, text_embeddings
@@ -142,3 +145,83 @@ def test_onnx_encoder_and_scorer_match_torch(tiny, text, tmp_path):
             ref_map, ref_score = scorer(feats, t)
         np.testing.assert_allclose(got_map, ref_map.numpy(), atol=1e-4)
         np.testing.assert_allclose(got_score, ref_score.numpy(), atol=1e-4)
+
+
+def _copy_with(tiny_bundle_path, tmp_path, fn) -> Bundle:
+    dst = tmp_path / "b"
+    shutil.copytree(tiny_bundle_path, dst)
+    m = json.loads((dst / MANIFEST_NAME).read_text())
+    fn(m)
+    (dst / MANIFEST_NAME).write_text(json.dumps(m))
+    return Bundle.load(dst)
+
+
+def test_torch_backend_refuses_a_mismatched_backbone(tiny_bundle_path, tmp_path):
+    from iadgpt.export.torch_backend import torch_engines
+
+    b = _copy_with(tiny_bundle_path, tmp_path, lambda m: m["backbone"].update(dims=[1, 2, 3]))
+    with pytest.raises(BundleError, match="rebuilt here has dims"):
+        torch_engines(b)
+
+
+def test_torch_backend_refuses_renamed_references(tiny_bundle_path, tmp_path):
+    from iadgpt.export.torch_backend import torch_engines
+
+    def rename(m):
+        refs = m["scorer"]["references"]
+        m["scorer"]["references"] = {"renamed": v for v in refs.values()}
+    b = _copy_with(tiny_bundle_path, tmp_path, rename)
+    with pytest.raises(BundleError, match="do not match"):
+        torch_engines(b)
+
+
+def test_text_embeddings_scale_does_not_matter():
+    torch = pytest.importorskip("torch")
+    from iadgpt.models.backbones import get_backbone
+    from iadgpt.models.prompts import load_prompts, text_embeddings
+    from iadgpt.models.text_scorer import TextPromptScorer
+    from iadgpt.errors import ScorerError
+
+    tiny = get_backbone("clip-tiny")
+    text = text_embeddings(tiny, load_prompts("bottle"))
+    scorer = TextPromptScorer.from_backbone(tiny).eval()
+    with torch.no_grad():
+        feats = tiny(_image())
+        a, _ = scorer(feats, text)
+        b, _ = scorer(feats, text * 7.0)
+        assert torch.allclose(a, b, atol=1e-6)
+        with pytest.raises(ScorerError, match="feature maps"):
+            scorer(feats[:-1], text)
+        # S5: layer i uses projection i
+        lin = [torch.nn.Linear(f.shape[1], text.shape[1]) for f in feats]
+        per = TextPromptScorer(tiny.describe(), lin).eval()
+        maps = per.layer_maps(feats, text)
+        for i, f in enumerate(feats):
+            one = TextPromptScorer(tiny.describe(), lin[i]).eval()
+            assert torch.allclose(maps[i], one.layer_maps(feats, text)[i], atol=1e-6)
+
+
+def test_torch_backend_uses_the_manifests_grid_stride_and_sigma(tiny_bundle_path, tmp_path):
+    from iadgpt.export.torch_backend import torch_engines
+    from iadgpt.models.postprocess import GaussianBlur
+    from iadgpt.models.scorers import PatchEmbedder
+
+    b = _copy_with(tiny_bundle_path, tmp_path, lambda m: m["scorer"].update(grid_stride=4, sigma=2.0))
+    _, scorer = torch_engines(b)
+    mods = list(scorer._module.modules())
+    size = b.input_spec.size[0]
+    assert [m.grid for m in mods if isinstance(m, PatchEmbedder)] == [size // 4]
+    assert [m.sigma for m in mods if isinstance(m, GaussianBlur)] == [2.0]
+
+
+def test_torch_backend_uses_the_manifests_logit_scale(tmp_path):
+    from iadgpt.export.bundle_export import export_bundle
+    from iadgpt.export.torch_backend import torch_engines
+    from iadgpt.models.text_scorer import TextPromptScorer
+
+    bundle, _ = export_bundle("clip-tiny", None, tmp_path / "clip", shots=None, prompts="bottle", progress=False)
+    m = json.loads((bundle.path / MANIFEST_NAME).read_text())
+    m["scorer"]["logit_scale"] = 50.0
+    (bundle.path / MANIFEST_NAME).write_text(json.dumps(m))
+    _, scorer = torch_engines(Bundle.load(bundle.path))
+    assert [s.logit_scale for s in scorer._module.modules() if isinstance(s, TextPromptScorer)] == [50.0]
