@@ -107,3 +107,24 @@ def linear_reference():
         y = x @ LINEAR_W + LINEAR_B
         return {"y": y, "s": np.maximum(y, 0).sum(axis=1)}
     return reference
+
+
+@pytest.fixture
+def fake_builder(monkeypatch):
+    """`iadgpt build` without a GPU: a stand-in for TensorRT's builder writes engine files (and their
+    build-facts sidecars) as TensorRT would, and records (onnx file name, precision, keyword arguments)."""
+    import json
+
+    from iadgpt.runtime import tensorrt_engine as te
+    calls = []
+
+    def fake_build(onnx_path, out_dir, precision="fp16", **kw):
+        calls.append((Path(onnx_path).name, precision, kw))
+        path = Path(out_dir) / te.engine_filename(Path(onnx_path).stem, precision, "10.3.0", (8, 7))
+        path.write_bytes(b"engine " + Path(onnx_path).name.encode())
+        te.sidecar_path(path).write_text(json.dumps({"stem": Path(onnx_path).stem, "precision": precision,
+                                                     "trt_version": "10.3.0", "compute_capability": "8.7"}))
+        return path
+
+    monkeypatch.setattr(te, "build_trt_engine", fake_build)
+    return calls

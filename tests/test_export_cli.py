@@ -197,24 +197,12 @@ def test_pick_shots_is_the_eval_draw(dataset):
     assert pick_shots(paths, 3, seed=1) == [paths[i] for i in pick]
 
 
-def test_build_records_engines(exported, tmp_path, monkeypatch, capsys):
+def test_build_records_engines(exported, tmp_path, fake_builder, capsys):
     """The build plumbing without a GPU: a stand-in builder writes engine files as TensorRT would."""
-    from iadgpt.runtime import tensorrt_engine as engines
-
-    calls = []
-
-    def fake_build(onnx_path, out_dir, precision="fp16", **kw):
-        calls.append((Path(onnx_path).name, precision, kw["input_shapes"], kw["batch_range"]))
-        path = Path(out_dir) / engines.engine_filename(Path(onnx_path).stem, precision, "10.3.0", (8, 7))
-        path.write_bytes(b"engine " + Path(onnx_path).name.encode())
-        engines.sidecar_path(path).write_text(json.dumps({"stem": Path(onnx_path).stem, "precision": precision,
-                                                          "trt_version": "10.3.0", "compute_capability": "8.7"}))
-        return path
-
-    monkeypatch.setattr(engines, "build_trt_engine", fake_build)
     bundle = tmp_path / "bundle"
     shutil.copytree(exported[0], bundle)
     assert main(["build", str(bundle), "--precision", "fp16"]) == 0
+    calls = [(name, precision, kw["input_shapes"], kw["batch_range"]) for name, precision, kw in fake_builder]
     assert calls[0][:3] == ("encoder.onnx", "fp16", None)
     assert calls[1][:3] == ("scorer.onnx", "fp16", {"bank": ((1, 176), (1536, 176), (65536, 176))})
     manifest = json.loads((bundle / "manifest.json").read_text())

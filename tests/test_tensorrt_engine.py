@@ -233,22 +233,6 @@ def test_run_refuses_a_batch_below_the_profile(tmp_path):
             eng.run({"x": np.zeros((batch, 4), np.float32)})
 
 
-@pytest.fixture
-def fake_builder(monkeypatch):
-    calls = []
-
-    def fake_build(onnx_path, out_dir, precision="fp16", **kw):
-        calls.append((Path(onnx_path).name, precision, kw))
-        path = Path(out_dir) / te.engine_filename(Path(onnx_path).stem, precision, "10.3.0", (8, 7))
-        path.write_bytes(b"engine " + Path(onnx_path).name.encode())
-        te.sidecar_path(path).write_text(json.dumps({"stem": Path(onnx_path).stem, "precision": precision,
-                                                     "trt_version": "10.3.0", "compute_capability": "8.7"}))
-        return path
-
-    monkeypatch.setattr(te, "build_trt_engine", fake_build)
-    return calls
-
-
 def test_build_passes_max_batch_and_workspace_and_keeps_sidecars(tiny_bundle_path, tmp_path, fake_builder,
                                                                  monkeypatch):
     from iadgpt.cli import main
