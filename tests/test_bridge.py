@@ -1041,3 +1041,40 @@ def test_export_bridge_refuses_a_graph_that_disagrees_with_torch(tmp_path, monke
     tge, mmf, maker = _parts()
     with pytest.raises(ExportError, match="disagrees with torch"):
         export_bridge(tmp_path / "b", tge, mmf, maker, _features(2), {})
+
+
+def test_export_bridge_command_passes_its_arguments(tmp_path, monkeypatch, capsys):
+    """`iadgpt export-bridge`: --backbone picks the backbone, --train-dir the probe images (a missing one
+    is refused naming the flag), and the config records the checkpoint's absolute path."""
+    from iadgpt.cli import main
+    from iadgpt.export import bundle_export
+    from iadgpt.models import backbones, bridge_export, bridge_train, references
+
+    seen = {}
+    monkeypatch.setattr(backbones, "get_backbone", lambda name: seen.setdefault("backbone", name))
+    monkeypatch.setattr(bridge_train, "load_bridge_parts",
+                        lambda ckpt, bb: (None, None, None, {"data": "/nowhere", "category": "x"}))
+    def list_images(folder):
+        assert Path(folder).is_dir(), f"listed {folder}, which is not a folder"  # the command checks first
+        return sorted(Path(folder).glob("*.png"))
+
+    monkeypatch.setattr(bundle_export, "list_images", list_images)
+    monkeypatch.setattr(references, "load_batch", lambda paths, bb: seen.setdefault("probe", list(paths)))
+    monkeypatch.setattr(references, "encode", lambda bb, batch: batch)
+
+    def export(out, tge, mmf, maker, probe, extra):
+        seen["extra"] = extra
+        return {"graphs": {}, "mask_tokens": 9, "hidden_size": 576, "parity": {}}
+
+    monkeypatch.setattr(bridge_export, "export_bridge", export)
+    good = tmp_path / "good"
+    good.mkdir()
+    for i in range(3):
+        (good / f"{i}.png").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    assert main(["export-bridge", "b.safetensors", "--out", str(tmp_path / "o"), "--backbone", "other-net"]) == 2
+    assert "pass --train-dir DIR" in capsys.readouterr().err  # the checkpoint's own train/good does not exist
+    assert main(["export-bridge", "b.safetensors", "--out", str(tmp_path / "o"), "--backbone", "other-net",
+                 "--train-dir", str(good)]) == 0
+    assert seen["backbone"] == "other-net" and seen["probe"] == [good / "0.png", good / "1.png"]
+    assert seen["extra"] == {"checkpoint": str(tmp_path / "b.safetensors"), "category": "x"}

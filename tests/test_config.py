@@ -252,3 +252,14 @@ def test_build_sinks_closes_what_it_opened_on_error(tmp_path, monkeypatch):
     with pytest.raises(ConfigError) as exc:
         build_sinks(cfg)
     assert str(exc.value) == "no broker client"
+
+
+def test_defaults_bounds_and_the_describers_special_llm_names(tmp_path):
+    """Unset keys take the documented defaults (describer off, overlays of NG parts only, kept all);
+    max_files 0 is refused; the describer's llm "fake" and "none" are names, not paths."""
+    cfg = _cfg(tmp_path, "sinks:\n  overlays: {dir: ng}\ndescriber: {llm: fake, bridge_llm: none}\n")
+    assert cfg.describer.enabled is False
+    assert cfg.sinks.overlays.only_anomalous is True and cfg.sinks.overlays.max_files is None
+    assert cfg.describer.options["llm"] == "fake" and cfg.describer.options["bridge_llm"] == "none"
+    with pytest.raises(ConfigError, match="max_files"):
+        _cfg(tmp_path, "sinks:\n  overlays: {dir: ng, max_files: 0}\n")
