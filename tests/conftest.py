@@ -13,6 +13,40 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TINY_SIZE = 128  # px of the synthetic frames and the network input: keeps exports to seconds
 
 
+def rewrite_manifest(bundle_dir: Path, edit) -> dict:
+    """Edit a bundle's manifest.json in place with `edit(manifest)` (no validation: tests feed it
+    what a hand edit or a damaged file would); returns the edited manifest."""
+    import json
+    path = Path(bundle_dir) / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+    return manifest
+
+
+def edited_copy(src: Path, dest: Path, edit_manifest=None, edit_bank=None):
+    """A loaded copy of a bundle with its manifest and/or memory bank edited, the bank's sha256 kept in
+    step (so only what the edit breaks shows)."""
+    import shutil
+
+    from iadgpt.bundle import Bundle, sha256_file
+
+    shutil.copytree(src, dest)
+
+    def edit(manifest):
+        if edit_bank is not None:
+            entry = manifest["references"]["memory_bank"]
+            bank = np.load(dest / entry["file"])
+            edit_bank(bank)
+            np.save(dest / entry["file"], bank)
+            entry["sha256"] = sha256_file(dest / entry["file"])
+        if edit_manifest is not None:
+            edit_manifest(manifest)
+
+    rewrite_manifest(dest, edit)
+    return Bundle.load(dest)
+
+
 def skip_unless_the_default_llm_builds() -> None:
     """Tests of the packaged SmolLM2 build it with extras `.ci/run` does not install: skip, naming them
     (a cached build in ~/.cache/iadgpt must not decide whether a test runs)."""

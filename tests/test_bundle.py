@@ -29,6 +29,8 @@ from iadgpt.bundle import (  # noqa: E402
 from iadgpt.runtime import tensorrt_engine as te  # noqa: E402
 from iadgpt.errors import BundleError  # noqa: E402
 
+from conftest import rewrite_manifest  # noqa: E402
+
 BACKBONE = {
     "name": "tiny",
     "input_spec": {"size": [32, 48], "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
@@ -391,15 +393,9 @@ def test_a_file_linked_from_outside_the_bundle_is_refused(tmp_path: Path, onnx_f
         Bundle.load(out)
 
 
-def _edit(b: Bundle, fn) -> None:
-    m = json.loads((b.path / MANIFEST_NAME).read_text())
-    fn(m)
-    (b.path / MANIFEST_NAME).write_text(json.dumps(m))
-
-
 def test_boolean_schema_version_is_refused(tmp_path, onnx_file):
     b = write_bundle(tmp_path / "b", onnx_file)
-    _edit(b, lambda m: m.update(schema_version=True))
+    rewrite_manifest(b.path, lambda m: m.update(schema_version=True))
     with pytest.raises(BundleError, match="no integer schema_version"):
         Bundle.load(b.path)
 
@@ -422,14 +418,14 @@ def test_boolean_threshold_is_refused(tmp_path, onnx_file):
 
 def test_bad_logit_scale_is_refused(tmp_path, onnx_file):
     b = write_bundle(tmp_path / "b", onnx_file)
-    _edit(b, lambda m: m["scorer"].update(logit_scale=-1))
+    rewrite_manifest(b.path, lambda m: m["scorer"].update(logit_scale=-1))
     with pytest.raises(BundleError, match=r"scorer\.logit_scale must"):
         Bundle.load(b.path)
 
 
 def test_malformed_engine_entry_is_refused_at_load(tmp_path, onnx_file):
     b = write_bundle(tmp_path / "b", onnx_file)
-    _edit(b, lambda m: m.update(engines={"enc": "engines/enc.engine"}))
+    rewrite_manifest(b.path, lambda m: m.update(engines={"enc": "engines/enc.engine"}))
     with pytest.raises(BundleError, match="engines.enc needs `file` and `sha256`"):
         Bundle.load(b.path)
 

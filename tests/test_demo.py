@@ -9,6 +9,8 @@ import pytest
 
 from iadgpt.cli import main
 
+from conftest import rewrite_manifest
+
 
 def test_demo_flags_defects_and_passes_good_parts(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("IADGPT_CACHE", str(tmp_path / "cache"))
@@ -186,10 +188,8 @@ def test_demo_summary_matches_its_events_and_the_ground_truth(tiny_bundle_path, 
 
     bundle = tmp_path / "bundle"
     shutil.copytree(tiny_bundle_path, bundle)
-    manifest = json.loads((bundle / "manifest.json").read_text())
     if threshold is not None:
-        manifest["thresholds"]["image"]["value"] = threshold
-    (bundle / "manifest.json").write_text(json.dumps(manifest))
+        rewrite_manifest(bundle, lambda m: m["thresholds"]["image"].update(value=threshold))
     monkeypatch.setattr(demo, "demo_bundle", lambda *a, **k: Bundle.load(bundle))
     s = demo.run_demo(tmp_path / "out", frames=30, fps=50 if slow else 0)
     truth = SyntheticProduct(kind=demo.DEMO_KIND, size=demo.DEMO_SIZE, seed=demo.STREAM_SEED, defect_rate=0.3)
@@ -238,8 +238,6 @@ def test_demo_bundle_reuses_only_a_calibrated_bundle_of_this_backend_and_version
 
 def test_demo_bundle_rebuilds_an_uncalibrated_cache(cached_demo):
     demo, path = cached_demo
-    manifest = json.loads((path / "manifest.json").read_text())
-    manifest["thresholds"] = {}
-    (path / "manifest.json").write_text(json.dumps(manifest))
+    rewrite_manifest(path, lambda m: m.update(thresholds={}))
     with pytest.raises(_Stop):
         demo.demo_bundle("onnxruntime")

@@ -14,7 +14,7 @@ from iadgpt.runtime.detector import Detector
 from iadgpt.runtime.sources import Frame
 from iadgpt.runtime.synthetic import SyntheticProduct
 
-from conftest import TINY_SIZE
+from conftest import TINY_SIZE, edited_copy
 
 
 def frame(image, i=0) -> Frame:
@@ -123,25 +123,6 @@ def test_region_boxes_stay_inside_odd_sized_frames(detector):
         assert all(0 <= r.box[0] < r.box[2] <= w and 0 <= r.box[1] < r.box[3] <= h for r in v.regions), v.regions
 
 
-def _edited_copy(src, dest, edit_manifest=None, edit_bank=None):
-    """A copy of a bundle with its manifest and/or memory bank edited, sha256 kept in step (only a
-    frame shows the problem)."""
-    from iadgpt.bundle import sha256_file
-
-    shutil.copytree(src, dest)
-    manifest = json.loads((dest / "manifest.json").read_text())
-    if edit_bank is not None:
-        entry = manifest["references"]["memory_bank"]
-        bank = np.load(dest / entry["file"])
-        edit_bank(bank)
-        np.save(dest / entry["file"], bank)
-        entry["sha256"] = sha256_file(dest / entry["file"])
-    if edit_manifest is not None:
-        edit_manifest(manifest)
-    (dest / "manifest.json").write_text(json.dumps(manifest))
-    return Bundle.load(dest)
-
-
 def test_a_nan_score_is_an_error_event_not_a_passed_part(tiny_bundle_path, tmp_path):
     """`score >= threshold` is False for NaN: a NaN bank used to pass every part."""
     from iadgpt.runtime.preprocess import to_batch
@@ -151,7 +132,7 @@ def test_a_nan_score_is_an_error_event_not_a_passed_part(tiny_bundle_path, tmp_p
     def poison(bank):
         bank[:] = np.nan
 
-    bundle = _edited_copy(tiny_bundle_path, tmp_path / "nan", edit_bank=poison)
+    bundle = edited_copy(tiny_bundle_path, tmp_path / "nan", edit_bank=poison)
     image = defective_frames(1)[0].image
     with Detector(bundle, "onnxruntime", threads=2) as det:
         with pytest.raises(EngineError, match=r"non-finite score.*iadgpt inspect"):
@@ -191,7 +172,7 @@ def test_self_check_names_why_a_bundle_cannot_judge_frames(tiny_bundle_path, tmp
     h, w = det.spec.size
     assert len(shapes) == 1 and shapes[0][0] > h and shapes[0][1] > w and shapes[0][0] != shapes[0][1], \
         "the probe must go through the resize (and its mode), as a camera frame does"
-    broken = _edited_copy(tiny_bundle_path, tmp_path / "broken", edit_manifest=edit)
+    broken = edited_copy(tiny_bundle_path, tmp_path / "broken", edit_manifest=edit)
     with Detector(broken, "onnxruntime", threads=2) as det:
         with pytest.raises(BundleError, match="cannot judge a frame") as exc:
             det.self_check()

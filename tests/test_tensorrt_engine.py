@@ -30,6 +30,8 @@ from iadgpt.runtime.tensorrt_engine import (  # noqa: E402
 from iadgpt.bundle import MANIFEST_NAME  # noqa: E402
 from iadgpt.runtime import tensorrt_engine as te  # noqa: E402
 
+from conftest import rewrite_manifest  # noqa: E402
+
 TRT_SKIP = "TensorRT is not installed here (cannot be installed on this machine): native TensorRT engine tests skipped"
 RNG = np.random.default_rng(0)
 
@@ -267,11 +269,13 @@ def test_int8_build_compiles_the_qdq_graph(tiny_bundle_path, tmp_path, fake_buil
 
     bundle = tmp_path / "b"
     shutil.copytree(tiny_bundle_path, bundle)
-    m = json.loads((bundle / MANIFEST_NAME).read_text())
-    enc = m["graphs"]["encoder"]
-    shutil.copyfile(bundle / enc["file"], bundle / "encoder_int8.onnx")  # stands in for calibrate's Q/DQ graph
-    m["graphs"]["encoder_int8"] = dict(enc, file="encoder_int8.onnx", external_data=[])
-    (bundle / MANIFEST_NAME).write_text(json.dumps(m))
+
+    def add_int8_graph(m):  # a copy of the encoder stands in for calibrate's Q/DQ graph
+        enc = m["graphs"]["encoder"]
+        shutil.copyfile(bundle / enc["file"], bundle / "encoder_int8.onnx")
+        m["graphs"]["encoder_int8"] = dict(enc, file="encoder_int8.onnx", external_data=[])
+
+    m = rewrite_manifest(bundle, add_int8_graph)
     assert main(["build", str(bundle), "--precision", "int8"]) == 0
     assert [c[:2] for c in fake_builder] == [("encoder_int8.onnx", "int8"), (Path(m["graphs"]["scorer"]["file"]).name, "fp16")]
     roles = {e["role"]: e for e in json.loads((bundle / MANIFEST_NAME).read_text())["engines"].values()}

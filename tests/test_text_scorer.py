@@ -1,8 +1,6 @@
 """Zero-shot text scorer (Eq. 1): end to end on clip-tiny, errors, ONNX export of scorer and encoder."""
 from __future__ import annotations
 
-import json
-import shutil
 import warnings
 
 import numpy as np
@@ -10,12 +8,14 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from iadgpt.bundle import MANIFEST_NAME, Bundle
+from iadgpt.bundle import Bundle
 from iadgpt.errors import BundleError, ScorerError
 from iadgpt.models.backbones import get_backbone
 from iadgpt.models.postprocess import GaussianBlur, upsample_map
 from iadgpt.models.prompts import load_prompts, text_embeddings
 from iadgpt.models.text_scorer import TextPromptScorer
+
+from conftest import edited_copy, rewrite_manifest
 
 
 @pytest.fixture(scope="module")
@@ -147,19 +147,10 @@ def test_onnx_encoder_and_scorer_match_torch(tiny, text, tmp_path):
         np.testing.assert_allclose(got_score, ref_score.numpy(), atol=1e-4)
 
 
-def _copy_with(tiny_bundle_path, tmp_path, fn) -> Bundle:
-    dst = tmp_path / "b"
-    shutil.copytree(tiny_bundle_path, dst)
-    m = json.loads((dst / MANIFEST_NAME).read_text())
-    fn(m)
-    (dst / MANIFEST_NAME).write_text(json.dumps(m))
-    return Bundle.load(dst)
-
-
 def test_torch_backend_refuses_a_mismatched_backbone(tiny_bundle_path, tmp_path):
     from iadgpt.export.torch_backend import torch_engines
 
-    b = _copy_with(tiny_bundle_path, tmp_path, lambda m: m["backbone"].update(dims=[1, 2, 3]))
+    b = edited_copy(tiny_bundle_path, tmp_path / "b", lambda m: m["backbone"].update(dims=[1, 2, 3]))
     with pytest.raises(BundleError, match="rebuilt here has dims"):
         torch_engines(b)
 
@@ -170,7 +161,7 @@ def test_torch_backend_refuses_renamed_references(tiny_bundle_path, tmp_path):
     def rename(m):
         refs = m["scorer"]["references"]
         m["scorer"]["references"] = {"renamed": v for v in refs.values()}
-    b = _copy_with(tiny_bundle_path, tmp_path, rename)
+    b = edited_copy(tiny_bundle_path, tmp_path / "b", rename)
     with pytest.raises(BundleError, match="do not match"):
         torch_engines(b)
 
@@ -206,7 +197,7 @@ def test_torch_backend_uses_the_manifests_grid_stride_and_sigma(tiny_bundle_path
     from iadgpt.models.postprocess import GaussianBlur
     from iadgpt.models.scorers import PatchEmbedder
 
-    b = _copy_with(tiny_bundle_path, tmp_path, lambda m: m["scorer"].update(grid_stride=4, sigma=2.0))
+    b = edited_copy(tiny_bundle_path, tmp_path / "b", lambda m: m["scorer"].update(grid_stride=4, sigma=2.0))
     _, scorer = torch_engines(b)
     mods = list(scorer._module.modules())
     size = b.input_spec.size[0]
@@ -220,8 +211,6 @@ def test_torch_backend_uses_the_manifests_logit_scale(tmp_path):
     from iadgpt.models.text_scorer import TextPromptScorer
 
     bundle, _ = export_bundle("clip-tiny", None, tmp_path / "clip", shots=None, prompts="bottle", progress=False)
-    m = json.loads((bundle.path / MANIFEST_NAME).read_text())
-    m["scorer"]["logit_scale"] = 50.0
-    (bundle.path / MANIFEST_NAME).write_text(json.dumps(m))
+    rewrite_manifest(bundle.path, lambda m: m["scorer"].update(logit_scale=50.0))
     _, scorer = torch_engines(Bundle.load(bundle.path))
     assert [s.logit_scale for s in scorer._module.modules() if isinstance(s, TextPromptScorer)] == [50.0]
