@@ -30,7 +30,7 @@ echo "== GPU tests"
 GPU_TESTS=(tests/test_cuda_graph.py)
 # GPU_CHECK_DECODER=1 adds the decoder+bank bundle on the fast path (tests/test_train.py; ~1 min of the budget)
 [ "${GPU_CHECK_DECODER:-0}" = 1 ] && GPU_TESTS+=(tests/test_train.py)
-timeout $(( ${#GPU_TESTS[@]} > 1 ? 200 : 110 )) "$PY" -m pytest -m gpu -rs -q -p no:cacheprovider "${GPU_TESTS[@]}" 2>&1 \
+timeout $(( ${#GPU_TESTS[@]} > 1 ? 260 : 170 )) "$PY" -m pytest -m gpu -rs -q -p no:cacheprovider "${GPU_TESTS[@]}" 2>&1 \
     | tee "$OUT_DIR/pytest_gpu.txt"
 RC_TESTS=${PIPESTATUS[0]}
 

@@ -14,6 +14,8 @@ In one process, per preset, on the same synthetic 1080p frames (rotated, never z
                  scorer: CudaGraphPipeline's defaults on CUDA                <- "this path"
   graph-fused-compile-torchcopy  the same with host_copy="torch": the frame copied into the pinned
                  buffer by torch's CPU pool instead of one thread (faster on an idle host only)
+  graph-fused-compile-directcopy  the same with host_copy="direct": no pinned staging of ours, the
+                 CUDA driver uploads the pageable frame itself
   eager-fused    graph-fused's modules without the graph (what the graph buys)
   graph-fused-fp8 / graph-fused-antialias   opt-in: FP8 e4m3 GEMMs in the ViT blocks (cc >= 8.9;
                  slower than fp16 at batch 1 on an H200 and outside the fp16 parity bound) / the
@@ -24,9 +26,16 @@ Latency does not depend on weight values, so presets use random weights of the p
 (--random-weights); no download. Map parity of every GPU variant is measured against onnxruntime on
 the same frames (iadgpt.runtime.cuda_graph.PARITY states the tolerance).
 Batch 1: p50/p99/max over --frames calls, fps = 1000 / mean; the frame is an ordinary numpy array,
-copied into the pipeline's pinned buffer inside each timed call. "zero-copy" (graph variants): the
-frame already sits in `pipeline.input_buffer(shape)`, as when a camera driver writes into it; the
-write is outside the timing. Batch 16: --batch16-iters calls of 16 frames, fps = 16 * 1000 / mean.
+copied into the pipeline's pinned buffer inside each timed call. Graph variants also time:
+  "frame buffer"  the frame sits in pinned memory from `pipeline.frame_buffer(shape)`, where the
+                  station's capture converts each decoded BGR frame to RGB (a copy it makes anyway);
+                  the conversion is outside the timing: frame in host memory -> map + score, as the
+                  station runs it (sources.use_frame_buffers)
+  "zero-copy"     the frame already sits in the pipeline's own `input_buffer(shape)`
+  "capture_to_verdict" (the default variant only): decoded BGR frame -> RGB conversion -> map +
+                  score, once into an ordinary array (then copied by the pipeline) and once into a
+                  frame buffer: what the frame buffer saves a station per frame, conversion included
+Batch 16: --batch16-iters calls of 16 frames, fps = 16 * 1000 / mean.
 `--budget-s` skips optional work (batch 16, extra variants) once the time is spent and says so in
 the JSON.
 """
@@ -57,9 +66,9 @@ from iadgpt.cli import run_reporting_errors, writable_output  # noqa: E402
 
 PRESETS = ("clip-vit-l14-336", "clip-vit-h14", "efficientnet-lite0")
 VARIANTS = ("hf-eager", "graph-plain", "graph-fused", "graph-fused-fp8", "eager-fused", "graph-fused-antialias",
-            "graph-fused-compile", "graph-fused-compile-torchcopy", "onnxruntime")
-DEFAULT_VARIANTS = ("hf-eager,graph-plain,graph-fused,graph-fused-compile,graph-fused-compile-torchcopy,eager-fused,"
-                    "onnxruntime")
+            "graph-fused-compile", "graph-fused-compile-torchcopy", "graph-fused-compile-directcopy", "onnxruntime")
+DEFAULT_VARIANTS = ("hf-eager,graph-plain,graph-fused,graph-fused-compile,graph-fused-compile-torchcopy,"
+                    "graph-fused-compile-directcopy,eager-fused,onnxruntime")
 THIS_PATH = ("graph-fused-compile", "graph-fused")  # the bars are checked on the first one measured
 # The issue's bars for "this path", batch 1, p99 in ms: (must, goal); and vs hf-eager.
 BARS = {"clip-vit-l14-336": (2.6, 2.0), "clip-vit-h14": (3.4, 2.5)}
@@ -165,6 +174,44 @@ def time_zero_copy(pipe: Any, frames: list[np.ndarray], n: int, warmup: int) -> 
         pipe(buf)
         if i >= warmup:
             out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def time_frame_buffer(pipe: Any, bgr_frames: list[np.ndarray], n: int, warmup: int) -> list[float]:
+    """Calls on frames the capture converted (BGR -> RGB) into `pipe.frame_buffer` memory, as the
+    station's sources do; the conversion is outside the timing. Each frame gets its own buffer and
+    drops it after the call (torch's pinned cache hands the memory out again)."""
+    import cv2
+
+    out = []
+    for i in range(warmup + n):
+        buf = pipe.frame_buffer(bgr_frames[0].shape)
+        cv2.cvtColor(bgr_frames[i % len(bgr_frames)], cv2.COLOR_BGR2RGB, dst=buf)
+        t0 = time.perf_counter()
+        pipe(buf)
+        if i >= warmup:
+            out.append((time.perf_counter() - t0) * 1e3)
+        del buf
+    return out
+
+
+def time_capture_to_verdict(pipe: Any, bgr_frames: list[np.ndarray], n: int, warmup: int,
+                            into_frame_buffer: bool) -> list[float]:
+    """Decoded BGR frame -> RGB (into a fresh ordinary array, or into a frame buffer) -> map + score."""
+    import cv2
+
+    out = []
+    for i in range(warmup + n):
+        bgr = bgr_frames[i % len(bgr_frames)]
+        t0 = time.perf_counter()
+        if into_frame_buffer:
+            rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB, dst=pipe.frame_buffer(bgr.shape))
+        else:
+            rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        pipe(rgb)
+        if i >= warmup:
+            out.append((time.perf_counter() - t0) * 1e3)
+        del rgb
     return out
 
 
@@ -318,6 +365,7 @@ def bench_preset(name: str, args: argparse.Namespace, torch: Any, budget: Budget
     backbone = build_preset(name, device, args.seed, torch)
     kind = args.scorer if args.scorer != "auto" else ("text" if getattr(backbone, "has_text", False) else "bank")
     frames = frames_cached(args.rotate, args.width, args.height, args.seed)
+    bgr_frames = [np.ascontiguousarray(f[..., ::-1]) for f in frames]  # what a decoder hands the capture
     clean = (frames_cached(args.bank_frames, args.width, args.height, args.seed + 1, clean=True)
              if kind == "bank" else [])
     scorer, refs, flat = build_scorer(backbone, kind, args.bank_size, clean, device, args.seed, torch)
@@ -366,6 +414,7 @@ def bench_preset(name: str, args: argparse.Namespace, torch: Any, budget: Budget
         "graph-fused-antialias": (FuseOptions(resize="antialias"), True, None),
         "graph-fused-compile": (FuseOptions(compile=args.compile_mode), True, None),
         "graph-fused-compile-torchcopy": (FuseOptions(compile=args.compile_mode), True, "torch"),
+        "graph-fused-compile-directcopy": (FuseOptions(compile=args.compile_mode), True, "direct"),
     }
     gc.collect()
     gc.freeze()  # what a station does after start-up: setup garbage never scanned again
@@ -416,6 +465,21 @@ def bench_preset(name: str, args: argparse.Namespace, torch: Any, budget: Budget
                 entry["parity"] = {k: float(f"{v:.3g}") for k, v in rep.items()}
                 entry["parity_ok"] = all(rep[k] <= limits[k] for k in limits)
                 entry["parity_gated"] = variant != "graph-fused-fp8"
+            if isinstance(run, CudaGraphPipeline):  # (on a CPU smoke run the "frame buffer" is ordinary memory)
+                entry["batch1_frame_buffer"] = stats(time_frame_buffer(run, bgr_frames, n, args.warmup))
+                if ref_maps is not None:  # the frame-buffer path judged the same frames alike
+                    fb = []
+                    for f in parity_frames:
+                        buf = run.frame_buffer(f.shape)
+                        buf[...] = f
+                        fb.append(run(buf))
+                    rep = map_parity(np.stack([o[0] for o in fb]), ref_maps, np.asarray([o[1] for o in fb]),
+                                     ref_scores)
+                    entry["frame_buffer_parity"] = {k: float(f"{v:.3g}") for k, v in rep.items()}
+                if variant == THIS_PATH[0]:
+                    entry["capture_to_verdict"] = {
+                        "ordinary_array": stats(time_capture_to_verdict(run, bgr_frames, n, args.warmup, False)),
+                        "frame_buffer": stats(time_capture_to_verdict(run, bgr_frames, n, args.warmup, True))}
             if isinstance(run, CudaGraphPipeline) and run.graphs:
                 entry["batch1_zero_copy"] = stats(time_zero_copy(run, frames, n, args.warmup))
                 entry["device_replay"] = {k: v for k, v in stats(run.device_times_ms(frames[0], 200)).items()
@@ -461,10 +525,18 @@ def bench_preset(name: str, args: argparse.Namespace, torch: Any, budget: Budget
         must, goal = BARS[name]
         bars.update(p99_ms=fused["p99_ms"], p99_bar_ms=must, p99_goal_ms=goal,
                     p99_bar_ok=fused["p99_ms"] <= must, p99_goal_ok=fused["p99_ms"] <= goal)
+        fb = v[this_path].get("batch1_frame_buffer")
+        if fb:
+            bars.update(frame_buffer_p99_ms=fb["p99_ms"], frame_buffer_p99_bar_ok=fb["p99_ms"] <= must,
+                        frame_buffer_p99_goal_ok=fb["p99_ms"] <= goal)
         zc = v[this_path].get("batch1_zero_copy")
         if zc:
             bars.update(zero_copy_p99_ms=zc["p99_ms"], zero_copy_p99_bar_ok=zc["p99_ms"] <= must,
                         zero_copy_p99_goal_ok=zc["p99_ms"] <= goal)
+    fb = v[this_path].get("batch1_frame_buffer") if this_path else None
+    if fb and eager:
+        bars["frame_buffer_speedup_p99_vs_hf_eager"] = round(eager["p99_ms"] / fb["p99_ms"], 1)
+        bars["frame_buffer_speedup_p99_ok"] = bars["frame_buffer_speedup_p99_vs_hf_eager"] >= MIN_SPEEDUP_P99
     if this_path and "parity_ok" in v[this_path]:
         bars["parity_ok"] = v[this_path]["parity_ok"]
     result["bars"] = bars
@@ -481,13 +553,13 @@ def print_table(report: dict) -> None:
     print(f"\n{env.get('gpu', 'CPU')} (cc {env.get('compute_capability', '-')}), torch {env.get('torch')}, "
           f"CUDA {env.get('cuda', '-')}, {env.get('cores')} CPU cores; frame {report['frame']}; "
           "host frame -> host map+score" + (f"; {report['busy']} busy process(es) beside it" if report.get("busy") else ""))
-    print("| preset | variant | b1 p50 ms | b1 p99 ms | b1 fps | zero-copy p50/p99 ms | b16 p50 ms | b16 fps | "
-          "replay p50 ms | parity max/mean rel | ok |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| preset | variant | b1 p50 ms | b1 p99 ms | b1 fps | frame buffer p50/p99 ms | zero-copy p50/p99 ms | "
+          "b16 p50 ms | b16 fps | replay p50 ms | parity max/mean rel | ok |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in report["presets"]:
         for name, e in r["variants"].items():
             if "error" in e:
-                print(f"| {r['preset']} | {name} | error: {e['error'][:80]} ||||||||||")
+                print(f"| {r['preset']} | {name} | error: {e['error'][:80]} |||||||||||")
                 continue
             b1, b16 = e.get("batch1", {}), e.get("batch16", {})
             par = e.get("parity")
@@ -495,13 +567,19 @@ def print_table(report: dict) -> None:
             ok = "-" if "parity_ok" not in e else ("yes" if e["parity_ok"] else
                                                    "NO" + ("" if e.get("parity_gated") else " (not gated)"))
             replay = e.get("device_replay", {}).get("p50_ms", "-")
-            zc = e.get("batch1_zero_copy")
+            zc, fb = e.get("batch1_zero_copy"), e.get("batch1_frame_buffer")
             zc_s = f"{zc['p50_ms']} / {zc['p99_ms']}" if zc else "-"
+            fb_s = f"{fb['p50_ms']} / {fb['p99_ms']}" if fb else "-"
             print(f"| {r['preset']} | {name} | {b1.get('p50_ms', '-')} | {b1.get('p99_ms', '-')} | "
-                  f"{b1.get('fps', '-')} | {zc_s} | {b16.get('p50_ms', '-')} | {b16.get('fps', '-')} | {replay} | "
-                  f"{par_s} | {ok} |")
+                  f"{b1.get('fps', '-')} | {fb_s} | {zc_s} | {b16.get('p50_ms', '-')} | {b16.get('fps', '-')} | "
+                  f"{replay} | {par_s} | {ok} |")
+            c2v = e.get("capture_to_verdict")
+            if c2v:
+                print(f"| {r['preset']} | {name}: decoded BGR -> verdict, ordinary array / frame buffer | "
+                      f"{c2v['ordinary_array']['p50_ms']} / {c2v['frame_buffer']['p50_ms']} | "
+                      f"{c2v['ordinary_array']['p99_ms']} / {c2v['frame_buffer']['p99_ms']} ||||||||||")
         if r.get("bars"):
-            print(f"| {r['preset']} | bars | {json.dumps(r['bars'])} ||||||||||")
+            print(f"| {r['preset']} | bars | {json.dumps(r['bars'])} |||||||||||")
     if report.get("skipped"):
         print(f"skipped for the time budget: {', '.join(report['skipped'])}")
 

@@ -504,18 +504,67 @@ def test_zero_copy_input_buffer(tiny, tiny_text):
 
 
 def test_host_copy_modes_feed_the_same_pixels(tiny, tiny_text):
-    """host_copy="numpy" (the default: one-thread copy into the pinned buffer) and "torch" give the same
-    maps, also for a non-contiguous frame; an unknown mode is refused."""
+    """host_copy="numpy" (the default: one-thread copy into the pinned buffer), "torch" and "direct"
+    (the driver uploads the pageable frame; the pinned buffer is not used) give the same maps, also for
+    a non-contiguous or read-only frame; an unknown mode is refused."""
     make = dict(references=[tiny_text], input_spec=tiny.input_spec, dtype=torch.float32, device="cpu",
                 graphs=True, _backend=FakeBackend())
     by_torch = CudaGraphPipeline(tiny, TextPromptScorer.from_backbone(tiny), host_copy="torch", **make)
     by_numpy = CudaGraphPipeline(tiny, TextPromptScorer.from_backbone(tiny), host_copy="numpy", **make)
+    direct = CudaGraphPipeline(tiny, TextPromptScorer.from_backbone(tiny), host_copy="direct", **make)
     assert CudaGraphPipeline(tiny, TextPromptScorer.from_backbone(tiny), **make).host_copy == "numpy"
-    frames = _frames(2, size=100)
-    for f in (frames[0], np.ascontiguousarray(frames[1][:, ::-1])[:, ::-1]):  # the second is a strided view
-        np.testing.assert_array_equal(by_numpy(f)[0], by_torch(f)[0])
+    frames = _frames(3, size=100)
+    frozen = frames[2].copy()
+    frozen.flags.writeable = False
+    for f in (frames[0], np.ascontiguousarray(frames[1][:, ::-1])[:, ::-1], frozen):  # a strided view, read-only
+        m = by_numpy(f)[0]
+        np.testing.assert_array_equal(m, by_torch(f)[0])
+        np.testing.assert_array_equal(m, direct(f)[0])
+    assert not direct.input_buffer(frames[0].shape).any()
     with pytest.raises(EngineError, match="host_copy"):
         CudaGraphPipeline(tiny, TextPromptScorer.from_backbone(tiny), host_copy="dma", **make)
+
+
+class FakePinnedBackend(FakeBackend):
+    """Treats the host memory it hands out as pinned, as the CUDA backend's is."""
+
+    def __init__(self):
+        super().__init__()
+        self.pinned: list[tuple[int, int]] = []
+
+    def empty_host(self, shape, dtype):
+        t = torch.empty(shape, dtype=dtype)
+        self.pinned.append((t.data_ptr(), t.data_ptr() + t.nbytes))
+        return t
+
+    def is_pinned(self, tensor):
+        return any(lo <= tensor.data_ptr() < hi for lo, hi in self.pinned)
+
+
+def test_frames_in_pinned_memory_are_uploaded_from_where_they_are(tiny, tiny_text):
+    """A frame the capture wrote into `frame_buffer` memory is read in place: the pipeline's own
+    buffer stays untouched, and each buffer's own pixels are judged (two alive at once, used out of
+    order). Ordinary frames, and strided views of pinned ones, are still copied in."""
+    backend = FakePinnedBackend()
+    pipe = CudaGraphPipeline(tiny, TextPromptScorer.from_backbone(tiny), [tiny_text], tiny.input_spec,
+                             torch.float32, "cpu", graphs=True, _backend=backend)
+    eager = CudaGraphPipeline(tiny, TextPromptScorer.from_backbone(tiny), [tiny_text], tiny.input_spec,
+                              torch.float32, "cpu")
+    a, b = _frames(2, size=100)
+    buf_a, buf_b = pipe.frame_buffer(a.shape), pipe.frame_buffer(b.shape)
+    assert buf_a.shape == a.shape and buf_a.dtype == np.uint8 and not np.shares_memory(buf_a, buf_b)
+    buf_a[...], buf_b[...] = a, b
+    own = pipe.input_buffer(a.shape)
+    for buf, f in ((buf_a, a), (buf_b, b), (buf_a, a)):
+        np.testing.assert_array_equal(pipe(buf)[0], eager(f)[0])
+    assert not own.any() and pipe.captures == 1  # nothing was copied into the pipeline's buffer
+    mirrored = buf_b[:, ::-1]  # pinned memory, but not laid out as a frame: copied in
+    np.testing.assert_array_equal(pipe(mirrored)[0], eager(np.ascontiguousarray(b[:, ::-1]))[0])
+    assert own.any()
+    np.testing.assert_array_equal(pipe.run_batch(np.stack([a]))[0][0], eager(a)[0])  # ordinary memory
+    with pytest.raises(EngineError, match="RGB uint8"):
+        pipe.frame_buffer((100, 100))
+    assert pipe.frame_buffer((2, 64, 64, 3)).shape == (2, 64, 64, 3)
 
 
 def test_input_errors(tiny, tiny_text):
@@ -656,6 +705,77 @@ def test_gpu_recapture_on_shape_change(tiny, tiny_text):
     buf = pipe.input_buffer(b.shape)
     buf[...] = b
     np.testing.assert_allclose(pipe(buf)[0], eager(b)[0], atol=5e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA)
+def test_gpu_frame_buffers_are_pinned_and_read_in_place(tiny, tiny_text):
+    """On CUDA: `frame_buffer` memory is page-locked and uploaded without touching the pipeline's own
+    buffer, each live buffer judged on its own pixels; the same maps as a copied frame (same graph,
+    same input: equal up to 1e-6, i.e. kernel-order noise at most); host_copy="direct" too."""
+    fused = FuseOptions()  # uncompiled: seconds, and the upload is what is tested here
+    pipe = CudaGraphPipeline(tiny, TextPromptScorer.from_backbone(tiny), [tiny_text], tiny.input_spec, fuse=fused)
+    direct = CudaGraphPipeline(tiny, TextPromptScorer.from_backbone(tiny), [tiny_text], tiny.input_spec, fuse=fused,
+                               host_copy="direct")
+    a, b = _frames(2, size=300)
+    bufs = [pipe.frame_buffer(a.shape) for _ in range(2)]
+    assert all(torch.from_numpy(x).is_pinned() for x in bufs) and not np.shares_memory(*bufs)
+    cv2.cvtColor(a[..., ::-1], cv2.COLOR_BGR2RGB, dst=bufs[0])  # as the capture writes them
+    cv2.cvtColor(b[..., ::-1], cv2.COLOR_BGR2RGB, dst=bufs[1])
+    got = [pipe(x)[0] for x in (bufs[0], bufs[1], bufs[0])]
+    assert not pipe.input_buffer(a.shape).any()
+    copied = [pipe(f.copy())[0] for f in (a, b)]
+    same = dict(rtol=0, atol=1e-6)
+    np.testing.assert_allclose(got[0], copied[0], **same)
+    np.testing.assert_allclose(got[1], copied[1], **same)
+    np.testing.assert_allclose(got[2], copied[0], **same)
+    assert np.abs(copied[0] - copied[1]).max() > 1e-3  # two different parts: the check above can fail
+    np.testing.assert_allclose(direct(a)[0], copied[0], **same)
+    assert not direct.input_buffer(a.shape).any()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA)
+def test_gpu_station_decodes_into_pinned_frame_buffers(tmp_path, tiny, tiny_text):
+    """End to end on CUDA: a station reading a video through the cuda-graph Detector gets every frame
+    decoded into pinned memory (the source and detector are connected by the station), and judges it
+    exactly as it judges the same pixels in an ordinary array."""
+    from iadgpt.runtime.detector import Detector
+    from iadgpt.runtime.sources import Frame, open_source
+    from iadgpt.runtime.station import Station
+
+    bundle = _tiny_bundle(tmp_path, tiny, tiny_text)
+    path = tmp_path / "line.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (320, 240))
+    for part in _frames(5, size=240):
+        canvas = np.full((240, 320, 3), 60, np.uint8)
+        canvas[:, 40:280] = part
+        writer.write(np.ascontiguousarray(canvas[..., ::-1]))
+    writer.release()
+
+    class Keep:
+        name, errors = "keep", 0
+
+        def __init__(self):
+            self.got = []
+
+        def write(self, verdict, frame):
+            self.got.append((verdict, frame))
+
+        def close(self):
+            pass
+
+    sink = Keep()
+    with Detector(bundle, "cuda-graph", threshold=0.0) as det, open_source(path) as source:
+        stats = Station(det, source, [sink]).run()
+        assert stats.judged == 5 and len(sink.got) == 5
+        for verdict, frame in sink.got:
+            assert torch.from_numpy(frame.image).is_pinned()
+            again = det.detect(Frame(image=np.array(frame.image), frame_id=frame.frame_id,
+                                     timestamp=frame.timestamp, source="copy"))
+            assert verdict.anomalous and again.anomalous
+            assert verdict.score == pytest.approx(again.score, rel=1e-6, abs=1e-7)
+            assert [r.box for r in verdict.regions] == [r.box for r in again.regions]
 
 
 @pytest.mark.gpu

