@@ -62,10 +62,11 @@ RESIZE_MODES = ("exact", "antialias", "area")
 # the describer's LLM on the CPU right after a flagged part), so the default is the copy that does not
 # wait for anyone: ViT-H/14 fast path p99 3.09-3.34 ms in four runs, with or without busy neighbours,
 # against 2.6-2.7 ms on an idle host and 9.1-9.5 ms on a busy one with torch's pool (runs 4-5).
-# Zero-copy (`input_buffer`, written by the camera) avoids the copy altogether.
+# Frames in pinned memory (`frame_buffer`, where the station's capture converts them; `input_buffer`)
+# skip the copy altogether: ViT-L/14@336 p99 2.20 ms vs 2.86 copied, idle or busy (run 7).
 # "direct": no staging in our buffer: the CUDA driver uploads the pageable frame itself (it stages
-# through its own pinned buffers on the calling thread). Measured side by side (benchmarks/gpu_latency.py
-# variant graph-fused-compile-directcopy); not the default until a run shows it ahead.
+# through its own pinned buffers on the calling thread). Measured no faster than "numpy" (run 7,
+# variant graph-fused-compile-directcopy: ViT-L p99 3.01 vs 2.86 ms), so not the default.
 HOST_COPIES = ("numpy", "torch", "direct")
 # torch.compile modes that do not capture CUDA graphs themselves (those cannot nest inside ours)
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
