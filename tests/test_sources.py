@@ -176,6 +176,14 @@ class _Buffers:
         return self.given[-1]
 
 
+def test_only_sources_that_convert_frames_take_frame_buffers(folder: Path, video: Path) -> None:
+    """Image folders and synthetic parts are RGB already (nothing to convert into a buffer), so the
+    station does not offer them one; videos and live devices do convert."""
+    assert not hasattr(open_source(folder), "use_frame_buffers")
+    assert not hasattr(open_source("synthetic://part?count=1"), "use_frame_buffers")
+    assert hasattr(open_source(video), "use_frame_buffers") and hasattr(CaptureSource, "use_frame_buffers")
+
+
 def test_decoded_frames_land_in_the_detectors_frame_buffers(video: Path) -> None:
     """With frame buffers, each frame IS one of them (no second copy for the GPU), one per frame so
     a kept frame is never overwritten, with the same RGB pixels as without."""

@@ -113,27 +113,6 @@ class _BaseSource:
         self.ended = False
         self._closed = False
         self._next_id = 0
-        self._allocate: Optional[Callable[[tuple[int, ...]], np.ndarray]] = None
-
-    def use_frame_buffers(self, allocate: Optional[Callable[[tuple[int, ...]], np.ndarray]]) -> None:
-        """Convert decoded colour frames into arrays from `allocate(shape)` (None: fresh arrays).
-
-        For the GPU fast path's pinned frame buffers (`CudaGraphPipeline.frame_buffer`): the
-        conversion the source makes anyway then puts the frame where the GPU reads it. If
-        `allocate` fails, that is logged once and frames go on in ordinary memory (verdicts are the
-        same; the fast path copies them, ~0.5 ms per 1080p frame)."""
-        self._allocate = allocate
-
-    def _rgb(self, img: np.ndarray) -> np.ndarray:
-        if self._allocate is not None and img.ndim == 3 and img.shape[2] == 3 and img.dtype == np.uint8:
-            try:
-                return cv2.cvtColor(img, cv2.COLOR_BGR2RGB, dst=self._allocate(img.shape))
-            except Exception as exc:  # noqa: BLE001 - where a frame lives must never stop the capture
-                self._allocate = None
-                log.warning("%s: frame buffers from the detector failed (%s: %s); frames go on in ordinary "
-                            "memory, which the GPU fast path copies (~0.5 ms per 1080p frame)",
-                            self.uri, type(exc).__name__, exc)
-        return _to_rgb(img)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.uri!r})"
@@ -168,6 +147,34 @@ class _BaseSource:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _ConvertsFrames:
+    """For sources that decode BGR frames and convert them to RGB (video files, live devices): the
+    conversion can write into memory the detector hands out (`use_frame_buffers`)."""
+
+    uri: str
+    _allocate: Optional[Callable[[tuple[int, ...]], np.ndarray]] = None
+
+    def use_frame_buffers(self, allocate: Optional[Callable[[tuple[int, ...]], np.ndarray]]) -> None:
+        """Convert decoded colour frames into arrays from `allocate(shape)` (None: fresh arrays).
+
+        For the GPU fast path's pinned frame buffers (`CudaGraphPipeline.frame_buffer`): the
+        conversion the source makes anyway then puts the frame where the GPU reads it. If
+        `allocate` fails, that is logged once and frames go on in ordinary memory (verdicts are the
+        same; the fast path copies them, ~0.5 ms per 1080p frame)."""
+        self._allocate = allocate
+
+    def _rgb(self, img: np.ndarray) -> np.ndarray:
+        if self._allocate is not None and img.ndim == 3 and img.shape[2] == 3 and img.dtype == np.uint8:
+            try:
+                return cv2.cvtColor(img, cv2.COLOR_BGR2RGB, dst=self._allocate(img.shape))
+            except Exception as exc:  # noqa: BLE001 - where a frame lives must never stop the capture
+                self._allocate = None
+                log.warning("%s: frame buffers from the detector failed (%s: %s); frames go on in ordinary "
+                            "memory, which the GPU fast path copies (~0.5 ms per 1080p frame)",
+                            self.uri, type(exc).__name__, exc)
+        return _to_rgb(img)
 
 
 # ----------------------------------------------------------------------------- files
@@ -216,7 +223,7 @@ class ImageFolderSource(_BaseSource):
         return self._frame(img, path=path)
 
 
-class VideoFileSource(_BaseSource):
+class VideoFileSource(_ConvertsFrames, _BaseSource):
     """A video file read to its end (or round and round with loop=True).
 
     A read that fails is followed by up to `MAX_BAD_FRAMES` more: if one of them decodes, the
@@ -421,7 +428,7 @@ class _ReconnectingCapture:
             self._cap = None
 
 
-class CaptureSource(_BaseSource):
+class CaptureSource(_ConvertsFrames, _BaseSource):
     """A live device (camera, network stream, GStreamer/CSI pipeline) behind `_ReconnectingCapture`.
 
     `read(timeout)` blocks in OpenCV's read while the device is up; `timeout` bounds the wait
