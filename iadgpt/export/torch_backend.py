@@ -17,9 +17,7 @@ def torch_engines(bundle, threads: Optional[int] = None, weights: Optional[str] 
     from ..runtime.engines import TorchEngine
     from .bundle_export import build_backbone
     from .onnx_export import IMAGE_INPUT, SCORER_OUTPUTS, EncoderGraph, feature_names, scorer_graph
-    from ..models.fusion import DECODER_KIND, FUSED_KIND, scorer_from_bundle as decoder_scorer
-    from ..models.scorers import MemoryBankScorer
-    from ..models.text_scorer import TextPromptScorer
+    from ..models.rebuild import is_flat, scorer_module
 
     if threads:
         torch.set_num_threads(int(threads))
@@ -30,23 +28,14 @@ def torch_engines(bundle, threads: Optional[int] = None, weights: Optional[str] 
         if rebuilt.get(key) != desc.get(key):
             raise BundleError(f"backbone {desc.get('name')!r} rebuilt here has {key} {rebuilt.get(key)}, the bundle "
                               f"{bundle.path} says {desc.get(key)}; pass the weights it was exported with")
-    if cfg["kind"] == "memory_bank":
-        module = MemoryBankScorer(backbone.strides, spec.size[0], grid_stride=int(cfg.get("grid_stride", 8)),
-                                  sigma=float(cfg.get("sigma", 4.0)))
-    elif cfg["kind"] == "text_prompts":
-        module = TextPromptScorer.from_backbone(backbone, logit_scale=float(cfg.get("logit_scale", 100.0)),
-                                                sigma=float(cfg.get("sigma", 4.0)))
-    elif cfg["kind"] in (DECODER_KIND, FUSED_KIND):  # flat modules: (feat0.., [bank]) -> (map, score)
-        names = feature_names(len(backbone.layers))
+    module = scorer_module(bundle, backbone)
+    names = feature_names(len(backbone.layers))
+    if is_flat(bundle):  # (feat0.., [bank]) -> (map, score) as it is
         return (TorchEngine(EncoderGraph(backbone), [IMAGE_INPUT], names),
-                TorchEngine(decoder_scorer(bundle), names + list(cfg["references"]), list(SCORER_OUTPUTS)))
-    else:
-        raise BundleError(f"bundle {bundle.path}: unknown scorer kind {cfg['kind']!r}; "
-                          "re-export it with `iadgpt export`")
+                TorchEngine(module, names + list(cfg["references"]), list(SCORER_OUTPUTS)))
     graph, ref_name = scorer_graph(module)
     if list(cfg["references"]) != [ref_name]:
         raise BundleError(f"bundle {bundle.path}: scorer references {list(cfg['references'])} do not match the "
                           f"{cfg['kind']} scorer's input {ref_name!r}; re-export it with `iadgpt export`")
-    names = feature_names(len(backbone.layers))
     return (TorchEngine(EncoderGraph(backbone), [IMAGE_INPUT], names),
             TorchEngine(graph, names + [ref_name], list(SCORER_OUTPUTS)))

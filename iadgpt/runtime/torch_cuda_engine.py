@@ -29,6 +29,7 @@ from torch.nn import functional as F
 
 from ..errors import EngineError
 from ..models.clip import run_encoder_layer
+from ..models.rebuild import scorer_module
 
 log = logging.getLogger(__name__)
 
@@ -570,27 +571,6 @@ def random_text_embeddings(dim: int, seed: int = 0) -> np.ndarray:
 # --------------------------------------------------------------------------- bundle -> pipeline
 
 
-def scorer_from_bundle(bundle: Any, backbone: Any) -> nn.Module:
-    """Rebuild the bundle's scorer module from `scorer.kind` (+ optional sigma/grid_stride/logit_scale)."""
-    from ..models.fusion import DECODER_KIND, FUSED_KIND, scorer_from_bundle as decoder_scorer
-    from ..models.scorers import MemoryBankScorer
-    from ..models.text_scorer import TextPromptScorer
-
-    cfg = bundle.scorer
-    kind = str(cfg.get("kind", ""))
-    size = int(bundle.input_spec.size[0])
-    if kind in ("memory_bank", "memorybank", "patchcore"):
-        return MemoryBankScorer(backbone.strides, size, grid_stride=int(cfg.get("grid_stride", 8)),
-                                sigma=float(cfg.get("sigma", 4.0))).eval()
-    if kind in ("text_prompts", "text", "text_prompt", "zero_shot"):
-        return TextPromptScorer.from_backbone(backbone, logit_scale=float(cfg.get("logit_scale", 100.0)),
-                                              sigma=float(cfg.get("sigma", 4.0))).eval()
-    if kind in (DECODER_KIND, FUSED_KIND):  # trained decoder (+ bank): its weights travel in the bundle
-        return decoder_scorer(bundle)
-    raise EngineError(f"bundle {bundle.path}: scorer kind {kind!r} has no torch fast path (memory_bank, text and "
-                      "decoder do); use --backend onnxruntime for this bundle")
-
-
 def _taps_from_layers(layers: Sequence[Any]) -> Optional[tuple[int, ...]]:
     taps = []
     for layer in layers:
@@ -667,7 +647,7 @@ def pipeline_from_bundle(bundle: Any, *, weights: Optional[str] = None, device: 
     if not isinstance(tdtype, torch.dtype):
         raise EngineError(f"unknown precision {dtype!r}; choose fp16, bf16 or fp32")
     backbone = backbone_from_bundle(bundle, weights, **dict(backbone_kwargs or {}))
-    scorer = scorer_from_bundle(bundle, backbone)
+    scorer = scorer_module(bundle, backbone)
     refs = {inp: bundle.array(arr) for inp, arr in bundle.scorer.get("references", {}).items()}
     pipe = CudaGraphPipeline(backbone, scorer, refs, bundle.input_spec, tdtype, device, fuse=fuse, **pipeline_kwargs)
     if verify:
