@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -893,17 +892,26 @@ def test_benchmark_locator_report_counts_none_as_the_choice(torch_one_thread):
     assert bench.locator_report(None, texts, labels, positions) == {}
 
 
-def test_the_bridge_refuses_an_llm_of_another_width(tmp_path):
+def _graphless_bridge(tmp_path):
+    """A bridge folder of only its bridge.json (no graphs): enough for OnnxBridge's checks of the LLM."""
     (tmp_path / "bridge.json").write_text(json.dumps({"graphs": {}, "hidden_size": 32, "tge_layer": 0}))
-    llm = SimpleNamespace(takes_embeds=True, hidden_size=64, dir="llm64", encode=lambda text: [1, 2])
+    return tmp_path
+
+
+def test_the_bridge_refuses_an_llm_of_another_width(tmp_path):
+    llm = _FakeLLM()
+    llm.hidden_size = 64
     with pytest.raises(DescriberError, match="width 32.*has 64"):
-        OnnxBridge(tmp_path, llm)
+        OnnxBridge(_graphless_bridge(tmp_path), llm)
 
 
 def test_closed_set_answers_end_with_the_end_of_turn_as_in_training(tmp_path):
-    (tmp_path / "bridge.json").write_text(json.dumps({"graphs": {}, "hidden_size": 32, "tge_layer": 0}))
-    enc = lambda text: [ord(c) for c in text]  # noqa: E731
-    rt = OnnxBridge(tmp_path, SimpleNamespace(takes_embeds=True, hidden_size=32, dir="llm", encode=enc))
+    class _Chars(_FakeLLM):
+        def encode(self, text):
+            return [ord(c) for c in text]
+
+    enc = _Chars().encode
+    rt = OnnxBridge(_graphless_bridge(tmp_path), _Chars())
     eot = enc(END_OF_TURN)
     assert all(ids == enc(a) + eot for ids, a in zip(rt.choice_ids, rt.choices))
 
@@ -988,6 +996,7 @@ def test_mmf_adds_its_cell_position_embedding():
     so only a trained/loaded checkpoint shows it)."""
     from iadgpt.models.bridge import MultiMaskFusion
     mmf = MultiMaskFusion(2, 32).eval()
+    assert mmf.pos.shape == (9, 32) and not mmf.pos.detach().any()  # zero at init
     masks = torch.randn(2, 2, 24, 24)
     with torch.no_grad():
         before = mmf(masks)

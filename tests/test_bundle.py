@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import shutil
 import stat
 import subprocess
 import sys
@@ -449,25 +448,34 @@ def test_update_manifest_engine_entries(tmp_path, onnx_file):
 
 
 def test_swap_restores_old_and_cleans_up(tmp_path, onnx_file, monkeypatch):
+    """A failed staged -> target rename puts the old bundle back (not the staged one) and leaves no
+    `.bundle.old-*` folder behind; the staged folder is left as it was."""
     import iadgpt.bundle as bm
 
     out = tmp_path / "bundle"
-    old = write_bundle(out, onnx_file)
-    write_bundle(out, onnx_file, bank=np.ones((2, 4), np.float32))  # a successful replace leaves no .old dir
+    write_bundle(out, onnx_file, note="first")
+    write_bundle(out, onnx_file, bank=np.ones((2, 4), np.float32), note="old")  # a replace leaves no .old dir
+    staged = write_bundle(tmp_path / "staged", onnx_file, bank=np.full((3, 4), 7.0, np.float32), note="staged").path
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     before = Bundle.load(out).manifest
-    real, n = os.rename, []
+    assert before != Bundle.load(staged).manifest
+    real, calls = os.rename, []
 
     def rename(a, b):
-        n.append(1)
-        if len(n) == 2:  # the staged -> target rename fails
+        calls.append((Path(a), Path(b)))
+        if len(calls) == 2:  # the staged -> target rename fails
             raise OSError("boom")
         return real(a, b)
 
-    staged = tmp_path / "staged"
-    shutil.copytree(out, staged)
     monkeypatch.setattr(bm.os, "rename", rename)
     with pytest.raises(OSError, match="boom"):
         bm.swap_into_place(staged, out)
     monkeypatch.undo()
-    assert Bundle.load(out).manifest == before and old is not None
+    aside = calls[0][1]
+    assert calls[:2] == [(out, aside), (staged, out)] and aside.name.startswith(".bundle.old-")
+    restored = Bundle.load(out)
+    assert restored.manifest == before and restored.extra == {"note": "old"}
+    assert np.array_equal(restored.array("memory_bank"), np.ones((2, 4), np.float32))
+    assert not aside.exists() and list(tmp_path.glob(".bundle.old-*")) == []
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert Bundle.load(staged).extra == {"note": "staged"}

@@ -456,34 +456,28 @@ def test_engines_of_a_replaced_graph_are_dropped_and_the_others_kept(tiny_bundle
     assert set(Bundle.load(path).engines) == {"encoder_fp16"}
 
 
-@pytest.fixture(scope="module")
-def normals(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("drafts_normal") / "good"
-    write_parts(folder, 24, seed=41)
-    return folder
-
-
-def test_eight_shots_are_augmented_as_export_does(tiny_bundle_path, normals, tmp_path):
+def test_eight_shots_are_augmented_as_export_does(tiny_bundle_path, product_dirs, tmp_path):
     """Export augments k <= 8 shots; calibrate must agree."""
-    calibrate(tiny_bundle_path, normals, shots=8, target_frr=0.1, out=tmp_path / "b", threads=2, progress=False)
+    calibrate(tiny_bundle_path, product_dirs["normal"], shots=8, target_frr=0.1, out=tmp_path / "b", threads=2,
+              progress=False)
     bundle = Bundle.load(tmp_path / "b")
     assert bundle.scorer["augment"] is True
     assert bundle.array("memory_bank").shape[0] == 8 * 8 * (TINY_SIZE // 8) ** 2
 
 
-def test_a_new_bank_keeps_the_bundles_coreset_setting(tiny_bundle_path, normals, tmp_path):
+def test_a_new_bank_keeps_the_bundles_coreset_setting(tiny_bundle_path, product_dirs, tmp_path):
     """Without --coreset the bundle's coreset fraction carries over to the new bank."""
     src = tmp_path / "src"
     shutil.copytree(tiny_bundle_path, src)
     b = Bundle.load(src)
     b.update_manifest(scorer={**b.scorer, "coreset": 0.5})
-    calibrate(src, normals, shots=4, target_frr=0.05, out=tmp_path / "b", threads=2, progress=False)
+    calibrate(src, product_dirs["normal"], shots=4, target_frr=0.05, out=tmp_path / "b", threads=2, progress=False)
     out = Bundle.load(tmp_path / "b")
     assert out.scorer["coreset"] == 0.5
     assert out.array("memory_bank").shape[0] == 4 * 8 * (TINY_SIZE // 8) ** 2 // 2
 
 
-def test_a_folder_put_at_the_target_while_calibrating_is_not_replaced(tiny_bundle_path, normals, tmp_path,
+def test_a_folder_put_at_the_target_while_calibrating_is_not_replaced(tiny_bundle_path, product_dirs, tmp_path,
                                                                      monkeypatch):
     """A non-bundle folder created at --out during the minutes of calibration is refused, not
     renamed away to a hidden .old- folder."""
@@ -499,6 +493,7 @@ def test_a_folder_put_at_the_target_while_calibrating_is_not_replaced(tiny_bundl
 
     monkeypatch.setattr(onboard, "_fit", fit_then_someone_writes_there)
     with pytest.raises(BundleError, match="not a bundle"):
-        onboard.calibrate(tiny_bundle_path, normals, shots=0, target_frr=0.05, out=out, threads=2, progress=False)
+        onboard.calibrate(tiny_bundle_path, product_dirs["normal"], shots=0, target_frr=0.05, out=out, threads=2,
+                          progress=False)
     assert (out / "notes.txt").read_text() == "mine"
     assert not any(p.name.startswith(".out.old-") for p in tmp_path.iterdir())

@@ -157,11 +157,17 @@ def test_bad_taps_and_weights_for_tiny():
         get_backbone("clip-tiny", weights="somewhere")
 
 
-def test_encode_text_chunks_cover_every_text():
+def test_encode_text_chunks_cover_every_text(tiny, monkeypatch):
     """chunking by text_batch embeds every text, as one batch would."""
-    from iadgpt.models.backbones import get_backbone
-    tiny = get_backbone("clip-tiny")
     texts = ["a photo of a bottle.", "a broken bottle", "crack", "a scratch on a bottle", "x"]
     whole = tiny.encode_text(texts)
-    tiny.text_batch = 2
+    real, sizes = type(tiny.clip).get_text_features, []
+
+    def spy(self, *a, **kw):
+        sizes.append(len(kw["input_ids"]))
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(type(tiny.clip), "get_text_features", spy)
+    monkeypatch.setattr(tiny, "text_batch", 2)
     torch.testing.assert_close(tiny.encode_text(texts), whole, atol=1e-5, rtol=1e-5)
+    assert sizes == [2, 2, 1]  # it really ran in chunks of text_batch

@@ -262,8 +262,7 @@ def test_shared_real_datasets_counts():
 
 def test_an_all_black_mask_is_an_empty_mask_not_a_convention_error(tmp_path):
     """An all-black mask is an empty mask, not a refused 0/1 mask."""
-    path = tmp_path / "m_mask.png"
-    cv2.imwrite(str(path), np.zeros((4, 6), np.uint8))
+    path = _png(tmp_path / "m_mask.png", _mask(0, 4, 6))
     mask = read_mask(path, (4, 6))
     assert mask.shape == (4, 6) and not mask.any()
 
@@ -271,12 +270,8 @@ def test_an_all_black_mask_is_an_empty_mask_not_a_convention_error(tmp_path):
 def test_hidden_folders_in_a_test_split_are_not_defect_types(tmp_path):
     """`.ipynb_checkpoints` or a macOS folder in test/ is not a defect type (nor a missing-ground-truth error)."""
     cat = tmp_path / "widget"
-    img = np.full((20, 20, 3), 90, np.uint8)
-    for sub in ("test/good", "test/crack", "test/.ipynb_checkpoints", "ground_truth/crack"):
-        (cat / sub).mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(cat / "test/good/000.png"), img)
-    cv2.imwrite(str(cat / "test/crack/000.png"), img)
-    cv2.imwrite(str(cat / "test/.ipynb_checkpoints/000.png"), img)
-    cv2.imwrite(str(cat / "ground_truth/crack/000_mask.png"), np.full((20, 20), 255, np.uint8))
+    for sub in ("test/good", "test/crack", "test/.ipynb_checkpoints"):
+        _png(cat / sub / "000.png", _image())
+    _png(cat / "ground_truth/crack/000_mask.png", _mask())
     samples = mvtec_test(tmp_path, "widget")
     assert sorted(s.defect_type for s in samples) == ["crack", "good"]

@@ -201,6 +201,7 @@ def test_demo_summary_matches_its_events_and_the_ground_truth(tiny_bundle_path, 
     fp = sum(a and not d for a, d in judged)
     tn = sum(not a and not d for a, d in judged)
     assert tp + fn > 0 and fp + tn > 0 and fp != fn, (tp, fn, fp, tn)  # the arithmetic is exercised
+    assert (fn > 0) if threshold == 1.0 else (fp > 0), (tp, fn, fp, tn)  # 1.0 misses; the own threshold false-alarms
     assert (s["defective"], s["good"], s["flagged"]) == (tp + fn, fp + tn, tp + fp)
     assert s["recall"] == pytest.approx(tp / (tp + fn)) and s["false_alarm_rate"] == pytest.approx(fp / (fp + tn))
     dropped = sum(1 for e in events if (e["error"] or "").startswith("dropped"))

@@ -339,28 +339,24 @@ def test_boxes_touching_the_map_edge_stay_inside_every_frame_size():
         assert r.box[2] <= w and r.box[3] <= w, (w, r.box)
 
 
-def _defective_frame() -> Frame:
-    s = SyntheticProduct(kind="part", size=TINY_SIZE, seed=13, defect_rate=1.0).sample(0)
-    return Frame(image=s.image, frame_id=0, timestamp=1_800_000_000.0, source="t")
-
-
 def test_a_score_equal_to_the_threshold_is_ng(tiny_bundle_path):
     """A threshold fitted for recall or F1 is a defect's own score: that defect must be flagged."""
+    defective = frame(defective_frames(1)[0].image)
     with Detector(Bundle.load(tiny_bundle_path), "onnxruntime", threads=1, threshold=float("inf")) as d:
-        score = d.detect(_defective_frame()).score
+        score = d.detect(defective).score
     with Detector(Bundle.load(tiny_bundle_path), "onnxruntime", threads=1, threshold=score) as d:
-        assert d.detect(_defective_frame()).anomalous is True
+        assert d.detect(defective).anomalous is True
 
 
 def test_the_pixel_threshold_is_capped_at_the_image_threshold_in_use(tiny_bundle_path, tmp_path):
     """A flagged frame must have pixels above the region threshold: the bundle's pixel threshold is
     capped at its image threshold, and at a --threshold override."""
-    copy = tmp_path / "b"
-    shutil.copytree(tiny_bundle_path, copy)
-    b = Bundle.load(copy)
-    image = dict(b.thresholds["image"])
-    b.update_manifest(thresholds={"image": image, "pixel": {"value": image["value"] * 10}})
-    with Detector(Bundle.load(copy), "onnxruntime", threads=1) as d:
+    def pixel_at_ten_times_the_image(m):
+        m["thresholds"]["pixel"] = {"value": m["thresholds"]["image"]["value"] * 10}
+
+    b = edited_copy(tiny_bundle_path, tmp_path / "b", pixel_at_ten_times_the_image)
+    image = b.thresholds["image"]
+    with Detector(b, "onnxruntime", threads=1) as d:
         assert d.pixel_threshold == d.threshold
-    with Detector(Bundle.load(copy), "onnxruntime", threads=1, threshold=image["value"] / 2) as d:
+    with Detector(b, "onnxruntime", threads=1, threshold=image["value"] / 2) as d:
         assert d.pixel_threshold == image["value"] / 2

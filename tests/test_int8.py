@@ -218,14 +218,24 @@ def test_patch_cosine():
     assert int8.patch_cosine(np.zeros_like(a), np.zeros_like(a)) == pytest.approx(1.0)
 
 
+# EfficientNet's stem stage: the stem conv and the first block (no widening, stride 1)
+STEM_STAGE = ["/backbone/_conv_stem/Conv", "/backbone/_blocks.0/_depthwise_conv/Conv",
+              "/backbone/_blocks.0/_project_conv/Conv"]
+
+
+def _float_convs(model):
+    """Names of the convs whose weights are float initializers (quantized ones read a DQ output)."""
+    inits = {i.name: i for i in model.graph.initializer}
+    return [n.name for n in model.graph.node if n.op_type == "Conv"
+            and n.input[1] in inits and inits[n.input[1]].data_type == onnx.TensorProto.FLOAT]
+
+
 def test_cpu_preset_keeps_the_stem_stage_in_float(cpu_int8):
     """EfficientNet's stem and first block (no widening, stride 1) stay float; INT8 starts at its 16-channel output."""
     model = onnx.load(str(cpu_int8[0]))
     inits = {i.name: i for i in model.graph.initializer}
-    float_convs = [n.name for n in model.graph.node if n.op_type == "Conv"  # quantized ones read a DQ output
-                   and n.input[1] in inits and inits[n.input[1]].data_type == onnx.TensorProto.FLOAT]
-    assert float_convs == ["/backbone/_conv_stem/Conv", "/backbone/_blocks.0/_depthwise_conv/Conv",
-                           "/backbone/_blocks.0/_project_conv/Conv"]
+    float_convs = _float_convs(model)
+    assert float_convs == STEM_STAGE
     assert set(float_convs) <= set(cpu_int8[1].excluded_nodes)
     first_q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits)
     assert first_q.input[0] == "/backbone/_blocks.0/_project_conv/Conv_output_0"
@@ -325,21 +335,13 @@ def test_stem_stage_walk(tmp_path, layout, stage):
 from onnx import TensorProto, helper  # noqa: E402
 
 
-def _parts(n, seed, spec):
-    from iadgpt.runtime.preprocess import to_batch
-    from iadgpt.runtime.synthetic import SyntheticProduct
-    product = SyntheticProduct(kind="part", size=TINY_SIZE, seed=seed, defect_rate=0.0)
-    return to_batch([product.sample(i).image for i in range(n)], spec)
-
-
-def test_keep_float_auto_on_the_cpu_starts_from_the_float_stem(tiny_bundle_path, tmp_path):
-    """"auto" starts from the CPU preset's choice, the stem stage in float."""
-    bundle = Bundle.load(tiny_bundle_path)
-    calib = int8.rebatch(_parts(8, 31, bundle.input_spec), 4)
-    report = int8.quantize_encoder(bundle.graph_path("encoder"), tmp_path / "q.onnx", calib, threads=1,
-                                   keep_float="auto", eval_batches=int8.rebatch(_parts(4, 32, bundle.input_spec)))
+def test_keep_float_auto_on_the_cpu_starts_from_the_float_stem(encoder, images, tmp_path):
+    """"auto" starts from the CPU preset's choice, the whole stem stage in float."""
+    report = int8.quantize_encoder(encoder, tmp_path / "q.onnx", images["calib"], threads=1,
+                                   keep_float="auto", eval_batches=images["check"])
     assert report.stem == "float"
-    assert "/backbone/_conv_stem/Conv" in report.excluded_nodes
+    assert set(STEM_STAGE) <= set(report.excluded_nodes), report.excluded_nodes
+    assert set(STEM_STAGE) <= set(_float_convs(onnx.load(str(tmp_path / "q.onnx"))))
 
 
 def _two_conv_graph(path):
@@ -375,16 +377,6 @@ def test_keep_float_auto_excludes_the_most_damaging_node(tmp_path):
 
 def test_integer_input_plan_respects_an_excluded_stem(tmp_path):
     """A stem the user keeps in float gets no integer-pixel plan (quantization would fail on it)."""
-    inits = [numpy_helper.from_array(np.full((1, 3, 1, 1), 127.0, np.float32), "mean"),
-             numpy_helper.from_array(np.full((1, 3, 1, 1), 128.0, np.float32), "std"),
-             numpy_helper.from_array(np.ones((8, 3, 3, 3), np.float32), "w")]
-    nodes = [helper.make_node("Sub", ["image", "mean"], ["c"], name="sub"),
-             helper.make_node("Div", ["c", "std"], ["n"], name="div"),
-             helper.make_node("Conv", ["n", "w"], ["y"], name="stem", pads=[1, 1, 1, 1])]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 16, 16])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8, 16, 16])],
-                              initializer=inits)
-    path = tmp_path / "g.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    path = _normalising_graph(tmp_path / "g.onnx", 127.0, 128.0)  # its one conv, "stem0", reads the image
     assert int8._integer_input_plan(path, "uint8", []) is not None
-    assert int8._integer_input_plan(path, "uint8", ["stem"]) is None
+    assert int8._integer_input_plan(path, "uint8", ["stem0"]) is None

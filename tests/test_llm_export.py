@@ -242,7 +242,6 @@ def test_packaged_smollm2_int4_is_lossless_on_its_gguf_grid(monkeypatch):
 
 def test_grid_refuses_a_block_with_one_code_too_many():
     """a block spanning 17 codes is not on a 16-level (4-bit) grid (it would be clipped and called exact)."""
-    from iadgpt.export.llm import _grid
     q = np.r_[np.arange(17), np.zeros(15)].astype(np.float32)
     block = (0.25 + 0.01 * q)[None]
     assert not _grid(block, 16)[3].any()
@@ -261,7 +260,6 @@ def _unpack4(packed, scales, offsets, k, n, bs=32):
 def test_rtn_blocks_stay_within_half_a_step():
     """off-grid (float) blocks are rounded to the nearest of 16 levels spanning the block:
     every weight within half that block's step (span / 15)."""
-    from iadgpt.export.llm import quantize_matrix
     w = np.random.default_rng(3).normal(size=(64, 12)).astype(np.float32)
     packed, scales, offsets, info = quantize_matrix(w, 4)
     assert info["exact"] == 0
@@ -274,7 +272,6 @@ def test_rtn_blocks_stay_within_half_a_step():
 def test_8bit_codes_of_a_q4_1_block_are_centred_on_the_zero_point():
     """a Q4_1 block at 8 bits uses 16 of 256 codes; they sit around 128 (the kernel's implicit
     zero point), so the float offset stays small and int8 activations (accuracy_level 4) stay exact."""
-    from iadgpt.export.llm import quantize_matrix
     w = _q4_1((np.random.default_rng(1).normal(size=(96, 40)) * 0.05).astype(np.float32))
     packed, scales, offsets, info = quantize_matrix(w, 8)
     assert info["rtn"] == 0 and info["max_abs_error"] < 1e-6
@@ -284,14 +281,11 @@ def test_8bit_codes_of_a_q4_1_block_are_centred_on_the_zero_point():
 
 
 def _nbits_nodes(path):
-    import onnx
     return [n for n in onnx.load(str(path)).graph.node if n.op_type == "MatMulNBits"]
 
 
 def test_q8_0_weight_stays_8bit_in_a_4bit_model(tmp_path):
     """mixed_8bit: with bits=4 a Q8_0 weight (an 8-bit, not a 4-bit grid) is kept at 8 bits, losslessly."""
-    ort = pytest.importorskip("onnxruntime")
-    from iadgpt.export.llm import quantize_weights
     w = _q8_0((np.random.default_rng(1).normal(size=(96, 40)) * 0.05).astype(np.float32))
     _matmul_model(tmp_path / "m.onnx", w)
     stats = quantize_weights(tmp_path / "m.onnx", tmp_path / "q.onnx", 4, accuracy_level=0)
@@ -305,8 +299,6 @@ def test_q8_0_weight_stays_8bit_in_a_4bit_model(tmp_path):
 
 def test_quantized_graph_drops_the_float_weight(tmp_path):
     """the float initializer a MatMulNBits replaced is not kept in the model (4x the file size)."""
-    import onnx
-    from iadgpt.export.llm import quantize_weights
     w = _q4_1((np.random.default_rng(1).normal(size=(96, 40)) * 0.05).astype(np.float32))
     _matmul_model(tmp_path / "m.onnx", w)
     quantize_weights(tmp_path / "m.onnx", tmp_path / "q.onnx", 4)

@@ -67,7 +67,8 @@ def test_a_passed_deadline_stops_generation():
 
 
 def test_a_missing_llm_file_is_named_with_its_fix(tmp_path):
-    with pytest.raises(DescriberError, match="incomplete: model.onnx is missing"):
+    fix = "incomplete: model.onnx is missing; rebuild it with `iadgpt quantize-llm`"
+    with pytest.raises(DescriberError, match=fix):
         verify_llm_dir(tmp_path, {"model.onnx": "0" * 64})
 
 
@@ -77,7 +78,6 @@ def test_generation_stops_at_an_eos_after_the_first_token():
 
 
 def _bare_llm():
-    from iadgpt.runtime.llm_runtime import OnnxLLM, chatml
     llm = OnnxLLM.__new__(OnnxLLM)
     llm.dir, llm.takes_embeds, llm.has_position_ids, llm.gate = "fake", False, True, None
     llm.past_names, llm.output_names = [("pk", "pv")], ["logits", "k", "v"]

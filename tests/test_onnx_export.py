@@ -180,15 +180,34 @@ def test_unknown_scorer_is_refused():
         scorer_graph(nn.Identity())
 
 
+_BANK_SHAPES = [(8, 8, 8), (16, 4, 4)]
+
+
+def _bank_probe():
+    """(scorer, probe features (2, C, h, w) per layer, bank (60, 24)), seeded."""
+    rng = np.random.default_rng(0)
+    bank = rng.standard_normal((60, 24)).astype(np.float32)
+    feats = [np.maximum(rng.standard_normal((2, *s)), 0).astype(np.float32) for s in _BANK_SHAPES]
+    return MemoryBankScorer((4, 8), 32).eval(), feats, bank
+
+
 def _bank_scorer_export(tmp_path):
-    shapes = [(8, 8, 8), (16, 4, 4)]
-    bank = np.random.default_rng(0).standard_normal((60, 24)).astype(np.float32)
-    return export_scorer(MemoryBankScorer((4, 8), 32).eval(), shapes, bank, tmp_path / "s.onnx")
+    scorer, feats, bank = _bank_probe()
+    return export_scorer(scorer, _BANK_SHAPES, bank, tmp_path / "s.onnx", probe_features=feats)
 
 
 def test_scorer_parity_is_relative_to_the_map_range_and_probes_another_bank_size(tmp_path):
+    """The scale is the torch map's max - min over the probes (batch 2, batch 1, and batch 1 with
+    half the bank), measured here independently; the tolerance is 1e-4 of it."""
+    scorer, feats, bank = _bank_probe()
+    t = [torch.from_numpy(f) for f in feats]
+    with torch.no_grad():
+        maps = [scorer(*t, torch.from_numpy(bank))[0], scorer(*(f[:1] for f in t), torch.from_numpy(bank[:30]))[0]]
+    span = max(float(m.max() - m.min()) for m in maps)
+    assert span > 1e-3  # a real range, not the floor
     report = _bank_scorer_export(tmp_path)
-    assert report.tolerances["anomaly_map"] == pytest.approx(1e-4 * report.scales["anomaly_map"])
+    assert report.scales["anomaly_map"] == pytest.approx(span, rel=1e-5)
+    assert report.tolerances["anomaly_map"] == pytest.approx(1e-4 * span, rel=1e-5)
     assert any("bank of 30 rows" in p for p in report.probes), report.probes  # a bank size frozen at trace time
 
 
@@ -201,14 +220,16 @@ def test_parity_needs_every_output_within_its_tolerance():
     assert not report.ok
 
 
-def test_a_mismatch_in_any_one_probe_fails_the_export(tmp_path, monkeypatch):
+@pytest.mark.parametrize("bad", [0, 1, 2], ids=["batch-2", "batch-1", "half-bank"])
+def test_a_mismatch_in_any_one_probe_fails_the_export(tmp_path, monkeypatch, bad):
     real, calls = OrtEngine.run, []
 
-    def first_probe_off(self, feeds):
+    def one_probe_off(self, feeds):
         out = real(self, feeds)
         calls.append(1)
-        return {k: v + 1.0 for k, v in out.items()} if len(calls) == 1 else out
+        return {k: v + 1.0 for k, v in out.items()} if len(calls) == bad + 1 else out
 
-    monkeypatch.setattr(OrtEngine, "run", first_probe_off)
+    monkeypatch.setattr(OrtEngine, "run", one_probe_off)
     with pytest.raises(ExportError, match="disagrees"):
         _bank_scorer_export(tmp_path)
+    assert len(calls) == 3  # the three probes ran; only probe `bad` was off

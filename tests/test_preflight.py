@@ -103,8 +103,6 @@ def test_the_check_connects_to_mqtt_under_an_id_of_its_own(tmp_path, tiny_bundle
 def test_a_bridge_the_int8_encoder_would_break_fails_the_check_as_the_station_refuses_it(tmp_path, tiny_bundle_path,
                                                                                         monkeypatch):
     """`--check` said "ready" for this pair, and the station then refused to start."""
-    from types import SimpleNamespace
-
     from iadgpt.runtime import describer as describer_mod
 
     class StubDescriber:

@@ -77,20 +77,33 @@ def test_a_station_that_ended_by_itself_or_lost_events_fails(soak) -> None:
 
 def test_processes_started_from_a_thread_are_found(soak) -> None:
     """The describer worker is started from the describer's thread: the main thread's children list
-    misses it."""
+    misses it. The starter thread stays alive during the checks: once it ends, Linux hands its
+    children to the main thread and the main thread's list would find them too."""
+    import os
     import subprocess
     import sys
     import threading
 
     procs = []
-    t = threading.Thread(target=lambda: procs.append(subprocess.Popen([sys.executable, "-c", "import time; "
-                                                                       "time.sleep(30)"])))
+    started, release = threading.Event(), threading.Event()
+
+    def start() -> None:
+        try:
+            procs.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"]))
+        finally:
+            started.set()
+        release.wait(30)
+
+    t = threading.Thread(target=start)
     t.start()
-    t.join()
     try:
-        import os
+        assert started.wait(30) and procs
+        assert t.is_alive()
         assert procs[0].pid in soak._descendants(os.getpid())
         assert soak._proc(procs[0].pid)["rss_mb"] > 0
     finally:
-        procs[0].kill()
-        procs[0].wait()
+        release.set()
+        t.join()
+        for proc in procs:
+            proc.kill()
+            proc.wait()

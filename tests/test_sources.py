@@ -212,8 +212,13 @@ def test_a_camera_fills_frame_buffers_and_a_failing_one_is_said_once(caplog: pyt
     assert [int(f.image[0, 0, 0]) for f in rest] == [1, 2, 3]  # no frame lost, ordinary memory
     warnings = [r.getMessage() for r in caplog.records if "frame buffers" in r.getMessage()]
     assert len(warnings) == 1 and "out of memory" in warnings[0] and "ordinary memory" in warnings[0]
-    src.use_frame_buffers(None)
-    assert src.read().image is not buffers.given[-1]
+    buffers.fail = False  # offered again, buffers are used again
+    src.use_frame_buffers(buffers)
+    again = src.read()
+    assert len(buffers.given) == 2 and again.image is buffers.given[-1] and int(again.image[0, 0, 0]) == 4
+    src.use_frame_buffers(None)  # withdrawn: fresh arrays, no buffer asked for
+    last = src.read()
+    assert len(buffers.given) == 2 and last.image is not buffers.given[-1] and int(last.image[0, 0, 0]) == 5
 
 
 def test_video_loop_wraps(video: Path) -> None:

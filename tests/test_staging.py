@@ -97,11 +97,20 @@ def test_a_bundle_write_sweeps_a_killed_write_of_the_same_bundle(tmp_path):
 
 
 def test_release_drops_the_lock_so_a_renamed_staging_folder_is_not_held_forever(tmp_path):
-    """`release` drops the lock and its descriptor: a long-running process that builds many times
-    must not keep one open per build."""
+    """`release` drops the lock and its descriptor, also once the folder was renamed into place (it is
+    released by the path it was made at): a long-running process that builds many times must not keep
+    one open per build."""
+    from iadgpt import staging
+
     path = make_staging_dir(tmp_path, ".B.tmp-")
-    assert _try_lock(path) is None  # held while the build runs
+    held = staging._held[str(path)]
+    target = tmp_path / "B"
+    os.rename(path, target)  # as a finished build is renamed into place
+    assert _try_lock(target) is None  # the lock went with the folder: still held
     release(path)
-    fd = _try_lock(path)
+    assert str(path) not in staging._held
+    with pytest.raises(OSError):
+        os.fstat(held)  # the descriptor is closed, not only unlocked
+    fd = _try_lock(target)
     assert fd is not None  # nobody holds it any more
     os.close(fd)

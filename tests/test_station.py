@@ -449,43 +449,31 @@ def test_the_queue_evicts_the_oldest_frame_when_full():
     assert [q.get(0).frame.frame_id, q.get(0).frame.frame_id] == [1, 2]
 
 
-class _PixellessSource:
+class _PixellessSource(_LiveStub):
     """A live source whose frames all failed to decode, then ends."""
 
-    live, uri, reconnects, errors, ended = True, "stub", 0, 0, False
-
-    def __init__(self, n):
-        self.i, self.n = 0, n
-
-    def read(self, timeout=None):
+    def read(self, timeout: Optional[float] = None) -> Optional[Frame]:
         if self.i >= self.n:
             self.ended = True
             return None
         time.sleep(0.03)  # the loop is waiting on its queue when the last one comes
         self.i += 1
-        return Frame(None, self.i - 1, time.time(), "stub", {"error": "broken"})
-
-
-class _Recorder:
-    name, errors = "rec", 0
-
-    def __init__(self):
-        self.got = []
-
-    def write(self, verdict, frame=None):
-        self.got.append(verdict)
-
-    def close(self):
-        pass
+        return Frame(None, self.i - 1, time.time(), self.uri, {"error": "broken"})
 
 
 def test_error_events_made_as_the_run_ends_are_written():
-    """One event per frame, also for the undecodable frames that arrive just before the source ends."""
+    """One event per frame, also for the undecodable frames that arrive just before the source ends;
+    the detector is never asked about a frame without pixels."""
+    calls: list[Frame] = []
+
     class NeverCalled:
         def detect(self, frame):
+            calls.append(frame)
             raise AssertionError("no frame has pixels")
 
     for _ in range(3):
-        rec = _Recorder()
+        rec = RecordingSink()
         stats = Station(NeverCalled(), _PixellessSource(3), [rec]).run()
         assert stats.frames == 3 == len(rec.got) == stats.errors
+        assert sorted(rec.ids) == [0, 1, 2] and [v.error for v, _ in rec.got] == ["broken"] * 3
+    assert calls == []

@@ -135,10 +135,11 @@ def test_grid_and_cli(tmp_path, parts: NSASynthesizer) -> None:
     assert img is not None and img.shape == (66, 4 * 130, 3)  # one row of 4 cells, image + label each
 
 
-@pytest.mark.parametrize("flags,match", [(["--cols", "0"], "--cols 0"), (["--size", "0"], "--size 0"),
-                                         (["--size", "-3"], "--size -3"),
+@pytest.mark.parametrize("flags,match", [(["--n", "0"], "--n 0"), (["--cols", "0"], "--cols 0"),
+                                         (["--size", "0"], "--size 0"), (["--size", "-3"], "--size -3"),
                                          (["--out", "grid_without_extension"], "end the name in one of"),
-                                         (["--out", "grid.txt"], "end the name in one of")])
+                                         (["--out", "grid.txt"], "end the name in one of"),
+                                         (["--out", "folder.png"], "is a folder")])
 def test_cli_refuses_nonsense_flags_before_synthesis(tmp_path, monkeypatch, capsys, flags, match) -> None:
     from iadgpt.models import synth as synth_module
     monkeypatch.chdir(tmp_path)
@@ -146,10 +147,11 @@ def test_cli_refuses_nonsense_flags_before_synthesis(tmp_path, monkeypatch, caps
     train = tmp_path / "good"
     train.mkdir()
     cv2.imwrite(str(train / "0.png"), np.zeros((8, 8, 3), np.uint8))
+    (tmp_path / "folder.png").mkdir()  # a folder named like a grid image
     args = ["synth", "--train-dir", str(train), "--n", "2", "--out", "grid.png"]
     assert main(args + flags) == 2  # the later --out wins
     assert match in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["good"]  # nothing written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.png", "good"]  # nothing written
 
 
 def test_poisson_paste_takes_the_patchs_gradients_not_the_targets():
@@ -178,7 +180,7 @@ def test_synth_passes_flags_and_reads_upper_case_suffixes(tmp_path, monkeypatch,
 
     class S:
         def __init__(self, images, kind):
-            seen.update(n_images=len(images), kind=kind)
+            seen.update(n_images=len(images), shape=images[0].shape, kind=kind)
             self.config = type("C", (), {"kind": kind})()
 
     def grid(s, n, seed, cols):
@@ -189,14 +191,6 @@ def test_synth_passes_flags_and_reads_upper_case_suffixes(tmp_path, monkeypatch,
     out = tmp_path / "a" / "b" / "grid.PNG"  # nested parent, upper-case suffix
     assert main(["synth", "--train-dir", str(good), "--n", "3", "--out", str(out), "--kind", "texture",
                  "--seed", "7", "--cols", "2", "--size", "16"]) == 0
-    assert seen == {"n_images": 1, "kind": "texture", "n": 3, "seed": 7, "cols": 2} and out.exists()
-
-
-@pytest.mark.parametrize("flags,words", [(["--n", "0"], "--n 0"), (["--out", "DIR"], "is a folder")])
-def test_synth_refuses_before_synthesis(tmp_path, monkeypatch, capsys, good, flags, words):
-    from iadgpt.models import synth
-    monkeypatch.setattr(synth, "synth_grid", lambda *a, **k: pytest.fail("synthesized"))
-    (tmp_path / "DIR.png").mkdir()
-    flags = [f if f != "DIR" else str(tmp_path / "DIR.png") for f in flags]
-    assert main(["synth", "--train-dir", str(good), "--out", str(tmp_path / "g.png")] + flags) == 2
-    assert words in capsys.readouterr().err
+    # good's 32 px image reaches the synthesizer at --size 16
+    assert seen == {"n_images": 1, "shape": (16, 16, 3), "kind": "texture", "n": 3, "seed": 7, "cols": 2}
+    assert out.exists()

@@ -262,6 +262,8 @@ def test_build_refuses_a_corrupt_bundle(tiny_bundle_path, tmp_path, fake_builder
     enc.write_bytes(bytes(data))
     assert main(["build", str(bundle)]) != 0
     assert fake_builder == []
+    err = capsys.readouterr().err
+    assert f"{enc.relative_to(bundle).as_posix()} (graph 'encoder') is corrupt or was modified" in err, err
 
 
 def test_int8_build_compiles_the_qdq_graph(tiny_bundle_path, tmp_path, fake_builder):

@@ -166,15 +166,7 @@ def test_torch_backend_refuses_renamed_references(tiny_bundle_path, tmp_path):
         torch_engines(b)
 
 
-def test_text_embeddings_scale_does_not_matter():
-    torch = pytest.importorskip("torch")
-    from iadgpt.models.backbones import get_backbone
-    from iadgpt.models.prompts import load_prompts, text_embeddings
-    from iadgpt.models.text_scorer import TextPromptScorer
-    from iadgpt.errors import ScorerError
-
-    tiny = get_backbone("clip-tiny")
-    text = text_embeddings(tiny, load_prompts("bottle"))
+def test_text_embeddings_scale_does_not_matter(tiny, text):
     scorer = TextPromptScorer.from_backbone(tiny).eval()
     with torch.no_grad():
         feats = tiny(_image())

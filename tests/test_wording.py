@@ -28,6 +28,9 @@ def test_facts_sentence_and_prompt_carry_the_facts():
     ("A scratch from handling at the top left; check the gripper.", False),
     ("Probably from handling; check the gripper.", False),
     ("The upper left corner was hit by the tool.", False),
+    ("A scratch at the bottom of the part.", True),  # a row word of another row
+    ("A scratch on the right side.", True),  # a column word of another column
+    ("A scratch at the top; check the gripper.", False),  # the row word of the region's row
 ])
 def test_contradictions_catch_wrong_position_type_and_tone(remark, bad):
     facts = _facts(defect_type="scratch")
@@ -77,13 +80,6 @@ def test_facts_sentence_words_the_size_with_its_precision():
     assert "about 2.6% of the part (~240 px; the coarse anomaly map marks 2.6%)" in text
 
 
-def test_a_row_word_of_another_row_is_a_contradiction():
-    facts = _facts(defect_type="scratch")  # top left
-    assert contradictions("A scratch at the bottom of the part.", facts)
-    assert contradictions("A scratch on the right side.", facts)
-    assert not contradictions("A scratch at the top; check the gripper.", facts)
-
-
 def _flat_frame_facts(grey, region, region_grey, tone):
     """Facts of one region (y0, y1, x0, x1) of a flat grey frame, the region painted `region_grey`."""
     img = np.full((96, 96, 3), grey, np.uint8)
@@ -100,18 +96,25 @@ def _light_facts():
     return _flat_frame_facts(120, (10, 22, 10, 30), 230, "lighter")
 
 
-def test_dark_is_a_contradiction_for_a_lighter_defect():
-    assert contradictions("A dark spot, probably oil from the press.", _light_facts())
+def _similar_facts():
+    return _flat_frame_facts(150, (40, 60, 40, 60), 150, "similar brightness")  # seen by texture, not brightness
 
 
-def test_large_needs_ten_percent_even_when_no_type_word_is_named():
+@pytest.mark.parametrize("facts_of, remark, word", [
+    (_light_facts, "A dark spot, probably oil from the press.", "dark"),
+    (_similar_facts, "A bright mark from the press.", "bright"),
+], ids=["dark-for-lighter", "bright-for-similar-brightness"])
+def test_a_brightness_word_is_a_contradiction_for_a_defect_of_another_tone(facts_of, remark, word):
+    assert any(i.startswith(f"'{word}'") for i in contradictions(remark, facts_of()))
+
+
+@pytest.mark.parametrize("remark, word", [
+    ("A large mark from the tool.", "large"),  # 'large' needs >= 10 %
+    ("A tiny mark from handling.", "tiny"),  # 'tiny' only below 2 %
+])
+def test_a_size_word_must_fit_the_share_even_when_no_type_word_is_named(remark, word):
     facts = _facts(defect_type="scratch")  # ~2.6 % of the part
-    assert any(i.startswith("size 'large'") for i in contradictions("A large scratch from the tool.", facts))
-
-
-def test_tiny_is_a_contradiction_above_two_percent():
-    facts = _facts(defect_type="scratch")  # ~2.6 %
-    assert any(i.startswith("size 'tiny'") for i in contradictions("A tiny scratch from handling.", facts))
+    assert any(i.startswith(f"size '{word}'") for i in contradictions(remark, facts))
 
 
 def test_the_remark_is_clipped_to_remark_words():
@@ -142,14 +145,6 @@ def test_a_remark_cut_by_the_token_limit_ends_at_its_last_full_clause():
 def test_a_looping_remark_is_cut_where_it_repeats():
     assert dedupe_clauses("a lack of grease, a lack of grease on the pin, worn pads") == "a lack of grease."
     assert dedupe_clauses("worn pads, a loose fixture") == "worn pads, a loose fixture"
-
-
-def _similar_facts():
-    return _flat_frame_facts(150, (40, 60, 40, 60), 150, "similar brightness")  # seen by texture, not brightness
-
-
-def test_bright_is_a_contradiction_for_a_defect_of_similar_brightness():
-    assert contradictions("A bright mark from the press.", _similar_facts())
 
 
 def test_upper_and_lower_are_read_as_rows():
