@@ -2,8 +2,10 @@
 # GPU checks of the fast path in under 5 minutes on the lent machine (H100/H200, torch 2.11 + CUDA 13,
 # onnxruntime CPU, no network, nothing to install: random weights, iadgpt from this checkout).
 #   1. the GPU tests:           pytest -m gpu -rs tests/test_cuda_graph.py
-#   2. the latency benchmark:   benchmarks/gpu_latency.py --device cuda --random-weights (+ parity vs onnxruntime)
-# Prints the GPU; writes gpu.txt, pytest_gpu.txt, gpu_latency.json and gpu_latency.log to $OUT (or ./out/gpu_check).
+#   2. the host side:           benchmarks/host_copy.py (frame copy and BGR -> RGB conversion, quiet and busy)
+#   3. the latency benchmark:   benchmarks/gpu_latency.py --device cuda --random-weights (+ parity vs onnxruntime)
+# Prints the GPU; writes gpu.txt, pytest_gpu.txt, host_copy.txt, gpu_latency.json and gpu_latency.log to $OUT
+# (or ./out/gpu_check).
 #
 #   bash benchmarks/gpu_check.sh                        # from the repository root
 #   bash benchmarks/gpu_check.sh --variants graph-fused,graph-fused-compile,onnxruntime   # extra args -> gpu_latency.py
@@ -33,6 +35,11 @@ GPU_TESTS=(tests/test_cuda_graph.py)
 timeout $(( ${#GPU_TESTS[@]} > 1 ? 260 : 170 )) "$PY" -m pytest -m gpu -rs -q -p no:cacheprovider "${GPU_TESTS[@]}" 2>&1 \
     | tee "$OUT_DIR/pytest_gpu.txt"
 RC_TESTS=${PIPESTATUS[0]}
+
+echo "== host side: frame copy and BGR -> RGB conversion, quiet and beside 2 busy processes"
+for BUSY in 0 2; do for GAP in 0 1; do
+    timeout 60 "$PY" benchmarks/host_copy.py --busy $BUSY --gap-ms $GAP --calls 1000 2>&1
+done; done | tee "$OUT_DIR/host_copy.txt"
 
 LEFT=$(( BUDGET_S - ($(date +%s) - START) ))
 echo "== latency benchmark (${LEFT} s left)"

@@ -12,7 +12,8 @@ import pytest
 
 from iadgpt.errors import SourceError
 from iadgpt.runtime import sources
-from iadgpt.runtime.sources import CaptureSource, Frame, FrameSource, _ReconnectingCapture, csi_pipeline, open_source
+from iadgpt.runtime.sources import (FRAME_BUFFER_RETRY_S, CaptureSource, Frame, FrameSource, _ReconnectingCapture,
+                                     csi_pipeline, open_source)
 from iadgpt.runtime.synthetic import SyntheticProduct
 
 
@@ -199,26 +200,38 @@ def test_decoded_frames_land_in_the_detectors_frame_buffers(video: Path) -> None
 
 
 def test_a_camera_fills_frame_buffers_and_a_failing_one_is_said_once(caplog: pytest.LogCaptureFixture) -> None:
+    """A failing allocator costs no frame: ordinary memory, one warning, and the buffers are tried
+    again after FRAME_BUFFER_RETRY_S (pinned memory can run short for a while)."""
     clock = FakeClock()
     opener, _ = _opener([(True, 100)])
     src = CaptureSource("cam://fake", opener, sleep=clock.sleep, clock=clock)
+    src._now = clock
     buffers = _Buffers()
     src.use_frame_buffers(buffers)
     first = src.read()
     assert first.image is buffers.given[0] and int(first.image[0, 0, 0]) == 0
     buffers.fail = True
-    with caplog.at_level("WARNING", logger="iadgpt.runtime.sources"):
+    with caplog.at_level("INFO", logger="iadgpt.runtime.sources"):
         rest = [src.read() for _ in range(3)]
-    assert [int(f.image[0, 0, 0]) for f in rest] == [1, 2, 3]  # no frame lost, ordinary memory
-    warnings = [r.getMessage() for r in caplog.records if "frame buffers" in r.getMessage()]
-    assert len(warnings) == 1 and "out of memory" in warnings[0] and "ordinary memory" in warnings[0]
-    buffers.fail = False  # offered again, buffers are used again
+        assert [int(f.image[0, 0, 0]) for f in rest] == [1, 2, 3]  # no frame lost, ordinary memory
+        buffers.fail = False  # memory is back, but the source does not ask before the retry time
+        clock.now += FRAME_BUFFER_RETRY_S - 1
+        assert int(src.read().image[0, 0, 0]) == 4 and len(buffers.given) == 1
+        clock.now += 1
+        back = src.read()
+    assert back.image is buffers.given[-1] and len(buffers.given) == 2 and int(back.image[0, 0, 0]) == 5
+    said = [r.getMessage() for r in caplog.records if "frame buffers" in r.getMessage()]
+    assert len(said) == 2 and "out of memory" in said[0] and "ordinary memory" in said[0]
+    assert "work again" in said[1]
+    buffers.fail = True  # fails again, then offered anew: used at once
+    assert int(src.read().image[0, 0, 0]) == 6 and len(buffers.given) == 2
+    buffers.fail = False
     src.use_frame_buffers(buffers)
     again = src.read()
-    assert len(buffers.given) == 2 and again.image is buffers.given[-1] and int(again.image[0, 0, 0]) == 4
+    assert len(buffers.given) == 3 and again.image is buffers.given[-1] and int(again.image[0, 0, 0]) == 7
     src.use_frame_buffers(None)  # withdrawn: fresh arrays, no buffer asked for
     last = src.read()
-    assert len(buffers.given) == 2 and last.image is not buffers.given[-1] and int(last.image[0, 0, 0]) == 5
+    assert len(buffers.given) == 3 and last.image is not buffers.given[-1] and int(last.image[0, 0, 0]) == 8
 
 
 def test_video_loop_wraps(video: Path) -> None:

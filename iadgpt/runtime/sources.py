@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 VIDEO_EXTS = (".mp4", ".avi", ".mkv", ".mov", ".m4v", ".webm", ".mpg", ".mpeg", ".wmv", ".ts", ".h264", ".h265")
 IMAGE_EXTS = tuple(sorted(IMAGE_EXTENSIONS))  # the set export and calibrate take, so all three agree
+FRAME_BUFFER_RETRY_S = 30.0  # after a failed frame-buffer allocation, ordinary memory for this long
 STREAM_SCHEMES = ("rtsp", "rtsps", "rtmp", "http", "https", "udp", "tcp")
 
 
@@ -91,10 +92,14 @@ class FrameSource(Protocol):
     def __exit__(self, *exc: object) -> None: ...
 
 
-def _to_rgb(img: np.ndarray) -> np.ndarray:
-    """OpenCV gives BGR(A); the package works in RGB. Grey passes through untouched."""
+def _to_rgb(img: np.ndarray, dst: Optional[np.ndarray] = None) -> np.ndarray:
+    """OpenCV gives BGR(A); the package works in RGB. Grey passes through untouched.
+
+    On OpenCV's thread pool: converting in the calling thread instead (row bands too small to be
+    split) was measured for the capture's tail under load and lost, 1080p on the H200 host, 16
+    cores, two busy processes: 0.67 vs 0.07 ms p50, 1.10 vs 0.14 ms p99 (`benchmarks/host_copy.py`)."""
     if img.ndim == 3 and img.shape[2] == 3:
-        return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+        return cv2.cvtColor(img, cv2.COLOR_BGR2RGB, dst=dst)
     if img.ndim == 3 and img.shape[2] == 4:
         return cv2.cvtColor(img, cv2.COLOR_BGRA2RGBA)
     return img
@@ -155,25 +160,37 @@ class _ConvertsFrames:
 
     uri: str
     _allocate: Optional[Callable[[tuple[int, ...]], np.ndarray]] = None
+    _allocate_failed_at: Optional[float] = None  # _now() at the last failure; None: working
+    _now: Callable[[], float] = staticmethod(time.monotonic)
 
     def use_frame_buffers(self, allocate: Optional[Callable[[tuple[int, ...]], np.ndarray]]) -> None:
         """Convert decoded colour frames into arrays from `allocate(shape)` (None: fresh arrays).
 
         For the GPU fast path's pinned frame buffers (`CudaGraphPipeline.frame_buffer`): the
         conversion the source makes anyway then puts the frame where the GPU reads it. If
-        `allocate` fails, that is logged once and frames go on in ordinary memory (verdicts are the
-        same; the fast path copies them, ~0.5 ms per 1080p frame)."""
+        `allocate` fails (pinned memory can run short for a while), that is logged once, frames go
+        on in ordinary memory (verdicts are the same; the fast path copies them, ~0.5 ms per 1080p
+        frame) and the buffers are tried again every `FRAME_BUFFER_RETRY_S` seconds."""
         self._allocate = allocate
+        self._allocate_failed_at = None
 
     def _rgb(self, img: np.ndarray) -> np.ndarray:
-        if self._allocate is not None and img.ndim == 3 and img.shape[2] == 3 and img.dtype == np.uint8:
+        if (self._allocate is not None and img.ndim == 3 and img.shape[2] == 3 and img.dtype == np.uint8
+                and (self._allocate_failed_at is None
+                     or self._now() - self._allocate_failed_at >= FRAME_BUFFER_RETRY_S)):
             try:
-                return cv2.cvtColor(img, cv2.COLOR_BGR2RGB, dst=self._allocate(img.shape))
+                rgb = _to_rgb(img, dst=self._allocate(img.shape))
             except Exception as exc:  # noqa: BLE001 - where a frame lives must never stop the capture
-                self._allocate = None
-                log.warning("%s: frame buffers from the detector failed (%s: %s); frames go on in ordinary "
-                            "memory, which the GPU fast path copies (~0.5 ms per 1080p frame)",
-                            self.uri, type(exc).__name__, exc)
+                if self._allocate_failed_at is None:
+                    log.warning("%s: frame buffers from the detector failed (%s: %s); frames go on in ordinary "
+                                "memory, which the GPU fast path copies (~0.5 ms per 1080p frame); trying the "
+                                "buffers again every %g s", self.uri, type(exc).__name__, exc, FRAME_BUFFER_RETRY_S)
+                self._allocate_failed_at = self._now()
+            else:
+                if self._allocate_failed_at is not None:
+                    log.info("%s: frame buffers from the detector work again", self.uri)
+                    self._allocate_failed_at = None
+                return rgb
         return _to_rgb(img)
 
 
