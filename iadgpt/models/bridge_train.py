@@ -29,7 +29,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -47,6 +47,7 @@ from .backbones import Backbone, get_backbone
 from .bridge import BankMasks, BridgeLM, DecoderMasks, MultiMaskFusion, TextGuidedEnhancer, fit_mask_stats
 from .heads import STORED_STATE_ERRORS, VisualGuidedDecoder
 from .synth import MASK_THRESHOLD, NSASynthesizer, config_for, guess_kind
+from .train import ConfigRecord, d4, read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ CHECKPOINT_EVERY = 20  # LLM steps (~2.5 s each on 2 cores): a stop loses under 
 
 
 @dataclass
-class BridgeConfig:
+class BridgeConfig(ConfigRecord):
     stage_steps: list = field(default_factory=lambda: [30, 300, 60])  # TGE; MMF (decoder frozen); TGE + MMF
     batch_size: int = 8  # half normal images, half their NSA versions
     lr: float = 2e-3
@@ -73,14 +74,6 @@ class BridgeConfig:
     locate_steps: int = 600  # cell-choice-only steps before the LLM stages (no LLM pass: seconds)
     seed: int = 0
     log_every: int = 10
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "BridgeConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
 
 
 @dataclass
@@ -111,13 +104,6 @@ def largest_region_position(mask: np.ndarray) -> Optional[str]:
 
 
 # --------------------------------------------------------------------------- model pieces
-
-
-def _d4(image: np.ndarray, g: int) -> np.ndarray:
-    out = np.rot90(image, g // 2)
-    if g % 2:
-        out = out[:, ::-1]
-    return np.ascontiguousarray(out)
 
 
 def _batches(backbone: Backbone, images: Sequence[np.ndarray], batch: int = 16, desc: str = "encoding"):
@@ -192,12 +178,12 @@ def build_bridge_pool(maker: MaskMaker, images: Sequence[np.ndarray], cfg: Bridg
         g = int(rng.integers(8))
         s = synth.sample(k, seed=cfg.seed, target=t)
         k += 1
-        mask = _d4(s.label, g) > MASK_THRESHOLD
+        mask = d4(s.label, g) > MASK_THRESHOLD
         pos = largest_region_position(mask)
         if pos is None:
             continue
-        normals.append(_d4(images[t], g))
-        fakes.append(_d4(s.image, g))
+        normals.append(d4(images[t], g))
+        fakes.append(d4(s.image, g))
         positions.append(pos)
         bar.update(1)
     bar.close()
@@ -422,25 +408,7 @@ def _assemble_checked(tensors: dict, meta: dict, backbone: Backbone,
 
 
 def _read_bridge_checkpoint(path: Path) -> tuple[dict, dict]:
-    from safetensors import safe_open
-    if not path.is_file():
-        raise ScorerError(f"{path}: no such bridge checkpoint; train one with `iadgpt train --stage bridge --out {path}`")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:  # noqa: BLE001 - garbage header, truncated file
-        raise ScorerError(f"{path}: not a readable safetensors checkpoint ({exc}); re-run `iadgpt train --stage bridge`") from exc
-    if raw.get("format") != CHECKPOINT_FORMAT:
-        raise ScorerError(f"{path}: not an iadgpt bridge checkpoint (format {raw.get('format')!r}, expected "
-                          f"{CHECKPOINT_FORMAT!r}); train one with `iadgpt train --stage bridge`")
-    meta = {}
-    for k, v in raw.items():
-        try:
-            meta[k] = json.loads(v)
-        except json.JSONDecodeError:
-            meta[k] = v
-    return tensors, meta
+    return read_checkpoint(path, CHECKPOINT_FORMAT, "bridge", "iadgpt train --stage bridge")
 
 
 def _assemble_bridge(tensors: dict, meta: dict, backbone: Backbone,

@@ -26,7 +26,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, TypeVar, Union
 
 import cv2
 import numpy as np
@@ -70,8 +70,24 @@ def _flag(name: str) -> str:
     return _FLAGS.get(name, "--" + name.replace("_", "-"))
 
 
+_Config = TypeVar("_Config", bound="ConfigRecord")
+
+
+class ConfigRecord:
+    """JSON round trip of a training config dataclass, as checkpoints store it: keys this version
+    does not know (a checkpoint from another version) are dropped, missing ones take defaults."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)  # type: ignore[call-overload]  # subclasses are dataclasses
+
+    @classmethod
+    def from_dict(cls: type[_Config], data: dict) -> _Config:
+        names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(ConfigRecord):
     """Everything that defines a training run (the CLI flags mirror these)."""
 
     steps: int = 1000
@@ -111,13 +127,6 @@ class TrainConfig:
         if self.layers is not None:
             self.layers = sorted({int(i) for i in self.layers})  # JSON-stable, for the resume check
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "TrainConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
 
 
 @dataclass
@@ -163,7 +172,7 @@ def load_images(data: PathLike, category: str, size: int) -> list[np.ndarray]:
     return [resize_frame(read_image(s.path), spec) for s in samples]
 
 
-def _d4(image: np.ndarray, g: int) -> np.ndarray:
+def d4(image: np.ndarray, g: int) -> np.ndarray:
     """Element g (0..7) of the rotation/flip group: rot90 by g // 2, then a horizontal flip if g is odd."""
     out = np.rot90(image, g // 2)
     if g % 2:
@@ -209,13 +218,13 @@ def build_pool(backbone: Backbone, images: Sequence[np.ndarray], cfg: TrainConfi
         t = k % n
         g = int(rng.integers(groups))
         s = synth.sample(k, seed=cfg.seed, target=t)
-        synth_images.append(_d4(s.image, g))
-        lab = cv2.resize(_d4(s.label, g), (cfg.loss_size, cfg.loss_size), interpolation=cv2.INTER_AREA)
+        synth_images.append(d4(s.image, g))
+        lab = cv2.resize(d4(s.label, g), (cfg.loss_size, cfg.loss_size), interpolation=cv2.INTER_AREA)
         labels.append(lab)
         keys.append((t, g))
     unique = sorted(set(keys))
     index = {key: i for i, key in enumerate(unique)}
-    normal_images = [_d4(images[t], g) for t, g in unique]
+    normal_images = [d4(images[t], g) for t, g in unique]
     log.info("pool: %d NSA samples (%s) on %d normal views of %d images", cfg.pool_size, kind, len(unique), n)
     normal = _encode(backbone, normal_images, device, progress=progress, desc="encoding normals", pool=cfg.pool)
     synth_feats = _encode(backbone, synth_images, device, progress=progress, desc="encoding NSA samples",
@@ -260,19 +269,24 @@ def save_checkpoint(path: PathLike, decoder: VisualGuidedDecoder, optimizer: Opt
 
 def load_checkpoint(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(tensors, metadata with JSON values decoded); refuses files that are not decoder checkpoints."""
+    return read_checkpoint(Path(path), CHECKPOINT_FORMAT, "decoder", "iadgpt train")
+
+
+def read_checkpoint(path: Path, fmt: str, what: str, command: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, metadata with JSON values decoded) of a safetensors checkpoint of format `fmt`; the
+    errors name the checkpoint (`what`) and the `command` that makes one."""
     from safetensors import safe_open
-    path = Path(path)
     if not path.is_file():
-        raise ScorerError(f"{path}: no such checkpoint; train one with `iadgpt train --out {path}`")
+        raise ScorerError(f"{path}: no such {what} checkpoint; train one with `{command} --out {path}`")
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:  # header garbage, truncated file, a pickle renamed .safetensors
-        raise ScorerError(f"{path}: not a readable safetensors checkpoint ({exc}); re-run `iadgpt train`") from exc
-    if raw.get("format") != CHECKPOINT_FORMAT:
-        raise ScorerError(f"{path}: not an iadgpt decoder checkpoint (format {raw.get('format')!r}, "
-                         f"expected {CHECKPOINT_FORMAT!r}); train one with `iadgpt train`")
+    except Exception as exc:  # noqa: BLE001 - header garbage, truncated file, a pickle renamed .safetensors
+        raise ScorerError(f"{path}: not a readable safetensors checkpoint ({exc}); re-run `{command}`") from exc
+    if raw.get("format") != fmt:
+        raise ScorerError(f"{path}: not an iadgpt {what} checkpoint (format {raw.get('format')!r}, "
+                          f"expected {fmt!r}); train one with `{command}`")
     meta: dict[str, Any] = {}
     for k, v in raw.items():
         try:
