@@ -110,6 +110,12 @@ def test_too_few_held_out_images_says_how_many(tiny_bundle_path, product_dirs, t
     msg = str(exc.value)
     assert "at least 199 held-out normal images (got 20)" in msg and "--shots" in msg
     assert not (tmp_path / "b").exists()
+    with pytest.raises(CalibrationError) as exc:  # enough in the folder, held back by --holdout: raise that
+        calibrate(tiny_bundle_path, product_dirs["normal"], shots=SHOTS, holdout=10, target_frr=0.05,
+                  out=tmp_path / "b", progress=False)
+    msg = str(exc.value)
+    assert "--holdout 10 keeps 10 of the 20" in msg and "needs at least 19: give --holdout 19 or more" in msg
+    assert "add" not in msg and not (tmp_path / "b").exists()
 
 
 def test_a_tiny_image_is_refused_not_fitted_into_the_threshold(tiny_bundle_path, product_dirs, tmp_path):

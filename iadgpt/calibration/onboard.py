@@ -213,6 +213,7 @@ class Split:
     holdout: list[Path]
     holdout_hashes: list[str]
     total: int
+    available: int = 0  # held-out candidates before the --holdout cap
 
 
 def split_images(src: Bundle, paths: list[Path], shots: int, holdout: Optional[int], seed: int) -> Split:
@@ -233,6 +234,7 @@ def split_images(src: Bundle, paths: list[Path], shots: int, holdout: Optional[i
     pool = [(p, h) for p, h in zip(paths, hashes) if p not in taken and h not in in_bank]
     if not shots and len(pool) < len(paths):
         log.info("left out %d images that are in the bundle's memory bank", len(paths) - len(pool))
+    available = len(pool)
     if holdout is not None:
         if holdout < 1:
             raise CalibrationError(f"--holdout must be >= 1, got {holdout}")
@@ -240,7 +242,7 @@ def split_images(src: Bundle, paths: list[Path], shots: int, holdout: Optional[i
             keep = np.sort(np.random.default_rng(seed + 1).choice(len(pool), size=holdout, replace=False))
             pool = [pool[i] for i in keep]
     shot_hashes = [h for p, h in zip(paths, hashes) if p in taken]
-    return Split(shot_paths, shot_hashes, [p for p, _ in pool], [h for _, h in pool], len(paths))
+    return Split(shot_paths, shot_hashes, [p for p, _ in pool], [h for _, h in pool], len(paths), available)
 
 
 # --------------------------------------------------------------------------- encoder features
@@ -385,6 +387,10 @@ def calibrate(bundle_path: PathLike, normal_dir: PathLike, *, shots: int = 4, ho
     split = split_images(src, normals, shots, holdout, seed)
     shot_paths, shot_hashes, pool, pool_hashes = split.shots, split.shot_hashes, split.holdout, split.holdout_hashes
     need = th.min_images_for(target_frr, method) if method in ("quantile", "tail") else th.MIN_TAIL_IMAGES
+    if len(pool) < need <= split.available:  # the folder has enough: --holdout is what holds them back
+        raise CalibrationError(f"--holdout {holdout} keeps {len(pool)} of the {split.available} held-out normal "
+                               f"images, and {method!r} at a {100 * target_frr:g}% false-reject rate needs at "
+                               f"least {need}: give --holdout {need} or more, or leave --holdout out (all of them)")
     if len(pool) < need:
         detail = th.too_few_message(len(pool), target_frr) if method == "quantile" else (
             f"method {method!r} needs at least {need} held-out normal images (got {len(pool)})")
