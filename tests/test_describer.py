@@ -380,14 +380,16 @@ def test_chat_answers_with_history_and_guards_the_facts(tmp_path, monkeypatch, c
 
     monkeypatch.setattr(mod, "make_llm", lambda spec: Scripted())
     rc = main(["chat", str(tmp_path / "events.jsonl"), "--event", verdict.event_id, "--llm", "fake", "--record",
-               "-q", "Where is it?", "-q", "Are you sure?"])
+               "-q", "Where is it?", "-q", "Are you sure?", "-q", "How big?"])
     assert rc == 0
     out = capsys.readouterr().out
     assert "It is at the top left, near the rim." in out
     assert "By the measurements:" in out and "contradicted" in out  # the second answer said bottom right
     assert len(seen[1]) == 4 and seen[1][2]["role"] == "assistant"  # system, facts+q1, a1, q2 (history kept)
+    # the replaced turn is not shown to the model again (a small model copies the replacement verbatim)
+    assert [m["content"] for m in seen[2][2:]] == ["It is at the top left, near the rim.", "How big?"]
     updates = read_events(tmp_path / "events.jsonl")[0]["updates"]
-    assert [u["kind"] for u in updates] == ["description", "chat", "chat"]
+    assert [u["kind"] for u in updates] == ["description", "chat", "chat", "chat"]
 
 
 def test_chat_on_a_bad_event_log_says_what_is_wrong(tmp_path, capsys, caplog):
