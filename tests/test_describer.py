@@ -776,6 +776,42 @@ def test_chat_talks_about_the_latest_ok_description_and_records_qa(tmp_path, cap
     assert "rejected" in chat
 
 
+def test_chat_reads_the_latest_event_of_a_repeated_id(tmp_path, capsys):
+    """Two logs joined (or a clock set back) can repeat an event id: updates go to the latest line
+    with that id, so chat talks about that one."""
+    log = tmp_path / "events.jsonl"
+    lines = [{"event_id": "e1", "anomalous": True},
+             {"event_id": "e1", "update": True, "kind": "description", "status": "ok", "description": "older part"},
+             {"event_id": "e1", "anomalous": True},
+             {"event_id": "e1", "update": True, "kind": "description", "status": "ok", "description": "newer part"}]
+    log.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert main(["chat", str(log), "--event", "e1", "--llm", "fake", "-q", "Where?"]) == 0
+    out = capsys.readouterr().out
+    assert "event e1: newer part" in out and "older part" not in out
+
+
+def test_chat_skips_malformed_regions_and_still_guards_the_good_one(tmp_path, monkeypatch, capsys):
+    """A hand-edited log's regions that are not objects are left out; the well-formed region still
+    checks the answers (its position contradicts this one)."""
+    from iadgpt.runtime import describer as mod
+
+    class WrongPlace(FakeLLM):
+        def generate(self, prompt, max_new_tokens=48, **kw):
+            return mod.Generation("It is at the bottom right.", [1, 2], 10, 0.01, 0.02, "eos")
+
+    monkeypatch.setattr(mod, "make_llm", lambda spec: WrongPlace())
+    region = {"position": "top left", "defect_type": "scratch", "area_pct": 2.0}
+    facts = {"regions": ["junk", 7, region, None]}
+    log = tmp_path / "events.jsonl"
+    lines = [{"event_id": "e1", "anomalous": True},
+             {"event_id": "e1", "update": True, "kind": "description", "status": "ok", "description": "a scratch",
+              "facts": facts, "facts_text": ["A scratch at the top left."]}]
+    log.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert main(["chat", str(log), "--event", "e1", "--llm", "fake", "-q", "Where is it?"]) == 0
+    out = capsys.readouterr().out
+    assert "By the measurements: A scratch at the top left." in out and "contradicted" in out
+
+
 def test_chat_with_llm_does_not_load_the_bundle(tmp_path, capsys):
     log = _chat_log(tmp_path)
     assert main(["chat", str(log), "--event", "e1", "--llm", "fake", "--bundle", str(tmp_path / "nope"),
