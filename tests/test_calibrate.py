@@ -115,7 +115,7 @@ def test_too_few_held_out_images_says_how_many(tiny_bundle_path, product_dirs, t
                   out=tmp_path / "b", progress=False)
     msg = str(exc.value)
     assert "--holdout 10 keeps 10 of the 20" in msg and "needs at least 19: give --holdout 19 or more" in msg
-    assert "add" not in msg and not (tmp_path / "b").exists()
+    assert "to the folder" not in msg and not (tmp_path / "b").exists()
 
 
 def test_a_tiny_image_is_refused_not_fitted_into_the_threshold(tiny_bundle_path, product_dirs, tmp_path):

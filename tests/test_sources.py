@@ -199,7 +199,7 @@ def test_decoded_frames_land_in_the_detectors_frame_buffers(video: Path) -> None
         np.testing.assert_array_equal(f.image, p.image)
 
 
-def test_a_camera_fills_frame_buffers_and_a_failing_one_is_said_once(caplog: pytest.LogCaptureFixture) -> None:
+def test_a_camera_fills_frame_buffers_and_a_failing_one_is_said_once_and_retried(caplog: pytest.LogCaptureFixture) -> None:
     """A failing allocator costs no frame: ordinary memory, one warning, and the buffers are tried
     again after FRAME_BUFFER_RETRY_S (pinned memory can run short for a while)."""
     clock = FakeClock()
