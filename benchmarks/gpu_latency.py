@@ -594,7 +594,7 @@ def print_table(report: dict) -> None:
                   f"{replay} | {par_s} | {ok} |")
             c2v = e.get("capture_to_verdict")
             if c2v:
-                kinds = [k for k in ("ordinary_array", "frame_buffer", "frame_buffer_serial_bands") if k in c2v]
+                kinds = list(c2v)
                 print(f"| {r['preset']} | {name}: decoded BGR -> verdict, {' / '.join(kinds)} | "
                       f"{' / '.join(str(c2v[k]['p50_ms']) for k in kinds)} | "
                       f"{' / '.join(str(c2v[k]['p99_ms']) for k in kinds)} ||||||||||")

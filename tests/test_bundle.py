@@ -294,7 +294,8 @@ def test_update_manifest_and_engines(tmp_path: Path, onnx_file: Path) -> None:
     assert Bundle.load(out).thresholds == {"image": {"value": 0.7}}
     with pytest.raises(BundleError, match="strict JSON"):
         b.update_manifest(extra={"note": float("nan")})
-    for bad in ("high", 0.7, {"value": "NaN"}, {"value": float("nan")}, {"method": "quantile"}):  # hand edits a Detector would trip on
+    for bad in ("high", 0.7, {"value": "NaN"}, {"value": float("nan")}, {"value": True},
+                {"method": "quantile"}):  # hand edits a Detector would trip on
         with pytest.raises(BundleError, match=r"thresholds.image needs a finite number `value`.*iadgpt calibrate"):
             b.update_manifest(thresholds={"image": bad})
     assert Bundle.load(out).thresholds == {"image": {"value": 0.7}}
@@ -355,7 +356,7 @@ def test_empty_arrays_and_bad_input_specs_are_refused(tmp_path: Path, onnx_file:
 
 @pytest.mark.parametrize("key, value", [("shots", "many"), ("shots", -1), ("coreset", 2), ("sigma", "four"),
                                         ("sigma", -4), ("grid_stride", 0), ("image_size", [999]), ("kind", 3),
-                                        ("references", {"bank": "no_such_array"})])
+                                        ("references", {"bank": "no_such_array"}), ("logit_scale", -1)])
 def test_hand_edited_scorer_fields_are_refused_at_load(tmp_path: Path, onnx_file: Path, key, value) -> None:
     # These ended `iadgpt eval` / the torch backend in a ValueError traceback, or were used as given
     b = write_bundle(tmp_path / "b", onnx_file)
@@ -392,10 +393,14 @@ def test_a_file_linked_from_outside_the_bundle_is_refused(tmp_path: Path, onnx_f
         Bundle.load(out)
 
 
-def test_boolean_schema_version_is_refused(tmp_path, onnx_file):
+@pytest.mark.parametrize("edit, match", [
+    (lambda m: m.update(schema_version=True), "no integer schema_version"),
+    (lambda m: m.update(engines={"enc": "engines/enc.engine"}), "engines.enc needs `file` and `sha256`"),
+], ids=["boolean schema_version", "engine entry not an object"])
+def test_malformed_manifest_fields_are_refused_at_load(tmp_path, onnx_file, edit, match):
     b = write_bundle(tmp_path / "b", onnx_file)
-    rewrite_manifest(b.path, lambda m: m.update(schema_version=True))
-    with pytest.raises(BundleError, match="no integer schema_version"):
+    rewrite_manifest(b.path, edit)
+    with pytest.raises(BundleError, match=match):
         Bundle.load(b.path)
 
 
@@ -407,26 +412,6 @@ def test_infinite_mean_in_input_spec_is_refused(tmp_path, onnx_file):
     (b.path / MANIFEST_NAME).write_text(text)
     with pytest.raises(BundleError, match="input_spec is malformed"):
         Bundle.load(b.path).input_spec
-
-
-def test_boolean_threshold_is_refused(tmp_path, onnx_file):
-    b = write_bundle(tmp_path / "b", onnx_file)
-    with pytest.raises(BundleError, match="thresholds.image needs a finite number"):
-        b.update_manifest(thresholds={"image": {"value": True}})
-
-
-def test_bad_logit_scale_is_refused(tmp_path, onnx_file):
-    b = write_bundle(tmp_path / "b", onnx_file)
-    rewrite_manifest(b.path, lambda m: m["scorer"].update(logit_scale=-1))
-    with pytest.raises(BundleError, match=r"scorer\.logit_scale must"):
-        Bundle.load(b.path)
-
-
-def test_malformed_engine_entry_is_refused_at_load(tmp_path, onnx_file):
-    b = write_bundle(tmp_path / "b", onnx_file)
-    rewrite_manifest(b.path, lambda m: m.update(engines={"enc": "engines/enc.engine"}))
-    with pytest.raises(BundleError, match="engines.enc needs `file` and `sha256`"):
-        Bundle.load(b.path)
 
 
 def test_update_manifest_rereads_disk(tmp_path, onnx_file):

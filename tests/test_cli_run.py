@@ -134,6 +134,7 @@ def test_run_forwards_every_flag_to_the_station_config(tmp_path, monkeypatch, ca
                  "--threads", "3", "--threshold", "0.25", "--weights", str(tmp_path / "w"), "--events", str(ev),
                  "--overlays", str(ov), "--max-overlays", "4", "--check"]) == 0
     cfg = seen["cfg"]
+    assert (cfg.bundle, cfg.source) == (tmp_path / "b", "synthetic://part?count=1")
     assert (cfg.backend, cfg.threads, cfg.threshold, cfg.weights) == ("torch", 3, 0.25, tmp_path / "w")
     assert cfg.sinks.events.path == ev and cfg.sinks.overlays.dir == ov and cfg.sinks.overlays.max_files == 4
     assert "backend torch" in capsys.readouterr().out

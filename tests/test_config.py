@@ -189,11 +189,11 @@ def test_build_sinks_without_paho_names_the_fix(tmp_path: Path, monkeypatch: pyt
 
 def test_describer_folders_resolve_against_the_file(tmp_path: Path) -> None:
     text = ("bundle: b\nsource: s\ndescriber: {enabled: true, llm: llm-int4, bridge: bridges/bottle, "
-            "bridge_llm: /abs/llm-embeds, examples: ex, product: bridge}\n")
+            "bridge_llm: llm-embeds, examples: /abs/ex, product: bridge}\n")
     opts = load_station_config(_write(tmp_path, text)).describer.options
     base = tmp_path.resolve()
     assert opts == {"llm": str(base / "llm-int4"), "bridge": str(base / "bridges/bottle"),
-                    "bridge_llm": "/abs/llm-embeds", "examples": str(base / "ex"), "product": "bridge"}
+                    "bridge_llm": str(base / "llm-embeds"), "examples": "/abs/ex", "product": "bridge"}
     assert load_station_config(_write(tmp_path, "bundle: b\nsource: s\ndescriber: {llm: none}\n")).describer.options == {
         "llm": "none"}
 
@@ -209,11 +209,6 @@ def test_events_defaults_and_backups_reach_the_sink(tmp_path):
     (sink,) = build_sinks(cfg)
     assert (sink.backups, sink.max_bytes) == (2, 1000)
     sink.close()
-
-
-def test_bridge_llm_resolves_against_the_file(tmp_path):
-    cfg = _cfg(tmp_path, "describer: {enabled: false, bridge_llm: bl}\n")
-    assert cfg.describer.options["bridge_llm"] == str(tmp_path / "bl")
 
 
 def test_same_disk(tmp_path):

@@ -176,7 +176,7 @@ def test_ctrl_c_at_the_terminal_does_not_kill_the_worker(tmp_path):
         assert _wait(lambda: d.stats.described == 1, 30)
     finally:
         stats = d.close()
-    assert stats.worker_deaths == 0 and stats.restarts == 0  # an idle worker killed is restarted, not counted a death
+    assert stats.worker_deaths == 0 and stats.restarts == 0  # the Ctrl-C killed nothing: no death, no restart
 
 
 def test_killing_the_worker_mid_run_fails_that_part_and_the_loop_goes_on(tmp_path):

@@ -101,7 +101,6 @@ def test_embeddings_need_text_tower():
 
 def test_a_defect_type_listed_twice_is_refused(tmp_path):
     """a prompt file naming one defect type twice is an error (it was silently overwritten)."""
-    from iadgpt.models.prompts import load_prompts
     path = tmp_path / "dup.yaml"
     path.write_text(GOOD + "  - type: crack\n    sentences: [\"another crack.\"]\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="appears twice"):

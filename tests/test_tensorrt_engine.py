@@ -30,7 +30,7 @@ from iadgpt.runtime.tensorrt_engine import (  # noqa: E402
 from iadgpt.bundle import MANIFEST_NAME  # noqa: E402
 from iadgpt.runtime import tensorrt_engine as te  # noqa: E402
 
-from conftest import rewrite_manifest  # noqa: E402
+from conftest import edited_copy  # noqa: E402
 
 TRT_SKIP = "TensorRT is not installed here (cannot be installed on this machine): native TensorRT engine tests skipped"
 RNG = np.random.default_rng(0)
@@ -221,7 +221,7 @@ def test_qdq_inside_a_subgraph_counts(tmp_path):
     assert te.has_qdq_nodes(p)
 
 
-def test_run_refuses_a_batch_below_the_profile(tmp_path):
+def test_run_refuses_a_batch_outside_the_profile(tmp_path):
     from iadgpt.runtime.engines import IOSpec, _EngineBase
 
     eng = te.TensorRTEngine.__new__(te.TensorRTEngine)
@@ -270,15 +270,14 @@ def test_int8_build_compiles_the_qdq_graph(tiny_bundle_path, tmp_path, fake_buil
     from iadgpt.cli import main
 
     bundle = tmp_path / "b"
-    shutil.copytree(tiny_bundle_path, bundle)
 
     def add_int8_graph(m):  # a copy of the encoder stands in for calibrate's Q/DQ graph
         enc = m["graphs"]["encoder"]
         shutil.copyfile(bundle / enc["file"], bundle / "encoder_int8.onnx")
         m["graphs"]["encoder_int8"] = dict(enc, file="encoder_int8.onnx", external_data=[])
 
-    m = rewrite_manifest(bundle, add_int8_graph)
+    scorer = Path(edited_copy(tiny_bundle_path, bundle, add_int8_graph).graphs["scorer"]["file"]).name
     assert main(["build", str(bundle), "--precision", "int8"]) == 0
-    assert [c[:2] for c in fake_builder] == [("encoder_int8.onnx", "int8"), (Path(m["graphs"]["scorer"]["file"]).name, "fp16")]
+    assert [c[:2] for c in fake_builder] == [("encoder_int8.onnx", "int8"), (scorer, "fp16")]
     roles = {e["role"]: e for e in json.loads((bundle / MANIFEST_NAME).read_text())["engines"].values()}
     assert roles["encoder"]["source_graph"] == "encoder_int8"

@@ -69,6 +69,12 @@ def test_per_layer_projections(tiny, text):
         assert torch.allclose(scorer(feats, text)[0], shared(feats, text)[0], atol=1e-6)
     with pytest.raises(ScorerError, match="projections"):
         TextPromptScorer(tiny.describe(), projs[:2])
+    # the copies above are identical: distinct projections show that layer i uses projection i
+    lin = [torch.nn.Linear(f.shape[1], text.shape[1]) for f in feats]
+    maps = TextPromptScorer(tiny.describe(), lin).eval().layer_maps(feats, text)
+    for i in range(len(feats)):
+        one = TextPromptScorer(tiny.describe(), lin[i]).eval()
+        assert torch.allclose(maps[i], one.layer_maps(feats, text)[i], atol=1e-6)
 
 
 def test_no_text_tower_is_refused():
@@ -166,7 +172,7 @@ def test_torch_backend_refuses_renamed_references(tiny_bundle_path, tmp_path):
         torch_engines(b)
 
 
-def test_text_embeddings_scale_does_not_matter(tiny, text):
+def test_text_scale_does_not_matter_and_a_missing_layer_is_refused(tiny, text):
     scorer = TextPromptScorer.from_backbone(tiny).eval()
     with torch.no_grad():
         feats = tiny(_image())
@@ -175,18 +181,10 @@ def test_text_embeddings_scale_does_not_matter(tiny, text):
         assert torch.allclose(a, b, atol=1e-6)
         with pytest.raises(ScorerError, match="feature maps"):
             scorer(feats[:-1], text)
-        # S5: layer i uses projection i
-        lin = [torch.nn.Linear(f.shape[1], text.shape[1]) for f in feats]
-        per = TextPromptScorer(tiny.describe(), lin).eval()
-        maps = per.layer_maps(feats, text)
-        for i, f in enumerate(feats):
-            one = TextPromptScorer(tiny.describe(), lin[i]).eval()
-            assert torch.allclose(maps[i], one.layer_maps(feats, text)[i], atol=1e-6)
 
 
 def test_torch_backend_uses_the_manifests_grid_stride_and_sigma(tiny_bundle_path, tmp_path):
     from iadgpt.export.torch_backend import torch_engines
-    from iadgpt.models.postprocess import GaussianBlur
     from iadgpt.models.scorers import PatchEmbedder
 
     b = edited_copy(tiny_bundle_path, tmp_path / "b", lambda m: m["scorer"].update(grid_stride=4, sigma=2.0))
@@ -200,7 +198,6 @@ def test_torch_backend_uses_the_manifests_grid_stride_and_sigma(tiny_bundle_path
 def test_torch_backend_uses_the_manifests_logit_scale(tmp_path):
     from iadgpt.export.bundle_export import export_bundle
     from iadgpt.export.torch_backend import torch_engines
-    from iadgpt.models.text_scorer import TextPromptScorer
 
     bundle, _ = export_bundle("clip-tiny", None, tmp_path / "clip", shots=None, prompts="bottle", progress=False)
     rewrite_manifest(bundle.path, lambda m: m["scorer"].update(logit_scale=50.0))

@@ -610,18 +610,18 @@ class CudaGraphPipeline:
                     and frames.strides[1:] == st.host_in_np.strides[1:])  # the buffer itself, not a view of it
         if in_place:
             return st.host_in
-        if frames.flags.c_contiguous and frames.flags.writeable:
-            tensor = torch.from_numpy(frames)
-            if self._backend.is_pinned(tensor):  # e.g. a frame_buffer the capture wrote into
-                return tensor
+        # torch reads only contiguous, writeable arrays without complaint: anything else is copied first
+        tensor = torch.from_numpy(frames) if frames.flags.c_contiguous and frames.flags.writeable else None
+        if tensor is not None and self._backend.is_pinned(tensor):  # e.g. a frame_buffer the capture wrote into
+            return tensor
         if self.host_copy == "numpy":
             np.copyto(st.host_in_np, frames)  # one thread: no wait for a descheduled pool thread
             return st.host_in
-        # torch reads only contiguous, writeable arrays without complaint: anything else is copied first
-        usable = frames if frames.flags.c_contiguous and frames.flags.writeable else np.array(frames, order="C")
+        if tensor is None:
+            tensor = torch.from_numpy(np.array(frames, order="C"))
         if self.host_copy == "direct":
-            return torch.from_numpy(usable)
-        st.host_in.copy_(torch.from_numpy(usable))  # torch's thread pool
+            return tensor
+        st.host_in.copy_(tensor)  # torch's thread pool
         return st.host_in
 
     def last_features(self) -> list[np.ndarray]:
