@@ -1,0 +1,83 @@
+"""benchmarks/facts_position.py: the description's position scored against labelled masks, missed
+defects counted as missed."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from iadgpt.runtime.facts import compute_facts
+from iadgpt.runtime.synthetic import SyntheticProduct
+
+from conftest import TINY_SIZE
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "facts_position.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_facts_position", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _write(root: Path, kind: str, name: str, image: np.ndarray, mask: np.ndarray) -> None:
+    (root / "test" / kind).mkdir(parents=True, exist_ok=True)
+    (root / "ground_truth" / kind).mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(root / "test" / kind / f"{name}.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    cv2.imwrite(str(root / "ground_truth" / kind / f"{name}_mask.png"), mask.astype(np.uint8) * 255)
+
+
+def test_largest_region_keeps_the_bigger_blob(bench):
+    mask = np.zeros((40, 40), bool)
+    mask[2:5, 2:5] = True  # 9 px
+    mask[20:30, 25:35] = True  # 100 px
+    big = bench.largest_region(mask)
+    assert big.sum() == 100 and big[25, 30] and not big[3, 3]
+    assert bench.largest_region(np.zeros((8, 8), bool)) is None
+
+
+def test_judge_names_the_cells_and_fails_a_defect_elsewhere(bench):
+    img = np.full((90, 90, 3), 200, np.uint8)
+    img[60:66, 6:12] = 40  # a dark spot at the bottom left
+    amap = np.zeros((90, 90), np.float32)
+    amap[58:68, 4:14] = 1.0
+    facts = compute_facts(img, amap, threshold=0.5)
+    here = np.zeros((90, 90), bool)
+    here[60:66, 6:12] = True
+    row = bench.judge(facts, here)
+    assert row["said_frame"] == row["truth_frame"] == "bottom left" and row["box_overlaps_defect"]
+    there = np.zeros((90, 90), bool)
+    there[5:12, 70:80] = True  # the label says top right: the same description is now wrong
+    row = bench.judge(facts, there)
+    assert row["truth_frame"] == "top right" and row["said_frame"] == "bottom left"
+    assert not row["box_overlaps_defect"]
+
+
+def test_synthetic_defects_are_flagged_and_placed_and_a_missed_one_counts(bench, tiny_bundle_path, tmp_path):
+    root = tmp_path / "data"
+    product = SyntheticProduct(kind="part", size=TINY_SIZE, seed=43, defect_rate=1.0)
+    defects = [product.sample(i) for i in range(4)]
+    for i, s in enumerate(defects):
+        _write(root / "cat", s.defect_type, f"{i:03d}", s.image, s.mask)
+    # labelled as a defect, but the picture is a normal part: the detector passes it, so it is missed
+    normal = SyntheticProduct(kind="part", size=TINY_SIZE, seed=12, defect_rate=0.0).sample(0).image
+    label = np.zeros((TINY_SIZE, TINY_SIZE), bool)
+    label[50:60, 50:60] = True
+    _write(root / "cat", "unseen", "900", normal, label)
+    out = tmp_path / "fp.json"
+    assert bench.main(["--data", str(root), "--category", "cat", "--bundle", str(tiny_bundle_path),
+                       "--threads", "1", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    s, rows = report["summary"], {r["image"]: r for r in report["rows"]}
+    assert s["defects"] == 5 and not rows["unseen/900.png"]["flagged"]
+    assert s["flagged"] == s["judged"] == 4  # every painted defect flagged, each with a main region
+    assert s["box_overlaps_defect"] == 1.0
+    hits = sum(r["said_part"] == r["truth_part"] for r in report["rows"] if "truth_part" in r)
+    assert hits >= 3
+    assert s["position_on_part"]["of_defects"] == pytest.approx(hits / 5)
