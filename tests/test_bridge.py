@@ -867,12 +867,8 @@ def test_bridge_training_runs_end_to_end_on_real_bottle_images(tmp_path, embeds_
 def test_benchmark_locator_report_counts_none_as_the_choice(torch_one_thread):
     """benchmarks/bridge.py: where the presence logit says "nothing here" the LLM is handed NONE_WORD,
     so the locator's choice is None (wrong on a defect), not the argmax cell it never hands over."""
-    import importlib.util
-
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bridge.py"
-    spec = importlib.util.spec_from_file_location("bench_bridge", script)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from conftest import load_benchmark
+    bench = load_benchmark("bridge")
     from iadgpt.models.bridge import MultiMaskFusion
     mmf = MultiMaskFusion(2, 32).eval()
     masks = torch.zeros(3, 2, 24, 24)

@@ -2,7 +2,6 @@
 defects counted as missed."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,17 +12,12 @@ import pytest
 from iadgpt.runtime.facts import compute_facts
 from iadgpt.runtime.synthetic import SyntheticProduct
 
-from conftest import TINY_SIZE
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "facts_position.py"
+from conftest import TINY_SIZE, load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_facts_position", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("facts_position")
 
 
 def _write(root: Path, kind: str, name: str, image: np.ndarray, mask: np.ndarray) -> None:

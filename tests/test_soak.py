@@ -3,23 +3,19 @@ the soak; the allocator's ups and downs on a flat station do not."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-SOAK = Path(__file__).resolve().parents[1] / "benchmarks" / "soak.py"
+from conftest import load_benchmark
+
 SUMMARY = ("frames 900, judged 880, NG 300, errors 2, dropped 18, 15.0 fps, latency p50/p99 20.1/40.2 ms, "
            "reconnects 0, sink errors none, describer errors 0")
 
 
 @pytest.fixture(scope="module")
 def soak():
-    spec = importlib.util.spec_from_file_location("soak_benchmark", SOAK)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("soak")
 
 
 def _samples(minutes: float, rss, fds=11, seed=0) -> list[dict]:
