@@ -8,8 +8,10 @@ Each defective test image goes through the bundle's detector at its calibrated t
 the station. For a flagged image the description's main region (the largest measured one) is
 compared with the largest labelled region: its 3x3 cell on the part's box (the words the
 description uses), the cell on the whole frame (what `benchmarks/bridge.py` scores), and whether
-the two regions share any pixel. A defect the detector passes has no description: it is counted
-as missed, and the position shares are given both over the flagged images and over all defects.
+the main region's box touches the labelled region. A defect the detector passes has no
+description: it is counted as missed, and the position shares are given both over the flagged
+images and over all defects. A defective image whose mask is empty cannot be placed: it is counted
+apart (`unlabelled`) and left out of both.
 """
 from __future__ import annotations
 
@@ -69,11 +71,15 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     from iadgpt.bundle import Bundle
     from iadgpt.data import load_split, read_image, read_mask
+    from iadgpt.errors import DataError
     from iadgpt.runtime.detector import Detector
     from iadgpt.runtime.facts import facts_from_verdict
     from iadgpt.runtime.sources import Frame
 
     samples = [s for s in load_split(args.data, args.category, "test") if s.label]
+    if not samples:
+        raise DataError(f"{args.data}/{args.category}/test: no defective images; give a dataset root with "
+                        "test/<defect type>/ and ground_truth/<defect type>/ folders")
     rows = []
     with Detector(Bundle.load(args.bundle), "onnxruntime", threads=args.threads) as det:
         for i, s in enumerate(tqdm(samples, desc="defects", unit="img")):
@@ -82,18 +88,20 @@ def main(argv: Optional[list[str]] = None) -> int:
             row: dict[str, Any] = {"image": f"{s.defect_type}/{s.path.name}"}
             verdict = det.detect(Frame(image=image, frame_id=i, timestamp=0.0, source=str(s.path)))
             row["flagged"] = bool(verdict.anomalous)
+            row["labelled"] = truth is not None
             if verdict.anomalous and truth is not None:
                 row.update(judge(facts_from_verdict(verdict, image), truth))
             rows.append(row)
     judged = [r for r in rows if "truth_part" in r]
-    n = len(rows)
+    n = sum(r["labelled"] for r in rows)
 
     def share(key_a: str, key_b: str) -> dict[str, Optional[float]]:
         hits = sum(r[key_a] == r[key_b] for r in judged)
         return {"of_flagged": hits / len(judged) if judged else None, "of_defects": hits / n if n else None}
 
     summary = {"category": args.category, "bundle": str(args.bundle), "defects": n,
-               "flagged": sum(r["flagged"] for r in rows), "judged": len(judged),
+               "unlabelled": len(rows) - n, "flagged": sum(r["flagged"] for r in rows if r["labelled"]),
+               "judged": len(judged),
                "position_on_part": share("said_part", "truth_part"),
                "position_on_frame": share("said_frame", "truth_frame"),
                "box_overlaps_defect": (sum(r["box_overlaps_defect"] for r in judged) / len(judged)
@@ -101,8 +109,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"  # noqa: E731
     print(f"{args.category}: {summary['flagged']}/{n} defects flagged; main region's 3x3 cell right: on the part "
           f"{pct(summary['position_on_part']['of_flagged'])} of flagged ({pct(summary['position_on_part']['of_defects'])} "
-          f"of all defects), on the frame {pct(summary['position_on_frame']['of_flagged'])}; its box overlaps the "
-          f"defect on {pct(summary['box_overlaps_defect'])}")
+          f"of all defects), on the frame {pct(summary['position_on_frame']['of_flagged'])}; its box touches the "
+          f"labelled region on {pct(summary['box_overlaps_defect'])}")
     if args.json is not None:
         args.json.write_text(json.dumps({"summary": summary, "rows": rows}, indent=1) + "\n")
     return 0

@@ -45,9 +45,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nsa-colour", dest="colour", type=float, default=None,
                    help="[0] share of NSA patches that are colour changes in place (rust, stains) instead of pastes")
     p.add_argument("--seed", type=int, default=None, help="[0]")
-    p.add_argument("--seeds", default=None,
-                   help="bridge stage: train one bridge per seed (e.g. 0,1,2; each beside --out as NAME.seedS) and "
-                        "write to --out the one that places painted defects best (models/bridge_select.py)")
     p.add_argument("--checkpoint-every", type=int, default=None,
                    help="[500; bridge 20] steps between the checkpoints written to --out while training")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -100,7 +97,7 @@ _DECODER_ONLY = (
 )
 _BRIDGE_ONLY = (
     ("--decoder", "decoder"), ("--init", "init"), ("--stage-steps", "stage_steps"), ("--locate", "locate"),
-    ("--answer-position-weight", "answer_position_weight"), ("--seeds", "seeds"),
+    ("--answer-position-weight", "answer_position_weight"),
 )
 
 
@@ -138,8 +135,6 @@ def _run_bridge(args: argparse.Namespace) -> int:
     _check_bridge_numbers(config)
     if args.checkpoint_every is not None:
         config["checkpoint_every"] = args.checkpoint_every
-    if args.seeds is not None:
-        return _run_bridge_seeds(args, config, _parse_seeds(args.seeds, "seed" in config))
     res = train_bridge(args.data, args.category, args.out, args.decoder, backbone=args.backbone,
                        threads=args.threads, init=args.init, resume=args.resume, **config)
     last = res["history"][-1][2] if res["history"] else float("nan")
@@ -147,60 +142,6 @@ def _run_bridge(args: argparse.Namespace) -> int:
           f"{res['train_seconds']:.0f} s")
     print(f"evaluate: python benchmarks/bridge.py --data {args.data} --category {args.category} "
           f"--checkpoint {res['checkpoint']} --json bridge.json")
-    return 0
-
-
-def _parse_seeds(text: str, seed_given: bool) -> list[int]:
-    from ..errors import ScorerError
-    if seed_given:
-        raise ScorerError("--seed and --seeds: give one (--seeds trains one bridge per seed)")
-    try:
-        seeds = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        seeds = []
-    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
-        raise ScorerError(f"--seeds {text!r}: give distinct integers >= 0, e.g. 0,1,2")
-    return seeds
-
-
-def _run_bridge_seeds(args: argparse.Namespace, config: dict, seeds: list[int]) -> int:
-    """One bridge per seed, each its own resumable run beside --out; the best on painted defects is
-    copied to --out, and every seed's check goes to NAME.selection.json."""
-    import json
-    import os
-    import shutil
-
-    from ..errors import ScorerError
-    from ..models.bridge_select import PAINT_SEED, check_on_painted, choose
-    from ..models.bridge_train import is_finished_bridge, train_bridge
-
-    out = args.out
-    if out.exists():
-        raise ScorerError(f"{out} exists: a finished selection; choose another --out (the seeds' runs stay beside it)")
-    runs = [out.with_name(f"{out.stem}.seed{seed}{out.suffix}") for seed in seeds]
-    for seed, run in zip(seeds, runs):
-        if args.resume and run.is_file() and is_finished_bridge(run):
-            print(f"{run}: finished earlier, kept")
-            continue
-        res = train_bridge(args.data, args.category, run, args.decoder, backbone=args.backbone, threads=args.threads,
-                           init=args.init, resume=args.resume, seed=seed, **config)
-        print(f"{run}: pool {res['pool_seconds']:.0f} s, training {res['train_seconds']:.0f} s")
-    checks = check_on_painted(runs, args.data, args.category, backbone=args.backbone)
-    best = choose(checks)
-    for seed, check in zip(seeds, checks):
-        maps = " / ".join(f"{100 * check.maps[k]['position']:.1f}%" for k in ("decoder", "memory_bank"))
-        print(f"seed {seed}: painted defects placed right {maps} (decoder / bank map){'  <- chosen' if check is best else ''}")
-    staged = out.with_name(f".{out.name}.part")
-    shutil.copyfile(best.checkpoint, staged)
-    os.replace(staged, out)
-    report = out.with_name(f"{out.stem}.selection.json")
-    report.write_text(json.dumps({"chosen": best.checkpoint, "out": str(out), "seeds": seeds,
-                                  "rule": "highest worse-map share of painted defects placed in the right 3x3 cell "
-                                          f"(choice decoding; paint seed {PAINT_SEED})",
-                                  "checks": [c.to_dict() for c in checks]}, indent=1) + "\n")
-    print(f"{out}: seed {seeds[checks.index(best)]} ({best.checkpoint}); the checks: {report}")
-    print(f"evaluate: python benchmarks/bridge.py --data {args.data} --category {args.category} "
-          f"--checkpoint {out} --json bridge.json")
     return 0
 
 

@@ -390,11 +390,6 @@ def load_bridge_parts(path: PathLike, backbone: Backbone) -> tuple[TextGuidedEnh
     return _assemble_checked(tensors, meta, backbone, path)
 
 
-def is_finished_bridge(path: PathLike) -> bool:
-    """True for a bridge checkpoint whose training ran to its end (False: a run to --resume)."""
-    return "progress" not in _read_bridge_checkpoint(Path(path))[1]
-
-
 def _where(meta: dict) -> str:
     p, cfg = meta.get("progress"), meta.get("config")
     steps = cfg.get("stage_steps") if isinstance(cfg, dict) else None

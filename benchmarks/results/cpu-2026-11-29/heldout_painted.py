@@ -1,6 +1,8 @@
-"""One-off (2026-11-29), kept to reproduce the README's Bridge table: the same check as
+"""One-off (2026-11-29), kept as run: the same check as
 heldout_nsa.py on painted defects (runtime.synthetic painters, kinds cycling; 80 train/good
 images after a seeded shuffle, the 1-shot image left out): a generator the bridge never trained on.
+Flawed, kept as run: leaving out each checkpoint's own 1-shot image shifts the defect kinds of the
+images after it, so checkpoints are scored on different sets (bridge_seed_rules.md, correction).
 
     python heldout_painted.py DATA_ROOT BRIDGE.safetensors [...]
 """
