@@ -21,20 +21,11 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-import cv2
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from iadgpt.cli import run_reporting_errors, writable_output  # noqa: E402
-
-
-def largest_region(mask: np.ndarray) -> Optional[np.ndarray]:
-    """The largest 8-connected region of a binary mask, or None for an empty one."""
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(np.asarray(mask, np.uint8), connectivity=8)
-    if n <= 1:
-        return None
-    return labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
 
 
 def judge(facts: Any, truth: np.ndarray) -> dict[str, Any]:
@@ -73,7 +64,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from iadgpt.data import load_split, read_image, read_mask
     from iadgpt.errors import DataError
     from iadgpt.runtime.detector import Detector
-    from iadgpt.runtime.facts import facts_from_verdict
+    from iadgpt.runtime.facts import facts_from_verdict, largest_component
     from iadgpt.runtime.sources import Frame
 
     samples = [s for s in load_split(args.data, args.category, "test") if s.label]
@@ -84,7 +75,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     with Detector(Bundle.load(args.bundle), "onnxruntime", threads=args.threads) as det:
         for i, s in enumerate(tqdm(samples, desc="defects", unit="img")):
             image = read_image(s.path)
-            truth = largest_region(read_mask(s, image.shape) > 0)
+            truth = largest_component(read_mask(s, image.shape))
             row: dict[str, Any] = {"image": f"{s.defect_type}/{s.path.name}"}
             verdict = det.detect(Frame(image=image, frame_id=i, timestamp=0.0, source=str(s.path)))
             row["flagged"] = bool(verdict.anomalous)

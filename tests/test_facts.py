@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from iadgpt.runtime.facts import (POSITION_WORDS, ExampleTypeClassifier, PromptTypeRetriever, TypeResolver,
-                                  colour_name, compute_facts, grid_position, part_mask)
+                                  colour_name, compute_facts, grid_position, largest_component, part_mask)
 from iadgpt.runtime.synthetic import SyntheticProduct
 from iadgpt.runtime.verdict import Region
 
@@ -244,3 +244,12 @@ def test_area_pct_is_a_share_of_the_found_part_not_of_the_frame():
     facts = compute_facts(img, amap, threshold=0.5)
     assert facts.part_found and abs(facts.part_area_px - 80 * 80) < 100  # corners blurred
     assert facts.main.area_pct == pytest.approx(100.0 * facts.main.area_px / facts.part_area_px)
+
+
+def test_largest_component_keeps_the_bigger_blob():
+    mask = np.zeros((40, 40), bool)
+    mask[2:5, 2:5] = True  # 9 px
+    mask[20:30, 25:35] = True  # 100 px
+    big = largest_component(mask)
+    assert big.dtype == bool and big.sum() == 100 and big[25, 30] and not big[3, 3]
+    assert largest_component(np.zeros((8, 8), bool)) is None

@@ -27,15 +27,6 @@ def _write(root: Path, kind: str, name: str, image: np.ndarray, mask: np.ndarray
     cv2.imwrite(str(root / "ground_truth" / kind / f"{name}_mask.png"), mask.astype(np.uint8) * 255)
 
 
-def test_largest_region_keeps_the_bigger_blob(bench):
-    mask = np.zeros((40, 40), bool)
-    mask[2:5, 2:5] = True  # 9 px
-    mask[20:30, 25:35] = True  # 100 px
-    big = bench.largest_region(mask)
-    assert big.sum() == 100 and big[25, 30] and not big[3, 3]
-    assert bench.largest_region(np.zeros((8, 8), bool)) is None
-
-
 def test_judge_names_the_cells_and_fails_a_defect_elsewhere(bench):
     img = np.full((90, 90, 3), 200, np.uint8)
     img[60:66, 6:12] = 40  # a dark spot at the bottom left
@@ -81,7 +72,7 @@ def test_synthetic_defects_are_flagged_and_placed_and_a_missed_one_counts(bench,
                                       "of_defects": pytest.approx(frame_hits / 5)}
 
 
-def test_a_split_without_defects_is_an_error_and_an_empty_mask_is_set_apart(bench, tiny_bundle_path, tmp_path, capsys):
+def test_a_split_without_defects_is_an_error_and_an_empty_mask_is_set_apart(bench, tiny_bundle_path, tmp_path):
     root = tmp_path / "data"
     image = SyntheticProduct(kind="part", size=TINY_SIZE, seed=43, defect_rate=1.0).sample(0)
     (root / "cat" / "test" / "good").mkdir(parents=True)

@@ -118,14 +118,21 @@ def part_mask(image: np.ndarray) -> tuple[np.ndarray, bool]:
     if 0.05 < bright_border < 0.95:
         return np.ones((h, w), bool), False
     part = (fg == 0) if bright_border >= 0.95 else (fg == 1)
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(part.astype(np.uint8), connectivity=8)
-    if n <= 1:
+    big = largest_component(part)
+    if big is None:
         return np.ones((h, w), bool), False
-    big = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
-    filled = fill_holes(labels == big)
+    filled = fill_holes(big)
     if filled.mean() < MIN_PART_FRACTION:  # a dark defect on a surface, not a part on a table
         return np.ones((h, w), bool), False
     return filled, True
+
+
+def largest_component(mask: np.ndarray) -> Optional[np.ndarray]:
+    """The largest 8-connected region of a mask (nonzero = in) as a bool array, or None for an empty mask."""
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(np.asarray(mask, bool).astype(np.uint8), connectivity=8)
+    if n <= 1:
+        return None
+    return labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
 
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:
@@ -276,11 +283,9 @@ def _region_masks(amap: Optional[np.ndarray], regions: Sequence[Any], threshold:
             x0, y0, x1, y1 = max(0, x0), max(0, y0), min(w, max(x1, x0 + 1)), min(h, max(y1, y0 + 1))
             mask = np.zeros((h, w), bool)
             if above is not None:
-                sub = above[y0:y1, x0:x1].astype(np.uint8)
-                n, labels, stats, _ = cv2.connectedComponentsWithStats(sub, connectivity=8)
-                if n > 1:
-                    big = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
-                    mask[y0:y1, x0:x1] = labels == big
+                big = largest_component(above[y0:y1, x0:x1])
+                if big is not None:
+                    mask[y0:y1, x0:x1] = big
             if not mask.any():
                 mask[y0:y1, x0:x1] = True
             out.append((mask, float(getattr(r, "peak", float("nan")))))
@@ -483,9 +488,7 @@ class ExampleTypeClassifier:
             m = np.asarray(mask).astype(bool)
             if not m.any():
                 continue
-            n, comp, stats, _ = cv2.connectedComponentsWithStats(m.astype(np.uint8), connectivity=8)
-            big = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
-            feats.append(region_facts(image, comp == big).features)
+            feats.append(region_facts(image, largest_component(m)).features)
             labels.append(label)
         if not feats:
             raise DescriberError("no labelled defect example has a non-empty mask")
